@@ -1,0 +1,119 @@
+"""RoPE and causal sliding-window attention over a key/value cache.
+
+Every attention call in memoryd has the same shape: `n` new queries at absolute
+positions `[start, start + n)` look at `m` keys at positions
+`[start + n - m, start + n)` (the cache followed by the new keys), and query `i`
+may see key `j` when `i - window < j <= i`.  Three kernels compute it:
+
+- `math`: plain PyTorch. Slowest, but it has a double backward everywhere, so
+  meta-learning (gradients of gradients) uses it.
+- `sdpa`: `scaled_dot_product_attention` with a boolean mask. Single backward
+  only on CPU, so it serves inference and the test-time step.
+- `flash`: flash-attn's kernel with its native `window_size`, CUDA only, used
+  when the package imports.
+
+RoPE angles are computed in float64 from absolute positions and only then cast,
+so a key cached at position 10^6 is rotated exactly as it would be in one shot,
+whatever the chunking.  Pairs are (i, i + head_dim/2), the Llama/Hugging Face
+layout; the authors' JAX code pairs (2i, 2i+1), which is a fixed permutation of
+the q/k projection rows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+AttnImpl = Literal["math", "sdpa", "flash"]
+
+try:  # pragma: no cover - GPU only
+    from flash_attn import flash_attn_func as _flash_attn_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_attn_func = None
+
+
+def flash_available(device: torch.device) -> bool:
+    return _flash_attn_func is not None and device.type == "cuda"
+
+
+def default_impl(device: torch.device, needs_double_backward: bool = False) -> AttnImpl:
+    """The fastest kernel that supports what the caller needs on `device`."""
+    if needs_double_backward:
+        return "math"
+    if flash_available(device):
+        return "flash"
+    return "sdpa"
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [n, head_dim/2] for absolute integer positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim))
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., n, head_dim] by the per-position angles [n, head_dim/2]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def window_mask(q_start: int, n: int, m: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """Boolean [n, m] mask: True where query may attend to key.
+
+    Queries sit at [q_start, q_start + n); keys at [q_start + n - m, q_start + n).
+    """
+    qpos = torch.arange(q_start, q_start + n, device=device)[:, None]
+    kpos = torch.arange(q_start + n - m, q_start + n, device=device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
+    return allowed
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_start: int,
+    window: int | None,
+    impl: AttnImpl,
+) -> torch.Tensor:
+    """Causal sliding-window attention.
+
+    q [B, H, n, hd]; k, v [B, Hkv, m, hd] with m >= n, the last n keys being the
+    queries' own.  Returns [B, H, n, hd].
+    """
+    n, m = q.shape[-2], k.shape[-2]
+    if m < n:
+        raise ValueError(f"attention needs the queries' own keys: {m} keys < {n} queries")
+    if impl == "flash":
+        if _flash_attn_func is None:
+            raise RuntimeError("attention kernel 'flash' requested but flash_attn is not importable")
+        # flash-attn aligns the causal mask bottom-right, which is our layout.
+        out = _flash_attn_func(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            causal=True,
+            window_size=(window - 1 if window is not None else -1, 0),
+        )
+        return out.transpose(1, 2)
+    mask = window_mask(q_start, n, m, window, q.device)
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    if impl != "math":
+        raise ValueError(f"unknown attention kernel {impl!r}; use math, sdpa or flash")
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    scores = scores.float().masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return probs @ v

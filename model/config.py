@@ -1,0 +1,163 @@
+"""Model configuration: the keys of the checkpoint's `config.json`, validated.
+
+One pydantic model describes all three model types (`ttt-e2e`, `swa`,
+`full-attention`) and the Llama-family variant flags, so a checkpoint's
+`config.json` is read, validated and written in one place.  Every error names
+the key that is wrong and what would be right, because the person reading it
+is usually looking at a converted or hand-edited checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ModelType = Literal["ttt-e2e", "swa", "full-attention"]
+FORMAT_VERSION = 1
+
+
+class ModelConfig(BaseModel):
+    """Shapes and hyper-parameters of one network (spec: model.md, "Shapes and names")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_type: ModelType = "ttt-e2e"
+    vocab_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    num_kv_heads: int | None = Field(default=None, gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_fast_layers: int = Field(default=0, ge=0)
+    window_size: int | None = Field(default=None, gt=0)
+    mini_batch_size: int = Field(gt=0)
+    inner_lr: float = Field(default=1.0, ge=0.0)
+    inner_clip: float = Field(default=1.0, gt=0.0)
+    rope_theta: float = Field(default=500000.0, gt=0.0)
+    qk_norm: bool = True
+    post_norm: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = Field(default=1e-6, gt=0.0)
+    init_std: float = Field(default=0.02, gt=0.0)
+    bos_token_id: int = Field(default=256, ge=0)
+    eos_token_id: int = Field(default=257, ge=0)
+    tokenizer: str = "bytes"
+    chat_template: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        d, h = self.hidden_size, self.num_heads
+        if d % h:
+            raise ValueError(f"hidden_size {d} must be divisible by num_heads {h}")
+        if (d // h) % 2:
+            raise ValueError(f"head dim hidden_size/num_heads = {d // h} must be even for RoPE")
+        if h % self.kv_heads:
+            raise ValueError(f"num_kv_heads {self.kv_heads} must divide num_heads {h}")
+        if self.num_fast_layers > self.num_layers:
+            raise ValueError(f"num_fast_layers {self.num_fast_layers} exceeds num_layers {self.num_layers}")
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                raise ValueError(f"{name} {getattr(self, name)} is outside the vocabulary (size {self.vocab_size})")
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {self.format_version} is not supported (this code reads {FORMAT_VERSION})"
+            )
+        if self.model_type == "ttt-e2e" and self.num_fast_layers == 0:
+            raise ValueError("model_type 'ttt-e2e' needs num_fast_layers >= 1")
+        if self.model_type != "ttt-e2e" and self.num_fast_layers:
+            raise ValueError(f"model_type {self.model_type!r} has no fast layers: set num_fast_layers 0")
+        if self.model_type == "full-attention":
+            if self.window_size is not None:
+                raise ValueError("model_type 'full-attention' attends to everything: set window_size null")
+        else:
+            if self.window_size is None:
+                raise ValueError(f"model_type {self.model_type!r} needs a window_size")
+            if self.window_size < self.mini_batch_size:
+                raise ValueError(
+                    f"window_size {self.window_size} must be >= mini_batch_size {self.mini_batch_size}: "
+                    "the window has to cover a whole mini-batch"
+                )
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def first_fast_layer(self) -> int:
+        """Index of the first suffix block: blocks before it never see fast weights."""
+        return self.num_layers - self.num_fast_layers
+
+    def to_json_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _ttt(**kw: object) -> dict:
+    base = dict(
+        model_type="ttt-e2e",
+        vocab_size=128256,
+        window_size=8192,
+        mini_batch_size=1024,
+        rope_theta=500000.0,
+    )
+    base.update(kw)
+    return base
+
+
+# Reference shapes (the authors' configs/model/*.yaml with the e2e experiment overrides;
+# their Llama-3 vocabulary size, but the built-in byte tokenizer until a tokenizer.json is
+# placed beside the checkpoint) and small byte-level presets that run on a laptop CPU.
+PRESETS: dict[str, dict] = {
+    "125m": _ttt(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=1664, num_fast_layers=3),
+    "350m": _ttt(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=2304, num_fast_layers=6),
+    "760m": _ttt(hidden_size=1536, num_layers=24, num_heads=16, intermediate_size=3328, num_fast_layers=6),
+    "1b": _ttt(hidden_size=2048, num_layers=24, num_heads=32, intermediate_size=4352, num_fast_layers=6),
+    "3b": _ttt(hidden_size=2560, num_layers=32, num_heads=32, intermediate_size=5632, num_fast_layers=8),
+    # Byte-level CPU presets (vocab: 256 bytes + BOS + EOS).
+    "tiny": dict(
+        vocab_size=258,
+        hidden_size=32,
+        num_layers=4,
+        num_heads=2,
+        intermediate_size=64,
+        num_fast_layers=1,
+        window_size=32,
+        mini_batch_size=8,
+        rope_theta=10000.0,
+    ),
+    "small": dict(
+        vocab_size=258,
+        hidden_size=256,
+        num_layers=8,
+        num_heads=4,
+        intermediate_size=512,
+        num_fast_layers=2,
+        window_size=512,
+        mini_batch_size=128,
+        rope_theta=10000.0,
+    ),
+    "base": dict(
+        vocab_size=258,
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        intermediate_size=1024,
+        num_fast_layers=2,
+        window_size=1024,
+        mini_batch_size=256,
+        rope_theta=10000.0,
+    ),
+}
+
+
+def preset(name: str, **overrides: object) -> ModelConfig:
+    """A preset's config, with any keys overridden (validated as a whole)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})

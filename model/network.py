@@ -1,0 +1,220 @@
+"""The TTT-E2E network: a sliding-window Transformer whose last blocks carry a fast MLP.
+
+The module holds the *static* weights and the meta-learned initial fast weights
+(theta_0).  The fast weights a forward pass uses are always passed in as a plain
+dict of tensors (see `fast_weight_names`), so one loaded model serves any number
+of sessions, each with its own fast weights, and the trainer can pass
+non-leaf tensors that carry the inner loop's graph.
+
+Parameter names are the checkpoint's (spec: model.md, "Checkpoint format").
+All activations are [B, n, d]; fast weights are [B, out, in] (batched: every
+sequence learns its own) or [out, in] (shared).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttnImpl, apply_rope, attend, rope_cos_sin
+from model.config import ModelConfig
+
+KV = tuple[torch.Tensor, torch.Tensor]
+"""One layer's keys and values, each [B, kv_heads, m, head_dim]; keys already rotated."""
+
+FAST_PARTS = ("w1", "w2", "w3")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """W2(silu(W1 x) * W3 x), no biases."""
+
+    def __init__(self, d: int, f: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d, f, bias=False)
+        self.w2 = nn.Linear(f, d, bias=False)
+        self.w3 = nn.Linear(d, f, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with explicit (possibly batched [B, out, in]) weights."""
+
+    def lin(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return t @ w.to(t.dtype).transpose(-1, -2)
+
+    return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q = nn.Linear(d, cfg.num_heads * hd, bias=False)
+        self.k = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.v = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.o = nn.Linear(cfg.num_heads * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, past: KV | None, start: int, impl: AttnImpl) -> tuple[torch.Tensor, KV]:
+        """x [B, n, d] at positions [start, start+n); past covers the keys just before."""
+        cfg = self.cfg
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self.k(x).view(b, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self.v(x).view(b, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope_cos_sin(torch.arange(start, start + n, device=x.device), cfg.head_dim, cfg.rope_theta, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        keys, values = (k, v) if past is None else (torch.cat((past[0], k), 2), torch.cat((past[1], v), 2))
+        out = attend(q, keys, values, start, cfg.window_size, impl)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, has_fast: bool) -> None:
+        super().__init__()
+        d, eps = cfg.hidden_size, cfg.norm_eps
+
+        def post() -> RMSNorm | None:
+            return RMSNorm(d, eps) if cfg.post_norm else None
+
+        self.attn_norm = RMSNorm(d, eps)
+        self.attn = Attention(cfg)
+        self.attn_post_norm = post()
+        self.has_fast = has_fast
+        if has_fast:
+            self.fast_norm = RMSNorm(d, eps)
+            self.fast_mlp = SwiGLU(d, cfg.intermediate_size)
+            self.fast_post_norm = post()
+        self.mlp_norm = RMSNorm(d, eps)
+        self.mlp = SwiGLU(d, cfg.intermediate_size)
+        self.mlp_post_norm = post()
+
+    @staticmethod
+    def _residual(h: torch.Tensor, out: torch.Tensor, post_norm: RMSNorm | None) -> torch.Tensor:
+        return h + (post_norm(out) if post_norm is not None else out)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        past: KV | None,
+        start: int,
+        fast: Sequence[torch.Tensor] | None,
+        impl: AttnImpl,
+    ) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn(self.attn_norm(h), past, start, impl)
+        h = self._residual(h, a, self.attn_post_norm)
+        if self.has_fast:
+            if fast is None:
+                raise ValueError("a suffix block needs its fast weights")
+            h = self._residual(h, swiglu(self.fast_norm(h), *fast), self.fast_post_norm)
+        h = self._residual(h, self.mlp(self.mlp_norm(h)), self.mlp_post_norm)
+        return h, kv
+
+
+def fast_weight_names(cfg: ModelConfig) -> list[str]:
+    """Names of the fast weights theta, in a fixed order (suffix blocks, then w1/w2/w3)."""
+    return [f"blocks.{i}.fast_mlp.{p}.weight" for i in range(cfg.first_fast_layer, cfg.num_layers) for p in FAST_PARTS]
+
+
+class TTTModel(nn.Module):
+    """The network's static weights and theta_0, with functional forward pieces."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(Block(cfg, has_fast=i >= cfg.first_fast_layer) for i in range(cfg.num_layers))
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.digest: str | None = None  # set by model.checkpoint when loaded or saved
+        if not self.embed.weight.is_meta:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Every weight normal(0, init_std), every norm 1 (spec: model.md)."""
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * self.cfg.init_std)
+
+    # -- pieces of the forward pass ---------------------------------------------------------
+
+    def initial_fast_weights(self, batch: int | None = None) -> dict[str, torch.Tensor]:
+        """theta_0 as a dict; with `batch`, expanded to [batch, out, in] (a view, no copy)."""
+        params = dict(self.named_parameters())
+        out = {}
+        for name in fast_weight_names(self.cfg):
+            p = params[name]
+            out[name] = p if batch is None else p.unsqueeze(0).expand(batch, *p.shape)
+        return out
+
+    def static_parameters(self) -> dict[str, nn.Parameter]:
+        fast = set(fast_weight_names(self.cfg))
+        return {n: p for n, p in self.named_parameters() if n not in fast}
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens)
+
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        layers: range,
+        past: Sequence[KV | None],
+        start: int,
+        fast: Mapping[str, torch.Tensor] | None,
+        impl: AttnImpl,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Run blocks `layers` on h [B, n, d] at positions [start, start+n).
+
+        `past[j]` is the key/value cache of `layers[j]` (or None); returns the hidden
+        state and each layer's new keys/values (for the n new tokens only).
+        """
+        new_kv: list[KV] = []
+        for j, i in enumerate(layers):
+            block = self.blocks[i]
+            theta = None
+            if block.has_fast:
+                if fast is None:
+                    raise ValueError(f"block {i} has a fast MLP: pass its fast weights")
+                theta = [fast[f"blocks.{i}.fast_mlp.{p}.weight"] for p in FAST_PARTS]
+            h, kv = block(h, past[j], start, theta, impl)
+            new_kv.append(kv)
+        return h, new_kv
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and output projection: logits in float32."""
+        h = self.final_norm(h)
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return (h @ w.to(h.dtype).t()).float()
+
+    @property
+    def prefix_layers(self) -> range:
+        return range(0, self.cfg.first_fast_layer)
+
+    @property
+    def suffix_layers(self) -> range:
+        return range(self.cfg.first_fast_layer, self.cfg.num_layers)

@@ -1,0 +1,151 @@
+"""Session state to bytes and back: safetensors with a JSON header, never pickle.
+
+The bytes carry the model digest they were made with, the counters, and a
+sha256 of every tensor, so that a truncated, corrupted or foreign snapshot is
+refused with a message that says which, before any state is built from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+
+import safetensors.torch
+import torch
+
+from model.cache import cache_keep
+from model.checkpoint import digest_of
+from model.network import TTTModel
+from model.state import StreamState
+
+FORMAT = "memoryd-session-state"
+VERSION = "1"
+
+
+class SnapshotError(ValueError):
+    """Bytes that are not a usable snapshot of this model's session state."""
+
+
+class ModelMismatchError(SnapshotError):
+    """A valid snapshot, made with another model."""
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def state_to_bytes(state: StreamState) -> bytes:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.tensors().items()}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_digest": digest_of(state.model),
+        "position": str(state.position),
+        "steps": str(state.steps),
+        "inner_lr": repr(float(state.inner_lr)),
+        "checksum": _checksum(tensors),
+    }
+    return safetensors.torch.save(tensors, metadata=meta)
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The snapshot's JSON header metadata, without reading any tensor."""
+    if len(data) < 8:
+        raise SnapshotError(f"snapshot is truncated: {len(data)} bytes, not even a header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise SnapshotError(f"snapshot is truncated: header says {n} bytes, {len(data) - 8} follow")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SnapshotError(f"snapshot header is corrupted: {e}") from e
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise SnapshotError("bytes are not a memoryd session snapshot (no memoryd-session-state header)")
+    if meta.get("version") != VERSION:
+        raise SnapshotError(f"snapshot version {meta.get('version')!r} is not supported (reads {VERSION})")
+    return meta
+
+
+def _expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SnapshotError(f"snapshot is inconsistent: {msg}")
+
+
+def state_from_bytes(model: TTTModel, data: bytes) -> StreamState:
+    """Rebuild a state for `model`; raises SnapshotError / ModelMismatchError."""
+    meta = read_metadata(data)
+    digest = digest_of(model)
+    if meta.get("model_digest") != digest:
+        raise ModelMismatchError(f"snapshot was made with model {meta.get('model_digest')}, this model is {digest}")
+    try:
+        tensors = safetensors.torch.load(bytes(data))
+    except Exception as e:
+        raise SnapshotError(f"snapshot is corrupted: {e}") from e
+    if _checksum(tensors) != meta.get("checksum"):
+        raise SnapshotError("snapshot is corrupted: tensor checksum does not match")
+    try:
+        position, steps, inner_lr = int(meta["position"]), int(meta["steps"]), float(meta["inner_lr"])
+    except (KeyError, ValueError) as e:
+        raise SnapshotError(f"snapshot counters are missing or malformed: {e}") from e
+    return _build(model, tensors, position, steps, inner_lr)
+
+
+def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: int, inner_lr: float) -> StreamState:
+    cfg = model.cfg
+    fresh = StreamState.fresh(model, inner_lr=inner_lr)
+    device, dtype = fresh.pending_hidden.device, fresh.pending_hidden.dtype
+    b, keep = cfg.mini_batch_size, cache_keep(cfg.window_size)
+    d, hkv, hd = cfg.hidden_size, cfg.kv_heads, cfg.head_dim
+
+    def take(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        _expect(name in t, f"tensor {name} is missing")
+        x = t.pop(name)
+        if shape is not None:
+            _expect(tuple(x.shape) == shape, f"tensor {name} has shape {list(x.shape)}, expected {list(shape)}")
+        return x
+
+    tokens = take("pending.tokens")
+    p = tokens.numel()
+    _expect(tokens.dtype == torch.int64 and tokens.dim() == 1, "pending.tokens must be 1-D int64")
+    _expect(bool(((tokens >= 0) & (tokens < cfg.vocab_size)).all()), "pending token ids out of vocabulary")
+    _expect(
+        position == steps * b + p and p <= b and (p > 0 or position == 0),
+        f"position {position} does not match {steps} steps and {p} pending tokens",
+    )
+    hidden = take("pending.hidden", (p, d))
+    out = take("pending.out")
+    q = out.shape[0]
+    _expect(out.dim() == 2 and out.shape[1] == d and q <= p, f"pending.out has shape {list(out.shape)}")
+
+    state = fresh
+    state.position, state.steps = position, steps
+    state.pending_tokens = tokens.to(device)
+    state.pending_hidden = hidden.to(device, dtype)[None]
+    state.pending_out = out.to(device, dtype)[None]
+    state.fast = {
+        k: take(f"fast.{k}", tuple(v.shape[1:])).to(device, torch.float32)[None] for k, v in fresh.fast.items()
+    }
+
+    def cache(prefix: str, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if length == 0:
+            _expect(f"{prefix}.k" not in t, f"{prefix} should be empty")
+            return None
+        k = take(f"{prefix}.k", (hkv, length, hd))
+        v = take(f"{prefix}.v", (hkv, length, hd))
+        return k.to(device, dtype)[None], v.to(device, dtype)[None]
+
+    def clip(n: int) -> int:
+        return n if keep is None else min(n, keep)
+
+    first = cfg.first_fast_layer
+    state.kv = [cache(f"kv.{i}", clip(position if i < first else steps * b)) for i in range(cfg.num_layers)]
+    state.pending_kv = [cache(f"pending_kv.{j}", q) for j in range(cfg.num_fast_layers)]
+    _expect(not t, f"unexpected tensors {sorted(t)}")
+    return state
