@@ -17,6 +17,33 @@ ModelType = Literal["ttt-e2e", "swa", "full-attention"]
 FORMAT_VERSION = 1
 
 
+class RopeScaling(BaseModel):
+    """Llama 3.1's RoPE frequency scaling (optional config key `rope_scaling`).
+
+    Long wavelengths (beyond `original_max_position_embeddings / low_freq_factor`)
+    are divided by `factor`, short ones (below `.../high_freq_factor`) are kept, and
+    the band between is interpolated linearly in 1/wavelength.  Only converted
+    Llama 3.x checkpoints carry it; the network's own presets use plain RoPE.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = Field(gt=0.0)
+    low_freq_factor: float = Field(gt=0.0)
+    high_freq_factor: float = Field(gt=0.0)
+    original_max_position_embeddings: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling high_freq_factor {self.high_freq_factor} must exceed "
+                f"low_freq_factor {self.low_freq_factor}"
+            )
+        return self
+
+
 class ModelConfig(BaseModel):
     """Shapes and hyper-parameters of one network (spec: model.md, "Shapes and names")."""
 
@@ -35,6 +62,7 @@ class ModelConfig(BaseModel):
     inner_lr: float = Field(default=1.0, ge=0.0)
     inner_clip: float = Field(default=1.0, gt=0.0)
     rope_theta: float = Field(default=500000.0, gt=0.0)
+    rope_scaling: RopeScaling | None = None
     qk_norm: bool = True
     post_norm: bool = True
     tie_embeddings: bool = True
@@ -95,7 +123,11 @@ class ModelConfig(BaseModel):
         return self.num_layers - self.num_fast_layers
 
     def to_json_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        if out["rope_scaling"] is None:
+            # Written only when set, so configs (and digests) of plain-RoPE models stay as they were.
+            del out["rope_scaling"]
+        return out
 
 
 def _ttt(**kw: object) -> dict:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import AttnImpl
-from model.network import KV, TTTModel
+from model.network import KV, TTTModel, upcast
 
 FastWeights = dict[str, torch.Tensor]
 
@@ -80,7 +80,7 @@ def clipped_sgd(
     The scale is clip / sqrt(max(|g|^2, clip^2)): it equals min(1, clip/|g|) and stays
     differentiable at g = 0, where a plain sqrt would give NaN second derivatives.
     """
-    sq = sum(g.float().pow(2).flatten(1).sum(1) for g in grads)
+    sq = sum(upcast(g).pow(2).flatten(1).sum(1) for g in grads)
     scale = clip / sq.clamp_min(clip * clip).sqrt()
     new = {}
     for (name, w), g in zip(fast.items(), grads, strict=True):
@@ -104,8 +104,12 @@ def inner_step(
 ) -> StepResult:
     """One test-time step on a mini-batch h_prefix [B, n, d] at positions [start, start+n).
 
-    `fast` tensors must require grad (leaves in inference, graph nodes in meta-learning).
+    With `create_graph=False` the step is plain inference: theta is detached first, so
+    the result carries no graph.  With `create_graph=True`, `fast` may be graph nodes
+    (theta_0 or an earlier step's output) and the step stays differentiable.
     """
+    if not create_graph:
+        fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
     with torch.enable_grad():
         loss, nll, kv = suffix_loss(model, fast, h_prefix, targets, mask, past, start, impl)
         grads = torch.autograd.grad(loss.sum(), list(fast.values()), create_graph=create_graph)
@@ -114,3 +118,40 @@ def inner_step(
         new_fast = {k: v.detach() for k, v in new_fast.items()}
         loss, nll, kv = loss.detach(), nll.detach(), [(k.detach(), v.detach()) for k, v in kv]
     return StepResult(new_fast, loss, nll, kv, grad_norm.detach())
+
+
+def minibatch_step(
+    model: TTTModel,
+    fast: Mapping[str, torch.Tensor],
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    past: Sequence[KV | None],
+    start: int,
+    lr: float | torch.Tensor,
+    clip: float,
+    impl: AttnImpl,
+    inner: bool = True,
+    create_graph: bool = False,
+) -> StepResult:
+    """The whole network on one mini-batch tokens [B, b] at [start, start+b): prefix, then step.
+
+    `past` holds every layer's cache; the result's `kv` is every layer's new keys and
+    values.  The prefix runs once and the test-time gradient only through the suffix.
+    With `inner=False` (pretrain mode, or TTT off) theta is used but not updated.
+    This exact sequence of operations is shared by the streaming state and the
+    trainer, so both produce bit-identical fast weights and caches.
+    """
+    prefix, suffix = model.prefix_layers, model.suffix_layers
+    h, kv = model.run_blocks(model.embed_tokens(tokens), prefix, past[: len(prefix)], start, None, impl)
+    if len(suffix) == 0:
+        nll = token_nll(model.head(h), targets)
+        zero = torch.zeros(tokens.shape[0], device=tokens.device)
+        return StepResult(dict(fast), masked_mean(nll, mask), nll, kv, zero)
+    if inner:
+        res = inner_step(model, fast, h, targets, mask, past[len(prefix) :], start, lr, clip, impl, create_graph)
+        res.kv = kv + res.kv
+        return res
+    loss, nll, skv = suffix_loss(model, fast, h, targets, mask, past[len(prefix) :], start, impl)
+    zero = torch.zeros(tokens.shape[0], device=tokens.device)
+    return StepResult(dict(fast), loss, nll, kv + skv, zero)

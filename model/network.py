@@ -28,6 +28,11 @@ KV = tuple[torch.Tensor, torch.Tensor]
 FAST_PARTS = ("w1", "w2", "w3")
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 compute their norms and logits in fp32; fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -35,9 +40,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = upcast(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(xf.dtype)).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -83,7 +88,8 @@ class Attention(nn.Module):
         v = self.v(x).view(b, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(torch.arange(start, start + n, device=x.device), cfg.head_dim, cfg.rope_theta, q.dtype)
+        positions = torch.arange(start, start + n, device=x.device)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = (k, v) if past is None else (torch.cat((past[0], k), 2), torch.cat((past[1], v), 2))
         out = attend(q, keys, values, start, cfg.window_size, impl)
@@ -206,10 +212,10 @@ class TTTModel(nn.Module):
         return h, new_kv
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and output projection: logits in float32."""
+        """Final norm and output projection: logits in float32 (or float64 for a float64 model)."""
         h = self.final_norm(h)
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return (h @ w.to(h.dtype).t()).float()
+        return upcast(h @ w.to(h.dtype).t())
 
     @property
     def prefix_layers(self) -> range:

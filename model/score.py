@@ -23,7 +23,9 @@ def score_tokens(
     inner_lr: float | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """NLL [len(tokens) - 1] (float32) of each next token, fed in appends of `append_size`."""
+    """NLL [len(tokens) - 1] of each next token, fed in appends of `append_size`.
+
+    float32 (float64 for a float64 model)."""
     ids = validate_tokens(torch.as_tensor(np.asarray(tokens)), model.cfg.vocab_size)
     if ids.numel() < 2:
         raise ValueError("scoring needs at least 2 tokens (one prediction)")
@@ -40,4 +42,4 @@ def score_tokens(
     with torch.no_grad():
         tail = F.cross_entropy(state.pending_logits()[:-1], state.pending_tokens[1:], reduction="none")
     parts.append(tail)
-    return torch.cat([p.float().cpu() for p in parts]).numpy()
+    return torch.cat([p.cpu() for p in parts]).numpy()

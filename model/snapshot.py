@@ -100,7 +100,7 @@ def state_from_bytes(model: TTTModel, data: bytes) -> StreamState:
 def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: int, inner_lr: float) -> StreamState:
     cfg = model.cfg
     fresh = StreamState.fresh(model, inner_lr=inner_lr)
-    device, dtype = fresh.pending_hidden.device, fresh.pending_hidden.dtype
+    device, dtype = fresh.pending_out.device, fresh.pending_out.dtype
     b, keep = cfg.mini_batch_size, cache_keep(cfg.window_size)
     d, hkv, hd = cfg.hidden_size, cfg.kv_heads, cfg.head_dim
 
@@ -119,19 +119,15 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
         position == steps * b + p and p <= b and (p > 0 or position == 0),
         f"position {position} does not match {steps} steps and {p} pending tokens",
     )
-    hidden = take("pending.hidden", (p, d))
     out = take("pending.out")
     q = out.shape[0]
-    _expect(out.dim() == 2 and out.shape[1] == d and q <= p, f"pending.out has shape {list(out.shape)}")
+    _expect(out.dim() == 2 and out.shape[1] == d and q == p, f"pending.out has shape {list(out.shape)}")
 
     state = fresh
     state.position, state.steps = position, steps
     state.pending_tokens = tokens.to(device)
-    state.pending_hidden = hidden.to(device, dtype)[None]
     state.pending_out = out.to(device, dtype)[None]
-    state.fast = {
-        k: take(f"fast.{k}", tuple(v.shape[1:])).to(device, torch.float32)[None] for k, v in fresh.fast.items()
-    }
+    state.fast = {k: take(f"fast.{k}", tuple(v.shape[1:])).to(device, v.dtype)[None] for k, v in fresh.fast.items()}
 
     def cache(prefix: str, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if length == 0:
@@ -144,8 +140,7 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
     def clip(n: int) -> int:
         return n if keep is None else min(n, keep)
 
-    first = cfg.first_fast_layer
-    state.kv = [cache(f"kv.{i}", clip(position if i < first else steps * b)) for i in range(cfg.num_layers)]
-    state.pending_kv = [cache(f"pending_kv.{j}", q) for j in range(cfg.num_fast_layers)]
+    state.kv = [cache(f"kv.{i}", clip(steps * b)) for i in range(cfg.num_layers)]
+    state.pending_kv = [cache(f"pending_kv.{i}", q) for i in range(cfg.num_layers)]
     _expect(not t, f"unexpected tensors {sorted(t)}")
     return state

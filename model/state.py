@@ -4,17 +4,18 @@
 fast weights, caches and logits as one call over the whole sequence (spec:
 model.md, "Streaming equals one shot").  How it stays exact:
 
-- Prefix blocks do not depend on theta, so each token goes through them once, as
-  it arrives; their keys/values join the prefix caches and their outputs wait in
-  `pending_hidden` until the token's mini-batch is stepped.
-- Mini-batch s (positions [s*b, (s+1)*b)) is stepped when its last target, the
-  token at (s+1)*b, has arrived: the suffix runs on its b pending activations
-  with theta_s, the loss gives theta_{s+1}, and the suffix keys/values of that
-  forward join the suffix caches, kept as they were computed.
-- Tokens still pending are run through the suffix with the current theta so
-  that their keys are visible and the next-token logits are known
-  (`pending_kv`, `pending_out`); after a step they are recomputed with the
-  new theta.
+- Mini-batch s (positions [s*b, (s+1)*b)) is stepped once its last target, the
+  token at (s+1)*b, has arrived.  The step runs the whole network on exactly
+  those b tokens against the caches of the mini-batches before it
+  (`inner.minibatch_step`, the trainer's own code path): prefix once, test-time
+  gradient through the suffix, caches extended with the keys/values of that
+  forward, kept as they were computed.  So everything a step carries forward
+  (theta, caches) is computed on the same shapes however the tokens arrived, and
+  is bit-for-bit independent of the chunking.
+- Tokens still waiting for their mini-batch run through the network with the
+  current theta as they arrive (`pending_kv`, `pending_out`), so they are visible
+  to attention and the next-token logits are known.  This provisional work is
+  thrown away at the next step, so its rounding never accumulates.
 
 All updates build new tensors and never write into old ones, so `clone()` can
 share every tensor: a fork costs nothing until one side appends.
@@ -29,8 +30,8 @@ import torch
 
 from model.attention import AttnImpl, default_impl
 from model.cache import cache_keep, extend, extend_all, join
-from model.inner import StepResult, inner_step
-from model.network import KV, TTTModel
+from model.inner import minibatch_step
+from model.network import KV, TTTModel, upcast
 
 
 class InputError(ValueError):
@@ -70,15 +71,13 @@ class StreamState:
     fast: dict[str, torch.Tensor]
     """Current theta, each [1, out, in]."""
     kv: list[KV | None]
-    """Per layer: prefix layers up to `position`; suffix layers up to steps * b."""
+    """Per layer: keys/values of the stepped positions (< steps * b), the last window - 1."""
     pending_tokens: torch.Tensor
-    """[p] ids at positions [steps*b, position)."""
-    pending_hidden: torch.Tensor
-    """[1, p, d] prefix outputs of the pending tokens."""
+    """[p] ids at positions [steps * b, position)."""
     pending_kv: list[KV | None]
-    """Per suffix layer: keys/values of the first len(...) pending tokens under current theta."""
+    """Per layer: keys/values of the first q pending tokens under the current theta."""
     pending_out: torch.Tensor
-    """[1, q, d] final hidden states of the first q pending tokens under current theta."""
+    """[1, q, d] final hidden states of the first q pending tokens under the current theta."""
     position: int = 0
     steps: int = 0
     inner_lr: float = 1.0
@@ -91,14 +90,13 @@ class StreamState:
         cfg = model.cfg
         device = model.embed.weight.device
         dtype = model.embed.weight.dtype
-        fast = {k: v.detach().unsqueeze(0).float() for k, v in model.initial_fast_weights().items()}
+        fast = {k: upcast(v.detach()).unsqueeze(0) for k, v in model.initial_fast_weights().items()}
         return cls(
             model=model,
             fast=fast,
             kv=[None] * cfg.num_layers,
             pending_tokens=torch.zeros(0, dtype=torch.int64, device=device),
-            pending_hidden=torch.zeros(1, 0, cfg.hidden_size, dtype=dtype, device=device),
-            pending_kv=[None] * cfg.num_fast_layers,
+            pending_kv=[None] * cfg.num_layers,
             pending_out=torch.zeros(1, 0, cfg.hidden_size, dtype=dtype, device=device),
             inner_lr=cfg.inner_lr if inner_lr is None else inner_lr,
             impl=impl or default_impl(device),
@@ -116,82 +114,53 @@ class StreamState:
 
         Validates everything before changing anything: on InputError the state is untouched.
         """
-        cfg = self.model.cfg
-        ids = validate_tokens(tokens, cfg.vocab_size).to(self.pending_tokens.device)
+        ids = validate_tokens(tokens, self.model.cfg.vocab_size).to(self.pending_tokens.device)
         report = AppendReport()
-        b = cfg.mini_batch_size
-        i = 0
-        while i < ids.numel():
-            # Top the pending tokens up to b + 1 (a full mini-batch plus its last target).
-            room = b + 1 - self.pending_tokens.numel()
-            piece = ids[i : i + room]
-            i += piece.numel()
-            self._read_prefix(piece)
-            if self.pending_tokens.numel() > b:
-                self._step(report)
+        self.pending_tokens = torch.cat((self.pending_tokens, ids))
+        self.position += ids.numel()
+        while self.pending_tokens.numel() > self.model.cfg.mini_batch_size:
+            self._step(report)
         self._refresh_pending()
         return report
 
-    def _read_prefix(self, piece: torch.Tensor) -> None:
-        model = self.model
-        prefix = model.prefix_layers
-        h = model.embed_tokens(piece[None])
-        h, new_kv = model.run_blocks(h, prefix, self.kv[: len(prefix)], self.position, None, self.impl)
-        keep = cache_keep(model.cfg.window_size)
-        self.kv[: len(prefix)] = extend_all(self.kv[: len(prefix)], new_kv, keep)
-        self.pending_tokens = torch.cat((self.pending_tokens, piece))
-        self.pending_hidden = torch.cat((self.pending_hidden, h), 1)
-        self.position += piece.numel()
-
     def _step(self, report: AppendReport) -> None:
         """Step the first pending mini-batch (its targets are the next b tokens)."""
-        model, cfg = self.model, self.model.cfg
-        b, suffix = cfg.mini_batch_size, model.suffix_layers
-        targets = self.pending_tokens[1 : b + 1][None]
-        if len(suffix):
-            mask = targets != cfg.bos_token_id
-            fast = {k: v.detach().requires_grad_(True) for k, v in self.fast.items()}
-            res: StepResult = inner_step(
-                model,
-                fast,
-                self.pending_hidden[:, :b],
-                targets,
-                mask,
-                self.kv[suffix.start :],
-                self.steps * b,
-                self.inner_lr,
-                cfg.inner_clip,
-                self.impl,
-            )
-            self.fast = res.fast
-            keep = cache_keep(cfg.window_size)
-            self.kv[suffix.start :] = extend_all(self.kv[suffix.start :], res.kv, keep)
-            report.nll.append(res.nll[0])
-            report.losses.append(float(res.loss[0]))
-        else:  # no fast weights: the pending outputs already are the final hidden states
-            logits = model.head(self.pending_hidden[:, :b])
-            report.nll.append(torch.nn.functional.cross_entropy(logits[0], targets[0], reduction="none"))
+        cfg = self.model.cfg
+        b = cfg.mini_batch_size
+        tokens, targets = self.pending_tokens[:b][None], self.pending_tokens[1 : b + 1][None]
+        res = minibatch_step(
+            self.model,
+            self.fast,
+            tokens,
+            targets,
+            targets != cfg.bos_token_id,
+            self.kv,
+            self.steps * b,
+            self.inner_lr,
+            cfg.inner_clip,
+            self.impl,
+        )
+        self.fast = res.fast
+        self.kv = extend_all(self.kv, res.kv, cache_keep(cfg.window_size))
+        report.nll.append(res.nll[0])
+        report.losses.append(float(res.loss[0]))
         report.steps += 1
         self.steps += 1
         self.pending_tokens = self.pending_tokens[b:]
-        self.pending_hidden = self.pending_hidden[:, b:]
-        self.pending_kv = [None] * cfg.num_fast_layers
+        self.pending_kv = [None] * cfg.num_layers
         self.pending_out = self.pending_out[:, :0]
 
     def _refresh_pending(self) -> None:
-        """Run the suffix (current theta) on pending tokens it has not seen yet."""
-        model = self.model
+        """Run the network (current theta) on the pending tokens it has not seen yet."""
         done = self.pending_out.shape[1]
-        todo = self.pending_hidden[:, done:]
-        if todo.shape[1] == 0:
+        todo = self.pending_tokens[done:]
+        if todo.numel() == 0:
             return
-        suffix = model.suffix_layers
-        if not len(suffix):
-            self.pending_out = self.pending_hidden
-            return
-        start = self.steps * model.cfg.mini_batch_size + done
-        past = [join(c, p) for c, p in zip(self.kv[suffix.start :], self.pending_kv, strict=True)]
-        h, new_kv = model.run_blocks(todo, suffix, past, start, self.fast, self.impl)
+        model = self.model
+        past = [join(c, p) for c, p in zip(self.kv, self.pending_kv, strict=True)]
+        layers = range(model.cfg.num_layers)
+        h = model.embed_tokens(todo[None])
+        h, new_kv = model.run_blocks(h, layers, past, self.position - todo.numel(), self.fast, self.impl)
         self.pending_kv = [extend(p, n, None) for p, n in zip(self.pending_kv, new_kv, strict=True)]
         self.pending_out = torch.cat((self.pending_out, h), 1)
 
@@ -223,7 +192,6 @@ class StreamState:
             if c is not None:
                 out[f"pending_kv.{j}.k"], out[f"pending_kv.{j}.v"] = c[0][0], c[1][0]
         out["pending.tokens"] = self.pending_tokens
-        out["pending.hidden"] = self.pending_hidden[0]
         out["pending.out"] = self.pending_out[0]
         return out
 
