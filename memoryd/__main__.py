@@ -1,0 +1,7 @@
+"""`python -m memoryd ...` is the same as the `memoryd` console script."""
+
+import sys
+
+from memoryd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""Prometheus metrics (served on `--metrics-port`), named after what the spec promises to show."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+CALLS = Counter("memoryd_calls_total", "gRPC calls by method and status code", ["method", "code"])
+CALL_SECONDS = Histogram(
+    "memoryd_call_seconds",
+    "gRPC call latency",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+TOKENS_READ = Counter("memoryd_tokens_read_total", "tokens read by the model (appends and committed generations)")
+TOKENS_GENERATED = Counter("memoryd_tokens_generated_total", "tokens sampled by generate")
+TTT_STEPS = Counter("memoryd_ttt_steps_total", "test-time training steps (full mini-batches)")
+SESSIONS_HOT = Gauge("memoryd_sessions_hot", "sessions whose state is on the device")
+SESSIONS_STORED = Gauge("memoryd_sessions_stored", "sessions stored in Redis (all tenants)")
+HOT_BYTES = Gauge("memoryd_hot_state_bytes", "bytes of session state on the device")
+SNAPSHOTS = Counter("memoryd_snapshots_total", "snapshots written", ["reason"])
+SNAPSHOT_BYTES = Counter("memoryd_snapshot_bytes_total", "bytes of snapshots written to Redis")
+SNAPSHOT_SECONDS = Histogram("memoryd_snapshot_seconds", "time to serialize, write and publish a snapshot")
+LOADS = Counter("memoryd_session_loads_total", "sessions brought back from Redis (snapshot + log replay)")
+REPLAYED_TOKENS = Counter("memoryd_replayed_tokens_total", "log tokens replayed while loading sessions")
+EVICTIONS = Counter("memoryd_evictions_total", "hot sessions written out and dropped for the byte budget")
+REDIS_ERRORS = Counter("memoryd_redis_errors_total", "Redis calls that failed (reported as UNAVAILABLE)")
+
+
+def serve_metrics(port: int, host: str) -> int:
+    """Start the HTTP exporter in a daemon thread; returns the bound port (0: off)."""
+    if port == 0:
+        return 0
+    server, _thread = start_http_server(port, addr=host)
+    return server.server_port

@@ -1,0 +1,175 @@
+"""Wiring: model, Redis, sessions, gRPC server, health, reflection, metrics, signals.
+
+Start order matters for health: the model is loaded and Redis is reached before
+the health service says SERVING; a background check flips it to NOT_SERVING
+while Redis is away.  SIGTERM: NOT_SERVING, finish in-flight calls, snapshot
+every hot session, then stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import redis.asyncio as aioredis
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from memoryd.auth import Auth
+from memoryd.metrics import serve_metrics
+from memoryd.redis_embed import EmbeddedRedis
+from memoryd.service import MemoryServicer
+from memoryd.sessions import Sessions, redis_errors
+from memoryd.settings import Settings
+from memoryd.store import Store
+from model import digest_of, init_model, load_checkpoint, preset, save_checkpoint
+from model.tokenizer import load_tokenizer
+
+log = logging.getLogger("memoryd")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MemoryService"].full_name
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: easy to grep, easy to ship."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        try:
+            body = json.loads(msg) if msg.startswith("{") else {"msg": msg}
+        except json.JSONDecodeError:
+            body = {"msg": msg}
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name, **body}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def default_checkpoint(data_dir: Path) -> Path:
+    """The `small` preset, made once in the data folder (until a pretrained default ships)."""
+    path = data_dir / "models" / "small-default"
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
+        save_checkpoint(init_model(preset("small"), seed=0), tmp)
+        tmp.rename(path)  # atomic: a crash never leaves half a checkpoint behind
+        log.info("created the default model (preset small) at %s", path)
+    return path
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+async def _health_loop(store: Store, hs: Any, every: float = 1.0) -> None:
+    serving = None
+    while True:
+        try:
+            ok = await asyncio.wait_for(store.ping(), timeout=every * 2)
+        except (TimeoutError, *redis_errors()):
+            ok = False
+        if ok != serving:
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await hs.set(name, status)
+            log.info(json.dumps({"event": "health", "serving": ok}))
+            serving = ok
+        await asyncio.sleep(every)
+
+
+def _credentials(s: Settings) -> grpc.ServerCredentials | None:
+    if s.tls_cert is None and s.tls_key is None:
+        return None
+    if s.tls_cert is None or s.tls_key is None:
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    return grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
+
+
+async def serve(s: Settings) -> None:
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
+    auth = Auth.from_settings(s.auth_tokens_file, s.auth_tokens)
+    creds = _credentials(s)
+    ckpt = s.checkpoint or default_checkpoint(s.data_dir)
+    device = resolve_device(s.device)
+    model = load_checkpoint(ckpt, device=device)
+    tok = load_tokenizer(model.cfg, ckpt)
+    log.info(json.dumps({"event": "model", "checkpoint": str(ckpt), "device": device, "digest": digest_of(model)}))
+
+    embedded = None
+    url = s.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(s.data_dir)
+        url = await asyncio.to_thread(embedded.start)
+        log.info(json.dumps({"event": "embedded_redis", "url": url}))
+    r = aioredis.from_url(
+        url, socket_timeout=s.redis_timeout, socket_connect_timeout=s.redis_timeout, retry=Retry(NoBackoff(), 0)
+    )
+    store = Store(r, ttl_seconds=s.ttl_seconds, chunk_bytes=s.snapshot_chunk_bytes)
+    sessions = Sessions(model, tok, store, s)
+
+    opts = [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+    ]
+    server = grpc.aio.server(options=opts)
+    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(sessions, s, auth), server)
+    hs = health.aio.HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    port = server.add_secure_port(s.listen, creds) if creds else server.add_insecure_port(s.listen)
+    await server.start()
+    metrics_port = serve_metrics(s.metrics_port, s.metrics_host)
+    host = s.listen.rpartition(":")[0]
+    ready = {"event": "listening", "grpc": f"{host}:{port}", "metrics_port": metrics_port, "tls": bool(creds)}
+    ready |= {"auth": auth.enabled, "redis": "embedded" if embedded else url.split("@")[-1]}
+    log.info(json.dumps(ready))
+
+    tasks = [asyncio.create_task(_health_loop(store, hs)), asyncio.create_task(sessions.maintain_forever())]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    t0 = time.monotonic()
+    log.info(json.dumps({"event": "stopping", "hot_sessions": len(sessions._hot)}))
+    for t in tasks:
+        t.cancel()
+    await hs.enter_graceful_shutdown()
+    await server.stop(s.shutdown_grace)
+    try:
+        await sessions.flush()
+    except Exception:
+        log.exception("flush on shutdown failed; the token log still holds every acknowledged token")
+    with contextlib.suppress(Exception):
+        await r.aclose()
+    if embedded is not None:
+        await asyncio.to_thread(embedded.stop)
+    log.info(json.dumps({"event": "stopped", "seconds": round(time.monotonic() - t0, 3)}))

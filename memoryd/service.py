@@ -1,0 +1,429 @@
+"""The gRPC edge: authenticate, validate, call `sessions`, map errors to status codes, log one line.
+
+Everything a client can get wrong is checked here, before any session is touched,
+so a bad request changes nothing and says what to fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextvars
+import functools
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+
+from memoryd import metrics
+from memoryd.auth import Auth
+from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
+from memoryd.sessions import GenParams, Info, Sessions
+from memoryd.settings import Settings
+from memoryd.store import SNAPSHOT_FORMAT
+
+log = logging.getLogger("memoryd.calls")
+
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+APPEND_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
+MAX_META_ENTRIES, MAX_META_KEY, MAX_META_VALUE = 64, 128, 4096
+MAX_STOP_STRINGS, MAX_STOP_LEN, MAX_STOP_TOKENS = 16, 256, 64
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+DEFAULT_CHUNK, MAX_CHUNK = 1 << 20, 4 << 20
+
+_call: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("memoryd_call")
+
+
+def note(**fields: Any) -> None:
+    """Add fields to this call's log line."""
+    _call.get().update(fields)
+
+
+def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: float) -> None:
+    dt = time.perf_counter() - t0
+    metrics.CALLS.labels(method, code.name).inc()
+    metrics.CALL_SECONDS.labels(method).observe(dt)
+    log.info(json.dumps({"call": method, "code": code.name, "ms": round(dt * 1000, 3), **fields}))
+
+
+async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
+    if e.offset is not None:
+        context.set_trailing_metadata((("memoryd-offset", str(e.offset)),))
+    await context.abort(e.code, e.message)
+
+
+def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a unary-response handler: auth, error mapping, metrics, one log line."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: MemoryServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        t0, fields = time.perf_counter(), {}
+        _call.set(fields)
+        code = grpc.StatusCode.OK
+        try:
+            tenant = self.auth.tenant(context.invocation_metadata())
+            fields["tenant"] = tenant
+            return await fn(self, tenant, request, context)
+        except ServiceError as e:
+            code = e.code
+            fields["error"] = e.message
+            await _abort(context, e)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            _finish(method, fields, code, t0)
+
+    return wrapper
+
+
+def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    """As `unary`, for server-streaming handlers (async generators)."""
+    method = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: MemoryServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        t0, fields = time.perf_counter(), {}
+        _call.set(fields)
+        code = grpc.StatusCode.OK
+        try:
+            tenant = self.auth.tenant(context.invocation_metadata())
+            fields["tenant"] = tenant
+            async for item in fn(self, tenant, request, context):
+                yield item
+        except ServiceError as e:
+            code = e.code
+            fields["error"] = e.message
+            await _abort(context, e)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            code = grpc.StatusCode.INTERNAL
+            log.exception("%s failed", method)
+            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            _finish(method, fields, code, t0)
+
+    return wrapper
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def check_session_id(sid: str, field: str = "session_id", allow_empty: bool = False) -> str:
+    if not sid and allow_empty:
+        return uuid.uuid4().hex
+    if not SESSION_ID_RE.match(sid):
+        raise InvalidArgument(f"{field} must be 1-128 characters from [A-Za-z0-9._:-], got {sid[:140]!r}")
+    return sid
+
+
+def check_metadata(meta: Any) -> dict[str, str]:
+    m = dict(meta)
+    if len(m) > MAX_META_ENTRIES:
+        raise InvalidArgument(f"metadata has {len(m)} entries; at most {MAX_META_ENTRIES}")
+    for k, v in m.items():
+        if not k or len(k) > MAX_META_KEY:
+            raise InvalidArgument(f"metadata keys must be 1-{MAX_META_KEY} characters, got {k[:140]!r}")
+        if len(v) > MAX_META_VALUE:
+            raise InvalidArgument(f"metadata value of {k!r} has {len(v)} characters; at most {MAX_META_VALUE}")
+    return m
+
+
+def check_append_id(aid: str) -> str:
+    if aid and not APPEND_ID_RE.match(aid):
+        raise InvalidArgument("append_id must be 1-128 printable ASCII characters without spaces")
+    return aid
+
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def session_pb(info: Info) -> pb.Session:
+    h = info.head
+    return pb.Session(
+        session_id=h.session_id,
+        tenant=h.tenant,
+        metadata=h.metadata,
+        created_at=_ts(h.created),
+        last_used_at=_ts(h.used),
+        model_digest=h.digest,
+        offset=h.offset,
+        pending_tokens=info.pending,
+        steps=info.steps,
+        state_bytes=info.state_bytes,
+        hot=info.hot,
+    )
+
+
+class MemoryServicer(pb_grpc.MemoryServiceServicer):
+    def __init__(self, sessions: Sessions, settings: Settings, auth: Auth) -> None:
+        self.sessions = sessions
+        self.s = settings
+        self.auth = auth
+        self.tok = sessions.tok
+        self.vocab = sessions.model.cfg.vocab_size
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def tokens_of(self, text: str, tokens: Any, what: str, allow_empty: bool = False) -> list[int]:
+        """Exactly one of text / token ids, checked against the vocabulary and the size limit."""
+        if text and len(tokens):
+            raise InvalidArgument(f"give either {what} text or token ids, not both")
+        if text:
+            if len(text) > self.s.max_append_tokens * 8:
+                raise ResourceExhausted(f"{what} text has {len(text)} characters; too large for one message")
+            ids = self.tok.encode(text)
+            if not ids:
+                raise InvalidArgument(f"{what} text encodes to no tokens")
+        else:
+            ids = [int(t) for t in tokens]
+        if not ids:
+            if allow_empty:
+                return []
+            raise InvalidArgument(f"{what} is empty: give text or at least one token id")
+        if len(ids) > self.s.max_append_tokens:
+            raise ResourceExhausted(
+                f"{what} has {len(ids)} tokens; at most {self.s.max_append_tokens} per message (split it)"
+            )
+        for i, t in enumerate(ids):
+            if not 0 <= t < self.vocab:
+                raise InvalidArgument(f"token id {t} at index {i} is outside the vocabulary [0, {self.vocab})")
+        return ids
+
+    def gen_params(self, r: pb.GenerateRequest) -> GenParams:
+        if r.max_tokens == 0:
+            raise InvalidArgument("max_tokens must be at least 1")
+        if r.max_tokens > self.s.max_generate_tokens:
+            raise ResourceExhausted(
+                f"max_tokens {r.max_tokens} is over this server's limit {self.s.max_generate_tokens}"
+            )
+        if not math.isfinite(r.temperature) or not 0.0 <= r.temperature <= 100.0:
+            raise InvalidArgument(f"temperature must lie in [0, 100] (0 = greedy), got {r.temperature}")
+        if not math.isfinite(r.top_p) or not 0.0 <= r.top_p <= 1.0:
+            raise InvalidArgument(f"top_p must lie in [0, 1] (0 or 1 = off), got {r.top_p}")
+        if r.top_k > self.vocab:
+            raise InvalidArgument(f"top_k {r.top_k} exceeds the vocabulary size {self.vocab}")
+        if len(r.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LEN for s in r.stop):
+            raise ResourceExhausted(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LEN} characters")
+        if any(not s for s in r.stop):
+            raise InvalidArgument("stop strings must not be empty")
+        if len(r.stop_tokens) > MAX_STOP_TOKENS:
+            raise ResourceExhausted(f"at most {MAX_STOP_TOKENS} stop token ids")
+        for t in r.stop_tokens:
+            if not 0 <= t < self.vocab:
+                raise InvalidArgument(f"stop token id {t} is outside the vocabulary [0, {self.vocab})")
+        seed = r.seed if r.HasField("seed") else None
+        return GenParams(
+            r.max_tokens, r.temperature, r.top_p, r.top_k, seed, list(r.stop), [int(t) for t in r.stop_tokens]
+        )
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    @unary
+    async def CreateSession(self, tenant: str, r: pb.CreateSessionRequest, ctx: Any) -> pb.Session:
+        sid = check_session_id(r.session_id, allow_empty=True)
+        note(session=sid)
+        info = await self.sessions.create(tenant, sid, check_metadata(r.metadata))
+        return session_pb(info)
+
+    @unary
+    async def GetSession(self, tenant: str, r: pb.GetSessionRequest, ctx: Any) -> pb.Session:
+        note(session=r.session_id)
+        return session_pb(await self.sessions.get(tenant, check_session_id(r.session_id)))
+
+    @unary
+    async def ListSessions(self, tenant: str, r: pb.ListSessionsRequest, ctx: Any) -> pb.ListSessionsResponse:
+        if r.page_size > MAX_PAGE:
+            raise InvalidArgument(f"page_size {r.page_size} is over the limit {MAX_PAGE}")
+        after = ""
+        if r.page_token:
+            try:
+                after = base64.urlsafe_b64decode(r.page_token.encode()).decode()
+            except (ValueError, UnicodeDecodeError) as e:
+                raise InvalidArgument("page_token is malformed: pass next_page_token back unchanged") from e
+            check_session_id(after, "page_token")
+        infos, nxt = await self.sessions.list(tenant, after, r.page_size or DEFAULT_PAGE)
+        token = base64.urlsafe_b64encode(nxt.encode()).decode() if nxt else ""
+        note(count=len(infos))
+        return pb.ListSessionsResponse(sessions=[session_pb(i) for i in infos], next_page_token=token)
+
+    @unary
+    async def DeleteSession(self, tenant: str, r: pb.DeleteSessionRequest, ctx: Any) -> pb.DeleteSessionResponse:
+        note(session=r.session_id)
+        offset = await self.sessions.delete(tenant, check_session_id(r.session_id))
+        return pb.DeleteSessionResponse(offset=offset)
+
+    @unary
+    async def ResetSession(self, tenant: str, r: pb.ResetSessionRequest, ctx: Any) -> pb.Session:
+        note(session=r.session_id)
+        expected = r.expected_offset if r.HasField("expected_offset") else None
+        return session_pb(await self.sessions.reset(tenant, check_session_id(r.session_id), expected))
+
+    @unary
+    async def ForkSession(self, tenant: str, r: pb.ForkSessionRequest, ctx: Any) -> pb.Session:
+        src = check_session_id(r.session_id)
+        dst = check_session_id(r.new_session_id, "new_session_id", allow_empty=True)
+        note(session=src, new_session=dst)
+        meta = check_metadata(r.metadata) or None
+        expected = r.expected_offset if r.HasField("expected_offset") else None
+        return session_pb(await self.sessions.fork(tenant, src, dst, meta, expected))
+
+    # -- append ------------------------------------------------------------------------------
+
+    async def _append_one(self, tenant: str, sid: str, r: pb.AppendRequest) -> Any:
+        tokens = self.tokens_of(r.text, r.tokens, "append")
+        aid = check_append_id(r.append_id)
+        expected = r.expected_offset if r.HasField("expected_offset") else None
+        return await self.sessions.append(tenant, sid, tokens, expected, aid)
+
+    @unary
+    async def Append(self, tenant: str, r: pb.AppendRequest, ctx: Any) -> pb.AppendResponse:
+        sid = check_session_id(r.session_id)
+        note(session=sid, append_id=r.append_id or None)
+        out = await self._append_one(tenant, sid, r)
+        note(tokens=out.tokens, offset=out.offset, steps=out.steps, duplicate=out.duplicate)
+        return pb.AppendResponse(
+            offset=out.offset,
+            start_offset=out.start,
+            tokens=out.tokens,
+            steps=out.steps,
+            duplicate=out.duplicate,
+            pending_tokens=out.pending,
+        )
+
+    @unary
+    async def AppendStream(self, tenant: str, it: AsyncIterator[pb.AppendRequest], ctx: Any) -> pb.AppendResponse:
+        sid, first, n = "", None, 0
+        resp = pb.AppendResponse(duplicate=True)
+        async for r in it:
+            if not sid:
+                sid = check_session_id(r.session_id)
+                note(session=sid)
+            elif r.session_id and r.session_id != sid:
+                raise InvalidArgument(f"message {n} names session {r.session_id!r}; this stream appends to {sid!r}")
+            out = await self._append_one(tenant, sid, r)
+            first = out.start if first is None else first
+            n += 1
+            resp.offset, resp.pending_tokens = out.offset, out.pending
+            resp.tokens += out.tokens
+            resp.steps += out.steps
+            resp.duplicate = resp.duplicate and out.duplicate
+        if first is None:
+            raise InvalidArgument("the append stream was empty: send at least one AppendRequest")
+        resp.start_offset = first
+        note(messages=n, tokens=resp.tokens, offset=resp.offset)
+        return resp
+
+    # -- generate ----------------------------------------------------------------------------
+
+    @streaming
+    async def Generate(self, tenant: str, r: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateResponse]:
+        sid = check_session_id(r.session_id)
+        note(session=sid, commit=r.commit)
+        params = self.gen_params(r)
+        prompt = self.tokens_of(r.prompt_text, r.prompt_tokens, "prompt", allow_empty=True)
+        aid = check_append_id(r.append_id)
+        expected = r.expected_offset if r.HasField("expected_offset") else None
+        reasons = {
+            "length": pb.FINISH_REASON_LENGTH,
+            "stop_string": pb.FINISH_REASON_STOP_STRING,
+            "stop_token": pb.FINISH_REASON_STOP_TOKEN,
+        }
+        async for ev in self.sessions.generate(tenant, sid, prompt, params, r.commit, expected, aid):
+            if ev.done:
+                note(generated=ev.generated, finish=ev.finish, offset=ev.offset)
+                yield pb.GenerateResponse(
+                    tokens=ev.tokens,
+                    text=ev.text,
+                    done=True,
+                    finish_reason=reasons.get(ev.finish, pb.FINISH_REASON_UNSPECIFIED),
+                    offset=ev.offset,
+                    generated_tokens=ev.generated,
+                    duplicate=ev.duplicate,
+                )
+            else:
+                yield pb.GenerateResponse(tokens=ev.tokens, text=ev.text)
+
+    # -- export / import ---------------------------------------------------------------------
+
+    @streaming
+    async def ExportSession(self, tenant: str, r: pb.ExportSessionRequest, ctx: Any) -> AsyncIterator[pb.SessionChunk]:
+        sid = check_session_id(r.session_id)
+        note(session=sid)
+        size = r.chunk_bytes or DEFAULT_CHUNK
+        if size > min(MAX_CHUNK, self.s.max_message_bytes - 1024):
+            raise InvalidArgument(f"chunk_bytes {size} is over the limit {MAX_CHUNK}")
+        head, data = await self.sessions.export(tenant, sid)
+        note(bytes=len(data))
+        yield pb.SessionChunk(
+            header=pb.ExportHeader(
+                session_id=sid,
+                metadata=head.metadata,
+                model_digest=head.digest,
+                offset=head.offset,
+                total_bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                format=SNAPSHOT_FORMAT,
+            )
+        )
+        for i in range(0, len(data), size):
+            yield pb.SessionChunk(data=data[i : i + size])
+
+    @unary
+    async def ImportSession(self, tenant: str, it: AsyncIterator[pb.SessionChunk], ctx: Any) -> pb.Session:
+        header: pb.ExportHeader | None = None
+        parts: list[bytes] = []
+        got = 0
+        async for chunk in it:
+            kind = chunk.WhichOneof("chunk")
+            if header is None:
+                if kind != "header":
+                    raise InvalidArgument("the first chunk of an import must be the header")
+                header = chunk.header
+                if header.format != SNAPSHOT_FORMAT:
+                    raise InvalidArgument(f"export format {header.format!r} is not {SNAPSHOT_FORMAT!r}")
+                if header.total_bytes > self.s.max_import_bytes:
+                    raise ResourceExhausted(f"export of {header.total_bytes} bytes is over {self.s.max_import_bytes}")
+                if header.model_digest != self.sessions.digest:
+                    raise FailedPrecondition(
+                        f"export was made with model {header.model_digest}; this daemon serves {self.sessions.digest}"
+                    )
+                continue
+            if kind != "data":
+                raise InvalidArgument("an import has exactly one header, first")
+            got += len(chunk.data)
+            if got > header.total_bytes:
+                raise InvalidArgument(f"more data than the header's total_bytes {header.total_bytes}")
+            parts.append(chunk.data)
+        if header is None:
+            raise InvalidArgument("the import stream was empty: send a header, then the data")
+        data = b"".join(parts)
+        if len(data) != header.total_bytes or hashlib.sha256(data).hexdigest() != header.sha256:
+            raise InvalidArgument(
+                f"import data ({len(data)} bytes) does not match the header's size {header.total_bytes} and sha256"
+            )
+        sid = check_session_id(header.session_id, allow_empty=True)
+        note(session=sid, bytes=len(data))
+        info = await self.sessions.import_(tenant, sid, check_metadata(header.metadata), data)
+        return session_pb(info)

@@ -1,0 +1,574 @@
+"""Ordering and memory in the middle: which sessions are hot, who waits, in what order.
+
+- One asyncio.Lock per session (FIFO), so a session's calls apply in arrival
+  order while different sessions run concurrently.
+- Model compute runs in a thread pool, never on the event loop.
+- A change is computed on an O(1) clone of the state, made durable in Redis (the
+  token log, compare-and-set on the offset), and only then swapped in: a failure
+  anywhere leaves the hot state exactly as it was.
+- Hot states live in an LRU bounded by bytes; the least recently used are
+  snapshotted, dropped and reloaded (snapshot + log replay) on their next call.
+- A hot session holds a lease in Redis; its fencing token guards every write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis.exceptions
+import torch
+
+from memoryd import metrics
+from memoryd.errors import (
+    Aborted,
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
+from memoryd.sampling import StopText, sample
+from memoryd.settings import Settings
+from memoryd.store import AppendResult, Head, Store, tokens_hash
+from model import (
+    InputError,
+    ModelMismatchError,
+    SnapshotError,
+    StreamState,
+    digest_of,
+    state_from_bytes,
+    state_to_bytes,
+)
+
+log = logging.getLogger("memoryd.sessions")
+T = TypeVar("T")
+Key = tuple[str, str]
+
+
+@dataclass
+class Hot:
+    """A session loaded on the device."""
+
+    state: StreamState
+    fence: int
+    gen: int
+    snap_pos: int
+    """Offset of the newest published snapshot (or 0: none)."""
+    snap_steps: int
+    touched: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Info:
+    """What `get` and `list` report."""
+
+    head: Head
+    pending: int
+    steps: int
+    state_bytes: int
+    hot: bool
+
+
+@dataclass
+class AppendOutcome:
+    start: int
+    offset: int
+    tokens: int
+    steps: int
+    duplicate: bool
+    pending: int
+
+
+@dataclass
+class GenParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    stop_tokens: list[int]
+
+
+@dataclass
+class GenEvent:
+    tokens: list[int]
+    text: str
+    done: bool = False
+    finish: str = ""
+    offset: int = 0
+    generated: int = 0
+    duplicate: bool = False
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+class Sessions:
+    """The session table of one daemon."""
+
+    def __init__(self, model: Any, tokenizer: Any, store: Store, settings: Settings) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.store = store
+        self.s = settings
+        self.digest = digest_of(model)
+        self.b = model.cfg.mini_batch_size
+        self._hot: OrderedDict[Key, Hot] = OrderedDict()
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._pool = ThreadPoolExecutor(settings.compute_threads, thread_name_prefix="memoryd-compute")
+        self._bg: set[asyncio.Task] = set()
+        self.owner = settings.daemon_id
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Model compute, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def lock(self, key: Key) -> asyncio.Lock:
+        lk = self._locks.get(key)
+        if lk is None:
+            lk = self._locks[key] = asyncio.Lock()
+        return lk
+
+    def hot_bytes(self) -> int:
+        return sum(h.state.nbytes() for h in self._hot.values())
+
+    def _update_gauges(self) -> None:
+        metrics.SESSIONS_HOT.set(len(self._hot))
+        metrics.HOT_BYTES.set(self.hot_bytes())
+
+    def drop(self, key: Key) -> None:
+        """Forget a hot state whose Redis copy may differ (a failed or unknown write)."""
+        self._hot.pop(key, None)
+        self._update_gauges()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    @contextlib.asynccontextmanager
+    async def _redis(self, key: Key | None = None) -> AsyncIterator[None]:
+        """Redis failures become UNAVAILABLE; if a write's outcome is unknown, the hot copy is dropped."""
+        try:
+            yield
+        except redis_errors() as e:
+            metrics.REDIS_ERRORS.inc()
+            if key is not None:
+                self.drop(key)
+            raise Unavailable(f"Redis is unavailable ({type(e).__name__}: {e}); retry the call") from e
+
+    # -- loading -----------------------------------------------------------------------------
+
+    def _rebuild(self, data: bytes | None, pieces: list[list[int]]) -> StreamState:
+        try:
+            state = state_from_bytes(self.model, data) if data is not None else StreamState.fresh(self.model)
+        except ModelMismatchError as e:
+            raise FailedPrecondition(f"the session was stored under another model: {e}") from e
+        except SnapshotError as e:
+            raise DataLoss(f"the session's snapshot cannot be read: {e}") from e
+        for p in pieces:
+            state.append(p)
+        return state
+
+    async def _load(self, key: Key) -> Hot:
+        """The hot session (loading it from Redis if needed); caller holds the session's lock."""
+        hot = self._hot.get(key)
+        if hot is not None:
+            self._hot.move_to_end(key)
+            return hot
+        tenant, sid = key
+        async with self._redis():
+            lease = await self.store.acquire_lease(tenant, sid, self.owner, self.s.lease_seconds)
+            if lease.missing:
+                raise NotFound(f"session {sid!r} does not exist")
+            if lease.fence is None:
+                raise Unavailable(
+                    f"session {sid!r} is served by daemon {lease.holder} (lease expires in {lease.ttl_ms} ms); retry"
+                )
+            head = await self.store.head(tenant, sid)
+            if head is None:
+                raise NotFound(f"session {sid!r} does not exist")
+            if head.digest != self.digest:
+                raise FailedPrecondition(
+                    f"session {sid!r} belongs to model {head.digest}; this daemon serves {self.digest}"
+                )
+            data = await self.store.read_snapshot(head.snap) if head.snap else None
+            pieces = await self.store.read_log(tenant, sid, head.snap_off, head.offset)
+            await self.store.touch(tenant, sid)
+        state = await self.run(self._rebuild, data, pieces)
+        metrics.LOADS.inc()
+        metrics.REPLAYED_TOKENS.inc(sum(len(p) for p in pieces))
+        if state.position != head.offset:
+            raise DataLoss(f"session {sid!r}: rebuilt state is at {state.position}, the head says {head.offset}")
+        snap_steps = max(0, (head.snap_off - 1) // self.b) if head.snap else 0
+        hot = Hot(state=state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
+        self._hot[key] = hot
+        self._update_gauges()
+        self._spawn(self._enforce_budget(key))
+        return hot
+
+    # -- snapshots and eviction --------------------------------------------------------------
+
+    async def _snapshot(self, key: Key, hot: Hot, reason: str) -> None:
+        """Write and publish a snapshot of the hot state; caller holds the lock."""
+        state = hot.state
+        if state.position == hot.snap_pos:
+            return
+        t0 = time.perf_counter()
+        data = await self.run(state_to_bytes, state)
+        tenant, sid = key
+        async with self._redis():
+            snap = await self.store.write_snapshot(data, self.digest, state.position)
+            code = await self.store.publish_snapshot(tenant, sid, hot.fence, hot.gen, snap, state.position)
+            if code != 1:
+                await self.store.drop_snapshot(snap)
+        if code == 1:
+            hot.snap_pos, hot.snap_steps = state.position, state.steps
+            metrics.SNAPSHOTS.labels(reason).inc()
+            metrics.SNAPSHOT_BYTES.inc(len(data))
+            metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - t0)
+        elif code in (-1, -2):  # deleted, or another daemon took the session over
+            self.drop(key)
+
+    async def _periodic_snapshot(self, key: Key) -> None:
+        try:
+            async with self.lock(key):
+                hot = self._hot.get(key)
+                if hot is not None and hot.state.steps - hot.snap_steps >= self.s.snapshot_interval:
+                    await self._snapshot(key, hot, "interval")
+        except ServiceError as e:
+            log.warning("snapshot of %s failed: %s", key, e.message)
+
+    async def _evict(self, key: Key) -> None:
+        async with self.lock(key):
+            hot = self._hot.get(key)
+            if hot is None:
+                return
+            try:
+                await self._snapshot(key, hot, "eviction")
+                async with self._redis():
+                    await self.store.renew_leases([key], self.owner, 0)
+            except ServiceError as e:
+                log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
+            self.drop(key)
+            metrics.EVICTIONS.inc()
+
+    async def _enforce_budget(self, keep: Key) -> None:
+        total = self.hot_bytes()
+        for key in list(self._hot):
+            if total <= self.s.memory_budget:
+                break
+            if key == keep or key not in self._hot:
+                continue
+            total -= self._hot[key].state.nbytes()
+            await self._evict(key)
+
+    async def maintain_forever(self) -> None:
+        """Renew leases, refresh TTLs: what a hot session needs while it sits in memory."""
+        every = max(0.2, self.s.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(every)
+            keys = list(self._hot)
+            try:
+                ok = await self.store.renew_leases(keys, self.owner, self.s.lease_seconds)
+                for key, fine in zip(keys, ok, strict=True):
+                    if not fine:
+                        log.warning("lost the lease of %s; dropping it", key)
+                        self.drop(key)
+                if self.s.ttl_seconds:
+                    now = time.monotonic()
+                    for key in keys:
+                        hot = self._hot.get(key)
+                        if hot is not None and now - hot.touched > min(60.0, self.s.ttl_seconds / 4):
+                            hot.touched = now
+                            await self.store.touch(*key)
+                metrics.SESSIONS_STORED.set(await self.store.count_sessions())
+            except redis_errors() as e:
+                log.warning("session maintenance: Redis unavailable (%s)", e)
+
+    async def flush(self) -> None:
+        """Snapshot every hot session and release its lease (SIGTERM)."""
+        for task in list(self._bg):
+            task.cancel()
+        for key in list(self._hot):
+            await self._evict(key)
+        self._pool.shutdown(wait=True)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    async def create(self, tenant: str, sid: str, metadata: dict[str, str]) -> Info:
+        async with self._redis():
+            code = await self.store.create(tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant)
+            if code == -1:
+                raise AlreadyExists(f"session {sid!r} already exists")
+            if code == -2:
+                raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
+            head = await self.store.head(tenant, sid)
+        if head is None:
+            raise Unavailable(f"session {sid!r} vanished right after it was created (TTL 0?); retry")
+        return Info(head=head, pending=0, steps=0, state_bytes=StreamState.fresh(self.model).nbytes(), hot=False)
+
+    def _info(self, head: Head, hot: Hot | None) -> Info:
+        if hot is not None:
+            st = hot.state
+            return Info(head, st.pending_count, st.steps, st.nbytes(), True)
+        steps = max(0, (head.offset - 1) // self.b)
+        return Info(head, head.offset - steps * self.b, steps, 0, False)
+
+    async def get(self, tenant: str, sid: str) -> Info:
+        key = (tenant, sid)
+        async with self.lock(key):
+            hot = await self._load(key)
+            async with self._redis():
+                head = await self.store.head(tenant, sid)
+        if head is None:
+            self.drop(key)
+            raise NotFound(f"session {sid!r} does not exist")
+        return self._info(head, hot)
+
+    async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
+        async with self._redis():
+            heads, nxt = await self.store.list(tenant, after, limit)
+        return [self._info(h, self._hot.get((tenant, h.session_id))) for h in heads], nxt
+
+    async def delete(self, tenant: str, sid: str) -> int:
+        key = (tenant, sid)
+        async with self.lock(key):
+            async with self._redis(key):
+                code, offset = await self.store.delete(tenant, sid)
+            self.drop(key)
+        self._locks.pop(key, None)
+        if code != 1:
+            raise NotFound(f"session {sid!r} does not exist")
+        return offset
+
+    async def reset(self, tenant: str, sid: str, expected: int | None) -> Info:
+        key = (tenant, sid)
+        async with self.lock(key):
+            hot = await self._load(key)
+            async with self._redis(key):
+                code, offset = await self.store.reset(tenant, sid, hot.fence, expected)
+            self._check_code(key, code, offset)
+            hot.state, hot.gen, hot.snap_pos, hot.snap_steps = StreamState.fresh(self.model), hot.gen + 1, 0, 0
+            async with self._redis():
+                head = await self.store.head(tenant, sid)
+        if head is None:
+            raise NotFound(f"session {sid!r} does not exist")
+        return self._info(head, hot)
+
+    def _check_code(self, key: Key, code: int, offset: int) -> None:
+        """Shared meaning of the reset/append script codes -1 (gone), -2 (fenced), -3 (offset differs)."""
+        if code == -1:
+            self.drop(key)
+            raise NotFound(f"session {key[1]!r} does not exist")
+        if code == -2:
+            self.drop(key)
+            raise Unavailable(f"session {key[1]!r} was taken over by another daemon; retry")
+        if code == -3:
+            raise Aborted(f"expected offset differs: the session is at offset {offset}", offset=offset)
+
+    async def fork(
+        self, tenant: str, src: str, dst: str, metadata: dict[str, str] | None, expected: int | None
+    ) -> Info:
+        async with self._redis():
+            code, offset = await self.store.fork(tenant, src, dst, metadata, expected, self.s.max_sessions_per_tenant)
+            if code == -1:
+                raise NotFound(f"session {src!r} does not exist")
+            if code == -2:
+                raise AlreadyExists(f"session {dst!r} already exists")
+            if code == -3:
+                raise Aborted(f"expected offset differs: session {src!r} is at offset {offset}", offset=offset)
+            if code == -4:
+                raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
+            head = await self.store.head(tenant, dst)
+        if head is None:
+            raise NotFound(f"session {dst!r} vanished right after the fork; retry")
+        return self._info(head, None)
+
+    async def _find_duplicate(self, key: Key, append_id: str, pieces: list[list[int]]) -> AppendResult | None:
+        if not append_id:
+            return None
+        async with self._redis():
+            dup = await self.store.find_append(*key, append_id)
+        if dup is not None and dup.tokhash != tokens_hash(pieces):
+            raise InvalidArgument(
+                f"append_id {append_id!r} was already used for other tokens (at offset {dup.start}); "
+                "use a new append_id for new tokens",
+                offset=None,
+            )
+        return dup
+
+    async def _commit(
+        self, key: Key, hot: Hot, new: StreamState, pieces: list[list[int]], append_id: str
+    ) -> AppendResult:
+        """Make pieces durable (CAS on the offset), then swap `new` in."""
+        tenant, sid = key
+        async with self._redis(key):
+            res = await self.store.append(tenant, sid, hot.fence, hot.state.position, pieces, append_id)
+        if res.status == "ok":
+            hot.state = new
+            self._hot.move_to_end(key)
+            if new.steps - hot.snap_steps >= self.s.snapshot_interval:
+                self._spawn(self._periodic_snapshot(key))
+            self._update_gauges()
+            return res
+        self.drop(key)  # the hot copy and Redis disagree: reload on the next call
+        if res.status == "not_found":
+            raise NotFound(f"session {sid!r} does not exist")
+        if res.status == "fenced":
+            raise Unavailable(f"session {sid!r} was taken over by another daemon; retry")
+        if res.status == "duplicate":
+            return res
+        raise Unavailable(f"session {sid!r} changed under this daemon (now at offset {res.offset}); retry")
+
+    async def append(
+        self, tenant: str, sid: str, tokens: list[int], expected: int | None, append_id: str
+    ) -> AppendOutcome:
+        key = (tenant, sid)
+        async with self.lock(key):
+            hot = await self._load(key)
+            dup = await self._find_duplicate(key, append_id, [tokens])
+            if dup is not None:
+                st = hot.state
+                return AppendOutcome(dup.start, dup.offset, dup.offset - dup.start, 0, True, st.pending_count)
+            if expected is not None and expected != hot.state.position:
+                raise Aborted(
+                    f"expected offset {expected}, but the session is at offset {hot.state.position}",
+                    offset=hot.state.position,
+                )
+            new = hot.state.clone()
+            try:
+                report = await self.run(new.append, tokens)
+            except InputError as e:
+                raise InvalidArgument(str(e), offset=hot.state.position) from e
+            res = await self._commit(key, hot, new, [tokens], append_id)
+            if res.status == "duplicate":
+                return AppendOutcome(res.start, res.offset, res.offset - res.start, 0, True, hot.state.pending_count)
+        metrics.TOKENS_READ.inc(len(tokens))
+        metrics.TTT_STEPS.inc(report.steps)
+        return AppendOutcome(res.start, res.offset, len(tokens), report.steps, False, new.pending_count)
+
+    async def generate(
+        self,
+        tenant: str,
+        sid: str,
+        prompt: list[int],
+        p: GenParams,
+        commit: bool,
+        expected: int | None,
+        append_id: str,
+    ) -> AsyncIterator[GenEvent]:
+        """Sample on a clone; stream tokens and text; with commit, log prompt + output and swap the clone in."""
+        key = (tenant, sid)
+        async with self.lock(key):
+            hot = await self._load(key)
+            if commit and append_id:
+                async with self._redis():
+                    dup = await self.store.find_append(tenant, sid, append_id)
+                if dup is not None:
+                    yield GenEvent([], "", True, "", dup.offset, 0, True)
+                    return
+            if expected is not None and expected != hot.state.position:
+                raise Aborted(
+                    f"expected offset {expected}, but the session is at offset {hot.state.position}",
+                    offset=hot.state.position,
+                )
+            work = hot.state.clone()
+            pieces: list[list[int]] = []
+            if prompt:
+                try:
+                    await self.run(work.append, prompt)
+                except InputError as e:
+                    raise InvalidArgument(str(e)) from e
+                pieces.append(prompt)
+            if work.position == 0:
+                raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
+            seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
+            gen = torch.Generator().manual_seed(seed % (2**63))
+            stops = {self.tok.eos_id, *p.stop_tokens}
+            decoder, text = self.tok.stream_decoder(), StopText(p.stop)
+            out: list[int] = []
+            finish = "length"
+
+            def step(prev: int | None) -> int:
+                if prev is not None:
+                    work.append([prev])
+                return sample(work.logits(), p.temperature, p.top_k, p.top_p, gen)
+
+            prev: int | None = None
+            while len(out) < p.max_tokens:
+                t = await self.run(step, prev)
+                out.append(t)
+                prev = t
+                metrics.TOKENS_GENERATED.inc()
+                if t in stops:
+                    finish = "stop_token"
+                    yield GenEvent([t], "")
+                    break
+                delta = text.push(decoder.push(t))
+                yield GenEvent([t], delta)
+                if text.stopped:
+                    finish = "stop_string"
+                    break
+            tail = text.flush()
+            offset = hot.state.position
+            if commit:
+                await self.run(work.append, [out[-1]])
+                pieces += [[t] for t in out]
+                res = await self._commit(key, hot, work, pieces, append_id)
+                offset = res.offset
+                metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
+            yield GenEvent([], tail, True, finish, offset, len(out), False)
+
+    async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
+        """The session's head and its whole state as snapshot bytes (safetensors)."""
+        key = (tenant, sid)
+        async with self.lock(key):
+            hot = await self._load(key)
+            data = await self.run(state_to_bytes, hot.state)
+            async with self._redis():
+                head = await self.store.head(tenant, sid)
+        if head is None:
+            raise NotFound(f"session {sid!r} does not exist")
+        return head, data
+
+    async def import_(self, tenant: str, sid: str, metadata: dict[str, str], data: bytes) -> Info:
+        """A new session from exported bytes: validated, stored as its first snapshot, then published."""
+        try:
+            state = await self.run(state_from_bytes, self.model, data)
+        except ModelMismatchError as e:
+            raise FailedPrecondition(f"the export was made with another model: {e}") from e
+        except SnapshotError as e:
+            raise InvalidArgument(f"the export is not a usable session state: {e}") from e
+        key = (tenant, sid)
+        async with self.lock(key), self._redis():
+            snap = await self.store.write_snapshot(data, self.digest, state.position)
+            code = await self.store.create(
+                tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant, snap=snap, offset=state.position
+            )
+            if code != 1:
+                await self.store.drop_snapshot(snap)
+            head = await self.store.head(tenant, sid) if code == 1 else None
+        if code == -1:
+            raise AlreadyExists(f"session {sid!r} already exists")
+        if code == -2:
+            raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
+        if head is None:
+            raise Unavailable(f"session {sid!r} vanished right after the import; retry")
+        return Info(head, state.pending_count, state.steps, state.nbytes(), False)

@@ -1,0 +1,123 @@
+"""The daemon's configuration: CLI flags > `MEMORYD_*` env vars > config file > defaults.
+
+One pydantic-settings model, so every knob is validated in one place and the
+error names the knob.  The config file (YAML or JSON, `--config` or
+`MEMORYD_CONFIG`) holds the same keys as the flags, with underscores.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+_config_file: ContextVar[str | None] = ContextVar("memoryd_config_file", default=None)
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2}
+_UNITS |= {"g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_bytes(value: Any) -> int:
+    """`"512MiB"`, `"2GB"` or an int: a byte count (so budgets read like people write them)."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a byte size (examples: 1048576, 512MiB, 2GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "memoryd"
+
+
+class Settings(BaseSettings):
+    """Every knob of `memoryd serve`."""
+
+    model_config = SettingsConfigDict(env_prefix="MEMORYD_", extra="forbid", validate_default=True)
+
+    listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port (port 0: any free port)")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus HTTP port (0: off)")
+    metrics_host: str = Field("127.0.0.1", description="Prometheus HTTP bind address")
+    checkpoint: Path | None = Field(None, description="model checkpoint dir (default: a small one in data_dir)")
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
+    redis_url: str | None = Field(None, description="redis://host:port/db (default: an embedded redis-server)")
+    data_dir: Path = Field(default_factory=default_data_dir, description="embedded Redis data and default model")
+    auth_tokens_file: Path | None = Field(None, description="YAML/JSON map token -> tenant (auth on when set)")
+    auth_tokens: str | None = Field(None, description="token=tenant,token=tenant (auth on when set)")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain (TLS on when set, with tls_key)")
+    tls_key: Path | None = Field(None, description="PEM private key")
+    memory_budget: int = Field(2 * 1024**3, gt=0, description="bytes of hot session state kept on the device")
+    snapshot_interval: int = Field(16, ge=1, description="write a snapshot every N test-time steps (mini-batches)")
+    ttl_seconds: int = Field(7 * 86400, ge=0, description="idle sessions expire after this (0: never)")
+    lease_seconds: float = Field(30.0, gt=0, description="a daemon's hold on a session, renewed while hot")
+    instance_id: str = Field("", description="this daemon's name in leases (default: host:listen)")
+    max_append_tokens: int = Field(65536, ge=1, description="tokens per append message")
+    max_generate_tokens: int = Field(4096, ge=1, description="max_tokens ceiling of generate")
+    max_sessions_per_tenant: int = Field(0, ge=0, description="0: unlimited")
+    max_message_bytes: int = Field(16 * 1024**2, ge=1024, description="largest gRPC message accepted")
+    max_import_bytes: int = Field(4 * 1024**3, ge=1, description="largest session export accepted by import")
+    snapshot_chunk_bytes: int = Field(4 * 1024**2, ge=1024, description="snapshot chunk size in Redis")
+    compute_threads: int = Field(1, ge=1, description="worker threads running model compute")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    redis_timeout: float = Field(5.0, gt=0, description="seconds before a Redis call counts as failed")
+    shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight calls get on SIGTERM")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+
+    @field_validator("memory_budget", "max_message_bytes", "max_import_bytes", "snapshot_chunk_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> int:
+        return parse_bytes(v)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"listen must be host:port (e.g. 127.0.0.1:50051), got {v!r}")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {v!r}")
+        return v.upper()
+
+    @property
+    def daemon_id(self) -> str:
+        """Stable across restarts, so a restarted daemon takes back its own leases at once."""
+        return self.instance_id or f"{socket.gethostname()}:{self.listen}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file.get() or os.environ.get("MEMORYD_CONFIG")
+        if path:
+            if not Path(path).is_file():
+                raise ValueError(f"config file {path} does not exist")
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))  # YAML reads JSON too
+        return tuple(sources)
+
+
+def load_settings(overrides: dict[str, Any] | None = None, config_file: str | None = None) -> Settings:
+    """Settings from flags (`overrides`), env and the optional file, in that order of precedence."""
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**(overrides or {}))
+    finally:
+        _config_file.reset(token)
