@@ -371,9 +371,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def ExportSession(self, tenant: str, r: pb.ExportSessionRequest, ctx: Any) -> AsyncIterator[pb.SessionChunk]:
         sid = check_session_id(r.session_id)
         note(session=sid)
-        size = r.chunk_bytes or DEFAULT_CHUNK
-        if size > min(MAX_CHUNK, self.s.max_message_bytes - 1024):
-            raise InvalidArgument(f"chunk_bytes {size} is over the limit {MAX_CHUNK}")
+        limit = min(MAX_CHUNK, self.s.max_message_bytes - 1024)  # room for the message's framing
+        size = r.chunk_bytes or min(DEFAULT_CHUNK, limit)
+        if size > limit:
+            raise InvalidArgument(f"chunk_bytes {size} is over this server's limit {limit}")
         head, data = await self.sessions.export(tenant, sid)
         note(bytes=len(data))
         yield pb.SessionChunk(

@@ -526,7 +526,12 @@ class Sessions:
                 if text.stopped:
                     finish = "stop_string"
                     break
-            tail = text.flush()
+            tail = ""
+            if not text.stopped:  # bytes the stream decoder still holds (an unfinished character)
+                full = self.tok.decode([t for t in out if t not in stops])
+                if full.startswith(text.text):
+                    tail = text.push(full[len(text.text) :])
+            tail += text.flush()
             offset = hot.state.position
             if commit:
                 await self.run(work.append, [out[-1]])
