@@ -182,7 +182,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_checkpoint: Path):  # noqa: ANN201 (torch type)
+def tiny_model(tiny_checkpoint: Path):
     import torch
 
     from model import load_checkpoint
@@ -199,14 +199,14 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.kill(signal.SIGTERM)
 
 
-def state_tensors(model, data: bytes) -> dict:  # noqa: ANN001 ANN201
+def state_tensors(model, data: bytes) -> dict:
     """Tensors of exported state bytes, rebuilt (and checked) by the model package."""
     from model import state_from_bytes
 
     return state_from_bytes(model, data).tensors()
 
 
-def export_bytes(stub: pb_grpc.MemoryServiceStub, sid: str, metadata=()) -> bytes:  # noqa: ANN001
+def export_bytes(stub: pb_grpc.MemoryServiceStub, sid: str, metadata=()) -> bytes:
     chunks = list(stub.ExportSession(pb.ExportSessionRequest(session_id=sid), metadata=metadata, timeout=30))
     return b"".join(c.data for c in chunks[1:])
 
@@ -220,7 +220,7 @@ def assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"tensor {k} differs (max abs {float((a[k] - b[k]).abs().max())})"
 
 
-def reference_state(model, pieces: list[list[int]]) -> dict:  # noqa: ANN001
+def reference_state(model, pieces: list[list[int]]) -> dict:
     """A fresh session fed the same pieces in-process."""
     from model import StreamState
 
@@ -245,11 +245,11 @@ def canon(data: bytes) -> tuple:
     return sorted(read_metadata(data).items()), items
 
 
-def torch_uint8():  # noqa: ANN201
+def torch_uint8():
     import torch
 
     return torch.uint8
 
 
-def exported(stub: pb_grpc.MemoryServiceStub, sid: str, metadata=()) -> tuple:  # noqa: ANN001
+def exported(stub: pb_grpc.MemoryServiceStub, sid: str, metadata=()) -> tuple:
     return canon(export_bytes(stub, sid, metadata))

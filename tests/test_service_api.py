@@ -17,6 +17,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from memoryd_sdk._proto import memoryd_pb2 as pb
 from service_fixtures import (  # noqa: F401 (fixtures)
     ROOT,
     Daemon,
@@ -31,8 +32,6 @@ from service_fixtures import (  # noqa: F401 (fixtures)
     tiny_checkpoint,
     tiny_model,
 )
-
-from memoryd_sdk._proto import memoryd_pb2 as pb
 
 ALICE, BOB = auth_md("tok-alice"), auth_md("tok-bob")
 V = 258  # tiny preset vocabulary
@@ -80,14 +79,14 @@ def rand_pieces(rng: random.Random, n: int, lo: int = 1, hi: int = 20) -> list[l
     return [[rng.randrange(256) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
-def new_session(stub, pieces: list[list[int]], md=ALICE, sid: str = "") -> str:  # noqa: ANN001
+def new_session(stub, pieces: list[list[int]], md=ALICE, sid: str = "") -> str:
     s = stub.CreateSession(pb.CreateSessionRequest(session_id=sid), metadata=md)
     for p in pieces:
         stub.Append(pb.AppendRequest(session_id=s.session_id, tokens=p), metadata=md)
     return s.session_id
 
 
-def code_of(fn) -> grpc.StatusCode:  # noqa: ANN001
+def code_of(fn) -> grpc.StatusCode:
     try:
         r = fn()
         if hasattr(r, "__next__"):  # server streaming: errors come while reading
@@ -100,7 +99,7 @@ def code_of(fn) -> grpc.StatusCode:  # noqa: ANN001
 # -- operations ---------------------------------------------------------------------------------
 
 
-def test_health_reflection_metrics(daemon: Daemon, stub) -> None:  # noqa: ANN001
+def test_health_reflection_metrics(daemon: Daemon, stub) -> None:
     h = health_pb2_grpc.HealthStub(daemon.channel())
     for name in ("", "memoryd.v1.MemoryService"):
         assert h.Check(health_pb2.HealthCheckRequest(service=name)).status == health_pb2.HealthCheckResponse.SERVING
@@ -122,7 +121,7 @@ def test_health_reflection_metrics(daemon: Daemon, stub) -> None:  # noqa: ANN00
     assert '"call": "ListSessions", "code": "OK"' in log  # one structured line per call
 
 
-def test_auth_required(stub) -> None:  # noqa: ANN001
+def test_auth_required(stub) -> None:
     req = pb.ListSessionsRequest()
     assert code_of(lambda: stub.ListSessions(req)) == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(lambda: stub.ListSessions(req, metadata=auth_md("nope"))) == grpc.StatusCode.UNAUTHENTICATED
@@ -130,7 +129,7 @@ def test_auth_required(stub) -> None:  # noqa: ANN001
     assert code_of(lambda: stub.ListSessions(req, metadata=bad)) == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_session_lifecycle(stub, tiny_model) -> None:  # noqa: ANN001 F811
+def test_session_lifecycle(stub, tiny_model) -> None:  # noqa: F811
     s = stub.CreateSession(pb.CreateSessionRequest(session_id="life", metadata={"agent": "a1"}), metadata=ALICE)
     assert (s.session_id, s.offset, s.tenant, dict(s.metadata)) == ("life", 0, "alice", {"agent": "a1"})
     assert s.model_digest.startswith("sha256:")
@@ -176,7 +175,7 @@ def test_session_lifecycle(stub, tiny_model) -> None:  # noqa: ANN001 F811
     stub.DeleteSession(pb.DeleteSessionRequest(session_id=auto.session_id), metadata=ALICE)
 
 
-def test_list_pages(stub) -> None:  # noqa: ANN001
+def test_list_pages(stub) -> None:
     md = auth_md("tok-bob")
     ids = [f"page-{i:02d}" for i in range(7)]
     for sid in ids:
@@ -194,7 +193,7 @@ def test_list_pages(stub) -> None:  # noqa: ANN001
         stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=md)
 
 
-def test_append_exactly_once(stub) -> None:  # noqa: ANN001
+def test_append_exactly_once(stub) -> None:
     sid = new_session(stub, [])
     req = pb.AppendRequest(session_id=sid, tokens=[10, 11, 12], expected_offset=0, append_id="once")
     a = stub.Append(req, metadata=ALICE)
@@ -219,9 +218,9 @@ def test_append_exactly_once(stub) -> None:  # noqa: ANN001
 VICTIM = "victim"
 
 
-def _bad_cases():  # noqa: ANN202
-    A = lambda **kw: pb.AppendRequest(session_id=VICTIM, **kw)  # noqa: N806
-    G = lambda **kw: pb.GenerateRequest(session_id=VICTIM, **{"max_tokens": 4, **kw})  # noqa: N806
+def _bad_cases():
+    A = lambda **kw: pb.AppendRequest(session_id=VICTIM, **kw)
+    G = lambda **kw: pb.GenerateRequest(session_id=VICTIM, **{"max_tokens": 4, **kw})
     IA, NF, AE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS
     RE, AB, FP = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION
     return [
@@ -302,14 +301,14 @@ def _import_stream(kind: str, export: list[pb.SessionChunk]) -> list[pb.SessionC
 
 
 @pytest.fixture(scope="module")
-def victim(stub):  # noqa: ANN001 ANN201
+def victim(stub):
     new_session(stub, [], sid=VICTIM)
     stub.Append(pb.AppendRequest(session_id=VICTIM, tokens=list(range(37)), append_id="seed"), metadata=ALICE)
     return list(stub.ExportSession(pb.ExportSessionRequest(session_id=VICTIM), metadata=ALICE))
 
 
 @pytest.mark.parametrize(("name", "method", "request_", "code"), _bad_cases(), ids=[c[0] for c in _bad_cases()])
-def test_bad_input(stub, victim, name, method, request_, code) -> None:  # noqa: ANN001
+def test_bad_input(stub, victim, name, method, request_, code) -> None:
     before = exported(stub, VICTIM, ALICE)
     call = getattr(stub, method)
     if method == "ImportSession":
@@ -330,7 +329,7 @@ def test_bad_input(stub, victim, name, method, request_, code) -> None:  # noqa:
 # -- generate -------------------------------------------------------------------------------------
 
 
-def test_generate_commit_false_changes_nothing(stub) -> None:  # noqa: ANN001
+def test_generate_commit_false_changes_nothing(stub) -> None:
     sid = new_session(stub, rand_pieces(random.Random(1), 5))
     before = exported(stub, sid, ALICE)
     for kw in ({}, {"prompt_text": "a prompt"}, {"temperature": 1.0, "top_p": 0.9, "top_k": 20, "seed": 7}):
@@ -343,7 +342,7 @@ def test_generate_commit_false_changes_nothing(stub) -> None:  # noqa: ANN001
     assert a == b, "a seed repeats a sampled generation"
 
 
-def test_generate_commit_equals_append(stub, tiny_model) -> None:  # noqa: ANN001 F811
+def test_generate_commit_equals_append(stub, tiny_model) -> None:  # noqa: F811
     pieces = rand_pieces(random.Random(2), 4)
     a = new_session(stub, pieces)
     b = stub.ForkSession(pb.ForkSessionRequest(session_id=a), metadata=ALICE).session_id
@@ -379,7 +378,7 @@ def test_generate_commit_equals_append(stub, tiny_model) -> None:  # noqa: ANN00
     assert len(again) == 1 and again[0].duplicate and again[0].offset == evs[-1].offset
 
 
-def test_generate_stops(stub) -> None:  # noqa: ANN001
+def test_generate_stops(stub) -> None:
     sid = new_session(stub, rand_pieces(random.Random(3), 3))
     out = [
         t for e in stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=10), metadata=ALICE) for t in e.tokens
@@ -401,7 +400,7 @@ def test_generate_stops(stub) -> None:  # noqa: ANN001
 # -- fork -----------------------------------------------------------------------------------------
 
 
-def test_fork_diverges(stub, tiny_model) -> None:  # noqa: ANN001 F811
+def test_fork_diverges(stub, tiny_model) -> None:  # noqa: F811
     rng = random.Random(4)
     base = rand_pieces(rng, 6)
     a = new_session(stub, base)
@@ -425,7 +424,7 @@ def test_fork_diverges(stub, tiny_model) -> None:  # noqa: ANN001 F811
     assert_same_state(state_tensors(tiny_model, export_bytes(stub, "fork-b", ALICE)), ref)
 
 
-def test_fork_costs_constant_redis_bytes(stub, redis_mod: RedisServer) -> None:  # noqa: ANN001
+def test_fork_costs_constant_redis_bytes(stub, redis_mod: RedisServer) -> None:
     r = redis_mod.client()
     rng = random.Random(5)
     costs = {}
@@ -450,10 +449,10 @@ def test_fork_costs_constant_redis_bytes(stub, redis_mod: RedisServer) -> None: 
 # -- tenants --------------------------------------------------------------------------------------
 
 
-def test_tenants_walled_off(stub, tiny_model) -> None:  # noqa: ANN001 F811
+def test_tenants_walled_off(stub, tiny_model) -> None:  # noqa: F811
     sid = new_session(stub, [[1, 2, 3, 4, 5]], sid="secret")
     before = exported(stub, sid, ALICE)
-    NF = grpc.StatusCode.NOT_FOUND  # noqa: N806
+    NF = grpc.StatusCode.NOT_FOUND
     calls = [
         lambda: stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=BOB),
         lambda: stub.Append(pb.AppendRequest(session_id=sid, tokens=[1]), metadata=BOB),
@@ -479,7 +478,7 @@ def test_tenants_walled_off(stub, tiny_model) -> None:  # noqa: ANN001 F811
 # -- concurrency ----------------------------------------------------------------------------------
 
 
-def test_32_concurrent_sessions_equal_sequential(stub, tiny_model) -> None:  # noqa: ANN001 F811
+def test_32_concurrent_sessions_equal_sequential(stub, tiny_model) -> None:  # noqa: F811
     rng = random.Random(6)
     work = {f"cc-{i}": rand_pieces(rng, 6, 1, 24) for i in range(32)}
     for sid in work:
@@ -510,7 +509,7 @@ def test_32_concurrent_sessions_equal_sequential(stub, tiny_model) -> None:  # n
 # -- export / import ------------------------------------------------------------------------------
 
 
-def test_export_import_roundtrip(stub, tiny_model) -> None:  # noqa: ANN001 F811
+def test_export_import_roundtrip(stub, tiny_model) -> None:  # noqa: F811
     sid = new_session(stub, rand_pieces(random.Random(7), 5), sid="exp")
     chunks = list(stub.ExportSession(pb.ExportSessionRequest(session_id=sid, chunk_bytes=4096), metadata=ALICE))
     assert chunks[0].WhichOneof("chunk") == "header" and len(chunks) > 3
