@@ -67,7 +67,12 @@ class Hot:
     snap_pos: int
     """Offset of the newest published snapshot (or 0: none)."""
     snap_steps: int
+    nbytes: int = 0
+    """state.nbytes(), kept up to date on every swap (the LRU's byte count)."""
     touched: float = field(default_factory=time.monotonic)
+
+    def set_state(self, state: StreamState) -> None:
+        self.state, self.nbytes = state, state.nbytes()
 
 
 @dataclass
@@ -146,7 +151,7 @@ class Sessions:
         return lk
 
     def hot_bytes(self) -> int:
-        return sum(h.state.nbytes() for h in self._hot.values())
+        return sum(h.nbytes for h in self._hot.values())
 
     def _update_gauges(self) -> None:
         metrics.SESSIONS_HOT.set(len(self._hot))
@@ -218,6 +223,7 @@ class Sessions:
             raise DataLoss(f"session {sid!r}: rebuilt state is at {state.position}, the head says {head.offset}")
         snap_steps = max(0, (head.snap_off - 1) // self.b) if head.snap else 0
         hot = Hot(state=state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
+        hot.set_state(state)
         self._hot[key] = hot
         self._update_gauges()
         self._spawn(self._enforce_budget(key))
@@ -276,7 +282,7 @@ class Sessions:
                 break
             if key == keep or key not in self._hot:
                 continue
-            total -= self._hot[key].state.nbytes()
+            total -= self._hot[key].nbytes
             await self._evict(key)
 
     async def maintain_forever(self) -> None:
@@ -365,7 +371,8 @@ class Sessions:
             async with self._redis(key):
                 code, offset = await self.store.reset(tenant, sid, hot.fence, expected)
             self._check_code(key, code, offset)
-            hot.state, hot.gen, hot.snap_pos, hot.snap_steps = StreamState.fresh(self.model), hot.gen + 1, 0, 0
+            hot.set_state(StreamState.fresh(self.model))
+            hot.gen, hot.snap_pos, hot.snap_steps = hot.gen + 1, 0, 0
             async with self._redis():
                 head = await self.store.head(tenant, sid)
         if head is None:
@@ -422,10 +429,12 @@ class Sessions:
         async with self._redis(key):
             res = await self.store.append(tenant, sid, hot.fence, hot.state.position, pieces, append_id)
         if res.status == "ok":
-            hot.state = new
+            hot.set_state(new)
             self._hot.move_to_end(key)
             if new.steps - hot.snap_steps >= self.s.snapshot_interval:
                 self._spawn(self._periodic_snapshot(key))
+            if self.hot_bytes() > self.s.memory_budget:
+                self._spawn(self._enforce_budget(key))
             self._update_gauges()
             return res
         self.drop(key)  # the hot copy and Redis disagree: reload on the next call

