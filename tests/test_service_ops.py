@@ -185,12 +185,9 @@ def test_tls(tmp_path: Path, tiny_checkpoint: Path, redis_server) -> None:  # no
     if not shutil.which("openssl"):
         pytest.skip("openssl is not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
-        + ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
+    args = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    args += ["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(args, check=True, capture_output=True)
     d = Daemon(tmp_path / "d", tiny_checkpoint, redis_server.url, "--tls-cert", str(cert), "--tls-key", str(key))
     d.start(wait=False)
     try:
