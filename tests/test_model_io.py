@@ -106,7 +106,7 @@ def test_checkpoint_bad_config_is_named(tmp_path, model):
     (ck / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         load_checkpoint(ck)
-    with pytest.raises(CheckpointError, match="config.json is missing"):
+    with pytest.raises(CheckpointError, match=r"config\.json is missing"):
         load_checkpoint(tmp_path / "nowhere")
 
 
@@ -156,7 +156,7 @@ def test_empty_state_round_trips(model):
 def test_truncated_snapshot_is_refused(model, state):
     data = state_to_bytes(state)
     for cut in (0, 5, 100, len(data) // 2, len(data) - 1):
-        with pytest.raises(SnapshotError, match="truncated|corrupted"):
+        with pytest.raises(SnapshotError, match=r"truncated|corrupted"):
             state_from_bytes(model, data[:cut])
 
 
@@ -232,9 +232,9 @@ def _unpickling_uses(path: Path) -> list[str]:
             if name in {"torch.load", "torch.jit.load"}:
                 found.append(name)
             for kw in node.keywords:
-                if kw.arg in {"allow_pickle", "weights_only"} and isinstance(kw.value, ast.Constant):
-                    if (kw.arg == "allow_pickle") == bool(kw.value.value):
-                        found.append(f"{name}({kw.arg}={kw.value.value})")
+                unsafe = isinstance(kw.value, ast.Constant) and (kw.arg == "allow_pickle") == bool(kw.value.value)
+                if kw.arg in {"allow_pickle", "weights_only"} and unsafe:
+                    found.append(f"{name}({kw.arg}={kw.value.value})")
     return [f"{path.relative_to(REPO)}: {f}" for f in found]
 
 
