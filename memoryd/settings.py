@@ -66,7 +66,9 @@ class Settings(BaseSettings):
     max_import_bytes: int = Field(4 * 1024**3, ge=1, description="largest session export accepted by import")
     snapshot_chunk_bytes: int = Field(4 * 1024**2, ge=1024, description="snapshot chunk size in Redis")
     compute_threads: int = Field(1, ge=1, description="worker threads running model compute")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    torch_threads: int = Field(
+        1, ge=0, description="torch intra-op threads (0: torch's default; more than 1 only on a dedicated machine)"
+    )
     redis_timeout: float = Field(5.0, gt=0, description="seconds before a Redis call counts as failed")
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight calls get on SIGTERM")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
