@@ -13,6 +13,7 @@ import torch
 
 from model.checkpoint import CheckpointError, init_model, load_checkpoint, save_checkpoint
 from model.config import PRESETS, ModelConfig, preset
+from model.convert import add_convert_command
 from model.score import score_tokens
 from model.state import InputError
 from model.tokenizer import load_tokenizer
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inner-lr", type=float, default=None, help="override the test-time step size (0: TTT off)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.set_defaults(fn=cmd_score)
+
+    add_convert_command(sub)
     return p
 
 
