@@ -70,6 +70,9 @@ class Hot:
     nbytes: int = 0
     """state.nbytes(), kept up to date on every swap (the LRU's byte count)."""
     touched: float = field(default_factory=time.monotonic)
+    """When its Redis keys' TTLs were last refreshed."""
+    used: float = field(default_factory=time.monotonic)
+    """When a call last used it (idle sessions expire: only use refreshes TTLs)."""
 
     def set_state(self, state: StreamState) -> None:
         self.state, self.nbytes = state, state.nbytes()
@@ -196,6 +199,7 @@ class Sessions:
         hot = self._hot.get(key)
         if hot is not None:
             self._hot.move_to_end(key)
+            hot.used = time.monotonic()
             return hot
         tenant, sid = key
         async with self._redis():
@@ -287,26 +291,35 @@ class Sessions:
 
     async def maintain_forever(self) -> None:
         """Renew leases, refresh TTLs: what a hot session needs while it sits in memory."""
-        every = max(0.2, self.s.lease_seconds / 3)
+        every = max(0.2, min(self.s.lease_seconds / 3, self.s.ttl_seconds / 4 or 60.0))
         while True:
             await asyncio.sleep(every)
-            keys = list(self._hot)
             try:
+                if self.s.ttl_seconds:
+                    await self._refresh_ttls(list(self._hot))
+                keys = list(self._hot)
                 ok = await self.store.renew_leases(keys, self.owner, self.s.lease_seconds)
                 for key, fine in zip(keys, ok, strict=True):
                     if not fine:
                         log.warning("lost the lease of %s; dropping it", key)
                         self.drop(key)
-                if self.s.ttl_seconds:
-                    now = time.monotonic()
-                    for key in keys:
-                        hot = self._hot.get(key)
-                        if hot is not None and now - hot.touched > min(60.0, self.s.ttl_seconds / 4):
-                            hot.touched = now
-                            await self.store.touch(*key)
                 metrics.SESSIONS_STORED.set(await self.store.count_sessions())
             except redis_errors() as e:
                 log.warning("session maintenance: Redis unavailable (%s)", e)
+
+    async def _refresh_ttls(self, keys: list[Key]) -> None:
+        """Used sessions get their TTL (snapshot keys included) refreshed; idle ones are let go."""
+        now, ttl = time.monotonic(), self.s.ttl_seconds
+        for key in keys:
+            hot = self._hot.get(key)
+            if hot is None:
+                continue
+            if now - hot.used > ttl:  # expired in Redis by now: forget it, do not resurrect it
+                self.drop(key)
+                await self.store.renew_leases([key], self.owner, 0)
+            elif hot.used > hot.touched and now - hot.touched > min(60.0, ttl / 4):
+                hot.touched = now
+                await self.store.touch(*key)
 
     async def flush(self) -> None:
         """Snapshot every hot session and release its lease (SIGTERM)."""
@@ -343,8 +356,10 @@ class Sessions:
             hot = await self._load(key)
             async with self._redis():
                 head = await self.store.head(tenant, sid)
-        if head is None:
+        if head is None:  # expired or deleted under us: let go of it, lease included
             self.drop(key)
+            async with self._redis():
+                await self.store.renew_leases([key], self.owner, 0)
             raise NotFound(f"session {sid!r} does not exist")
         return self._info(head, hot)
 

@@ -207,3 +207,31 @@ def test_tls(tmp_path: Path, tiny_checkpoint: Path, redis_server) -> None:  # no
             pb_grpc.MemoryServiceStub(ch).GetSession(pb.GetSessionRequest(session_id="tls"), timeout=2)
     finally:
         d.close()
+
+
+def test_idle_sessions_expire(tmp_path: Path, tiny_checkpoint: Path, redis_server) -> None:  # noqa: F811
+    d = Daemon(tmp_path / "d", tiny_checkpoint, redis_server.url, "--ttl-seconds", "2", "--snapshot-interval", "1")
+    d.start()
+    try:
+        stub = d.stub()
+        for sid in ("idle", "busy"):
+            stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+            stub.Append(pb.AppendRequest(session_id=sid, tokens=list(range(40))))  # a few snapshots too
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4.0:
+            stub.Append(pb.AppendRequest(session_id="busy", tokens=[7]))
+            time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetSession(pb.GetSessionRequest(session_id="idle"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        names = [s.session_id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions]
+        assert names == ["busy"]
+        # the busy one is whole: its snapshot (written seconds ago) was kept alive with it
+        r = redis.Redis(port=redis_server.port)
+        snap = r.hget("md:s:{default/busy}:h", "snap").decode()
+        assert snap and r.exists(f"md:snap:{snap}:m", f"md:snap:{snap}:c:0") == 2
+        assert 0 < r.pttl(f"md:snap:{snap}:c:0") <= 2000
+        leftovers = [k for k in redis.Redis(port=redis_server.port).scan_iter("*") if b"idle" in k]
+        assert leftovers == []
+    finally:
+        d.close()
