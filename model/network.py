@@ -80,7 +80,12 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, past: KV | None, start: int, impl: AttnImpl) -> tuple[torch.Tensor, KV]:
-        """x [B, n, d] at positions [start, start+n); past covers the keys just before."""
+        """x [B, n, d] at positions [start, start+n); past covers the keys just before.
+
+        Returns the output and the keys/values attended over (past then new): the
+        concatenation attention needs anyway, so a caller keeping a growing cache
+        reuses it instead of copying the cache again.
+        """
         cfg = self.cfg
         b, n, _ = x.shape
         q = self.q(x).view(b, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -93,7 +98,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = (k, v) if past is None else (torch.cat((past[0], k), 2), torch.cat((past[1], v), 2))
         out = attend(q, keys, values, start, cfg.window_size, impl)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1)), (k, v)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1)), (keys, values)
 
 
 class Block(nn.Module):
@@ -128,6 +133,7 @@ class Block(nn.Module):
         fast: Sequence[torch.Tensor] | None,
         impl: AttnImpl,
     ) -> tuple[torch.Tensor, KV]:
+        """Returns the new hidden state and the keys/values attended over (past + new)."""
         a, kv = self.attn(self.attn_norm(h), past, start, impl)
         h = self._residual(h, a, self.attn_post_norm)
         if self.has_fast:
@@ -193,13 +199,16 @@ class TTTModel(nn.Module):
         start: int,
         fast: Mapping[str, torch.Tensor] | None,
         impl: AttnImpl,
+        full: bool = False,
     ) -> tuple[torch.Tensor, list[KV]]:
         """Run blocks `layers` on h [B, n, d] at positions [start, start+n).
 
         `past[j]` is the key/value cache of `layers[j]` (or None); returns the hidden
-        state and each layer's new keys/values (for the n new tokens only).
+        state and each layer's new keys/values: for the n new tokens only, or with
+        `full` the past followed by the new ones (no extra copy).
         """
-        new_kv: list[KV] = []
+        n = h.shape[1]
+        out_kv: list[KV] = []
         for j, i in enumerate(layers):
             block = self.blocks[i]
             theta = None
@@ -207,9 +216,9 @@ class TTTModel(nn.Module):
                 if fast is None:
                     raise ValueError(f"block {i} has a fast MLP: pass its fast weights")
                 theta = [fast[f"blocks.{i}.fast_mlp.{p}.weight"] for p in FAST_PARTS]
-            h, kv = block(h, past[j], start, theta, impl)
-            new_kv.append(kv)
-        return h, new_kv
+            h, (k, v) = block(h, past[j], start, theta, impl)
+            out_kv.append((k, v) if full else (k[:, :, -n:], v[:, :, -n:]))
+        return h, out_kv
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: logits in float32 (or float64 for a float64 model)."""

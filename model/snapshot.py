@@ -14,7 +14,7 @@ import struct
 import safetensors.torch
 import torch
 
-from model.cache import cache_keep
+from model.cache import cache_keep, join
 from model.checkpoint import digest_of
 from model.network import TTTModel
 from model.state import StreamState
@@ -141,6 +141,7 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
         return n if keep is None else min(n, keep)
 
     state.kv = [cache(f"kv.{i}", clip(steps * b)) for i in range(cfg.num_layers)]
-    state.pending_kv = [cache(f"pending_kv.{i}", q) for i in range(cfg.num_layers)]
+    pending = [cache(f"pending_kv.{i}", q) for i in range(cfg.num_layers)]
+    state.live_kv = [p if c is None or p is None else join(c, p) for c, p in zip(state.kv, pending, strict=True)]
     _expect(not t, f"unexpected tensors {sorted(t)}")
     return state

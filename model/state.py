@@ -13,7 +13,7 @@ model.md, "Streaming equals one shot").  How it stays exact:
   (theta, caches) is computed on the same shapes however the tokens arrived, and
   is bit-for-bit independent of the chunking.
 - Tokens still waiting for their mini-batch run through the network with the
-  current theta as they arrive (`pending_kv`, `pending_out`), so they are visible
+  current theta as they arrive (`live_kv`, `pending_out`), so they are visible
   to attention and the next-token logits are known.  This provisional work is
   thrown away at the next step, so its rounding never accumulates.
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model.attention import AttnImpl, default_impl
-from model.cache import cache_keep, extend, extend_all, join
+from model.cache import cache_keep, extend_all
 from model.inner import minibatch_step
 from model.network import KV, TTTModel, upcast
 
@@ -74,8 +74,10 @@ class StreamState:
     """Per layer: keys/values of the stepped positions (< steps * b), the last window - 1."""
     pending_tokens: torch.Tensor
     """[p] ids at positions [steps * b, position)."""
-    pending_kv: list[KV | None]
-    """Per layer: keys/values of the first q pending tokens under the current theta."""
+    live_kv: list[KV | None]
+    """Per layer: `kv` followed by the keys/values of the first q pending tokens under the
+    current theta (None while q = 0); what the next token attends over, kept whole so a
+    decoded token costs one copy of the window, not two."""
     pending_out: torch.Tensor
     """[1, q, d] final hidden states of the first q pending tokens under the current theta."""
     position: int = 0
@@ -96,7 +98,7 @@ class StreamState:
             fast=fast,
             kv=[None] * cfg.num_layers,
             pending_tokens=torch.zeros(0, dtype=torch.int64, device=device),
-            pending_kv=[None] * cfg.num_layers,
+            live_kv=[None] * cfg.num_layers,
             pending_out=torch.zeros(1, 0, cfg.hidden_size, dtype=dtype, device=device),
             inner_lr=cfg.inner_lr if inner_lr is None else inner_lr,
             impl=impl or default_impl(device),
@@ -104,7 +106,7 @@ class StreamState:
 
     def clone(self) -> StreamState:
         """An independent copy that shares tensors (they are never written in place)."""
-        return replace(self, fast=dict(self.fast), kv=list(self.kv), pending_kv=list(self.pending_kv))
+        return replace(self, fast=dict(self.fast), kv=list(self.kv), live_kv=list(self.live_kv))
 
     # -- reading tokens ----------------------------------------------------------------------
 
@@ -147,7 +149,7 @@ class StreamState:
         report.steps += 1
         self.steps += 1
         self.pending_tokens = self.pending_tokens[b:]
-        self.pending_kv = [None] * cfg.num_layers
+        self.live_kv = [None] * cfg.num_layers
         self.pending_out = self.pending_out[:, :0]
 
     def _refresh_pending(self) -> None:
@@ -157,11 +159,10 @@ class StreamState:
         if todo.numel() == 0:
             return
         model = self.model
-        past = [join(c, p) for c, p in zip(self.kv, self.pending_kv, strict=True)]
-        layers = range(model.cfg.num_layers)
+        past = [live if live is not None else c for live, c in zip(self.live_kv, self.kv, strict=True)]
         h = model.embed_tokens(todo[None])
-        h, new_kv = model.run_blocks(h, layers, past, self.position - todo.numel(), self.fast, self.impl)
-        self.pending_kv = [extend(p, n, None) for p, n in zip(self.pending_kv, new_kv, strict=True)]
+        start = self.position - todo.numel()
+        h, self.live_kv = model.run_blocks(h, range(model.cfg.num_layers), past, start, self.fast, self.impl, full=True)
         self.pending_out = torch.cat((self.pending_out, h), 1)
 
     # -- reading predictions -----------------------------------------------------------------
@@ -188,9 +189,10 @@ class StreamState:
         for i, c in enumerate(self.kv):
             if c is not None:
                 out[f"kv.{i}.k"], out[f"kv.{i}.v"] = c[0][0], c[1][0]
-        for j, c in enumerate(self.pending_kv):
-            if c is not None:
-                out[f"pending_kv.{j}.k"], out[f"pending_kv.{j}.v"] = c[0][0], c[1][0]
+        for i, (live, c) in enumerate(zip(self.live_kv, self.kv, strict=True)):
+            if live is not None:
+                n = 0 if c is None else c[0].shape[2]
+                out[f"pending_kv.{i}.k"], out[f"pending_kv.{i}.v"] = live[0][0, :, n:], live[1][0, :, n:]
         out["pending.tokens"] = self.pending_tokens
         out["pending.out"] = self.pending_out[0]
         return out
