@@ -321,8 +321,17 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 sid = check_session_id(r.session_id)
                 note(session=sid)
             elif r.session_id and r.session_id != sid:
-                raise InvalidArgument(f"message {n} names session {r.session_id!r}; this stream appends to {sid!r}")
-            out = await self._append_one(tenant, sid, r)
+                raise InvalidArgument(
+                    f"message {n} names session {r.session_id!r}; this stream appends to {sid!r}",
+                    offset=resp.offset if first is not None else None,
+                )
+            try:
+                out = await self._append_one(tenant, sid, r)
+            except ServiceError as e:  # the earlier messages stay applied: say where the session stands
+                if e.offset is None and first is not None:
+                    e.offset = resp.offset
+                note(messages=n)
+                raise
             first = out.start if first is None else first
             n += 1
             resp.offset, resp.pending_tokens = out.offset, out.pending

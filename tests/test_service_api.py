@@ -175,6 +175,23 @@ def test_session_lifecycle(stub, tiny_model) -> None:  # noqa: F811
     stub.DeleteSession(pb.DeleteSessionRequest(session_id=auto.session_id), metadata=ALICE)
 
 
+def test_append_stream_error_says_where_it_stopped(stub) -> None:
+    sid = new_session(stub, [[1, 2]])
+
+    def half_bad():
+        yield pb.AppendRequest(session_id=sid, tokens=[1], append_id="h1")
+        yield pb.AppendRequest(session_id=sid, tokens=[V])
+
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AppendStream(half_bad(), metadata=ALICE)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert dict(e.value.trailing_metadata())["memoryd-offset"] == "3"  # the first message landed
+    assert stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=ALICE).offset == 3
+    with pytest.raises(grpc.RpcError) as e:
+        stub.AppendStream(iter([]), metadata=ALICE)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_list_pages(stub) -> None:
     md = auth_md("tok-bob")
     ids = [f"page-{i:02d}" for i in range(7)]
@@ -440,6 +457,7 @@ def test_fork_costs_constant_redis_bytes(stub, redis_mod: RedisServer) -> None:
         assert all(f.session_id.encode() in k for k in new_keys), new_keys
         costs[size] = sum(after[k] for k in new_keys) + sum(after[k] - before[k] for k in before if k in after)
     snap_bytes = max(int(m) for m in (r.strlen(k) for k in r.scan_iter(match="md:snap:*:c:*")))
+    print(f"fork cost in Redis bytes: {costs}, one snapshot chunk: {snap_bytes}")
     # measured: a few KiB whatever the length (head + the log tail after the last snapshot)
     assert costs[4000] < 12_000 and costs[40] < 12_000, costs
     assert costs[4000] < snap_bytes / 4, (costs, snap_bytes)
