@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -561,3 +562,17 @@ def test_stubs_import_without_torch() -> None:
     env = child_env()
     env["PYTHONPATH"] = str(ROOT / "sdk")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd="/")
+
+
+def test_cancelled_commit_generation_commits_nothing(stub) -> None:
+    sid = new_session(stub, rand_pieces(random.Random(9), 3))
+    before = exported(stub, sid, ALICE)
+    call = stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=64, commit=True), metadata=ALICE)
+    first = next(call)
+    call.cancel()
+    rest = []
+    with pytest.raises(grpc.RpcError) as e:
+        rest = list(call)
+    assert e.value.code() == grpc.StatusCode.CANCELLED and not first.done and not rest
+    time.sleep(0.2)  # the server notices the cancellation at its next token
+    assert exported(stub, sid, ALICE) == before
