@@ -207,8 +207,10 @@ class Sessions:
             if lease.missing:
                 raise NotFound(f"session {sid!r} does not exist")
             if lease.fence is None:
+                await self.store.request_handoff(tenant, sid)
                 raise Unavailable(
-                    f"session {sid!r} is served by daemon {lease.holder} (lease expires in {lease.ttl_ms} ms); retry"
+                    f"session {sid!r} is served by daemon {lease.holder}; it was asked to hand the session over "
+                    f"(its lease ends within {lease.ttl_ms} ms at the latest): retry in a moment"
                 )
             head = await self.store.head(tenant, sid)
             if head is None:
@@ -290,14 +292,17 @@ class Sessions:
             await self._evict(key)
 
     async def maintain_forever(self) -> None:
-        """Renew leases, refresh TTLs: what a hot session needs while it sits in memory."""
-        every = max(0.2, min(self.s.lease_seconds / 3, self.s.ttl_seconds / 4 or 60.0))
+        """Renew leases, refresh TTLs, hand sessions over to daemons that ask (once a second at most)."""
+        every = max(0.2, min(1.0, self.s.lease_seconds / 3, self.s.ttl_seconds / 4 or 60.0))
         while True:
             await asyncio.sleep(every)
             try:
                 if self.s.ttl_seconds:
                     await self._refresh_ttls(list(self._hot))
                 keys = list(self._hot)
+                for key, wanted in zip(keys, await self.store.take_handoff_requests(keys), strict=True):
+                    if wanted:  # another daemon has a call for it: snapshot, drop, release
+                        self._spawn(self._evict(key))
                 ok = await self.store.renew_leases(keys, self.owner, self.s.lease_seconds)
                 for key, fine in zip(keys, ok, strict=True):
                     if not fine:

@@ -8,6 +8,7 @@ Layout (prefix `md`, `{t/s}` = tenant/session hash tag):
                               per piece the model read: {"o": start offset, "t": [ids]}
     md:s:{t/s}:ids     HASH   append_id -> "start,end,tokens-hash" (dedup of retries)
     md:s:{t/s}:lease   STRING the daemon serving the session (PX lease_seconds)
+    md:s:{t/s}:want    STRING another daemon asks for the session (it is written out and released)
     md:t:{tenant}:idx  ZSET   the tenant's session ids (for paged listing)
     md:snap:{id}:m     STRING snapshot manifest (JSON: size, sha256, chunk hashes, ...)
     md:snap:{id}:r     STRING how many heads point at the snapshot (forks share it)
@@ -470,6 +471,19 @@ class Store:
                 await self._renew(keys=[self._k(tenant, sid, "lease")], args=[owner, ms], client=pipe)
             res = await pipe.execute()
         return [bool(x) for x in res]
+
+    async def request_handoff(self, tenant: str, sid: str, seconds: float = 10.0) -> None:
+        """Ask the daemon holding the session's lease to write it out and let go of it."""
+        await self.r.set(self._k(tenant, sid, "want"), 1, px=int(seconds * 1000))
+
+    async def take_handoff_requests(self, sessions: list[tuple[str, str]]) -> list[bool]:
+        """Which of these sessions another daemon asked for (each request is consumed)."""
+        if not sessions:
+            return []
+        async with self.r.pipeline(transaction=False) as pipe:
+            for tenant, sid in sessions:
+                pipe.delete(self._k(tenant, sid, "want"))
+            return [bool(x) for x in await pipe.execute()]
 
     # -- snapshots ---------------------------------------------------------------------------
 

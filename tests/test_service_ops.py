@@ -151,6 +151,19 @@ def test_memory_budget_evicts_and_restores(tmp_path: Path, tiny_checkpoint: Path
         d.close()
 
 
+def _retry_append(d: Daemon, sid: str, tokens: list[int], expected: int, seconds: float = 10.0) -> tuple[int, int]:
+    """(offset, UNAVAILABLE answers before it landed)."""
+    deadline, refused = time.monotonic() + seconds, 0
+    while True:
+        try:
+            r = d.stub().Append(pb.AppendRequest(session_id=sid, tokens=tokens, expected_offset=expected), timeout=10)
+            return r.offset, refused
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, e
+            refused += 1
+            time.sleep(0.1)
+
+
 def test_lease_keeps_two_daemons_apart(tmp_path: Path, tiny_checkpoint: Path, tiny_model, redis_server) -> None:  # noqa: F811
     d1 = Daemon(tmp_path / "d1", tiny_checkpoint, redis_server.url, "--lease-seconds", "1.5")
     d2 = Daemon(tmp_path / "d2", tiny_checkpoint, redis_server.url, "--lease-seconds", "1.5")
@@ -163,19 +176,22 @@ def test_lease_keeps_two_daemons_apart(tmp_path: Path, tiny_checkpoint: Path, ti
         with pytest.raises(grpc.RpcError) as e:
             d2.stub().Append(pb.AppendRequest(session_id="shared", tokens=[4]))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "served by daemon" in e.value.details()
-        d1.kill(signal.SIGTERM)  # flushes and releases its lease
-        r = d2.stub().Append(pb.AppendRequest(session_id="shared", tokens=[4], expected_offset=3))
-        assert r.offset == 4
-        ref = reference_state(tiny_model, [[1, 2, 3], [4]])
-        assert_same_state(state_tensors(tiny_model, export_bytes(d2.stub(), "shared")), ref)
-        # fencing: d1 comes back and takes the session; d2's next write is refused, never interleaved
-        d1.start()
-        redis.Redis(port=redis_server.port).delete("md:s:{default/shared}:lease")  # as if d2's lease expired
-        assert d1.stub().Append(pb.AppendRequest(session_id="shared", tokens=[5], expected_offset=4)).offset == 5
+        # d2 asked for it: d1 writes it out and lets go; a retry through d2 lands (and back again)
+        assert _retry_append(d2, "shared", [4], 3)[0] == 4
+        off, refused = _retry_append(d1, "shared", [5], 4)
+        assert off == 5 and refused >= 1
+        ref = reference_state(tiny_model, [[1, 2, 3], [4], [5]])
+        assert_same_state(state_tensors(tiny_model, export_bytes(d1.stub(), "shared")), ref)
+        # fencing: d1's lease vanishes (as if it expired during a pause) and d2 takes the session;
+        # d1 can no longer write it, so the two never interleave
+        redis.Redis(port=redis_server.port).delete("md:s:{default/shared}:lease")
+        assert _retry_append(d2, "shared", [6], 5)[0] == 6
         with pytest.raises(grpc.RpcError) as e:
-            d2.stub().Append(pb.AppendRequest(session_id="shared", tokens=[6]))
+            d1.stub().Append(pb.AppendRequest(session_id="shared", tokens=[7]))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert d1.stub().GetSession(pb.GetSessionRequest(session_id="shared")).offset == 5
+        assert _retry_append(d1, "shared", [7], 6)[0] == 7
+        ref = reference_state(tiny_model, [[1, 2, 3], [4], [5], [6], [7]])
+        assert_same_state(state_tensors(tiny_model, export_bytes(d1.stub(), "shared")), ref)
     finally:
         d1.close()
         d2.close()
