@@ -79,7 +79,9 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
     return proc, port
 
 
-def start_daemon(workdir: Path, ckpt: Path, redis_port: int, torch_threads: int) -> tuple[subprocess.Popen, str]:
+def start_daemon(
+    workdir: Path, ckpt: Path, redis_port: int, torch_threads: int, compute_threads: int
+) -> tuple[subprocess.Popen, str]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     address = f"127.0.0.1:{free_port()}"
@@ -87,6 +89,8 @@ def start_daemon(workdir: Path, ckpt: Path, redis_port: int, torch_threads: int)
     args = [sys.executable, "-m", "memoryd", "serve", "--listen", address, "--metrics-port", "0"]
     args += ["--checkpoint", str(ckpt), "--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
     args += ["--data-dir", str(workdir), "--torch-threads", str(torch_threads), "--log-level", "WARNING"]
+    if compute_threads:
+        args += ["--compute-threads", str(compute_threads)]
     log = open(workdir / "memoryd.log", "ab")  # noqa: SIM115 (the child owns it)
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
     with grpc.insecure_channel(address) as ch:
@@ -206,6 +210,7 @@ def main() -> int:
     p.add_argument("--appends", type=int, default=12, help="appends per session per level")
     p.add_argument("--piece-tokens", type=int, default=64, help="tokens per append")
     p.add_argument("--torch-threads", type=int, default=1, help="daemon's torch threads (0: torch default)")
+    p.add_argument("--compute-threads", type=int, default=0, help="daemon's compute threads (0: its default)")
     p.add_argument("--snapshot-repeats", type=int, default=5)
     args = p.parse_args()
 
@@ -219,7 +224,7 @@ def main() -> int:
             save_checkpoint(init_model(preset(args.preset), seed=0), ckpt)
         model = load_checkpoint(ckpt)
         redis_proc, redis_port = start_redis(work)
-        daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads)
+        daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads, args.compute_threads)
         levels = [
             asyncio.run(bench_appends(address, int(n), args.appends, args.piece_tokens, model.cfg.vocab_size))
             for n in args.levels.split(",")
@@ -241,6 +246,8 @@ def main() -> int:
                 "python": platform.python_version(),
                 "torch": torch.__version__,
                 "redis_fsync": "always",
+                "daemon_torch_threads": args.torch_threads,
+                "daemon_compute_threads": args.compute_threads or "default",
             },
         }
     finally:

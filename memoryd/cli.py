@@ -31,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memoryd: bad configuration: {e}", file=sys.stderr)
         return 2
     from memoryd.server import serve, setup_logging  # torch is imported only once the config is good
+    from model import CheckpointError
 
     setup_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
-    except RedisNotFound as e:
+    except (RedisNotFound, CheckpointError, OSError, ValueError, RuntimeError) as e:
+        # startup problems a person fixes (bad checkpoint, missing TLS file, no redis-server): one line
         print(f"memoryd: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
