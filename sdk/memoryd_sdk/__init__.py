@@ -1,4 +1,87 @@
-"""memoryd SDK: a Python client of the memoryd gRPC service (importable without torch).
+"""memoryd SDK: a Python client of the memoryd gRPC service (grpcio + protobuf only; no torch).
 
+    from memoryd_sdk import MemoryClient
+    with MemoryClient("127.0.0.1:50051") as client:
+        s = client.create_session(metadata={"agent": "planner"})
+        s.add_message("user", "The launch moved to Thursday.")
+        print(s.chat("When is the launch?", max_tokens=32).text)
+
+Modules, one job each: `client` (the proto's calls, deadlines, retries), `session`
+(a session as an object: offsets, chat helpers), `aio` (both on asyncio), `generation`
+(a generation stream), `errors` (one exception per status), `types` (results),
+`retry`, `connection` (channels, TLS, tokens), `chat` (the turn template),
+`export_file` (an export as a file), `requests` (building the proto requests).
 The generated stubs live in `memoryd_sdk._proto` (regenerate with scripts/gen_proto.sh).
 """
+
+from memoryd_sdk.aio import AsyncGenerateStream, AsyncMemoryClient, AsyncSession
+from memoryd_sdk.chat import DEFAULT_TEMPLATE, ChatTemplate, PlainTemplate
+from memoryd_sdk.client import MemoryClient
+from memoryd_sdk.errors import (
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    MemorydError,
+    NotFound,
+    OffsetConflict,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from memoryd_sdk.export_file import ExportFormatError
+from memoryd_sdk.generation import GenerateStream
+from memoryd_sdk.retry import RetryPolicy
+from memoryd_sdk.session import Session
+from memoryd_sdk.types import (
+    AppendResult,
+    ChatReply,
+    ExportHeader,
+    FinishReason,
+    GenerateChunk,
+    GenerateResult,
+    SessionInfo,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "AlreadyExists",
+    "AppendResult",
+    "AsyncGenerateStream",
+    "AsyncMemoryClient",
+    "AsyncSession",
+    "Cancelled",
+    "ChatReply",
+    "ChatTemplate",
+    "DataLoss",
+    "DeadlineExceeded",
+    "ExportFormatError",
+    "ExportHeader",
+    "FailedPrecondition",
+    "FinishReason",
+    "GenerateChunk",
+    "GenerateResult",
+    "GenerateStream",
+    "Internal",
+    "InvalidArgument",
+    "MemoryClient",
+    "MemorydError",
+    "NotFound",
+    "OffsetConflict",
+    "PermissionDenied",
+    "PlainTemplate",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "Session",
+    "SessionInfo",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+]

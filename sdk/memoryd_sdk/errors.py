@@ -1,0 +1,171 @@
+"""One exception class per gRPC status memoryd returns, so agents catch what they can act on.
+
+`grpc.RpcError` says "something failed" and hides the code behind a method call; an agent
+wants `except OffsetConflict as e: resume_from(e.offset)`.  Every class keeps the server's
+message (it names the field and the limit) and, where the server sent one, the session's
+current offset from the trailing metadata `memoryd-offset`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+OFFSET_KEY = "memoryd-offset"
+
+
+class MemorydError(Exception):
+    """A failed memoryd call: `code` (grpc.StatusCode), `message`, and `offset` when the server sent one."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    retryable: bool = False
+    """Whether the SDK retries it on its own (only statuses where nothing changed, or the server dedups)."""
+
+    def __init__(self, message: str, offset: int | None = None, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.offset = offset
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        where = f" (session offset {self.offset})" if self.offset is not None else ""
+        return f"{self.code.name}: {self.message}{where}"
+
+
+class InvalidArgument(MemorydError):
+    """The request is malformed (bad id, token outside the vocabulary, bad sampling settings); nothing changed."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MemorydError):
+    """No such session in this tenant (or it expired); another tenant's session reads as this too."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(MemorydError):
+    """The session id is taken."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class OffsetConflict(MemorydError):
+    """ABORTED: the session is not at the offset this client expected (someone else appended or reset).
+
+    `offset` is the session's current offset, so the caller can re-read and decide; the
+    `Session` object has already moved its own `offset` there.
+    """
+
+    code = grpc.StatusCode.ABORTED
+
+
+class ResourceExhausted(MemorydError):
+    """Over a server limit (tokens per append, max_tokens, message size, sessions per tenant)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(MemorydError):
+    """The session (or an export) belongs to another model than the one this daemon serves."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unauthenticated(MemorydError):
+    """Auth is on and the bearer token is missing or unknown."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MemorydError):
+    """Not returned by memoryd today (other tenants' sessions read as NOT_FOUND); kept for proxies in front."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unavailable(MemorydError):
+    """Redis away, daemon shutting down or unreachable, or another daemon holds the lease; safe to retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    retryable = True
+
+
+class DeadlineExceeded(MemorydError):
+    """The per-call deadline passed; the call may or may not have landed (appends dedup on retry)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    retryable = True
+
+
+class Cancelled(MemorydError):
+    """The call was cancelled (by this client, or the server going away mid-call)."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+class Internal(MemorydError):
+    """A server bug; the message says what, and the session is unchanged."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class DataLoss(MemorydError):
+    """A stored snapshot or log entry failed its checksum."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
+class Unimplemented(MemorydError):
+    """The server does not know this call (an older daemon, or not memoryd at all)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MemorydError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        OffsetConflict,
+        ResourceExhausted,
+        FailedPrecondition,
+        Unauthenticated,
+        PermissionDenied,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Internal,
+        DataLoss,
+        Unimplemented,
+    )
+}
+
+
+def error_class(code: grpc.StatusCode) -> type[MemorydError]:
+    """The exception class of a status code (`MemorydError` itself for codes memoryd never sends)."""
+    return _BY_CODE.get(code, MemorydError)
+
+
+def _offset_of(metadata: Any) -> int | None:
+    for key, value in metadata or ():
+        if key == OFFSET_KEY:
+            try:
+                return int(value.decode() if isinstance(value, bytes) else value)
+            except ValueError:
+                return None
+    return None
+
+
+def from_rpc_error(e: grpc.RpcError) -> MemorydError:
+    """The typed exception of a grpc error (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
+    code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+    details = (e.details() if hasattr(e, "details") else None) or str(code.name)
+    trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    cls = error_class(code)
+    err = cls(details, offset=_offset_of(trailing), code=code)
+    err.__cause__ = e
+    return err

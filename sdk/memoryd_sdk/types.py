@@ -1,0 +1,182 @@
+"""Typed results: frozen dataclasses built from the proto messages (no pydantic: the SDK stays grpcio + protobuf).
+
+Protobuf messages are awkward to hold on to (mutable, `HasField`, Timestamps); agents
+want plain values they can log, compare and pass around.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from memoryd_sdk._proto import memoryd_pb2 as pb
+
+
+class FinishReason(enum.Enum):
+    """Why a generation stopped."""
+
+    UNSPECIFIED = pb.FINISH_REASON_UNSPECIFIED
+    LENGTH = pb.FINISH_REASON_LENGTH
+    """max_tokens were sampled."""
+    STOP_STRING = pb.FINISH_REASON_STOP_STRING
+    """A stop string appeared (the text is cut before it; its tokens are still reported and committed)."""
+    STOP_TOKEN = pb.FINISH_REASON_STOP_TOKEN
+    """A stop id or the model's end-of-sequence id was sampled."""
+
+
+def _time(ts: object) -> datetime | None:
+    if ts is None or (ts.seconds == 0 and ts.nanos == 0):  # type: ignore[attr-defined]
+        return None
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What the server says about a session (proto `Session`)."""
+
+    session_id: str
+    tenant: str
+    metadata: dict[str, str]
+    created_at: datetime | None
+    last_used_at: datetime | None
+    model_digest: str
+    offset: int
+    """Tokens committed so far."""
+    pending_tokens: int
+    """Tokens read but waiting for their mini-batch to fill."""
+    steps: int
+    state_bytes: int
+    hot: bool
+
+    @classmethod
+    def from_pb(cls, m: pb.Session) -> SessionInfo:
+        return cls(
+            session_id=m.session_id,
+            tenant=m.tenant,
+            metadata=dict(m.metadata),
+            created_at=_time(m.created_at),
+            last_used_at=_time(m.last_used_at),
+            model_digest=m.model_digest,
+            offset=m.offset,
+            pending_tokens=m.pending_tokens,
+            steps=m.steps,
+            state_bytes=m.state_bytes,
+            hot=m.hot,
+        )
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """Where an append (or a stream of them) landed."""
+
+    offset: int
+    """The session's offset afterwards."""
+    start_offset: int
+    tokens: int
+    steps: int
+    duplicate: bool
+    """True when the server had already applied it (a retry after a lost response): read once, not twice."""
+    pending_tokens: int
+    append_id: str = ""
+    """The append id the SDK sent (the first one, for a stream)."""
+
+    @classmethod
+    def from_pb(cls, m: pb.AppendResponse, append_id: str = "") -> AppendResult:
+        return cls(m.offset, m.start_offset, m.tokens, m.steps, m.duplicate, m.pending_tokens, append_id)
+
+
+@dataclass(frozen=True)
+class GenerateChunk:
+    """One message of a generation stream: the text and ids made since the previous one."""
+
+    text: str
+    tokens: tuple[int, ...]
+    done: bool = False
+    finish_reason: FinishReason = FinishReason.UNSPECIFIED
+    offset: int = 0
+    """Last chunk only: the session's offset afterwards."""
+    generated_tokens: int = 0
+    duplicate: bool = False
+
+    @classmethod
+    def from_pb(cls, m: pb.GenerateResponse) -> GenerateChunk:
+        return cls(
+            text=m.text,
+            tokens=tuple(m.tokens),
+            done=m.done,
+            finish_reason=FinishReason(m.finish_reason),
+            offset=m.offset,
+            generated_tokens=m.generated_tokens,
+            duplicate=m.duplicate,
+        )
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """A whole generation.
+
+    For `duplicate=True` (a retried committed generation that had already landed) the
+    server does not send the tokens again: `text`/`tokens` hold only what reached this
+    client before the connection dropped.
+    """
+
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: FinishReason
+    offset: int
+    generated_tokens: int
+    duplicate: bool = False
+    committed: bool = False
+
+    @classmethod
+    def collect(cls, chunks: list[GenerateChunk], committed: bool) -> GenerateResult:
+        last = chunks[-1] if chunks else GenerateChunk("", ())
+        return cls(
+            text="".join(c.text for c in chunks),
+            tokens=tuple(t for c in chunks for t in c.tokens),
+            finish_reason=last.finish_reason,
+            offset=last.offset,
+            generated_tokens=last.generated_tokens,
+            duplicate=last.duplicate,
+            committed=committed,
+        )
+
+
+@dataclass(frozen=True)
+class ExportHeader:
+    """What an export says about itself; import checks the bytes against `total_bytes` and `sha256`."""
+
+    session_id: str
+    metadata: dict[str, str]
+    model_digest: str
+    offset: int
+    total_bytes: int
+    sha256: str
+    format: str
+
+    @classmethod
+    def from_pb(cls, m: pb.ExportHeader) -> ExportHeader:
+        return cls(m.session_id, dict(m.metadata), m.model_digest, m.offset, m.total_bytes, m.sha256, m.format)
+
+    def to_pb(self) -> pb.ExportHeader:
+        return pb.ExportHeader(
+            session_id=self.session_id,
+            metadata=self.metadata,
+            model_digest=self.model_digest,
+            offset=self.offset,
+            total_bytes=self.total_bytes,
+            sha256=self.sha256,
+            format=self.format,
+        )
+
+
+@dataclass(frozen=True)
+class ChatReply:
+    """`Session.chat`'s answer: the reply text (turn marker cut off) and where the session now stands."""
+
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: FinishReason
+    offset: int
+    generation: GenerateResult = field(repr=False)
