@@ -311,6 +311,8 @@ class Sessions:
                 metrics.SESSIONS_STORED.set(await self.store.count_sessions())
             except redis_errors() as e:
                 log.warning("session maintenance: Redis unavailable (%s)", e)
+            except Exception:  # a bug here must not stop lease renewal for good
+                log.exception("session maintenance failed; trying again")
 
     async def _refresh_ttls(self, keys: list[Key]) -> None:
         """Used sessions get their TTL (snapshot keys included) refreshed; idle ones are let go."""
