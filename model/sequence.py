@@ -7,9 +7,19 @@ or a plain forward with theta_0 (`inner=False`: pretrain mode, and evaluation
 with TTT off).  With `create_graph=True` the returned loss is differentiable
 through every inner step into theta_0 and every static weight.
 
-It computes exactly what `StreamState.append` computes for one sequence (the
-tests hold the two together); the state adds pending tokens and snapshots, this
-adds batching and gradients.
+Each mini-batch is `inner.minibatch_step`, the very function `StreamState.append`
+runs, so this computes exactly what the streaming state computes for one
+sequence (the tests hold the two together); the state adds pending tokens and
+snapshots, this adds batching and gradients.
+
+`checkpoint=True` wraps each mini-batch's work in non-reentrant activation
+checkpointing: only its inputs (theta, the caches, the tokens) are kept for the
+backward pass and its activations, including the inner gradient graph, are
+recomputed then.  Memory then grows with T only through the caches and theta
+(a few tensors per mini-batch) instead of with T times the activations.
+Non-reentrant checkpointing supports the `autograd.grad(create_graph=True)`
+inside the step, and the recomputation is the same arithmetic, so gradients are
+identical with and without it (tests/test_trainer_sequence.py).
 """
 
 from __future__ import annotations
@@ -17,10 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from model.attention import AttnImpl, default_impl
 from model.cache import cache_keep, extend_all
-from model.inner import FastWeights, inner_step, masked_mean, suffix_loss, token_nll
+from model.inner import FastWeights, StepResult, minibatch_step
 from model.network import KV, TTTModel
 
 
@@ -48,10 +59,13 @@ def run_sequence(
     inner_lr: float | torch.Tensor | None = None,
     create_graph: bool = False,
     impl: AttnImpl | None = None,
+    checkpoint: bool = False,
 ) -> SequenceResult:
     """Run inputs [B, T] (T a multiple of the mini-batch size) and score targets [B, T].
 
     `mask` (default: targets != BOS) selects the positions that count in the loss.
+    `checkpoint` recomputes each mini-batch in the backward pass instead of storing
+    its activations (only useful when a backward pass follows).
     """
     cfg = model.cfg
     b = cfg.mini_batch_size
@@ -65,28 +79,29 @@ def run_sequence(
     lr = cfg.inner_lr if inner_lr is None else inner_lr
     impl = impl or default_impl(inputs.device, needs_double_backward=create_graph)
     keep = cache_keep(cfg.window_size)
-    prefix, suffix = model.prefix_layers, model.suffix_layers
+    has_inner = inner and len(model.suffix_layers) > 0
     kv: list[KV | None] = [None] * cfg.num_layers
     fast: FastWeights = model.initial_fast_weights(batch=bsz)
     losses, nlls, norms = [], [], []
-    for start in range(0, T, b):
+
+    def step(fast: FastWeights, past: list[KV | None], start: int) -> StepResult:
         sl = slice(start, start + b)
-        tgt, m = targets[:, sl], mask[:, sl]
-        h, new = model.run_blocks(model.embed_tokens(inputs[:, sl]), prefix, kv[: len(prefix)], start, None, impl)
-        kv[: len(prefix)] = extend_all(kv[: len(prefix)], new, keep)
-        if len(suffix) == 0:
-            nll = token_nll(model.head(h), tgt)
-            loss = masked_mean(nll, m)
-        elif inner:
-            res = inner_step(model, fast, h, tgt, m, kv[suffix.start :], start, lr, cfg.inner_clip, impl, create_graph)
-            fast, loss, nll, new = res.fast, res.loss, res.nll, res.kv
-            norms.append(res.grad_norm)
-            kv[suffix.start :] = extend_all(kv[suffix.start :], new, keep)
+        return minibatch_step(
+            model, fast, inputs[:, sl], targets[:, sl], mask[:, sl], past, start, lr, cfg.inner_clip, impl,
+            inner=inner, create_graph=create_graph,
+        )  # fmt: skip
+
+    for start in range(0, T, b):
+        if checkpoint and torch.is_grad_enabled():
+            res = _checkpoint(step, fast, list(kv), start, use_reentrant=False)
         else:
-            loss, nll, new = suffix_loss(model, fast, h, tgt, m, kv[suffix.start :], start, impl)
-            kv[suffix.start :] = extend_all(kv[suffix.start :], new, keep)
-        losses.append(loss)
-        nlls.append(nll)
+            res = step(fast, list(kv), start)
+        kv = extend_all(kv, res.kv, keep)
+        if has_inner:
+            fast = res.fast
+            norms.append(res.grad_norm)
+        losses.append(res.loss)
+        nlls.append(res.nll)
     mb = torch.stack(losses, 1)
     return SequenceResult(
         loss=mb.mean(),
