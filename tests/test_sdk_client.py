@@ -385,3 +385,17 @@ def test_tls(tmp_path: Path, tiny_checkpoint: Path) -> None:
     finally:
         d.close()
         redis_server.kill()
+
+
+# -- the README's quick start -------------------------------------------------------------------
+
+
+def test_readme_quick_start_runs(sdk_daemon: Daemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "sdk" / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.splitlines()) <= 14  # "a quick start of a dozen lines"
+    code = code.replace('"127.0.0.1:50051", token=None', f"{sdk_daemon.address!r}, token={TOKENS['alice']!r}")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    with MemoryClient(sdk_daemon.address, token=TOKENS["alice"]) as c:
+        assert c.get_session("notes-copy").offset > 0 and (tmp_path / "notes.memoryd").is_file()
