@@ -449,6 +449,7 @@ def test_fork_costs_constant_redis_bytes(stub, redis_mod: RedisServer) -> None:
     for size in (40, 4000):
         sid = new_session(stub, [[rng.randrange(256) for _ in range(200)] for _ in range(size // 200)] or [[1] * 40])
         stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=ALICE)
+        time.sleep(0.3)  # let any snapshot the appends scheduled finish before measuring
         snaps = sorted(r.scan_iter(match="md:snap:*"))
         before = {k: r.memory_usage(k) for k in r.scan_iter(match="*")}
         f = stub.ForkSession(pb.ForkSessionRequest(session_id=sid), metadata=ALICE)
