@@ -43,7 +43,7 @@ async def agent(client: AsyncMemoryClient, i: int) -> tuple[str, int, str]:
     async with fork:
         await fork.append([i % 256])
         assert (await fork.info()).offset == expected + 1
-    stream = await s.generate(max_tokens=5, seed=i)
+    stream = s.generate(max_tokens=5, seed=i)
     text = "".join([d async for d in stream])
     assert stream.result is not None and stream.result.text == text
     return s.id, expected, text
@@ -132,14 +132,14 @@ async def test_async_cancel_midway(sdk_daemon: Daemon) -> None:
     async with AsyncMemoryClient(sdk_daemon.address, token=TOKENS["alice"]) as client:
         s = await client.create_session()
         await s.append("once upon a time")
-        stream = await s.generate(max_tokens=MAX_GENERATE, commit=True)
+        stream = s.generate(max_tokens=MAX_GENERATE, commit=True)
         n = 0
         async for _ in stream.chunks():
             n += 1
             if n == 2:
                 stream.cancel()
         assert n == 2 and stream.result is None
-        async with await s.generate(max_tokens=MAX_GENERATE, commit=True) as st:
+        async with s.generate(max_tokens=MAX_GENERATE, commit=True) as st:
             await st.chunks().__anext__()
         assert st.result is None
         await asyncio.sleep(0.2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +47,14 @@ from memoryd_sdk.types import (
 class AsyncGenerateStream:
     """`async for delta in stream`: text deltas; `chunks()` for ids and the final message; `cancel()`.
 
+    Nothing is sent until the first `async for` (or `chunks()` read).
+
     As the sync `GenerateStream`: retried only before the first message arrives.
     """
 
     def __init__(
         self,
-        start: Callable[[Attempt], Any],
+        start: Callable[[Attempt], Awaitable[Any]],
         policy: RetryPolicy,
         committed: bool,
         on_done: Callable[[GenerateChunk], None] | None = None,
@@ -69,7 +71,7 @@ class AsyncGenerateStream:
         while True:
             if self._cancelled:
                 return
-            self._call = self._start(Attempt(attempt))
+            self._call = await self._start(Attempt(attempt))
             got_any = False
             try:
                 async for m in self._call:
@@ -305,12 +307,21 @@ class AsyncMemoryClient:
     # -- generate --------------------------------------------------------------------------------
 
     def _generate_stream(
-        self, req: pb.GenerateRequest, timeout: float | None, on_done: Any = None
+        self,
+        make_request: Callable[[], Awaitable[pb.GenerateRequest]],
+        committed: bool,
+        timeout: float | None,
+        on_done: Callable[[GenerateChunk], None] | None = None,
     ) -> AsyncGenerateStream:
-        def start(a: Attempt) -> Any:
-            return self._stub.Generate(req, timeout=timeout or self.generate_timeout, metadata=self._md)
+        """A stream whose request is made on its first attempt (a session may need to learn its offset first)."""
+        made: list[pb.GenerateRequest] = []
 
-        return AsyncGenerateStream(start, self.retry, req.commit, on_done)
+        async def start(a: Attempt) -> Any:
+            if not made:
+                made.append(await make_request())
+            return self._stub.Generate(made[0], timeout=timeout or self.generate_timeout, metadata=self._md)
+
+        return AsyncGenerateStream(start, self.retry, committed, on_done)
 
     async def _complete(self, req: pb.GenerateRequest, timeout: float | None) -> GenerateResult:
         partial: list[GenerateChunk] = []
@@ -332,14 +343,65 @@ class AsyncMemoryClient:
             chunks = [c for c in partial if not c.done] + chunks
         return GenerateResult.collect(chunks, req.commit)
 
-    def generate(self, session_id: str, prompt: Content | None = None, **kw: Any) -> AsyncGenerateStream:
-        """As `MemoryClient.generate` (same keyword arguments); iterate with `async for`."""
-        req = _gen_request(session_id, prompt, kw)
-        return self._generate_stream(req, kw.get("timeout"))
+    def generate(
+        self,
+        session_id: str,
+        prompt: Content | None = None,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        stop: str | Iterable[str] | None = None,
+        stop_tokens: Iterable[int] | None = None,
+        seed: int | None = None,
+        commit: bool = False,
+        expected_offset: int | None = None,
+        append_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerateStream:
+        """As `MemoryClient.generate`; iterate with `async for`."""
+        req = generate_request(
+            session_id,
+            prompt,
+            sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed),
+            commit,
+            expected_offset,
+            append_id or new_append_id(),
+        )
 
-    async def complete(self, session_id: str, prompt: Content | None = None, **kw: Any) -> GenerateResult:
-        """As `MemoryClient.complete` (same keyword arguments)."""
-        return await self._complete(_gen_request(session_id, prompt, kw), kw.get("timeout"))
+        async def made() -> pb.GenerateRequest:
+            return req
+
+        return self._generate_stream(made, commit, timeout)
+
+    async def complete(
+        self,
+        session_id: str,
+        prompt: Content | None = None,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        stop: str | Iterable[str] | None = None,
+        stop_tokens: Iterable[int] | None = None,
+        seed: int | None = None,
+        commit: bool = False,
+        expected_offset: int | None = None,
+        append_id: str | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """As `MemoryClient.complete`: the whole generation, retried throughout."""
+        req = generate_request(
+            session_id,
+            prompt,
+            sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed),
+            commit,
+            expected_offset,
+            append_id or new_append_id(),
+        )
+        return await self._complete(req, timeout)
 
     # -- export / import -------------------------------------------------------------------------
 
@@ -408,21 +470,6 @@ class AsyncMemoryClient:
 async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
     for x in items:
         yield x
-
-
-_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "stop", "stop_tokens", "seed")
-_GEN_DEFAULTS: dict[str, Any] = dict(max_tokens=64, temperature=0.0, top_p=0.0, top_k=0, stop=None)
-_GEN_DEFAULTS |= dict(stop_tokens=None, seed=None)
-_GEN_KEYS = {*_SAMPLING_KEYS, "commit", "expected_offset", "append_id", "timeout"}
-
-
-def _gen_request(session_id: str, prompt: Content | None, kw: dict[str, Any]) -> pb.GenerateRequest:
-    unknown = set(kw) - _GEN_KEYS
-    if unknown:
-        raise TypeError(f"unexpected generate arguments: {', '.join(sorted(unknown))}")
-    s = sampling(*(kw.get(k, _GEN_DEFAULTS[k]) for k in _SAMPLING_KEYS))
-    aid = kw.get("append_id") or new_append_id()
-    return generate_request(session_id, prompt, s, bool(kw.get("commit")), kw.get("expected_offset"), aid)
 
 
 class AsyncSession:
@@ -495,30 +542,65 @@ class AsyncSession:
             self.offset = res.offset
             return res
 
-    async def generate(self, prompt: Content | None = None, **kw: Any) -> AsyncGenerateStream:
-        """As `Session.generate` (await it to get the stream, then `async for`)."""
-        if kw.get("commit"):
-            async with self._lock:
-                kw["expected_offset"] = await self._expected()
-        req = _gen_request(self.id, prompt, kw)
+    def generate(
+        self,
+        prompt: Content | None = None,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        stop: str | Iterable[str] | None = None,
+        stop_tokens: Iterable[int] | None = None,
+        seed: int | None = None,
+        commit: bool = False,
+        append_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncGenerateStream:
+        """As `Session.generate`: `async for delta in session.generate(...)`."""
+        settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
+        aid = append_id or new_append_id()
+
+        async def make() -> pb.GenerateRequest:
+            expected = None
+            if commit:
+                async with self._lock:
+                    expected = await self._expected()
+            return generate_request(self.id, prompt, settings, commit, expected, aid)
 
         def on_done(last: GenerateChunk) -> None:
-            if req.commit:
+            if commit:
                 self.offset = last.offset
 
-        return self.client._generate_stream(req, kw.get("timeout"), on_done)
+        return self.client._generate_stream(make, commit, timeout, on_done)
 
-    async def complete(self, prompt: Content | None = None, **kw: Any) -> GenerateResult:
+    async def complete(
+        self,
+        prompt: Content | None = None,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        stop: str | Iterable[str] | None = None,
+        stop_tokens: Iterable[int] | None = None,
+        seed: int | None = None,
+        commit: bool = False,
+        append_id: str | None = None,
+        timeout: float | None = None,
+    ) -> GenerateResult:
+        """As `Session.complete`: the non-streaming generate (text and token ids)."""
+        settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
         async with self._lock:
-            if kw.get("commit"):
-                kw["expected_offset"] = await self._expected()
+            expected = await self._expected() if commit else None
+            req = generate_request(self.id, prompt, settings, commit, expected, append_id or new_append_id())
             try:
-                res = await self.client._complete(_gen_request(self.id, prompt, kw), kw.get("timeout"))
+                res = await self.client._complete(req, timeout)
             except OffsetConflict as e:
                 if e.offset is not None:
                     self.offset = e.offset
                 raise
-            if kw.get("commit"):
+            if commit:
                 self.offset = res.offset
             return res
 
@@ -567,11 +649,31 @@ class AsyncSession:
         return await self.append(self.template.turn(role, content), append_id=append_id)
 
     async def chat(
-        self, text: str, *, role: str = "user", reply_role: str = "assistant", max_tokens: int = 256, **kw: Any
+        self,
+        text: str,
+        *,
+        role: str = "user",
+        reply_role: str = "assistant",
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        timeout: float | None = None,
     ) -> ChatReply:
         """As `Session.chat`: one committed generation of turn + reply, then the closing text."""
         prompt = self.template.turn(role, text) + self.template.reply_prefix(reply_role)
-        gen = await self.complete(prompt, max_tokens=max_tokens, stop=self.template.stop(), commit=True, **kw)
+        gen = await self.complete(
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=self.template.stop(),
+            commit=True,
+            timeout=timeout,
+        )
         closing = self.template.close(gen.finish_reason)
-        offset = (await self.append(closing)).offset if closing else gen.offset
+        offset = (await self.append(closing, timeout=timeout)).offset if closing else gen.offset
         return ChatReply(gen.text, gen.tokens, gen.finish_reason, offset, gen)
