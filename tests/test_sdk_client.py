@@ -107,6 +107,15 @@ def test_offset_conflict_carries_the_current_offset(client: MemoryClient) -> Non
     assert e2.value.offset == 27
     with pytest.raises(OffsetConflict):
         s.reset(expected_offset=3)
+    stale2 = client.session(s.id)
+    stale2.offset = 1  # a committed generation checks the offset too (streamed: trailing metadata)
+    with pytest.raises(OffsetConflict) as e3:
+        stale2.complete("?", max_tokens=2, commit=True)
+    assert e3.value.offset == 27 == stale2.offset
+    stale2.offset = 1
+    with pytest.raises(OffsetConflict) as e4:
+        list(stale2.generate("?", max_tokens=2, commit=True))
+    assert e4.value.offset == 27 and s.info().offset == 27
 
 
 def test_append_stream(client: MemoryClient) -> None:

@@ -4,6 +4,7 @@ append id / session id, and the daemon's state shows the work landed exactly onc
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from memoryd_sdk import MemoryClient, RetryPolicy
+from memoryd_sdk import AsyncMemoryClient, MemoryClient, RetryPolicy
 
 pytest.register_assert_rewrite("sdk_fixtures")
 from sdk_fixtures import TOKENS, TcpProxy  # noqa: E402
@@ -128,3 +129,52 @@ def test_create_session_retry_makes_one_session(proxy: TcpProxy, via_proxy: Memo
     s = finish(fut)  # the retry met ALREADY_EXISTS for its own id: that is success
     after = {i.session_id for i in direct.list_sessions()}
     assert after - before == {s.id} and s.offset == 0
+
+
+def test_generate_stream_retried_before_its_first_message(
+    proxy: TcpProxy, sdk_daemon: Daemon, via_proxy: MemoryClient, direct: MemoryClient
+) -> None:
+    s = via_proxy.create_session()
+    s.append("prompt text")
+    expected = direct.complete(s.id, max_tokens=10).tokens
+    log = sdk_daemon.log_path
+    generations = log.read_text().count('"call": "Generate"')
+    proxy.drop_responses()
+    stream = s.generate(max_tokens=10)
+    fut = in_thread(lambda: (list(stream), stream.result))
+    wait_until(lambda: log.read_text().count('"call": "Generate"') > generations, "the generation to finish")
+    wait_until(lambda: proxy.dropped_bytes > 0, "the answer to be swallowed")
+    assert not fut.done()
+    proxy.cut()  # the whole answer was lost before its first message reached us: start again
+    deltas, result = finish(fut)
+    assert result is not None and result.tokens == expected and "".join(deltas) == result.text
+    assert proxy.connections >= 2  # it was answered on a new connection
+    assert direct.get_session(s.id).offset == 11
+
+
+@pytest.mark.asyncio
+async def test_async_retries_land_once(proxy: TcpProxy, direct: MemoryClient) -> None:
+    async def landed(sid: str, offset: int) -> None:
+        deadline = time.monotonic() + 20
+        while direct.get_session(sid).offset != offset:
+            assert time.monotonic() < deadline, "the call never landed"
+            await asyncio.sleep(0.02)
+
+    async with AsyncMemoryClient(proxy.address, token=TOKENS["alice"], retry=POLICY, timeout=20) as c:
+        s = await c.create_session()
+        proxy.drop_responses()
+        task = asyncio.create_task(s.append_stream(["a\n", [1, 2], "b\n"]))
+        await landed(s.id, 6)
+        assert not task.done()
+        proxy.cut()
+        r = await task
+        assert r.duplicate and (r.offset, r.tokens) == (6, 6)
+
+        proxy.drop_responses()
+        task2 = asyncio.create_task(s.append("xyz"))
+        await landed(s.id, 9)
+        assert not task2.done()
+        proxy.cut()
+        r2 = await task2
+        assert r2.duplicate and r2.start_offset == 6 and r2.offset == 9 == s.offset
+        assert direct.get_session(s.id).offset == 9
