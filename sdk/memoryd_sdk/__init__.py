@@ -7,14 +7,17 @@
         print(s.chat("When is the launch?", max_tokens=32).text)
 
 Modules, one job each: `client` (the proto's calls, deadlines, retries), `session`
-(a session as an object: offsets, chat helpers), `aio` (both on asyncio), `generation`
+(a session as an object: offsets, chat helpers), `aio` / `aio_session` /
+`aio_generation` (the same on asyncio), `generation`
 (a generation stream), `errors` (one exception per status), `types` (results),
 `retry`, `connection` (channels, TLS, tokens), `chat` (the turn template),
 `export_file` (an export as a file), `requests` (building the proto requests).
 The generated stubs live in `memoryd_sdk._proto` (regenerate with scripts/gen_proto.sh).
 """
 
-from memoryd_sdk.aio import AsyncGenerateStream, AsyncMemoryClient, AsyncSession
+from memoryd_sdk.aio import AsyncMemoryClient
+from memoryd_sdk.aio_generation import AsyncGenerateStream
+from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.chat import DEFAULT_TEMPLATE, ChatTemplate, PlainTemplate
 from memoryd_sdk.client import MemoryClient
 from memoryd_sdk.errors import (

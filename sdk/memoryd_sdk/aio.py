@@ -1,4 +1,6 @@
-"""`AsyncMemoryClient` and `AsyncSession`: the same API on grpc.aio, for agents that run on asyncio.
+"""`AsyncMemoryClient`: the same API as `MemoryClient` on grpc.aio, for agents that run on asyncio.
+
+Sessions as objects are `aio_session.AsyncSession`, streams `aio_generation.AsyncGenerateStream`.
 
 Same requests (built by `requests.py`), same retry rules, same typed errors as the sync
 client; every method is a coroutine, generations are async iterators.  One client (one
@@ -7,7 +9,6 @@ channel) serves any number of concurrent sessions; create it inside the running 
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -17,6 +18,8 @@ import grpc
 
 from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+from memoryd_sdk.aio_generation import AsyncGenerateStream
+from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.chat import DEFAULT_TEMPLATE, ChatTemplate
 from memoryd_sdk.client import DEFAULT_TARGET
 from memoryd_sdk.connection import TLS, aio_channel, auth_metadata
@@ -33,99 +36,14 @@ from memoryd_sdk.requests import (
     reset_request,
     sampling,
 )
-from memoryd_sdk.retry import Attempt, RetryPolicy, _should_retry, call_with_retry_async
+from memoryd_sdk.retry import Attempt, RetryPolicy, call_with_retry_async
 from memoryd_sdk.types import (
     AppendResult,
-    ChatReply,
     ExportHeader,
     GenerateChunk,
     GenerateResult,
     SessionInfo,
 )
-
-
-class AsyncGenerateStream:
-    """`async for delta in stream`: text deltas; `chunks()` for ids and the final message; `cancel()`.
-
-    Nothing is sent until the first `async for` (or `chunks()` read).
-
-    As the sync `GenerateStream`: retried only before the first message arrives.
-    """
-
-    def __init__(
-        self,
-        start: Callable[[Attempt], Awaitable[Any]],
-        policy: RetryPolicy,
-        committed: bool,
-        on_done: Callable[[GenerateChunk], None] | None = None,
-    ) -> None:
-        self._start, self._policy, self._committed, self._on_done = start, policy, committed, on_done
-        self._call: Any = None
-        self._cancelled = False
-        self._received: list[GenerateChunk] = []
-        self._it = self._run()
-        self.result: GenerateResult | None = None
-
-    async def _run(self) -> AsyncIterator[GenerateChunk]:
-        attempt = 1
-        while True:
-            if self._cancelled:
-                return
-            self._call = await self._start(Attempt(attempt))
-            got_any = False
-            try:
-                async for m in self._call:
-                    got_any = True
-                    chunk = GenerateChunk.from_pb(m)
-                    self._received.append(chunk)
-                    if chunk.done:
-                        self.result = GenerateResult.collect(self._received, self._committed)
-                        if self._on_done is not None:
-                            self._on_done(chunk)
-                    yield chunk
-                    if chunk.done:
-                        return
-                return
-            except asyncio.CancelledError:
-                if self._cancelled:
-                    return
-                raise
-            except grpc.RpcError as e:
-                if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
-                    return
-                err = from_rpc_error(e)
-                if got_any or not _should_retry(err, attempt, self._policy, "Generate"):
-                    raise err from e
-            await asyncio.sleep(self._policy.backoff(attempt))
-            attempt += 1
-
-    def chunks(self) -> AsyncIterator[GenerateChunk]:
-        return self._it
-
-    async def __aiter__(self) -> AsyncIterator[str]:
-        async for chunk in self._it:
-            if chunk.text:
-                yield chunk.text
-
-    def cancel(self) -> None:
-        """Cancel the call on the server too; a committed generation then commits nothing."""
-        self._cancelled = True
-        if self._call is not None:
-            self._call.cancel()
-
-    async def collect(self) -> GenerateResult:
-        async for _ in self._it:
-            pass
-        if self.result is None:
-            raise RuntimeError("the generation was cancelled before it finished")
-        return self.result
-
-    async def __aenter__(self) -> AsyncGenerateStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.result is None:
-            self.cancel()
 
 
 class AsyncMemoryClient:
@@ -470,210 +388,3 @@ class AsyncMemoryClient:
 async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
     for x in items:
         yield x
-
-
-class AsyncSession:
-    """As `Session`, with coroutines; calls on one object are serialised by an asyncio.Lock."""
-
-    def __init__(
-        self,
-        client: AsyncMemoryClient,
-        session_id: str,
-        *,
-        info: SessionInfo | None = None,
-        temporary: bool = False,
-        template: ChatTemplate | None = None,
-    ) -> None:
-        self.client = client
-        self.id = session_id
-        self.temporary = temporary
-        self.template = template or client.template
-        self.offset: int | None = info.offset if info is not None else None
-        self.last_info = info
-        self._lock = asyncio.Lock()
-
-    def __repr__(self) -> str:
-        return f"AsyncSession({self.id!r}, offset={self.offset})"
-
-    async def __aenter__(self) -> AsyncSession:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self.temporary:
-            await self.delete()
-
-    async def _expected(self) -> int:
-        if self.offset is None:
-            await self._info()
-        assert self.offset is not None
-        return self.offset
-
-    async def _info(self, timeout: float | None = None) -> SessionInfo:
-        info = await self.client.get_session(self.id, timeout=timeout)
-        self.offset, self.last_info = info.offset, info
-        return info
-
-    async def info(self, *, timeout: float | None = None) -> SessionInfo:
-        return await self._info(timeout)
-
-    async def append(
-        self, content: Content, *, append_id: str | None = None, timeout: float | None = None
-    ) -> AppendResult:
-        async with self._lock:
-            try:
-                res = await self.client.append(self.id, content, await self._expected(), append_id, timeout=timeout)
-            except OffsetConflict as e:
-                if e.offset is not None:
-                    self.offset = e.offset
-                raise
-            self.offset = res.offset
-            return res
-
-    async def append_stream(
-        self, pieces: Iterable[Content] | AsyncIterable[Content], *, timeout: float | None = None
-    ) -> AppendResult:
-        async with self._lock:
-            try:
-                res = await self.client.append_stream(self.id, pieces, await self._expected(), timeout=timeout)
-            except OffsetConflict as e:
-                if e.offset is not None:
-                    self.offset = e.offset
-                raise
-            self.offset = res.offset
-            return res
-
-    def generate(
-        self,
-        prompt: Content | None = None,
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
-        commit: bool = False,
-        append_id: str | None = None,
-        timeout: float | None = None,
-    ) -> AsyncGenerateStream:
-        """As `Session.generate`: `async for delta in session.generate(...)`."""
-        settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
-        aid = append_id or new_append_id()
-
-        async def make() -> pb.GenerateRequest:
-            expected = None
-            if commit:
-                async with self._lock:
-                    expected = await self._expected()
-            return generate_request(self.id, prompt, settings, commit, expected, aid)
-
-        def on_done(last: GenerateChunk) -> None:
-            if commit:
-                self.offset = last.offset
-
-        return self.client._generate_stream(make, commit, timeout, on_done)
-
-    async def complete(
-        self,
-        prompt: Content | None = None,
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
-        commit: bool = False,
-        append_id: str | None = None,
-        timeout: float | None = None,
-    ) -> GenerateResult:
-        """As `Session.complete`: the non-streaming generate (text and token ids)."""
-        settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
-        async with self._lock:
-            expected = await self._expected() if commit else None
-            req = generate_request(self.id, prompt, settings, commit, expected, append_id or new_append_id())
-            try:
-                res = await self.client._complete(req, timeout)
-            except OffsetConflict as e:
-                if e.offset is not None:
-                    self.offset = e.offset
-                raise
-            if commit:
-                self.offset = res.offset
-            return res
-
-    async def fork(
-        self,
-        new_session_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        *,
-        temporary: bool = False,
-        timeout: float | None = None,
-    ) -> AsyncSession:
-        async with self._lock:
-            expected = await self._expected()
-            try:
-                info = await self.client.fork_session(self.id, new_session_id, metadata, expected, timeout=timeout)
-            except OffsetConflict as e:
-                if e.offset is not None:
-                    self.offset = e.offset
-                raise
-        return AsyncSession(self.client, info.session_id, info=info, temporary=temporary, template=self.template)
-
-    async def reset(self, *, expected_offset: int | None = None, timeout: float | None = None) -> SessionInfo:
-        async with self._lock:
-            info = await self.client.reset_session(self.id, expected_offset, timeout=timeout)
-            self.offset, self.last_info = info.offset, info
-            return info
-
-    async def delete(self, *, timeout: float | None = None) -> int | None:
-        async with self._lock:
-            off = await self.client.delete_session(self.id, timeout=timeout)
-            self.offset = None
-            return off
-
-    async def export(self, dest: Dest, *, chunk_bytes: int = 0, timeout: float | None = None) -> ExportHeader:
-        return await self.client.export_session(self.id, dest, chunk_bytes=chunk_bytes, timeout=timeout)
-
-    async def import_(
-        self, src: Dest, metadata: dict[str, str] | None = None, *, timeout: float | None = None
-    ) -> AsyncSession:
-        s = await self.client.import_session(src, self.id, metadata, temporary=self.temporary, timeout=timeout)
-        self.offset, self.last_info = s.offset, s.last_info
-        return self
-
-    async def add_message(self, role: str, content: str, *, append_id: str | None = None) -> AppendResult:
-        """As `Session.add_message` (template documented in `memoryd_sdk.chat`)."""
-        return await self.append(self.template.turn(role, content), append_id=append_id)
-
-    async def chat(
-        self,
-        text: str,
-        *,
-        role: str = "user",
-        reply_role: str = "assistant",
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        timeout: float | None = None,
-    ) -> ChatReply:
-        """As `Session.chat`: one committed generation of turn + reply, then the closing text."""
-        prompt = self.template.turn(role, text) + self.template.reply_prefix(reply_role)
-        gen = await self.complete(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=self.template.stop(),
-            commit=True,
-            timeout=timeout,
-        )
-        closing = self.template.close(gen.finish_reason)
-        offset = (await self.append(closing, timeout=timeout)).offset if closing else gen.offset
-        return ChatReply(gen.text, gen.tokens, gen.finish_reason, offset, gen)

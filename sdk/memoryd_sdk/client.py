@@ -88,13 +88,13 @@ class MemoryClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _unary(self, method: str, request: Any, timeout: float | None, retry: bool = True) -> Any:
+    def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
         rpc = getattr(self._stub, method)
 
         def once(a: Attempt) -> Any:
             return rpc(request, timeout=timeout or self.timeout, metadata=self._md)
 
-        return call_with_retry(once, self.retry if retry else NO_RETRY, method)
+        return call_with_retry(once, self.retry, method)
 
     # -- sessions --------------------------------------------------------------------------------
 

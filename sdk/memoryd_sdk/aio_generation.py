@@ -1,0 +1,97 @@
+"""`AsyncGenerateStream`: a generation in flight on asyncio (the async twin of `generation.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from memoryd_sdk.errors import from_rpc_error
+from memoryd_sdk.retry import Attempt, RetryPolicy, _should_retry
+from memoryd_sdk.types import GenerateChunk, GenerateResult
+
+
+class AsyncGenerateStream:
+    """`async for delta in stream`: text deltas; `chunks()` for ids and the final message; `cancel()`.
+
+    Nothing is sent until the first `async for` (or `chunks()` read).
+
+    As the sync `GenerateStream`: retried only before the first message arrives.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[Attempt], Awaitable[Any]],
+        policy: RetryPolicy,
+        committed: bool,
+        on_done: Callable[[GenerateChunk], None] | None = None,
+    ) -> None:
+        self._start, self._policy, self._committed, self._on_done = start, policy, committed, on_done
+        self._call: Any = None
+        self._cancelled = False
+        self._received: list[GenerateChunk] = []
+        self._it = self._run()
+        self.result: GenerateResult | None = None
+
+    async def _run(self) -> AsyncIterator[GenerateChunk]:
+        attempt = 1
+        while True:
+            if self._cancelled:
+                return
+            self._call = await self._start(Attempt(attempt))
+            got_any = False
+            try:
+                async for m in self._call:
+                    got_any = True
+                    chunk = GenerateChunk.from_pb(m)
+                    self._received.append(chunk)
+                    if chunk.done:
+                        self.result = GenerateResult.collect(self._received, self._committed)
+                        if self._on_done is not None:
+                            self._on_done(chunk)
+                    yield chunk
+                    if chunk.done:
+                        return
+                return
+            except asyncio.CancelledError:
+                if self._cancelled:
+                    return
+                raise
+            except grpc.RpcError as e:
+                if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
+                    return
+                err = from_rpc_error(e)
+                if got_any or not _should_retry(err, attempt, self._policy, "Generate"):
+                    raise err from e
+            await asyncio.sleep(self._policy.backoff(attempt))
+            attempt += 1
+
+    def chunks(self) -> AsyncIterator[GenerateChunk]:
+        return self._it
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        async for chunk in self._it:
+            if chunk.text:
+                yield chunk.text
+
+    def cancel(self) -> None:
+        """Cancel the call on the server too; a committed generation then commits nothing."""
+        self._cancelled = True
+        if self._call is not None:
+            self._call.cancel()
+
+    async def collect(self) -> GenerateResult:
+        async for _ in self._it:
+            pass
+        if self.result is None:
+            raise RuntimeError("the generation was cancelled before it finished")
+        return self.result
+
+    async def __aenter__(self) -> AsyncGenerateStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.result is None:
+            self.cancel()
