@@ -307,6 +307,32 @@ def test_add_message_and_chat(client: MemoryClient) -> None:
     assert PlainTemplate().close(FinishReason.STOP_STRING) == "\n"  # the stop string itself was committed
 
 
+def test_chat_stopped_at_the_turn_marker(sdk_daemon: Daemon, client: MemoryClient) -> None:
+    """The STOP_STRING path of chat: reply cut before the marker, the marker's tokens committed, then
+    the template's closing text.  A template whose marker the (random) model is sure to write makes
+    it happen; it also shows a custom template plugging in through the client."""
+    s = client.create_session()
+    s.add_message("system", "be brief")
+    prompt = "<|user|>\nWhat next?<|end|>\n<|assistant|>\n"
+    greedy = s.complete(prompt, max_tokens=20).text  # what chat will sample (greedy, same state)
+    marker = greedy[2:4]
+    assert len(marker) == 2, greedy
+
+    class Marked(PlainTemplate):
+        def stop(self) -> list[str]:  # same turns, so the same prompt and the same greedy reply
+            return [marker]
+
+    with MemoryClient(sdk_daemon.address, token=TOKENS["alice"], template=Marked()) as c2:
+        s2 = c2.session(s.id)
+        before = s2.info().offset
+        reply = s2.chat("What next?", max_tokens=20)
+    assert reply.finish_reason == FinishReason.STOP_STRING
+    assert reply.text == greedy[: greedy.find(marker)]
+    n = reply.generation.generated_tokens
+    assert reply.offset == before + text_len(prompt) + n + 1  # + "\n", the closing after a stop string
+    assert s.info().offset == reply.offset
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
