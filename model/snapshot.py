@@ -51,7 +51,9 @@ def state_to_bytes(state: StreamState) -> bytes:
         "inner_lr": repr(float(state.inner_lr)),
         "checksum": _checksum(tensors),
     }
-    return safetensors.torch.save(tensors, metadata=meta)
+    # One metadata key holding sorted JSON: safetensors writes several keys in hash
+    # order, and byte-stable snapshots let stores and exports compare checksums.
+    return safetensors.torch.save(tensors, metadata={FORMAT: json.dumps(meta, sort_keys=True)})
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
@@ -65,9 +67,13 @@ def read_metadata(data: bytes) -> dict[str, str]:
         header = json.loads(data[8 : 8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SnapshotError(f"snapshot header is corrupted: {e}") from e
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise SnapshotError("bytes are not a memoryd session snapshot (no memoryd-session-state header)")
+    outer = header.get("__metadata__") if isinstance(header, dict) else None
+    try:
+        meta = json.loads(outer[FORMAT]) if isinstance(outer, dict) and FORMAT in outer else None
+    except json.JSONDecodeError as e:
+        raise SnapshotError(f"snapshot header is corrupted: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not all(isinstance(v, str) for v in meta.values()):
+        raise SnapshotError(f"bytes are not a memoryd session snapshot (no {FORMAT} header)")
     if meta.get("version") != VERSION:
         raise SnapshotError(f"snapshot version {meta.get('version')!r} is not supported (reads {VERSION})")
     return meta

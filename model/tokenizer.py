@@ -25,6 +25,10 @@ class StreamDecoder(Protocol):
         """Text that became complete with this token (may be empty)."""
         ...
 
+    def flush(self) -> str:
+        """Whatever is still held back at the end of the stream (an incomplete character as U+FFFD)."""
+        ...
+
 
 class ByteTokenizer:
     """UTF-8 bytes are ids 0..255; BOS and EOS come from the config (256, 257 by default)."""
@@ -48,6 +52,9 @@ class _ByteStream:
 
     def push(self, token: int) -> str:
         return self._dec.decode(bytes([token])) if token < 256 else ""
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
 
 
 class HFTokenizer:
@@ -84,6 +91,11 @@ class _PrefixDiffStream:
         text = self._tok.decode(self._ids)
         if text.endswith("\ufffd"):
             return ""
+        delta, self._sent = text[self._sent :], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self._tok.decode(self._ids)
         delta, self._sent = text[self._sent :], len(text)
         return delta
 

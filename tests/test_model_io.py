@@ -138,6 +138,7 @@ def test_state_round_trip_is_bit_exact(model, state):
     for name, t in state.tensors().items():
         assert torch.equal(back.tensors()[name], t), name
     assert torch.equal(back.logits(), state.logits())
+    assert state_to_bytes(state) == data == state_to_bytes(back)  # byte-stable
     # And it keeps streaming identically.
     more = torch.randint(0, 256, (30,))
     a, b = state.clone(), back
@@ -179,12 +180,12 @@ def test_inconsistent_snapshot_is_refused(model, state):
     tensors = {k: v.contiguous() for k, v in state.tensors().items()}
     tensors["kv.0.k"] = tensors["kv.0.k"][:, :3].contiguous()
     data = state_to_bytes(state)
-    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
-    from model.snapshot import _checksum
+    from model.snapshot import FORMAT, _checksum, read_metadata
 
-    meta["checksum"] = _checksum(tensors)
+    meta = {**read_metadata(data), "checksum": _checksum(tensors)}
+    forged = safetensors.torch.save(tensors, metadata={FORMAT: json.dumps(meta)})
     with pytest.raises(SnapshotError, match=r"kv\.0\.k has shape"):
-        state_from_bytes(model, safetensors.torch.save(tensors, metadata=meta))
+        state_from_bytes(model, forged)
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -21,3 +21,9 @@ def test_stream_decoder_waits_for_whole_characters():
     out = [dec.push(i) for i in "é🙂".encode()]
     assert out == ["", "é", "", "", "", "🙂"]
     assert dec.push(tok.eos_id) == ""
+
+
+def test_stream_decoder_flush_emits_what_was_held_back():
+    dec = ByteTokenizer().stream_decoder()
+    assert [dec.push(i) for i in "a🙂".encode()[:3]] == ["a", "", ""]
+    assert dec.flush() == "\ufffd"
