@@ -127,7 +127,9 @@ def _read_hf_dir(d: Path) -> dict[str, Any]:
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         tensors.update({k: v.float() for k, v in safetensors.torch.load_file(str(f)).items()})
-    tie = bool(c.get("tie_word_embeddings", True))
+    tie = c.get("tie_word_embeddings")
+    if tie is None:  # transformers' LlamaConfig defaults to untied; trust the files over the default
+        tie = "lm_head.weight" not in tensors
     if tie:
         tensors.pop("lm_head.weight", None)  # some savers write the tied copy too
     eos = c.get("eos_token_id")
