@@ -35,35 +35,45 @@ fi
 [ -f data/small/meta.json ] || "$PY" -m trainer prepare --input data/corpora/python-doc data/corpora/shakespeare \
   --out data/small --val-fraction 0.1
 
-# 3. Training: the four runs at once, one thread each (on a shared 2-core machine the
-#    scheduler's share, not the core count, is the limit; four single-threaded runs also
-#    avoid OpenMP spin-waiting, which makes multi-threaded runs crawl under contention).
+# 3. Training, each run followed by its evaluation: the four at once, one thread each (on a
+#    shared 2-core machine the scheduler's share, not the core count, is the limit, and
+#    single-threaded runs avoid OpenMP spin-waiting, which makes multi-threaded runs crawl
+#    under contention).  Every evaluation reads the same validation windows and buckets by
+#    k=512.  EVAL_ONLY=1 skips training and waits for each final checkpoint instead.
 BASE=(model.overrides.model_type=swa model.overrides.num_fast_layers=0 model.overrides.intermediate_size=320)
+EVAL=(--data data/small --seq-len "$EVAL_LEN" --max-sequences "$EVAL_SEQS" --threads 1 --window 512 --no-plot)
 train() {  # name, overrides...
   local name=$1; shift
+  if [ -n "${EVAL_ONLY:-}" ]; then
+    while [ ! -f "$RUN/$name/final/trainer.json" ]; do sleep 20; done
+    return
+  fi
   local t0; t0=$(date +%s)
   "$PY" -m trainer train --config "$CFG" out="$RUN/$name" "$@" > "$RUN/$name.log" 2>&1
   echo "{\"$name\": $(( $(date +%s) - t0 ))}" > "$RUN/$name.seconds.json"
 }
+evaluate() {  # label, checkpoint name, eval flags...
+  local label=$1 name=$2; shift 2
+  "$PY" -m trainer eval "${EVAL[@]}" "$@" --out "$RUN/eval-$label" --checkpoint "$label=$RUN/$name/final" \
+    > "$RUN/eval-$label.log" 2>&1
+}
 pids=()
-train ttt-e2e "$@" & pids+=($!)
-train swa mode=pretrain "${BASE[@]}" "$@" & pids+=($!)
-train full-attention mode=pretrain "${BASE[@]}" model.overrides.model_type=full-attention \
-  model.overrides.window_size=null "$@" & pids+=($!)
-train ttt-e2e-pretrain mode=pretrain "$@" & pids+=($!)
+( train ttt-e2e "$@"; evaluate ttt-e2e ttt-e2e; evaluate ttt-e2e-no-ttt ttt-e2e --ttt off ) & pids+=($!)
+( train swa mode=pretrain "${BASE[@]}" "$@"; evaluate swa swa ) & pids+=($!)
+( train full-attention mode=pretrain "${BASE[@]}" model.overrides.model_type=full-attention \
+    model.overrides.window_size=null "$@"; evaluate full-attention full-attention ) & pids+=($!)
+( train ttt-e2e-pretrain mode=pretrain "$@"; evaluate naive-ttt ttt-e2e-pretrain --naive-ttt
+  evaluate pretrain-no-ttt ttt-e2e-pretrain --ttt off ) & pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
 
-# 4. Evaluation on the same validation windows: the four models, then diagnostics with TTT off.
-"$PY" -m trainer eval --data data/small --seq-len "$EVAL_LEN" --max-sequences "$EVAL_SEQS" --threads 1 --naive-ttt \
-  --out "$RUN/eval" --checkpoint ttt-e2e="$RUN/ttt-e2e/final" swa="$RUN/swa/final" \
-  full-attention="$RUN/full-attention/final" naive-ttt="$RUN/ttt-e2e-pretrain/final" 2>"$RUN/eval.log"
-"$PY" -m trainer eval --data data/small --seq-len "$EVAL_LEN" --max-sequences "$EVAL_SEQS" --threads 1 --ttt off \
-  --window 512 --out "$RUN/eval_ttt_off" --checkpoint ttt-e2e-no-ttt="$RUN/ttt-e2e/final" \
-  pretrain-no-ttt="$RUN/ttt-e2e-pretrain/final" 2>"$RUN/eval_ttt_off.log"
+# 4. One table and plot for the four models, and one with the TTT-off diagnostics added.
+"$PY" -m trainer merge "$RUN"/eval-{ttt-e2e,swa,full-attention,naive-ttt}/eval.json --out "$RUN/eval"
+"$PY" -m trainer merge "$RUN"/eval-{ttt-e2e,swa,full-attention,naive-ttt,ttt-e2e-no-ttt,pretrain-no-ttt}/eval.json \
+  --out "$RUN/eval_all"
 
 # 5. docs/results.json in the issue's schema, and the plot.
 "$PY" - "$RUN" "$(( $(date +%s) - t_start ))" <<'PYEOF'
-import json, shutil, sys
+import json, os, shutil, sys
 from pathlib import Path
 run, total = Path(sys.argv[1]), int(sys.argv[2])
 ev = json.loads((run / "eval" / "eval.json").read_text())
@@ -75,8 +85,8 @@ shutil.copyfile(run / "eval" / "nll_by_position.png", "docs/results_nll.png")
 times = {}
 for f in sorted(run.glob("*.seconds.json")):
     times.update(json.loads(f.read_text()))
-times["total"] = total
+times["eval_only_total" if os.environ.get("EVAL_ONLY") else "total"] = total
 (run / "wall_seconds.json").write_text(json.dumps(times, indent=2) + "\n")
 print(json.dumps(times))
 PYEOF
-cat "$RUN/eval/buckets.md" "$RUN/eval_ttt_off/buckets.md"
+cat "$RUN/eval_all/buckets.md"

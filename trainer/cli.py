@@ -32,8 +32,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def write_outputs(result: dict, out: Path, plot: bool) -> None:
+    """eval.json, buckets.md and (optionally) the plot, then the table on stdout."""
+    from trainer.evaluate import bucket_table
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result) + "\n")
+    table = bucket_table(result)
+    (out / "buckets.md").write_text(table + "\n")
+    if plot:
+        from trainer.plot import plot_curves
+
+        plot_curves(result, out / "nll_by_position.png")
+    print(table)
+    print(f"wrote {out}/eval.json, buckets.md" + (", nll_by_position.png" if plot else ""))
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from trainer.evaluate import merge_results
+
+    results = []
+    for f in args.results:
+        p = Path(f)
+        if not p.is_file():
+            raise DataError(f"eval result {p} does not exist")
+        results.append(json.loads(p.read_text()))
+    try:
+        merged = merge_results(results)
+    except ValueError as e:
+        raise DataError(str(e)) from e
+    write_outputs(merged, Path(args.out), not args.no_plot)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.evaluate import bucket_table, evaluate
+    from trainer.evaluate import evaluate
 
     if args.threads:
         import torch
@@ -43,20 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, args.seq_len, max_sequences=args.max_sequences, batch=args.batch,
         naive_ttt=args.naive_ttt, ttt=args.ttt, window=args.window, inner_lr=args.inner_lr,
     )  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result) + "\n")
-    table = bucket_table(result)
-    (out / "buckets.md").write_text(table + "\n")
-    if not args.no_plot:
-        from trainer.plot import plot_curves
-
-        plot_curves(result, out / "nll_by_position.png")
-    print(table)
-    print(
-        f"wrote {out / 'eval.json'}, {out / 'buckets.md'}"
-        + ("" if args.no_plot else f", {out / 'nll_by_position.png'}")
-    )
+    write_outputs(result, Path(args.out), not args.no_plot)
     return 0
 
 
@@ -94,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--threads", type=int)
     pe.add_argument("--no-plot", action="store_true")
     pe.set_defaults(func=cmd_eval)
+
+    pm = sub.add_parser("merge", help="merge eval.json files of separate eval runs into one table and plot")
+    pm.add_argument("results", nargs="+", help="eval.json files evaluated with the same settings")
+    pm.add_argument("--out", required=True)
+    pm.add_argument("--no-plot", action="store_true")
+    pm.set_defaults(func=cmd_merge)
     return p
 
 

@@ -171,3 +171,24 @@ def log_binned(curve: np.ndarray, bins: int = 48) -> tuple[np.ndarray, np.ndarra
             x.append(math.sqrt(max(lo, 1) * hi))
             y.append(float(curve[lo:hi].mean()))
     return np.asarray(x), np.asarray(y)
+
+
+def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several `evaluate` runs on the same sequences (checkpoints evaluated apart,
+    e.g. each as soon as its training ends); refuses results that are not comparable."""
+    if not results:
+        raise ValueError("nothing to merge")
+    first = results[0]
+    keys = ("seq_len", "window", "sequences", "data")
+    merged = {k: first[k] for k in keys}
+    merged["mini_batch"] = min(r["mini_batch"] for r in results if r.get("mini_batch"))
+    merged["models"] = {}
+    for r in results:
+        for k in keys:
+            if r[k] != first[k]:
+                raise ValueError(f"results differ in {k}: {r[k]!r} vs {first[k]!r}; evaluate with the same settings")
+        for name, m in r["models"].items():
+            if name in merged["models"]:
+                raise ValueError(f"model {name!r} appears in two results")
+            merged["models"][name] = m
+    return merged
