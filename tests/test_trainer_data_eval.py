@@ -79,3 +79,20 @@ def test_extension_finetune_and_eval_outputs(tmp_path: Path) -> None:
     assert main([*only_naive, "--seq-len", "64", "--out", str(tmp_path / "e2"), "--no-plot"]) == 0
     off = json.loads((tmp_path / "e2" / "eval.json").read_text())["models"]["naive"]
     assert not off["ttt"] and off["mean_nll"] != result["models"]["naive"]["mean_nll"]
+
+
+def _result(names: list[str], window: int = 32) -> dict:
+    curve = [1.0] * 64
+    models = {n: {"curve": curve, "mean_nll": 1.0, "buckets": {"0-32": 1.0, "32-64": 1.0}} for n in names}
+    return {"seq_len": 64, "window": window, "mini_batch": 8, "sequences": 3, "data": "d", "models": models}
+
+
+def test_merge_joins_comparable_results_and_refuses_others(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(_result(["x"])))
+    b.write_text(json.dumps(_result(["y"])))
+    c.write_text(json.dumps(_result(["z"], window=16)))
+    assert main(["merge", str(a), str(b), "--out", str(tmp_path / "m"), "--no-plot"]) == 0
+    assert list(json.loads((tmp_path / "m" / "eval.json").read_text())["models"]) == ["x", "y"]
+    assert main(["merge", str(a), str(c), "--out", str(tmp_path / "m2")]) == 2
+    assert main(["merge", str(a), str(a), "--out", str(tmp_path / "m3")]) == 2

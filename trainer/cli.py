@@ -74,7 +74,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     result = evaluate(
         args.checkpoint, args.data, args.seq_len, max_sequences=args.max_sequences, batch=args.batch,
-        naive_ttt=args.naive_ttt, ttt=args.ttt, window=args.window, inner_lr=args.inner_lr,
+        naive_ttt=args.naive_ttt, ttt=args.ttt, window=args.window, inner_lr=args.inner_lr, device=args.device,
     )  # fmt: skip
     write_outputs(result, Path(args.out), not args.no_plot)
     return 0
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("--window", type=int, help="bucket unit k (default: the smallest window)")
     pe.add_argument("--inner-lr", type=float, help="override the checkpoints' inner_lr")
     pe.add_argument("--threads", type=int)
+    pe.add_argument("--device", default="cpu", help="cpu or cuda")
     pe.add_argument("--no-plot", action="store_true")
     pe.set_defaults(func=cmd_eval)
 

@@ -86,11 +86,11 @@ def position_nll(
     total = torch.zeros(seqs.shape[1] - 1, dtype=torch.float64)
     count = torch.zeros_like(total)
     for i in tqdm(range(0, seqs.shape[0], batch), desc=desc, unit="batch"):
-        w = seqs[i : i + batch]
+        w = seqs[i : i + batch].to(next(model.parameters()).device)
         res = run_sequence(model, w[:, :-1], w[:, 1:], inner=ttt, inner_lr=inner_lr, create_graph=False)
         m = (w[:, 1:] != model.cfg.bos_token_id).to(torch.float64)
-        total += (res.nll.double() * m).sum(0)
-        count += m.sum(0)
+        total += (res.nll.double() * m).sum(0).cpu()
+        count += m.sum(0).cpu()
     return (total / count.clamp_min(1)).numpy()
 
 
@@ -104,6 +104,7 @@ def evaluate(
     ttt: str = "auto",
     window: int | None = None,
     inner_lr: float | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate every checkpoint on the same validation sequences; a JSON-ready dict."""
     targets = parse_targets(checkpoints)
@@ -112,7 +113,7 @@ def evaluate(
     models: dict[str, Any] = {}
     windows, minis = [], []
     for t in targets:
-        model = load_checkpoint(t.path)
+        model = load_checkpoint(t.path, device=device)
         if seq_len % model.cfg.mini_batch_size:
             raise DataError(f"--seq-len {seq_len} is not a multiple of {t.name}'s mini_batch_size")
         record = trainer_record(t.path)
