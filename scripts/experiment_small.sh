@@ -67,9 +67,11 @@ pids=()
 for p in "${pids[@]}"; do wait "$p"; done
 
 # 4. One table and plot for the four models, and one with the TTT-off diagnostics added.
-"$PY" -m trainer merge "$RUN"/eval-{ttt-e2e,swa,full-attention,naive-ttt}/eval.json --out "$RUN/eval"
+"$PY" -m trainer merge "$RUN"/eval-{ttt-e2e,swa,full-attention,naive-ttt}/eval.json --out "$RUN/eval" \
+  --compare ttt-e2e:swa ttt-e2e:naive-ttt ttt-e2e:full-attention
 "$PY" -m trainer merge "$RUN"/eval-{ttt-e2e,swa,full-attention,naive-ttt,ttt-e2e-no-ttt,pretrain-no-ttt}/eval.json \
-  --out "$RUN/eval_all"
+  --out "$RUN/eval_all" --compare ttt-e2e:swa ttt-e2e:naive-ttt ttt-e2e:full-attention \
+  naive-ttt:pretrain-no-ttt ttt-e2e:ttt-e2e-no-ttt naive-ttt:swa
 
 # 5. docs/results.json in the issue's schema, and the plot.
 "$PY" - "$RUN" "$(( $(date +%s) - t_start ))" <<'PYEOF'
@@ -89,4 +91,4 @@ times["eval_only_total" if os.environ.get("EVAL_ONLY") else "total"] = total
 (run / "wall_seconds.json").write_text(json.dumps(times, indent=2) + "\n")
 print(json.dumps(times))
 PYEOF
-cat "$RUN/eval_all/buckets.md"
+cat "$RUN/eval_all/buckets.md" "$RUN/eval_all/compare.md"

@@ -62,6 +62,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise DataError(str(e)) from e
     write_outputs(merged, Path(args.out), not args.no_plot)
+    if args.compare:
+        from trainer.evaluate import paired_table
+
+        pairs = []
+        for item in args.compare:
+            a, sep, b = item.partition(":")
+            if not sep:
+                raise DataError(f"--compare expects A:B, got {item!r}")
+            pairs.append((a, b))
+        try:
+            table = paired_table(merged, pairs)
+        except ValueError as e:
+            raise DataError(str(e)) from e
+        (Path(args.out) / "compare.md").write_text(table + "\n")
+        print(table)
     return 0
 
 
@@ -120,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("results", nargs="+", help="eval.json files evaluated with the same settings")
     pm.add_argument("--out", required=True)
     pm.add_argument("--no-plot", action="store_true")
+    pm.add_argument("--compare", nargs="*", help="A:B pairs: paired per-bucket NLL differences A - B")
     pm.set_defaults(func=cmd_merge)
     return p
 

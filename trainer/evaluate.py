@@ -79,19 +79,17 @@ def bucket_edges(seq_len: int, window: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def position_nll(
+def sequence_nll(
     model: TTTModel, seqs: torch.Tensor, ttt: bool, batch: int, inner_lr: float | None, desc: str
 ) -> np.ndarray:
-    """Mean NLL per position [T] over the sequences [N, T+1]."""
-    total = torch.zeros(seqs.shape[1] - 1, dtype=torch.float64)
-    count = torch.zeros_like(total)
+    """NLL [N, T] of every position of every sequence [N, T+1] (NaN where the target is BOS)."""
+    rows = []
     for i in tqdm(range(0, seqs.shape[0], batch), desc=desc, unit="batch"):
         w = seqs[i : i + batch].to(next(model.parameters()).device)
         res = run_sequence(model, w[:, :-1], w[:, 1:], inner=ttt, inner_lr=inner_lr, create_graph=False)
-        m = (w[:, 1:] != model.cfg.bos_token_id).to(torch.float64)
-        total += (res.nll.double() * m).sum(0).cpu()
-        count += m.sum(0).cpu()
-    return (total / count.clamp_min(1)).numpy()
+        nll = res.nll.double().masked_fill(w[:, 1:] == model.cfg.bos_token_id, float("nan"))
+        rows.append(nll.cpu())
+    return torch.cat(rows).numpy()
 
 
 def evaluate(
@@ -118,7 +116,8 @@ def evaluate(
             raise DataError(f"--seq-len {seq_len} is not a multiple of {t.name}'s mini_batch_size")
         record = trainer_record(t.path)
         on = ttt_enabled(model, record, naive_ttt, ttt)
-        curve = position_nll(model, seqs, on, batch, inner_lr, desc=f"eval {t.name}")
+        per_seq = sequence_nll(model, seqs, on, batch, inner_lr, desc=f"eval {t.name}")
+        curve = np.nanmean(per_seq, axis=0)
         if model.cfg.window_size is not None:
             windows.append(model.cfg.window_size)
         minis.append(model.cfg.mini_batch_size)
@@ -131,12 +130,17 @@ def evaluate(
             "train_tokens": record.get("tokens_seen"),
             "mean_nll": float(curve.mean()),
             "curve": [round(float(x), 5) for x in curve],
+            "_per_seq": per_seq,
         }
     k = window or (min(windows) if windows else seq_len)
     edges = bucket_edges(seq_len, k)
     for m in models.values():
-        c = np.asarray(m["curve"])
+        c, per_seq = np.asarray(m["curve"]), m.pop("_per_seq")
         m["buckets"] = {f"{lo}-{hi}": float(c[lo:hi].mean()) for lo, hi in edges}
+        # Each sequence's mean per bucket: paired comparisons between models (same sequences).
+        m["sequence_buckets"] = {
+            f"{lo}-{hi}": [round(float(x), 5) for x in np.nanmean(per_seq[:, lo:hi], axis=1)] for lo, hi in edges
+        }
     return {
         "seq_len": seq_len,
         "window": k,
@@ -157,6 +161,31 @@ def bucket_table(result: dict[str, Any]) -> str:
         m = result["models"][n]
         cells = [f"{m['buckets'][k]:.4f}" for k in keys]
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {m['mean_nll']:.4f} |")
+    return "\n".join(lines)
+
+
+def paired_table(result: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
+    """Markdown: mean NLL difference a - b per bucket over the same sequences, +- 2 standard errors.
+
+    The models read identical windows, so the per-sequence difference removes the
+    (large) variation between documents; a difference whose interval excludes 0 is
+    more than noise in which windows were drawn.
+    """
+    models = result["models"]
+    keys = list(next(iter(models.values()))["buckets"])
+    lines = [
+        "| a - b | " + " | ".join(f"[{k.replace('-', ', ')})" for k in keys) + " |",
+        "|" + "---|" * (len(keys) + 1),
+    ]
+    for a, b in pairs:
+        if a not in models or b not in models:
+            raise ValueError(f"cannot compare {a!r} with {b!r}: models are {sorted(models)}")
+        cells = []
+        for k in keys:
+            d = np.asarray(models[a]["sequence_buckets"][k]) - np.asarray(models[b]["sequence_buckets"][k])
+            se = d.std(ddof=1) / math.sqrt(d.size) if d.size > 1 else float("nan")
+            cells.append(f"{d.mean():+.4f} ± {2 * se:.4f}")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
