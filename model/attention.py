@@ -85,16 +85,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def window_mask(q_start: int, n: int, m: int, window: int | None, device: torch.device) -> torch.Tensor:
+def key_positions(q_start: int, n: int, m: int, sinks: int, device: torch.device) -> torch.Tensor:
+    """Absolute positions [m] of the keys attended over by queries at [q_start, q_start+n).
+
+    The keys are the cache then the n new ones.  The cache is contiguous
+    ([q_start - c, q_start)) unless it had to drop positions while keeping sinks:
+    then it is the first `sinks` positions followed by the most recent ones.
+    """
+    end = q_start + n
+    if m == end or sinks == 0 or m - n <= sinks:
+        return torch.arange(end - m, end, device=device)
+    return torch.cat((torch.arange(sinks, device=device), torch.arange(end - (m - sinks), end, device=device)))
+
+
+def window_mask(q_start: int, n: int, m: int, window: int | None, device: torch.device, sinks: int = 0) -> torch.Tensor:
     """Boolean [n, m] mask: True where query may attend to key.
 
-    Queries sit at [q_start, q_start + n); keys at [q_start + n - m, q_start + n).
+    Query i sees key j when j <= i and (i - window < j or j < sinks).
     """
     qpos = torch.arange(q_start, q_start + n, device=device)[:, None]
-    kpos = torch.arange(q_start + n - m, q_start + n, device=device)[None, :]
+    kpos = key_positions(q_start, n, m, sinks, device)[None, :]
     allowed = kpos <= qpos
     if window is not None:
-        allowed &= kpos > qpos - window
+        allowed &= (kpos > qpos - window) | (kpos < sinks)
     return allowed
 
 
@@ -105,8 +118,9 @@ def attend(
     q_start: int,
     window: int | None,
     impl: AttnImpl,
+    sinks: int = 0,
 ) -> torch.Tensor:
-    """Causal sliding-window attention.
+    """Causal sliding-window attention (plus `sinks` leading positions always visible).
 
     q [B, H, n, hd]; k, v [B, Hkv, m, hd] with m >= n, the last n keys being the
     queries' own.  Returns [B, H, n, hd].
@@ -114,6 +128,8 @@ def attend(
     n, m = q.shape[-2], k.shape[-2]
     if m < n:
         raise ValueError(f"attention needs the queries' own keys: {m} keys < {n} queries")
+    if impl == "flash" and sinks:
+        impl = "sdpa"  # flash-attn's window has no sinks
     if impl == "flash":
         if _flash_attn_func is None:
             raise RuntimeError("attention kernel 'flash' requested but flash_attn is not importable")
@@ -126,7 +142,7 @@ def attend(
             window_size=(window - 1 if window is not None else -1, 0),
         )
         return out.transpose(1, 2)
-    mask = window_mask(q_start, n, m, window, q.device)
+    mask = window_mask(q_start, n, m, window, q.device, sinks)
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     if impl != "math":

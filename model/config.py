@@ -63,6 +63,11 @@ class ModelConfig(BaseModel):
     inner_clip: float = Field(default=1.0, gt=0.0)
     rope_theta: float = Field(default=500000.0, gt=0.0)
     rope_scaling: RopeScaling | None = None
+    attention_sinks: int = Field(default=0, ge=0)
+    """Leading positions every query may attend to besides its window (StreamingLLM's
+    sinks).  0 for TTT-E2E as the paper trains it; converted full-attention models
+    lean on their first token and lose most of what they lose beyond the window
+    without it."""
     qk_norm: bool = True
     post_norm: bool = True
     tie_embeddings: bool = True
@@ -97,6 +102,8 @@ class ModelConfig(BaseModel):
         if self.model_type != "ttt-e2e" and self.num_fast_layers:
             raise ValueError(f"model_type {self.model_type!r} has no fast layers: set num_fast_layers 0")
         if self.model_type == "full-attention":
+            if self.attention_sinks:
+                raise ValueError("attention_sinks only apply with a window: full attention already sees every key")
             if self.window_size is not None:
                 raise ValueError("model_type 'full-attention' attends to everything: set window_size null")
         else:
@@ -124,9 +131,12 @@ class ModelConfig(BaseModel):
 
     def to_json_dict(self) -> dict:
         out = self.model_dump(mode="json")
+        # Optional keys are written only when set, so configs (and digests) of models
+        # that do not use them stay as they were.
         if out["rope_scaling"] is None:
-            # Written only when set, so configs (and digests) of plain-RoPE models stay as they were.
             del out["rope_scaling"]
+        if out["attention_sinks"] == 0:
+            del out["attention_sinks"]
         return out
 
 

@@ -97,7 +97,7 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = (k, v) if past is None else (torch.cat((past[0], k), 2), torch.cat((past[1], v), 2))
-        out = attend(q, keys, values, start, cfg.window_size, impl)
+        out = attend(q, keys, values, start, cfg.window_size, impl, cfg.attention_sinks)
         return self.o(out.transpose(1, 2).reshape(b, n, -1)), (keys, values)
 
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from model.attention import AttnImpl, default_impl
-from model.cache import cache_keep, extend_all
+from model.cache import cache_spec, extend_all
 from model.inner import FastWeights, StepResult, minibatch_step
 from model.network import KV, TTTModel
 
@@ -78,7 +78,7 @@ def run_sequence(
         mask = targets != cfg.bos_token_id
     lr = cfg.inner_lr if inner_lr is None else inner_lr
     impl = impl or default_impl(inputs.device, needs_double_backward=create_graph)
-    keep = cache_keep(cfg.window_size)
+    keep = cache_spec(cfg)
     has_inner = inner and len(model.suffix_layers) > 0
     kv: list[KV | None] = [None] * cfg.num_layers
     fast: FastWeights = model.initial_fast_weights(batch=bsz)

@@ -14,7 +14,7 @@ import struct
 import safetensors.torch
 import torch
 
-from model.cache import cache_keep, join
+from model.cache import cache_spec, join
 from model.checkpoint import digest_of
 from model.network import TTTModel
 from model.state import StreamState
@@ -107,7 +107,7 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
     cfg = model.cfg
     fresh = StreamState.fresh(model, inner_lr=inner_lr)
     device, dtype = fresh.pending_out.device, fresh.pending_out.dtype
-    b, keep = cfg.mini_batch_size, cache_keep(cfg.window_size)
+    b, spec = cfg.mini_batch_size, cache_spec(cfg)
     d, hkv, hd = cfg.hidden_size, cfg.kv_heads, cfg.head_dim
 
     def take(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -143,10 +143,7 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
         v = take(f"{prefix}.v", (hkv, length, hd))
         return k.to(device, dtype)[None], v.to(device, dtype)[None]
 
-    def clip(n: int) -> int:
-        return n if keep is None else min(n, keep)
-
-    state.kv = [cache(f"kv.{i}", clip(steps * b)) for i in range(cfg.num_layers)]
+    state.kv = [cache(f"kv.{i}", spec.length(steps * b)) for i in range(cfg.num_layers)]
     pending = [cache(f"pending_kv.{i}", q) for i in range(cfg.num_layers)]
     state.live_kv = [p if c is None or p is None else join(c, p) for c, p in zip(state.kv, pending, strict=True)]
     _expect(not t, f"unexpected tensors {sorted(t)}")

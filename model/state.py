@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model.attention import AttnImpl, default_impl
-from model.cache import cache_keep, extend_all
+from model.cache import cache_spec, extend_all
 from model.inner import minibatch_step
 from model.network import KV, TTTModel, upcast
 
@@ -143,7 +143,7 @@ class StreamState:
             self.impl,
         )
         self.fast = res.fast
-        self.kv = extend_all(self.kv, res.kv, cache_keep(cfg.window_size))
+        self.kv = extend_all(self.kv, res.kv, cache_spec(cfg))
         report.nll.append(res.nll[0])
         report.losses.append(float(res.loss[0]))
         report.steps += 1

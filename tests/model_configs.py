@@ -10,6 +10,7 @@ MICRO = dict(hidden_size=16, num_heads=2, intermediate_size=16, window_size=12, 
 VARIANTS: dict[str, dict] = {
     "ttt-e2e": {},
     "llama-style": dict(num_kv_heads=1, qk_norm=False, post_norm=False, tie_embeddings=False, num_fast_layers=2),
+    "sinks": dict(attention_sinks=2),
     "swa": dict(model_type="swa", num_fast_layers=0),
     "full-attention": dict(model_type="full-attention", num_fast_layers=0, window_size=None),
 }

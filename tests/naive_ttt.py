@@ -61,9 +61,10 @@ def forward(cfg, W: dict, tokens: torch.Tensor, thetas: list[dict], owner: list[
             for head in range(H):
                 kh = head // (H // Hkv)
                 lo = 0 if cfg.window_size is None else max(0, t - cfg.window_size + 1)
-                scores = torch.stack([q[t, head] @ k[j, kh] for j in range(lo, t + 1)]) / math.sqrt(hd)
+                seen = sorted(set(range(lo, t + 1)) | set(range(min(cfg.attention_sinks, t + 1))))
+                scores = torch.stack([q[t, head] @ k[j, kh] for j in seen]) / math.sqrt(hd)
                 probs = torch.softmax(scores, 0)
-                att[t, head] = sum(probs[j - lo] * v[j, kh] for j in range(lo, t + 1))
+                att[t, head] = sum(p * v[j, kh] for p, j in zip(probs, seen, strict=True))
         h = h + post(att.reshape(n, d) @ W[p + "attn.o.weight"].T, p + "attn_post_norm.weight")
         if i >= cfg.num_layers - cfg.num_fast_layers:
             x = rms(h, W[p + "fast_norm.weight"], eps)

@@ -121,6 +121,7 @@ def test_checkpoint_bad_config_is_named(tmp_path, model):
         (dict(model_type="swa"), "has no fast layers"),
         (dict(bos_token_id=300), "outside the vocabulary"),
         (dict(hidden_size=0), "greater than 0"),
+        (dict(model_type="full-attention", num_fast_layers=0, window_size=None, attention_sinks=1), "only apply"),
     ],
 )
 def test_config_validation(overrides, message):

@@ -132,3 +132,12 @@ def test_clone_is_independent(tiny_model, tiny_tokens):
     for k, v in before.items():
         assert torch.equal(after[k], v), k
     assert_states_close(b, feed(tiny_model, tiny_tokens, [60, 90]), tol=0)
+
+
+@pytest.mark.parametrize("variant", ["sinks", "llama-style", "full-attention"])
+def test_variants_chunking_equals_one_shot(variant):
+    model = init_model(micro(variant), seed=6).requires_grad_(False)
+    toks = torch.randint(0, 256, (61,), generator=torch.Generator().manual_seed(8))
+    one_shot = feed(model, toks, [toks.numel()])
+    for sizes in ([1] * toks.numel(), [3] * 30, [7, 1, 13, 2]):
+        assert_states_close(feed(model, toks, sizes), one_shot)

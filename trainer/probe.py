@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from model.cache import cache_keep, extend_all
+from model.cache import cache_spec, extend_all
 from model.inner import minibatch_step
 from model.network import KV, TTTModel
 
@@ -22,7 +22,7 @@ def inner_before_after(
 ) -> tuple[float, float]:
     """Mean over mini-batches of (loss before, loss after) its test-time step."""
     cfg = model.cfg
-    b, keep = cfg.mini_batch_size, cache_keep(cfg.window_size)
+    b, keep = cfg.mini_batch_size, cache_spec(cfg)
     kv: list[KV | None] = [None] * cfg.num_layers
     fast = model.initial_fast_weights(batch=inputs.shape[0])
     before, after = [], []
