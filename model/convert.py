@@ -46,6 +46,12 @@ from model.network import TTTModel
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_WINDOW = 2048
+DEFAULT_SINKS = 4
+"""Converted models keep their first 4 positions visible beyond the window: models
+trained with full attention park attention on their first tokens ("attention
+sinks"), and without them most of what SWA loses beyond the window is that, not
+lost context (measured on SmolLM2: 1.66 vs 2.23 nats beyond a 2048 window, full
+attention 1.64).  Inside the window nothing changes."""
 
 _LAYER_MAP = {
     "input_layernorm": "attn_norm",
@@ -204,7 +210,13 @@ def _hf_chat_template(d: Path) -> str | None:
 # -- mapping onto our network ----------------------------------------------------------------
 
 
-def target_config(src: LlamaSource, window: int | None, mini_batch: int | None, fast_layers: int | None) -> ModelConfig:
+def target_config(
+    src: LlamaSource,
+    window: int | None,
+    mini_batch: int | None,
+    fast_layers: int | None,
+    attention_sinks: int = DEFAULT_SINKS,
+) -> ModelConfig:
     """Our config for `src`: its shapes and flags plus the TTT-E2E keys."""
     k = DEFAULT_WINDOW if window is None else window
     b = max(1, k // 8) if mini_batch is None else mini_batch  # the reference's k/b = 8192/1024
@@ -220,6 +232,7 @@ def target_config(src: LlamaSource, window: int | None, mini_batch: int | None, 
         num_fast_layers=s,
         window_size=k,
         mini_batch_size=b,
+        attention_sinks=attention_sinks,
         rope_theta=src.rope_theta,
         rope_scaling=src.rope_scaling,
         qk_norm=False,
@@ -273,10 +286,11 @@ def convert(
     fast_layers: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    attention_sinks: int = DEFAULT_SINKS,
 ) -> TTTModel:
     """Convert `source` into a checkpoint at `out_dir` (tokenizer.json beside it); returns the model."""
     src = read_source(source)
-    cfg = target_config(src, window, mini_batch, fast_layers)
+    cfg = target_config(src, window, mini_batch, fast_layers, attention_sinks)
     tensors = to_checkpoint_tensors(src, cfg, seed)
     with torch.device("meta"):
         model = TTTModel(cfg)
@@ -303,6 +317,9 @@ def add_convert_command(sub: Any) -> None:
     c.add_argument("--window", type=int, default=None, help=f"sliding window k (default {DEFAULT_WINDOW})")
     c.add_argument("--mini-batch", type=int, default=None, help="TTT mini-batch b (default k/8)")
     c.add_argument("--fast-layers", type=int, default=None, help="suffix blocks with a fast MLP (default L/4)")
+    c.add_argument(
+        "--attention-sinks", type=int, default=DEFAULT_SINKS, help="leading positions always visible (0: pure SWA)"
+    )
     c.add_argument("--seed", type=int, default=0, help="seed of the fast MLPs' w1, w3")
     c.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="stored weight type")
     c.set_defaults(fn=_cmd_convert)
@@ -310,7 +327,14 @@ def add_convert_command(sub: Any) -> None:
 
 def _cmd_convert(args: Any) -> int:
     model = convert(
-        args.source, args.out, args.window, args.mini_batch, args.fast_layers, args.seed, _DTYPES[args.dtype]
+        args.source,
+        args.out,
+        args.window,
+        args.mini_batch,
+        args.fast_layers,
+        args.seed,
+        _DTYPES[args.dtype],
+        attention_sinks=args.attention_sinks,
     )
     cfg = model.cfg
     n = sum(p.numel() for p in model.parameters())
