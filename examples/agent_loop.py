@@ -4,10 +4,11 @@ then ask it for the next step.
     memoryd serve &                       # no flags: 127.0.0.1:50051, embedded Redis, default model
     python examples/agent_loop.py         # or --target host:port [--token T] [--tls-ca cert.pem]
 
-Needs only the SDK (`pip install ./sdk`: grpcio + protobuf, no torch).  Until a pretrained
-default model ships, the daemon's default model has random weights, so the text it writes
-is noise: the point here is the shape of the loop (what goes where, what is kept, what is
-thrown away), which stays the same with a trained checkpoint.
+Needs only the SDK (`pip install ./sdk`: grpcio + protobuf, no torch).  The daemon's default
+model is SmolLM2-135M-Instruct (converted on its first start): a small model, so expect short,
+plausible rather than wise answers.  With a checkpoint that has no chat template (a random
+preset in the tests) the turns use the SDK's plain-text template and the text is noise: the
+point is the shape of the loop (what goes where, what is kept, what is thrown away).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-from memoryd_sdk import ChatTemplate, MemoryClient, MemorydError, Session
+from memoryd_sdk import MemoryClient, MemorydError, Session
 
 # What the agent's tools "returned" (a real agent would run them and stream their output).
 OBSERVATIONS = {
@@ -30,11 +31,11 @@ OBSERVATIONS = {
 ACTIONS = ["delete old log archives in /var/log/archive", "restart the api service"]
 
 
-def observation_turns(template: ChatTemplate) -> Iterator[str]:
+def observation_turns() -> Iterator[tuple[str, str]]:
     """Each tool result as a `tool` turn, produced as the tool output arrives (line by line)."""
     for tool, lines in OBSERVATIONS.items():
         for line in lines:
-            yield template.turn("tool", f"[{tool}] {line.rstrip()}")
+            yield ("tool", f"[{tool}] {line.rstrip()}")
 
 
 def printable(text: str) -> str:
@@ -46,7 +47,7 @@ def try_action(session: Session, action: str, max_tokens: int, seed: int) -> str
     """Fork the session, play the action in the fork, and ask what the agent expects; the fork is then deleted."""
     with session.fork(metadata={"trying": action}, temporary=True) as trial:
         trial.add_message("assistant", f"Action: {action}")
-        outcome = trial.complete("<|assistant|>\nExpected outcome:", max_tokens=max_tokens, seed=seed, stop=["<|end|>"])
+        outcome = trial.chat("What outcome do you expect?", max_tokens=max_tokens, seed=seed)  # the fork's own memory
         print(f"  fork {trial.id[:8]} (offset {trial.offset}) tried {action!r}")
         print(f"    -> {printable(outcome.text)!r}")
         return outcome.text
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # 1. Tool output streams in as it is produced: one client-streaming call, each line
             #    one append with its own append id (a retry after a dropped connection lands once).
-            r = session.append_stream(observation_turns(session.template))
+            r = session.append_stream(observation_turns())  # turns in the model's chat format
             print(f"streamed {r.tokens} tokens of observations; offset {r.offset}, steps {r.steps}")
 
             # 2. Try two actions on forks: each fork shares the session's state, nothing is copied,

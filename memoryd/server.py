@@ -14,7 +14,6 @@ import json
 import logging
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,13 +29,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from memoryd.auth import Auth
+from memoryd.chat import ChatFormat, chat_format_for
+from memoryd.default_model import adapter_path, apply_adapter, default_checkpoint
 from memoryd.metrics import serve_metrics
 from memoryd.redis_embed import EmbeddedRedis
 from memoryd.service import MemoryServicer
 from memoryd.sessions import Sessions, redis_errors
 from memoryd.settings import Settings
 from memoryd.store import Store
-from model import digest_of, init_model, load_checkpoint, preset, save_checkpoint
+from model import TTTModel, digest_of, load_checkpoint
 from model.tokenizer import load_tokenizer
 
 log = logging.getLogger("memoryd")
@@ -66,16 +67,27 @@ def setup_logging(level: str) -> None:
     root.setLevel(level)
 
 
-def default_checkpoint(data_dir: Path) -> Path:
-    """The `small` preset, made once in the data folder (until a pretrained default ships)."""
-    path = data_dir / "models" / "small-default"
-    if not (path / "config.json").is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
-        save_checkpoint(init_model(preset("small"), seed=0), tmp)
-        tmp.rename(path)  # atomic: a crash never leaves half a checkpoint behind
-        log.info("created the default model (preset small) at %s", path)
-    return path
+def load_model(s: Settings, device: str) -> tuple[TTTModel, Path, str, str]:
+    """The served model, its checkpoint dir, its name and the adapter loaded on top ('' if none).
+
+    `--checkpoint` is served as it is; without it, the default model (converted on
+    first start, see `memoryd.default_model`) with its shipped adapter, if any.
+    """
+    if s.checkpoint is not None:
+        return load_checkpoint(s.checkpoint, device=device), s.checkpoint, s.checkpoint.resolve().name, ""
+    default = default_checkpoint(s.data_dir)
+    model = load_checkpoint(default.path, device=device)
+    adapter = adapter_path(default.name) if default.pretrained else None
+    if adapter is None:
+        return model, default.path, default.name, ""
+    apply_adapter(model, adapter)
+    return model, default.path, default.name, adapter.name
+
+
+def _chat_note(chat: ChatFormat | None) -> str:
+    if chat is None:
+        return "no chat template"
+    return chat.problem or "template"
 
 
 def resolve_device(device: str) -> str:
@@ -113,11 +125,13 @@ async def serve(s: Settings) -> None:
         torch.set_num_threads(s.torch_threads)
     auth = Auth.from_settings(s.auth_tokens_file, s.auth_tokens)
     creds = _credentials(s)
-    ckpt = s.checkpoint or default_checkpoint(s.data_dir)
     device = resolve_device(s.device)
-    model = load_checkpoint(ckpt, device=device)
+    model, ckpt, name, adapter = await asyncio.to_thread(load_model, s, device)
     tok = load_tokenizer(model.cfg, ckpt)
-    log.info(json.dumps({"event": "model", "checkpoint": str(ckpt), "device": device, "digest": digest_of(model)}))
+    chat = chat_format_for(model.cfg, ckpt, tok)
+    event = {"event": "model", "checkpoint": str(ckpt), "device": device, "digest": digest_of(model)}
+    event |= {"adapter": adapter, "chat": _chat_note(chat)}
+    log.info(json.dumps(event))
 
     embedded = None
     url = s.redis_url
@@ -129,14 +143,14 @@ async def serve(s: Settings) -> None:
         url, socket_timeout=s.redis_timeout, socket_connect_timeout=s.redis_timeout, retry=Retry(NoBackoff(), 0)
     )
     store = Store(r, ttl_seconds=s.ttl_seconds, chunk_bytes=s.snapshot_chunk_bytes)
-    sessions = Sessions(model, tok, store, s)
+    sessions = Sessions(model, tok, store, s, chat)
 
     opts = [
         ("grpc.max_receive_message_length", s.max_message_bytes),
         ("grpc.max_send_message_length", s.max_message_bytes),
     ]
     server = grpc.aio.server(options=opts)
-    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(sessions, s, auth), server)
+    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(sessions, s, auth, name, adapter), server)
     hs = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -27,8 +27,9 @@ from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
 
 from memoryd import metrics
 from memoryd.auth import Auth
+from memoryd.chat import Message, TemplateError
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
-from memoryd.sessions import GenParams, Info, Sessions
+from memoryd.sessions import Content, GenParams, Info, Sessions
 from memoryd.settings import Settings
 from memoryd.store import SNAPSHOT_FORMAT
 
@@ -177,12 +178,42 @@ def session_pb(info: Info) -> pb.Session:
 
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
-    def __init__(self, sessions: Sessions, settings: Settings, auth: Auth) -> None:
+    def __init__(
+        self, sessions: Sessions, settings: Settings, auth: Auth, model_name: str = "", adapter: str = ""
+    ) -> None:
         self.sessions = sessions
         self.s = settings
         self.auth = auth
         self.tok = sessions.tok
+        self.chat = sessions.chat
         self.vocab = sessions.model.cfg.vocab_size
+        self.model_info = self._model_info(model_name, adapter)
+
+    def _model_info(self, name: str, adapter: str) -> pb.ModelInfo:
+        cfg = self.sessions.model.cfg
+        chat = self.chat
+        return pb.ModelInfo(
+            digest=self.sessions.digest,
+            model_type=cfg.model_type,
+            name=name,
+            vocab_size=cfg.vocab_size,
+            bos_token_id=cfg.bos_token_id,
+            eos_token_id=cfg.eos_token_id,
+            tokenizer="bytes" if cfg.tokenizer == "bytes" else "huggingface",
+            chat_template=cfg.chat_template or "",
+            chat_messages=chat is not None and chat.problem is None,
+            chat_problem=(chat.problem or "") if chat is not None else "",
+            generation_prompt=chat.generation_prompt if chat is not None else "",
+            turn_closing=chat.closing if chat is not None else "",
+            window_size=cfg.window_size or 0,
+            mini_batch_size=cfg.mini_batch_size,
+            num_fast_layers=cfg.num_fast_layers,
+            num_layers=cfg.num_layers,
+            adapter=adapter,
+            max_append_tokens=self.s.max_append_tokens,
+            max_generate_tokens=self.s.max_generate_tokens,
+            max_message_bytes=self.s.max_message_bytes,
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -211,6 +242,48 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 raise InvalidArgument(f"token id {t} at index {i} is outside the vocabulary [0, {self.vocab})")
         return ids
 
+    def messages_of(self, msgs: Any, what: str) -> list[Message]:
+        """Chat messages checked against the model's chat format (before any session is touched)."""
+        if self.chat is None:
+            raise InvalidArgument(
+                f"{what} messages need a chat template, and this model has none: append text or token ids "
+                "(the SDK then formats turns with its plain-text template, memoryd_sdk.chat.PlainTemplate)"
+            )
+        if self.chat.problem is not None:
+            raise InvalidArgument(
+                f"{what} messages cannot be used with this model's chat template: {self.chat.problem}"
+            )
+        out = [Message(m.role, m.content) for m in msgs]
+        size = sum(len(m.content) for m in out)
+        if size > self.s.max_append_tokens * 8:
+            raise ResourceExhausted(f"{what} messages hold {size} characters; too large for one message")
+        try:
+            self.chat.check_messages(out)
+        except TemplateError as e:
+            raise InvalidArgument(f"{what}: {e}") from e
+        return out
+
+    def rendered(self, messages: list[Message], what: str, generation_prompt: bool = False) -> Content:
+        """The messages' tokens as a function of the offset they land at (0: they open the conversation)."""
+        chat = self.chat
+        assert chat is not None
+
+        def at(offset: int) -> list[int]:
+            try:
+                text = chat.render(messages, start=offset == 0, add_generation_prompt=generation_prompt)
+            except TemplateError as e:
+                raise InvalidArgument(f"{what}: {e}") from e
+            ids = self.tok.encode(text) if text else []
+            if not ids and not generation_prompt:
+                raise InvalidArgument(f"{what} messages render to no text with this model's chat template")
+            if len(ids) > self.s.max_append_tokens:
+                raise ResourceExhausted(
+                    f"{what} messages make {len(ids)} tokens; at most {self.s.max_append_tokens} per message (split it)"
+                )
+            return ids
+
+        return at
+
     def gen_params(self, r: pb.GenerateRequest) -> GenParams:
         if r.max_tokens == 0:
             raise InvalidArgument("max_tokens must be at least 1")
@@ -234,8 +307,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             if not 0 <= t < self.vocab:
                 raise InvalidArgument(f"stop token id {t} is outside the vocabulary [0, {self.vocab})")
         seed = r.seed if r.HasField("seed") else None
+        suffix: list[int] = []
+        if r.commit_suffix:
+            if r.add_generation_prompt:
+                raise InvalidArgument("commit_suffix is not for chat replies: the chat template closes the turn")
+            suffix = self.tokens_of(r.commit_suffix, [], "commit_suffix")
+        if r.add_generation_prompt and r.commit:
+            assert self.chat is not None  # checked with the prompt
+            suffix = self.tok.encode(self.chat.closing) if self.chat.closing else []
         return GenParams(
-            r.max_tokens, r.temperature, r.top_p, r.top_k, seed, list(r.stop), [int(t) for t in r.stop_tokens]
+            r.max_tokens,
+            r.temperature,
+            r.top_p,
+            r.top_k,
+            seed,
+            list(r.stop),
+            [int(t) for t in r.stop_tokens],
+            r.commit_stop,
+            suffix,
         )
 
     # -- sessions ----------------------------------------------------------------------------
@@ -292,7 +381,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     # -- append ------------------------------------------------------------------------------
 
     async def _append_one(self, tenant: str, sid: str, r: pb.AppendRequest) -> Any:
-        tokens = self.tokens_of(r.text, r.tokens, "append")
+        tokens: Content
+        if len(r.messages):
+            if r.text or len(r.tokens):
+                raise InvalidArgument("give one of append text, token ids or messages, not several")
+            tokens = self.rendered(self.messages_of(r.messages, "append"), "append")
+        else:
+            tokens = self.tokens_of(r.text, r.tokens, "append")
         aid = check_append_id(r.append_id)
         expected = r.expected_offset if r.HasField("expected_offset") else None
         return await self.sessions.append(tenant, sid, tokens, expected, aid)
@@ -350,8 +445,17 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def Generate(self, tenant: str, r: pb.GenerateRequest, ctx: Any) -> AsyncIterator[pb.GenerateResponse]:
         sid = check_session_id(r.session_id)
         note(session=sid, commit=r.commit)
+        prompt: Content
+        if len(r.prompt_messages) or r.add_generation_prompt:
+            if r.prompt_text or len(r.prompt_tokens):
+                raise InvalidArgument(
+                    "give one of prompt_text, prompt_tokens or prompt_messages (add_generation_prompt is chat)"
+                )
+            msgs = self.messages_of(r.prompt_messages, "prompt")
+            prompt = self.rendered(msgs, "prompt", generation_prompt=r.add_generation_prompt)
+        else:
+            prompt = self.tokens_of(r.prompt_text, r.prompt_tokens, "prompt", allow_empty=True)
         params = self.gen_params(r)
-        prompt = self.tokens_of(r.prompt_text, r.prompt_tokens, "prompt", allow_empty=True)
         aid = check_append_id(r.append_id)
         expected = r.expected_offset if r.HasField("expected_offset") else None
         reasons = {
@@ -370,9 +474,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     offset=ev.offset,
                     generated_tokens=ev.generated,
                     duplicate=ev.duplicate,
+                    committed_tokens=ev.committed,
                 )
             else:
                 yield pb.GenerateResponse(tokens=ev.tokens, text=ev.text)
+
+    # -- model -------------------------------------------------------------------------------
+
+    @unary
+    async def GetModel(self, tenant: str, r: pb.GetModelRequest, ctx: Any) -> pb.ModelInfo:
+        return self.model_info
 
     # -- export / import ---------------------------------------------------------------------
 

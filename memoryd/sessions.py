@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ import redis.exceptions
 import torch
 
 from memoryd import metrics
+from memoryd.chat import ChatFormat
 from memoryd.errors import (
     Aborted,
     AlreadyExists,
@@ -55,6 +57,12 @@ from model import (
 log = logging.getLogger("memoryd.sessions")
 T = TypeVar("T")
 Key = tuple[str, str]
+Content = list[int] | Callable[[int], list[int]]
+"""Token ids, or a function of the offset they will land at (chat messages render differently at 0)."""
+
+
+def tokens_at(content: Content, offset: int) -> list[int]:
+    return content(offset) if callable(content) else content
 
 
 @dataclass
@@ -108,6 +116,10 @@ class GenParams:
     seed: int | None
     stop: list[str]
     stop_tokens: list[int]
+    commit_stop: bool = False
+    """Commit the stop token / the tokens of the stop string too (else: exactly the text sent)."""
+    suffix: list[int] = field(default_factory=list)
+    """Committed after the output (a chat turn's closing)."""
 
 
 @dataclass
@@ -119,6 +131,7 @@ class GenEvent:
     offset: int = 0
     generated: int = 0
     duplicate: bool = False
+    committed: int = 0
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
@@ -128,9 +141,12 @@ def redis_errors() -> tuple[type[BaseException], ...]:
 class Sessions:
     """The session table of one daemon."""
 
-    def __init__(self, model: Any, tokenizer: Any, store: Store, settings: Settings) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, store: Store, settings: Settings, chat: ChatFormat | None = None
+    ) -> None:
         self.model = model
         self.tok = tokenizer
+        self.chat = chat
         self.store = store
         self.s = settings
         self.digest = digest_of(model)
@@ -430,26 +446,19 @@ class Sessions:
             raise NotFound(f"session {dst!r} vanished right after the fork; retry")
         return self._info(head, None)
 
-    async def _find_duplicate(self, key: Key, append_id: str, pieces: list[list[int]]) -> AppendResult | None:
+    async def _find_duplicate(self, key: Key, append_id: str) -> AppendResult | None:
         if not append_id:
             return None
         async with self._redis():
-            dup = await self.store.find_append(*key, append_id)
-        if dup is not None and dup.tokhash != tokens_hash(pieces):
-            raise InvalidArgument(
-                f"append_id {append_id!r} was already used for other tokens (at offset {dup.start}); "
-                "use a new append_id for new tokens",
-                offset=None,
-            )
-        return dup
+            return await self.store.find_append(*key, append_id)
 
     async def _commit(
-        self, key: Key, hot: Hot, new: StreamState, pieces: list[list[int]], append_id: str
+        self, key: Key, hot: Hot, new: StreamState, pieces: list[list[int]], append_id: str, record: str = ""
     ) -> AppendResult:
         """Make pieces durable (CAS on the offset), then swap `new` in."""
         tenant, sid = key
         async with self._redis(key):
-            res = await self.store.append(tenant, sid, hot.fence, hot.state.position, pieces, append_id)
+            res = await self.store.append(tenant, sid, hot.fence, hot.state.position, pieces, append_id, record)
         if res.status == "ok":
             hot.set_state(new)
             self._hot.move_to_end(key)
@@ -469,13 +478,18 @@ class Sessions:
         raise Unavailable(f"session {sid!r} changed under this daemon (now at offset {res.offset}); retry")
 
     async def append(
-        self, tenant: str, sid: str, tokens: list[int], expected: int | None, append_id: str
+        self, tenant: str, sid: str, content: Content, expected: int | None, append_id: str
     ) -> AppendOutcome:
         key = (tenant, sid)
         async with self.lock(key):
             hot = await self._load(key)
-            dup = await self._find_duplicate(key, append_id, [tokens])
+            dup = await self._find_duplicate(key, append_id)
             if dup is not None:
+                if dup.record or dup.tokhash != tokens_hash([tokens_at(content, dup.start)]):
+                    raise InvalidArgument(
+                        f"append_id {append_id!r} was already used for other tokens (at offset {dup.start}); "
+                        "use a new append_id for new tokens"
+                    )
                 st = hot.state
                 return AppendOutcome(dup.start, dup.offset, dup.offset - dup.start, 0, True, st.pending_count)
             if expected is not None and expected != hot.state.position:
@@ -483,6 +497,7 @@ class Sessions:
                     f"expected offset {expected}, but the session is at offset {hot.state.position}",
                     offset=hot.state.position,
                 )
+            tokens = tokens_at(content, hot.state.position)
             new = hot.state.clone()
             try:
                 report = await self.run(new.append, tokens)
@@ -499,7 +514,7 @@ class Sessions:
         self,
         tenant: str,
         sid: str,
-        prompt: list[int],
+        prompt: Content,
         p: GenParams,
         commit: bool,
         expected: int | None,
@@ -510,31 +525,33 @@ class Sessions:
         async with self.lock(key):
             hot = await self._load(key)
             if commit and append_id:
-                async with self._redis():
-                    dup = await self.store.find_append(tenant, sid, append_id)
+                dup = await self._find_duplicate(key, append_id)
                 if dup is not None:
-                    yield GenEvent([], "", True, "", dup.offset, 0, True)
+                    yield self._replayed(append_id, dup, tokens_at(prompt, dup.start))
                     return
             if expected is not None and expected != hot.state.position:
                 raise Aborted(
                     f"expected offset {expected}, but the session is at offset {hot.state.position}",
                     offset=hot.state.position,
                 )
+            prompt_ids = tokens_at(prompt, hot.state.position)
             work = hot.state.clone()
             pieces: list[list[int]] = []
-            if prompt:
+            if prompt_ids:
                 try:
-                    await self.run(work.append, prompt)
+                    await self.run(work.append, prompt_ids)
                 except InputError as e:
                     raise InvalidArgument(str(e)) from e
-                pieces.append(prompt)
+                pieces.append(prompt_ids)
             if work.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
+            after_prompt = work.clone()
             seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
             gen = torch.Generator().manual_seed(seed % (2**63))
             stops = {self.tok.eos_id, *p.stop_tokens}
             decoder, text = self.tok.stream_decoder(), StopText(p.stop)
             out: list[int] = []
+            sent: list[str] = []
             finish = "length"
 
             def step(prev: int | None) -> int:
@@ -553,6 +570,7 @@ class Sessions:
                     yield GenEvent([t], "")
                     break
                 delta = text.push(decoder.push(t))
+                sent.append(delta)
                 yield GenEvent([t], delta)
                 if text.stopped:
                     finish = "stop_string"
@@ -563,14 +581,60 @@ class Sessions:
                 if full.startswith(text.text):
                     tail = text.push(full[len(text.text) :])
             tail += text.flush()
-            offset = hot.state.position
+            sent.append(tail)
+            offset, committed = hot.state.position, 0
             if commit:
-                await self.run(work.append, [out[-1]])
-                pieces += [[t] for t in out]
-                res = await self._commit(key, hot, work, pieces, append_id)
-                offset = res.offset
+                kept = self._kept_output(out, finish, text, p.commit_stop)
+                rest = kept[len(out) - 1 :] if kept[: len(out) - 1] == out[:-1] else None
+                if rest is not None:  # `work` has read out[:-1], which kept begins with: read the rest
+                    pieces += [[t] for t in out[:-1]]
+                    state, last = work, rest + p.suffix
+                else:  # kept diverges from what `work` read (a stop string cut inside a token)
+                    state, last = after_prompt, kept + p.suffix
+                if last:
+                    await self.run(state.append, last)
+                    pieces.append(last)
+                record = json.dumps(
+                    {"p": tokens_hash([prompt_ids]), "g": out, "t": "".join(sent), "f": finish},
+                    separators=(",", ":"),
+                )
+                res = await self._commit(key, hot, state, pieces, append_id, record)
+                offset, committed = res.offset, res.offset - res.start
                 metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
-            yield GenEvent([], tail, True, finish, offset, len(out), False)
+            yield GenEvent([], tail, True, finish, offset, len(out), False, committed)
+
+    def _kept_output(self, out: list[int], finish: str, text: StopText, commit_stop: bool) -> list[int]:
+        """The output tokens a committed generation keeps: all, or exactly the text the client was sent."""
+        if commit_stop or finish == "length":
+            return out
+        if finish == "stop_token":
+            return out[:-1]
+        cut = text.text[: text.sent]  # the text before the stop string
+        for k in range(len(out) - 1, -1, -1):
+            head = self.tok.decode(out[:k])
+            if cut.startswith(head) and not head.endswith("\ufffd"):
+                rest = cut[len(head) :]
+                return out[:k] + (self.tok.encode(rest) if rest else [])
+        return self.tok.encode(cut) if cut else []
+
+    def _replayed(self, append_id: str, dup: AppendResult, prompt: list[int]) -> GenEvent:
+        """The answer to a retried committed generation that already landed: its original output."""
+        try:
+            rec = json.loads(dup.record) if dup.record else None
+        except json.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or "p" not in rec:
+            raise InvalidArgument(
+                f"append_id {append_id!r} was already used by an append (at offset {dup.start}), not a generation; "
+                "use a new append_id"
+            )
+        if rec["p"] != tokens_hash([prompt]):
+            raise InvalidArgument(
+                f"append_id {append_id!r} was already used for a generation with another prompt "
+                f"(at offset {dup.start}); use a new append_id for a new generation"
+            )
+        out = [int(t) for t in rec["g"]]
+        return GenEvent(out, str(rec["t"]), True, str(rec["f"]), dup.offset, len(out), True, dup.offset - dup.start)
 
     async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
         """The session's head and its whole state as snapshot bytes (safetensors)."""

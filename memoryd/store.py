@@ -6,7 +6,9 @@ Layout (prefix `md`, `{t/s}` = tenant/session hash tag):
                               snap (snapshot id or ""), snap_off, gen, fence
     md:s:{t/s}:log     LIST   token log after the head's snapshot, one JSON entry
                               per piece the model read: {"o": start offset, "t": [ids]}
-    md:s:{t/s}:ids     HASH   append_id -> "start,end,tokens-hash" (dedup of retries)
+    md:s:{t/s}:ids     HASH   append_id -> "start,end,tokens-hash[,record]" (dedup of retries;
+                              a committed generation's record is JSON: its prompt's hash,
+                              output tokens, text and finish reason, so a retry gets them back)
     md:s:{t/s}:lease   STRING the daemon serving the session (PX lease_seconds)
     md:s:{t/s}:want    STRING another daemon asks for the session (it is written out and released)
     md:t:{tenant}:idx  ZSET   the tenant's session ids (for paged listing)
@@ -242,6 +244,13 @@ class AppendResult:
     offset: int = 0
     start: int = 0
     tokhash: str = ""
+    record: str = ""
+    """What the writer stored with the append id beside the offsets (a generation's output)."""
+
+    @classmethod
+    def parse_duplicate(cls, value: bytes) -> AppendResult:
+        s, e, h, *rest = value.decode().split(",", 3)
+        return cls("duplicate", offset=int(e), start=int(s), tokhash=h, record=rest[0] if rest else "")
 
 
 @dataclass
@@ -348,26 +357,36 @@ class Store:
             raise DataLoss(f"session {sid}: stored head is malformed ({e})") from e
 
     async def append(
-        self, tenant: str, sid: str, fence: int, start: int, pieces: list[list[int]], append_id: str = ""
+        self,
+        tenant: str,
+        sid: str,
+        fence: int,
+        start: int,
+        pieces: list[list[int]],
+        append_id: str = "",
+        record: str = "",
     ) -> AppendResult:
-        """Durably add pieces at `start` (compare-and-set on the offset, fenced, deduplicated)."""
+        """Durably add pieces at `start` (compare-and-set on the offset, fenced, deduplicated).
+
+        `record` is kept with the append id (it may hold commas: it is the last field).
+        """
         entries, pos = [], start
         for p in pieces:
             entries.append(log_entry(pos, p))
             pos += len(p)
         th = tokens_hash(pieces) if append_id else ""
-        args = [fence, start, pos, append_id, th, self.ttl, time.time(), *entries]
+        value = f"{th},{record}" if record else th
+        args = [fence, start, pos, append_id, value, self.ttl, time.time(), *entries]
         res = await self._append(keys=self._session_keys(tenant, sid), args=args)
         code = int(res[0])
         if code == 1:
-            return AppendResult("ok", offset=pos, start=start, tokhash=th)
+            return AppendResult("ok", offset=pos, start=start, tokhash=th, record=record)
         if code == -1:
             return AppendResult("not_found")
         if code == -2:
             return AppendResult("fenced")
         if code == -3:
-            s, e, h = res[1].decode().split(",")
-            return AppendResult("duplicate", offset=int(e), start=int(s), tokhash=h)
+            return AppendResult.parse_duplicate(res[1])
         return AppendResult("mismatch", offset=int(res[1]))
 
     async def find_append(self, tenant: str, sid: str, append_id: str) -> AppendResult | None:
@@ -375,8 +394,7 @@ class Store:
         d = await self.r.hget(self._k(tenant, sid, "ids"), append_id)
         if d is None:
             return None
-        s, e, h = d.decode().split(",")
-        return AppendResult("duplicate", offset=int(e), start=int(s), tokhash=h)
+        return AppendResult.parse_duplicate(d)
 
     async def read_log(self, tenant: str, sid: str, from_offset: int, to_offset: int) -> list[list[int]]:
         """The pieces from `from_offset` to `to_offset`, checked to be contiguous."""

@@ -293,10 +293,12 @@ def test_add_message_and_chat(client: MemoryClient) -> None:
     before = s.offset
     reply = s.chat("What next?", max_tokens=10, seed=1)
     prompt = "<|user|>\nWhat next?<|end|>\n<|assistant|>\n"
-    closing = PlainTemplate().close(reply.finish_reason)
+    closing = PlainTemplate().close()
     assert reply.finish_reason in (FinishReason.LENGTH, FinishReason.STOP_TOKEN)
     assert closing == "<|end|>\n"
-    assert reply.offset == before + text_len(prompt) + reply.generation.generated_tokens + text_len(closing)
+    kept = reply.generation.generated_tokens - (reply.finish_reason == FinishReason.STOP_TOKEN)  # EOS left out
+    assert reply.offset == before + text_len(prompt) + kept + text_len(closing)
+    assert reply.generation.committed_tokens == reply.offset - before  # one commit: turn, reply, closing
     assert s.offset == reply.offset == s.info().offset
     assert reply.text == reply.generation.text and len(reply.tokens) == reply.generation.generated_tokens
 
@@ -304,13 +306,14 @@ def test_add_message_and_chat(client: MemoryClient) -> None:
         s.add_message("bad role", "x")
     with pytest.raises(ValueError, match="turn marker"):
         s.add_message("tool", "sneaky <|end|> marker")
-    assert PlainTemplate().close(FinishReason.STOP_STRING) == "\n"  # the stop string itself was committed
+    assert isinstance(s.chat_format(), PlainTemplate)  # the tiny model has no chat template of its own
 
 
 def test_chat_stopped_at_the_turn_marker(sdk_daemon: Daemon, client: MemoryClient) -> None:
-    """The STOP_STRING path of chat: reply cut before the marker, the marker's tokens committed, then
-    the template's closing text.  A template whose marker the (random) model is sure to write makes
-    it happen; it also shows a custom template plugging in through the client."""
+    """The STOP_STRING path of chat: reply cut before the marker, and exactly the reply text is
+    committed (not the tokens that formed the marker), then the template's closing, once.  A template
+    whose marker the (random) model is sure to write makes it happen; it also shows a custom template
+    plugging in through the client."""
     s = client.create_session()
     s.add_message("system", "be brief")
     prompt = "<|user|>\nWhat next?<|end|>\n<|assistant|>\n"
@@ -328,8 +331,11 @@ def test_chat_stopped_at_the_turn_marker(sdk_daemon: Daemon, client: MemoryClien
         reply = s2.chat("What next?", max_tokens=20)
     assert reply.finish_reason == FinishReason.STOP_STRING
     assert reply.text == greedy[: greedy.find(marker)]
-    n = reply.generation.generated_tokens
-    assert reply.offset == before + text_len(prompt) + n + 1  # + "\n", the closing after a stop string
+    toks = reply.tokens
+    kept = min(k for k in range(len(toks) + 1) if bytes(toks[:k]).decode(errors="replace") == reply.text)
+    assert kept < len(toks)  # the marker's tokens were sampled ...
+    closing = text_len("<|end|>\n")
+    assert reply.offset == before + text_len(prompt) + kept + closing  # ... and not committed
     assert s.info().offset == reply.offset
 
 

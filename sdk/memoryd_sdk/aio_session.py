@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from typing import TYPE_CHECKING
 
 from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk.aio_generation import AsyncGenerateStream
-from memoryd_sdk.chat import ChatTemplate
+from memoryd_sdk.chat import DEFAULT_TEMPLATE, SERVER_TEMPLATE, ChatTemplate, ServerTemplate
 from memoryd_sdk.errors import OffsetConflict
 from memoryd_sdk.export_file import Dest
-from memoryd_sdk.requests import Content, generate_request, new_append_id, sampling
+from memoryd_sdk.requests import Content, Extras, Message, generate_request, is_message, new_append_id, sampling
+from memoryd_sdk.session import _turn_text
 from memoryd_sdk.types import AppendResult, ChatReply, ExportHeader, GenerateChunk, GenerateResult, SessionInfo
 
 if TYPE_CHECKING:
@@ -76,8 +77,10 @@ class AsyncSession:
             return res
 
     async def append_stream(
-        self, pieces: Iterable[Content] | AsyncIterable[Content], *, timeout: float | None = None
+        self, pieces: Iterable[Content | Message] | AsyncIterable[Content | Message], *, timeout: float | None = None
     ) -> AppendResult:
+        """As `Session.append_stream` (pieces: text, token ids or `(role, content)` turns)."""
+        pieces = self._formatted(pieces)
         async with self._lock:
             try:
                 res = await self.client.append_stream(self.id, pieces, await self._expected(), timeout=timeout)
@@ -87,6 +90,27 @@ class AsyncSession:
                 raise
             self.offset = res.offset
             return res
+
+    async def _formatted(
+        self, pieces: Iterable[Content | Message] | AsyncIterable[Content | Message]
+    ) -> AsyncIterator[Content | Message]:
+        """As `Session._formatted`."""
+        fmt: ChatTemplate | ServerTemplate | None = None
+
+        async def each() -> AsyncIterator[Content | Message]:
+            if isinstance(pieces, AsyncIterable):
+                async for p in pieces:
+                    yield p
+            else:
+                for p in pieces:
+                    yield p
+
+        async for p in each():
+            if is_message(p):
+                fmt = fmt or await self.chat_format()
+                if not isinstance(fmt, ServerTemplate):
+                    p = _turn_text(fmt, p)
+            yield p
 
     def generate(
         self,
@@ -101,18 +125,21 @@ class AsyncSession:
         seed: int | None = None,
         commit: bool = False,
         append_id: str | None = None,
+        commit_stop: bool = False,
+        commit_suffix: str = "",
         timeout: float | None = None,
     ) -> AsyncGenerateStream:
         """As `Session.generate`: `async for delta in session.generate(...)`."""
         settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
         aid = append_id or new_append_id()
+        extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix)
 
         async def make() -> pb.GenerateRequest:
             expected = None
             if commit:
                 async with self._lock:
                     expected = await self._expected()
-            return generate_request(self.id, prompt, settings, commit, expected, aid)
+            return generate_request(self.id, prompt, settings, commit, expected, aid, extras)
 
         def on_done(last: GenerateChunk) -> None:
             if commit:
@@ -133,13 +160,18 @@ class AsyncSession:
         seed: int | None = None,
         commit: bool = False,
         append_id: str | None = None,
+        commit_stop: bool = False,
+        commit_suffix: str = "",
         timeout: float | None = None,
+        _extras: Extras | None = None,
     ) -> GenerateResult:
         """As `Session.complete`: the non-streaming generate (text and token ids)."""
         settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
+        extras = _extras or Extras(commit_stop=commit_stop, commit_suffix=commit_suffix)
         async with self._lock:
             expected = await self._expected() if commit else None
-            req = generate_request(self.id, prompt, settings, commit, expected, append_id or new_append_id())
+            aid = append_id or new_append_id()
+            req = generate_request(self.id, prompt, settings, commit, expected, aid, extras)
             try:
                 res = await self.client._complete(req, timeout)
             except OffsetConflict as e:
@@ -190,9 +222,30 @@ class AsyncSession:
         self.offset, self.last_info = s.offset, s.last_info
         return self
 
+    async def chat_format(self) -> ChatTemplate | ServerTemplate:
+        """As `Session.chat_format`."""
+        if self.template is not None:
+            return self.template
+        return SERVER_TEMPLATE if (await self.client.cached_model_info()).chat_messages else DEFAULT_TEMPLATE
+
     async def add_message(self, role: str, content: str, *, append_id: str | None = None) -> AppendResult:
-        """As `Session.add_message` (template documented in `memoryd_sdk.chat`)."""
-        return await self.append(self.template.turn(role, content), append_id=append_id)
+        """As `Session.add_message` (formats documented in `memoryd_sdk.chat`)."""
+        return await self.add_messages([(role, content)], append_id=append_id)
+
+    async def add_messages(self, messages: list[Message], *, append_id: str | None = None) -> AppendResult:
+        """As `Session.add_messages`."""
+        fmt = await self.chat_format()
+        if isinstance(fmt, ServerTemplate):
+            async with self._lock:
+                try:
+                    res = await self.client.append_messages(self.id, messages, await self._expected(), append_id)
+                except OffsetConflict as e:
+                    if e.offset is not None:
+                        self.offset = e.offset
+                    raise
+                self.offset = res.offset
+                return res
+        return await self.append("".join(_turn_text(fmt, m) for m in messages), append_id=append_id)
 
     async def chat(
         self,
@@ -207,19 +260,17 @@ class AsyncSession:
         seed: int | None = None,
         timeout: float | None = None,
     ) -> ChatReply:
-        """As `Session.chat`: one committed generation of turn + reply, then the closing text."""
-        prompt = self.template.turn(role, text) + self.template.reply_prefix(reply_role)
-        gen = await self.complete(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=self.template.stop(),
-            commit=True,
-            timeout=timeout,
-        )
-        closing = self.template.close(gen.finish_reason)
-        offset = (await self.append(closing, timeout=timeout)).offset if closing else gen.offset
-        return ChatReply(gen.text, gen.tokens, gen.finish_reason, offset, gen)
+        """As `Session.chat`: one committed generation of turn + reply + the turn's closing."""
+        fmt = await self.chat_format()
+        kw = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if isinstance(fmt, ServerTemplate):
+            if reply_role != fmt.reply_role:
+                raise ValueError(f"this model's chat template writes replies as {fmt.reply_role!r}, not {reply_role!r}")
+            extras = Extras(messages=((role, text),), add_generation_prompt=True)
+            gen = await self.complete(None, **kw, seed=seed, commit=True, timeout=timeout, _extras=extras)
+        else:
+            prompt = fmt.turn(role, text) + fmt.reply_prefix(reply_role)
+            gen = await self.complete(
+                prompt, **kw, seed=seed, stop=fmt.stop(), commit=True, commit_suffix=fmt.close(), timeout=timeout
+            )
+        return ChatReply(gen.text, gen.tokens, gen.finish_reason, gen.offset, gen)

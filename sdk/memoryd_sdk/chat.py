@@ -1,6 +1,14 @@
 """How conversation turns become session text.
 
-The default, `PlainTemplate`, writes each turn as::
+When the served model has a chat template (a converted instruct model such as the
+default SmolLM2; `MemoryClient.model_info().chat_messages`), `Session.add_message`
+and `Session.chat` send role-tagged messages and the *server* formats them with that
+template (`ServerTemplate` below stands for it): the session then reads exactly as
+the model was tuned to read a conversation, and the reply is closed by the
+template's own turn closing, in the same atomic commit.
+
+Otherwise the SDK formats turns itself.  The default, `PlainTemplate`, writes each
+turn as::
 
     <|user|>
     What changed since yesterday?<|end|>
@@ -8,25 +16,21 @@ The default, `PlainTemplate`, writes each turn as::
     The deploy was rolled back.<|end|>
 
 i.e. `<|{role}|>` + newline + content + `<|end|>` + newline.  A reply is generated after
-the prompt `<|assistant|>\\n` and stops at `<|end|>` (the "next turn marker"); the
-server commits the tokens that formed the stop string, so after the generation the SDK
-appends whatever the template says closes the turn (`"\\n"` after a stop string,
-`"<|end|>\\n"` after a length or end-of-sequence stop) and the session text stays in
-the same shape whichever way a reply ended.
+the prompt `<|assistant|>\\n` and stops at `<|end|>`; the server commits exactly the
+reply text it sent (not the stop string's tokens) followed by the template's `close()`
+(`"<|end|>\\n"`), in the same committed generation, so the turn is closed once and
+cleanly whichever way the reply ended.
 
 It is plain text on purpose: memoryd's byte-level presets have no special tokens, and
-the markers survive any tokenizer.  A checkpoint that ships its own chat template
-(special tokens, a Jinja template in its tokenizer config) plugs in by implementing the
+the markers survive any tokenizer.  Any other format plugs in by implementing the
 `ChatTemplate` protocol below and passing it as `Session(..., template=...)` or
-`MemoryClient(..., template=...)`; nothing else in the SDK knows the format.
+`MemoryClient(..., template=...)` (an explicit template always wins over the model's).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Protocol
-
-from memoryd_sdk.types import FinishReason
 
 
 class ChatTemplate(Protocol):
@@ -44,8 +48,8 @@ class ChatTemplate(Protocol):
         """Stop strings that end a generated turn."""
         ...
 
-    def close(self, finish: FinishReason) -> str:
-        """Text to append after a committed reply so the turn is closed ('' if nothing)."""
+    def close(self) -> str:
+        """Text committed right after a reply (cut before its stop string) to close the turn."""
         ...
 
 
@@ -75,8 +79,20 @@ class PlainTemplate:
     def stop(self) -> list[str]:
         return [self.end]
 
-    def close(self, finish: FinishReason) -> str:
-        return "\n" if finish == FinishReason.STOP_STRING else self.end + "\n"
+    def close(self) -> str:
+        return self.end + "\n"
 
 
 DEFAULT_TEMPLATE = PlainTemplate()
+
+
+class ServerTemplate:
+    """The served model's own chat template, applied by the server (see the module docstring)."""
+
+    reply_role = "assistant"
+
+    def __repr__(self) -> str:
+        return "ServerTemplate()"
+
+
+SERVER_TEMPLATE = ServerTemplate()

@@ -25,17 +25,20 @@ import grpc
 
 from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
-from memoryd_sdk.chat import DEFAULT_TEMPLATE, ChatTemplate
+from memoryd_sdk.chat import ChatTemplate
 from memoryd_sdk.connection import TLS, auth_metadata, sync_channel
 from memoryd_sdk.errors import AlreadyExists, MemorydError, NotFound, OffsetConflict, from_rpc_error
 from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, read_header, write_header
 from memoryd_sdk.generation import GenerateStream
 from memoryd_sdk.requests import (
     Content,
+    Extras,
+    Message,
     StreamBuilder,
     append_request,
     fork_request,
     generate_request,
+    messages_request,
     new_append_id,
     new_session_id,
     reset_request,
@@ -43,7 +46,7 @@ from memoryd_sdk.requests import (
 )
 from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry
 from memoryd_sdk.session import Session
-from memoryd_sdk.types import AppendResult, ExportHeader, GenerateChunk, GenerateResult, SessionInfo
+from memoryd_sdk.types import AppendResult, ExportHeader, GenerateChunk, GenerateResult, ModelInfo, SessionInfo
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -54,6 +57,8 @@ class MemoryClient:
     `target` is `host:port`; `token` the bearer token when the daemon has auth on; `tls`
     see `connection.TLS`.  `timeout` is the deadline of unary calls and
     `generate_timeout` of generations and exports/imports (seconds, per attempt).
+    `template`: a `ChatTemplate` for `add_message` / `chat`; None (the default) uses the
+    model's own chat template when the server has one, else `PlainTemplate`.
     """
 
     def __init__(
@@ -65,13 +70,14 @@ class MemoryClient:
         timeout: float = 30.0,
         generate_timeout: float = 600.0,
         retry: RetryPolicy | None = None,
-        template: ChatTemplate = DEFAULT_TEMPLATE,
+        template: ChatTemplate | None = None,
         options: tuple[tuple[str, Any], ...] = (),
     ) -> None:
         self.target = target
         self.timeout, self.generate_timeout = timeout, generate_timeout
         self.retry = retry or RetryPolicy()
         self.template = template
+        self._model: ModelInfo | None = None
         self._md = auth_metadata(token)
         self._channel = sync_channel(target, tls, options)
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
@@ -95,6 +101,17 @@ class MemoryClient:
             return rpc(request, timeout=timeout or self.timeout, metadata=self._md)
 
         return call_with_retry(once, self.retry, method)
+
+    # -- model -----------------------------------------------------------------------------------
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """The served model: digest, tokenizer, chat template, window, limits (GetModel)."""
+        self._model = ModelInfo.from_pb(self._unary("GetModel", pb.GetModelRequest(), timeout))
+        return self._model
+
+    def cached_model_info(self) -> ModelInfo:
+        """`model_info()`, fetched once per client (the chat helpers ask for it on every turn)."""
+        return self._model or self.model_info()
 
     # -- sessions --------------------------------------------------------------------------------
 
@@ -226,10 +243,24 @@ class MemoryClient:
         req = append_request(session_id, content, expected_offset, aid)
         return AppendResult.from_pb(self._unary("Append", req, timeout), aid)
 
+    def append_messages(
+        self,
+        session_id: str,
+        messages: Iterable[Message],
+        expected_offset: int | None = None,
+        append_id: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AppendResult:
+        """Append chat turns formatted by the server with the model's chat template (`model_info().chat_messages`)."""
+        aid = append_id or new_append_id()
+        req = messages_request(session_id, messages, expected_offset, aid)
+        return AppendResult.from_pb(self._unary("Append", req, timeout), aid)
+
     def append_stream(
         self,
         session_id: str,
-        pieces: Iterable[Content],
+        pieces: Iterable[Content | Message],
         expected_offset: int | None = None,
         *,
         timeout: float | None = None,
@@ -294,22 +325,12 @@ class MemoryClient:
 
     def _complete(self, req: pb.GenerateRequest, timeout: float | None) -> GenerateResult:
         """The whole generation, retried from the start on UNAVAILABLE / DEADLINE_EXCEEDED."""
-        partial: list[GenerateChunk] = []
 
         def once(a: Attempt) -> list[GenerateChunk]:
-            chunks: list[GenerateChunk] = []
-            try:
-                for m in self._stub.Generate(req, timeout=timeout or self.generate_timeout, metadata=self._md):
-                    chunks.append(GenerateChunk.from_pb(m))
-            except grpc.RpcError:
-                if chunks:
-                    partial[:] = chunks
-                raise
-            return chunks
+            stream = self._stub.Generate(req, timeout=timeout or self.generate_timeout, metadata=self._md)
+            return [GenerateChunk.from_pb(m) for m in stream]
 
-        chunks = call_with_retry(once, self.retry, "Generate")
-        if chunks and chunks[-1].duplicate:  # landed before: the server does not resend the tokens
-            chunks = [c for c in partial if not c.done] + chunks
+        chunks = call_with_retry(once, self.retry, "Generate")  # a duplicate's one message holds the whole output
         return GenerateResult.collect(chunks, req.commit)
 
     def complete(
@@ -327,9 +348,15 @@ class MemoryClient:
         commit: bool = False,
         expected_offset: int | None = None,
         append_id: str | None = None,
+        commit_stop: bool = False,
+        commit_suffix: str = "",
         timeout: float | None = None,
     ) -> GenerateResult:
-        """The non-streaming form of `generate`: the whole text and token ids, with retries throughout."""
+        """The non-streaming form of `generate`: the whole text and token ids, with retries throughout.
+
+        With `commit=True` the session gets exactly the text returned (the stop is left out
+        unless `commit_stop=True`), then `commit_suffix`, in one atomic commit.
+        """
         req = generate_request(
             session_id,
             prompt,
@@ -337,6 +364,7 @@ class MemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
         )
         return self._complete(req, timeout)
 
@@ -442,7 +470,7 @@ class MemoryClient:
 class _Replay:
     """The request side of an AppendStream that can be sent again: what was sent, then the rest."""
 
-    def __init__(self, source: Iterator[Content], builder: StreamBuilder) -> None:
+    def __init__(self, source: Iterator[Content | Message], builder: StreamBuilder) -> None:
         import threading
 
         self.source, self.builder = source, builder

@@ -8,13 +8,44 @@ messages.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from memoryd_sdk._proto import memoryd_pb2 as pb
 
 Content = str | Sequence[int]
 """What can be appended: text (encoded by the server's tokenizer) or token ids."""
+
+
+Message = Mapping[str, str] | tuple[str, str]
+"""A chat turn: `{"role": ..., "content": ...}` or `(role, content)`."""
+
+
+def is_message(item: object) -> bool:
+    """A chat turn rather than text or token ids: a mapping, or a (role, content) pair of strings."""
+    if isinstance(item, Mapping):
+        return True
+    return isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)
+
+
+def chat_messages(messages: Iterable[Message]) -> list[pb.ChatMessage]:
+    out = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        out.append(pb.ChatMessage(role=role, content=content))
+    return out
+
+
+def messages_request(
+    session_id: str, messages: Iterable[Message], expected_offset: int | None, append_id: str
+) -> pb.AppendRequest:
+    """An append of chat turns, formatted by the server with the model's chat template."""
+    req = pb.AppendRequest(session_id=session_id, append_id=append_id, messages=chat_messages(messages))
+    if not req.messages:
+        raise ValueError("append needs at least one message")
+    if expected_offset is not None:
+        req.expected_offset = expected_offset
+    return req
 
 
 def new_append_id() -> str:
@@ -46,9 +77,10 @@ def append_request(session_id: str, content: Content, expected_offset: int | Non
 class StreamBuilder:
     """Numbered append requests for one AppendStream: ids `<base>-<i>`, expected offsets where they are known.
 
-    The first message carries the session's expected offset; a token-id message tells
-    exactly where the next one starts, a text message does not (the server's tokenizer
-    decides), so after text the chain of expected offsets stops and only the append ids
+    Each piece is text, token ids or one chat turn (`(role, content)`, formatted by the
+    server).  The first message carries the session's expected offset; a token-id message
+    tells exactly where the next one starts, text and turns do not (the server's tokenizer
+    decides), so after those the chain of expected offsets stops and only the append ids
     remain, which is all a retry needs to land each message once.
     """
 
@@ -62,11 +94,15 @@ class StreamBuilder:
     def first_id(self) -> str:
         return f"{self.base}-0"
 
-    def build(self, content: Content) -> pb.AppendRequest:
-        req = append_request(self.session_id, content, self.next_expected, f"{self.base}-{self.count}")
+    def build(self, content: Content | Message) -> pb.AppendRequest:
+        aid = f"{self.base}-{self.count}"
+        if is_message(content):  # a chat turn, formatted by the server
+            req = messages_request(self.session_id, [content], self.next_expected, aid)  # type: ignore[list-item]
+        else:
+            req = append_request(self.session_id, content, self.next_expected, aid)  # type: ignore[arg-type]
         self.count += 1
         if self.next_expected is not None:
-            self.next_expected = None if req.text else self.next_expected + len(req.tokens)
+            self.next_expected = None if req.text or req.messages else self.next_expected + len(req.tokens)
         return req
 
 
@@ -83,6 +119,16 @@ class Sampling:
     seed: int | None = None
 
 
+@dataclass(frozen=True)
+class Extras:
+    """Chat prompts and what a committed generation keeps (see the proto's GenerateRequest)."""
+
+    messages: tuple[Message, ...] = ()
+    add_generation_prompt: bool = False
+    commit_stop: bool = False
+    commit_suffix: str = ""
+
+
 def generate_request(
     session_id: str,
     prompt: Content | None,
@@ -90,6 +136,7 @@ def generate_request(
     commit: bool,
     expected_offset: int | None,
     append_id: str,
+    extras: Extras = Extras(),
 ) -> pb.GenerateRequest:
     req = pb.GenerateRequest(
         session_id=session_id,
@@ -101,6 +148,10 @@ def generate_request(
         stop_tokens=[int(t) for t in s.stop_tokens],
         commit=commit,
         append_id=append_id if commit else "",
+        prompt_messages=chat_messages(extras.messages),
+        add_generation_prompt=extras.add_generation_prompt,
+        commit_stop=extras.commit_stop,
+        commit_suffix=extras.commit_suffix,
     )
     if isinstance(prompt, str):
         req.prompt_text = prompt

@@ -12,14 +12,14 @@ by a lock so two threads sharing one object do not race on the offset.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from memoryd_sdk.chat import ChatTemplate
+from memoryd_sdk.chat import DEFAULT_TEMPLATE, SERVER_TEMPLATE, ChatTemplate, ServerTemplate
 from memoryd_sdk.errors import OffsetConflict
 from memoryd_sdk.export_file import Dest
 from memoryd_sdk.generation import GenerateStream
-from memoryd_sdk.requests import Content, generate_request, new_append_id, sampling
+from memoryd_sdk.requests import Content, Extras, Message, generate_request, is_message, new_append_id, sampling
 from memoryd_sdk.types import AppendResult, ChatReply, ExportHeader, GenerateChunk, GenerateResult, SessionInfo
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class Session:
         self.id = session_id
         self.temporary = temporary
         self.template = template or client.template
+        """The chat format of `add_message` / `chat`; None: the model's own if it has one (see `chat_format`)."""
         self.offset: int | None = info.offset if info is not None else None
         """The offset this object believes the session has (None until known)."""
         self.last_info = info
@@ -96,8 +97,14 @@ class Session:
             self.offset = res.offset
             return res
 
-    def append_stream(self, pieces: Iterable[Content], *, timeout: float | None = None) -> AppendResult:
-        """Append pieces as they come (one client-streaming call): e.g. tool output, line by line."""
+    def append_stream(self, pieces: Iterable[Content | Message], *, timeout: float | None = None) -> AppendResult:
+        """Append pieces as they come (one client-streaming call): e.g. tool output, line by line.
+
+        A piece is text, token ids, or a chat turn `(role, content)` in the session's chat
+        format (`chat_format()`: the server formats it with the model's template, else the SDK
+        with its own).
+        """
+        pieces = self._formatted(pieces)
         with self._lock:
             try:
                 res = self.client.append_stream(self.id, pieces, self._expected(), timeout=timeout)
@@ -106,6 +113,16 @@ class Session:
                 raise
             self.offset = res.offset
             return res
+
+    def _formatted(self, pieces: Iterable[Content | Message]) -> Iterator[Content | Message]:
+        """Chat turns as the session's format wants them; the format is looked up at the first turn only."""
+        fmt: ChatTemplate | ServerTemplate | None = None
+        for p in pieces:
+            if is_message(p):
+                fmt = fmt or self.chat_format()
+                if not isinstance(fmt, ServerTemplate):
+                    p = _turn_text(fmt, p)
+            yield p
 
     def generate(
         self,
@@ -120,12 +137,16 @@ class Session:
         seed: int | None = None,
         commit: bool = False,
         append_id: str | None = None,
+        commit_stop: bool = False,
+        commit_suffix: str = "",
         timeout: float | None = None,
     ) -> GenerateStream:
         """Stream a continuation: `for delta in session.generate(...)` yields text as it is made.
 
         `commit=True` adds prompt + output to the session when the generation completes
-        (cancelling commits nothing); `commit=False` leaves the session untouched.
+        (cancelling commits nothing); `commit=False` leaves the session untouched.  What is
+        committed of the output is exactly the text sent (the stop string or stop token is
+        left out unless `commit_stop=True`), then `commit_suffix`.
         """
         with self._lock:
             expected = self._expected() if commit else None
@@ -136,6 +157,7 @@ class Session:
             commit,
             expected,
             append_id or new_append_id(),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
         )
 
         def on_done(last: GenerateChunk) -> None:
@@ -157,9 +179,13 @@ class Session:
         seed: int | None = None,
         commit: bool = False,
         append_id: str | None = None,
+        commit_stop: bool = False,
+        commit_suffix: str = "",
         timeout: float | None = None,
+        _extras: Extras | None = None,
     ) -> GenerateResult:
         """The non-streaming `generate`: returns the text and token ids (retried as a whole)."""
+        extras = _extras or Extras(commit_stop=commit_stop, commit_suffix=commit_suffix)
         with self._lock:
             expected = self._expected() if commit else None
             req = generate_request(
@@ -169,6 +195,7 @@ class Session:
                 commit,
                 expected,
                 append_id or new_append_id(),
+                extras,
             )
             try:
                 res = self.client._complete(req, timeout)
@@ -225,18 +252,40 @@ class Session:
 
     # -- agent helpers ---------------------------------------------------------------------------
 
-    def add_message(self, role: str, content: str, *, append_id: str | None = None) -> AppendResult:
-        """Append one conversation turn in the session's chat template.
+    def chat_format(self) -> ChatTemplate | ServerTemplate:
+        """The template `add_message` / `chat` use: this object's, else the model's (server-side), else plain text."""
+        if self.template is not None:
+            return self.template
+        return SERVER_TEMPLATE if self.client.cached_model_info().chat_messages else DEFAULT_TEMPLATE
 
-        Default template (`memoryd_sdk.chat.PlainTemplate`)::
+    def add_message(self, role: str, content: str, *, append_id: str | None = None) -> AppendResult:
+        """Append one conversation turn in the session's chat format (`chat_format()`).
+
+        With the model's own template the server formats it (the first turn of an empty
+        session also brings the template's preamble, e.g. SmolLM2's default system prompt).
+        Otherwise the SDK's plain-text template (`memoryd_sdk.chat.PlainTemplate`)::
 
             <|{role}|>
             {content}<|end|>
 
         (each turn ends with a newline).  Roles are 1-64 of [A-Za-z0-9_.-]; content must not
-        contain `<|end|>`.
+        contain the format's markers (`<|end|>`, or the model's special tokens).
         """
-        return self.append(self.template.turn(role, content), append_id=append_id)
+        return self.add_messages([(role, content)], append_id=append_id)
+
+    def add_messages(self, messages: list[Message], *, append_id: str | None = None) -> AppendResult:
+        """Several turns in one append (`(role, content)` pairs or `{"role", "content"}` dicts)."""
+        fmt = self.chat_format()
+        if isinstance(fmt, ServerTemplate):
+            with self._lock:
+                try:
+                    res = self.client.append_messages(self.id, messages, self._expected(), append_id)
+                except OffsetConflict as e:
+                    self._conflict(e)
+                    raise
+                self.offset = res.offset
+                return res
+        return self.append("".join(_turn_text(fmt, m) for m in messages), append_id=append_id)
 
     def chat(
         self,
@@ -253,23 +302,35 @@ class Session:
     ) -> ChatReply:
         """A `role` turn with `text`, then the model's reply, committed; returns the reply.
 
-        One committed generation whose prompt is the user turn plus `<|assistant|>\\n`
-        (so the turn and the reply land together or not at all), stopped at the turn
-        marker `<|end|>`; then the template's closing text is appended so the session
-        ends on a whole turn whichever way the reply stopped.
+        One committed generation (the turn and the reply land together or not at all):
+        its prompt is the turn plus the opening of a `reply_role` turn, and the reply is
+        committed as exactly the text returned, closed by the format's turn closing
+        (`<|im_end|>\\n` for SmolLM2, `<|end|>\\n` for the plain template) in the same commit,
+        so the session holds whole turns whichever way the reply stopped.  With the model's
+        own template the reply role is the template's ("assistant").
         """
-        prompt = self.template.turn(role, text) + self.template.reply_prefix(reply_role)
-        gen = self.complete(
-            prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=self.template.stop(),
-            commit=True,
-            timeout=timeout,
-        )
-        closing = self.template.close(gen.finish_reason)
-        offset = self.append(closing, timeout=timeout).offset if closing else gen.offset
-        return ChatReply(gen.text, gen.tokens, gen.finish_reason, offset, gen)
+        fmt = self.chat_format()
+        sampling_kw = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if isinstance(fmt, ServerTemplate):
+            if reply_role != fmt.reply_role:
+                raise ValueError(f"this model's chat template writes replies as {fmt.reply_role!r}, not {reply_role!r}")
+            extras = Extras(messages=((role, text),), add_generation_prompt=True)
+            gen = self.complete(None, **sampling_kw, seed=seed, commit=True, timeout=timeout, _extras=extras)
+        else:
+            prompt = fmt.turn(role, text) + fmt.reply_prefix(reply_role)
+            gen = self.complete(
+                prompt,
+                **sampling_kw,
+                seed=seed,
+                stop=fmt.stop(),
+                commit=True,
+                commit_suffix=fmt.close(),
+                timeout=timeout,
+            )
+        return ChatReply(gen.text, gen.tokens, gen.finish_reason, gen.offset, gen)
+
+
+def _turn_text(template: ChatTemplate, m: Message) -> str:
+    """A chat turn formatted by a client-side template."""
+    role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+    return template.turn(role, content)

@@ -20,7 +20,8 @@ class FinishReason(enum.Enum):
     LENGTH = pb.FINISH_REASON_LENGTH
     """max_tokens were sampled."""
     STOP_STRING = pb.FINISH_REASON_STOP_STRING
-    """A stop string appeared (the text is cut before it; its tokens are still reported and committed)."""
+    """A stop string appeared (the text is cut before it; its tokens are still reported, and committed only
+    with commit_stop)."""
     STOP_TOKEN = pb.FINISH_REASON_STOP_TOKEN
     """A stop id or the model's end-of-sequence id was sampled."""
 
@@ -98,6 +99,8 @@ class GenerateChunk:
     """Last chunk only: the session's offset afterwards."""
     generated_tokens: int = 0
     duplicate: bool = False
+    committed_tokens: int = 0
+    """Last chunk of a committed generation: tokens it added to the session."""
 
     @classmethod
     def from_pb(cls, m: pb.GenerateResponse) -> GenerateChunk:
@@ -109,6 +112,7 @@ class GenerateChunk:
             offset=m.offset,
             generated_tokens=m.generated_tokens,
             duplicate=m.duplicate,
+            committed_tokens=m.committed_tokens,
         )
 
 
@@ -117,8 +121,8 @@ class GenerateResult:
     """A whole generation.
 
     For `duplicate=True` (a retried committed generation that had already landed) the
-    server does not send the tokens again: `text`/`tokens` hold only what reached this
-    client before the connection dropped.
+    server sends the original tokens and text again, in one message: the result is the
+    same as if the first answer had arrived.
     """
 
     text: str
@@ -128,6 +132,7 @@ class GenerateResult:
     generated_tokens: int
     duplicate: bool = False
     committed: bool = False
+    committed_tokens: int = 0
 
     @classmethod
     def collect(cls, chunks: list[GenerateChunk], committed: bool) -> GenerateResult:
@@ -140,6 +145,7 @@ class GenerateResult:
             generated_tokens=last.generated_tokens,
             duplicate=last.duplicate,
             committed=committed,
+            committed_tokens=last.committed_tokens,
         )
 
 
@@ -169,6 +175,39 @@ class ExportHeader:
             sha256=self.sha256,
             format=self.format,
         )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the server says about its model (proto `ModelInfo`)."""
+
+    digest: str
+    model_type: str
+    name: str
+    vocab_size: int
+    bos_token_id: int
+    eos_token_id: int
+    tokenizer: str
+    """"bytes" or "huggingface"."""
+    chat_template: str
+    """The checkpoint's Jinja chat template ('' if none)."""
+    chat_messages: bool
+    """Whether the server formats messages with it (then `add_message` / `chat` let it)."""
+    chat_problem: str
+    generation_prompt: str
+    turn_closing: str
+    window_size: int
+    mini_batch_size: int
+    num_fast_layers: int
+    num_layers: int
+    adapter: str
+    max_append_tokens: int
+    max_generate_tokens: int
+    max_message_bytes: int
+
+    @classmethod
+    def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
+        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

@@ -131,18 +131,28 @@ class ForkSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., expected_offset: _Optional[int] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
-    __slots__ = ("session_id", "text", "tokens", "expected_offset", "append_id")
+    __slots__ = ("session_id", "text", "tokens", "expected_offset", "append_id", "messages")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
     APPEND_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     expected_offset: int
     append_id: str
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ...) -> None: ...
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
     __slots__ = ("offset", "start_offset", "tokens", "steps", "duplicate", "pending_tokens")
@@ -161,7 +171,7 @@ class AppendResponse(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., start_offset: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., pending_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_tokens", "commit", "expected_offset", "append_id")
+    __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_tokens", "commit", "expected_offset", "append_id", "prompt_messages", "add_generation_prompt", "commit_stop", "commit_suffix")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +185,10 @@ class GenerateRequest(_message.Message):
     COMMIT_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
     APPEND_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_STOP_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_SUFFIX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_text: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -188,10 +202,14 @@ class GenerateRequest(_message.Message):
     commit: bool
     expected_offset: int
     append_id: str
-    def __init__(self, session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., commit: _Optional[bool] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ...) -> None: ...
+    prompt_messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    add_generation_prompt: bool
+    commit_stop: bool
+    commit_suffix: str
+    def __init__(self, session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., commit: _Optional[bool] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ..., prompt_messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., commit_stop: _Optional[bool] = ..., commit_suffix: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("tokens", "text", "done", "finish_reason", "offset", "generated_tokens", "duplicate")
+    __slots__ = ("tokens", "text", "done", "finish_reason", "offset", "generated_tokens", "duplicate", "committed_tokens")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +217,7 @@ class GenerateResponse(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
     done: bool
@@ -206,7 +225,56 @@ class GenerateResponse(_message.Message):
     offset: int
     generated_tokens: int
     duplicate: bool
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., offset: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    committed_tokens: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., offset: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., duplicate: _Optional[bool] = ..., committed_tokens: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes")
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CHAT_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TURN_CLOSING_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MINI_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_FAST_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    MAX_APPEND_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    digest: str
+    model_type: str
+    name: str
+    vocab_size: int
+    bos_token_id: int
+    eos_token_id: int
+    tokenizer: str
+    chat_template: str
+    chat_messages: bool
+    chat_problem: str
+    generation_prompt: str
+    turn_closing: str
+    window_size: int
+    mini_batch_size: int
+    num_fast_layers: int
+    num_layers: int
+    adapter: str
+    max_append_tokens: int
+    max_generate_tokens: int
+    max_message_bytes: int
+    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id", "chunk_bytes")

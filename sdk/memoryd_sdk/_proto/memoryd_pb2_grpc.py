@@ -89,6 +89,11 @@ class MemoryServiceStub:
                 request_serializer=memoryd__pb2.SessionChunk.SerializeToString,
                 response_deserializer=memoryd__pb2.Session.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/memoryd.v1.MemoryService/GetModel',
+                request_serializer=memoryd__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=memoryd__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -157,9 +162,12 @@ class MemoryServiceServicer:
     def Append(self, request, context):
         """Read text or token ids into a session; returns the new offset once the
         tokens are durable (they survive a crash of the daemon).
-        INVALID_ARGUMENT  neither or both of text / tokens, empty input, a token id
-        outside [0, vocab_size), text that encodes to nothing,
-        bad session_id, bad append_id.
+        INVALID_ARGUMENT  not exactly one of text / tokens / messages, empty input, a
+        token id outside [0, vocab_size), text that encodes to
+        nothing, bad session_id, bad append_id; messages when the
+        model has no usable chat template (GetModel says), a bad
+        role, content holding a special token of the chat format,
+        messages the template itself refuses.
         RESOURCE_EXHAUSTED more tokens than max_append_tokens, or a request larger
         than the server's message limit.
         NOT_FOUND         no such session.
@@ -168,7 +176,8 @@ class MemoryServiceServicer:
         FAILED_PRECONDITION the session was stored under another model.
         Retry rule: an append that carries expected_offset and append_id and is
         found to have landed already is answered as a success (duplicate = true)
-        with the same offsets; its tokens are not read twice.
+        with the same offsets; its tokens are not read twice. A reused append_id
+        with other content is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,13 +199,17 @@ class MemoryServiceServicer:
 
     def Generate(self, request, context):
         """Sample a continuation; tokens and text stream out as they are made. With
-        commit = true the prompt and every generated token (stop tokens included)
-        become part of the session, exactly as if they had been appended, once the
-        generation completes; if the call is cancelled nothing is committed. With
-        commit = false the session is left bit for bit as it was.
+        commit = true the prompt, the generated tokens and commit_suffix become part
+        of the session, exactly as if they had been appended, once the generation
+        completes; if the call is cancelled nothing is committed. With commit =
+        false the session is left bit for bit as it was. See GenerateRequest for
+        what is committed of the stop, and for chat prompts.
         INVALID_ARGUMENT  bad sampling settings (temperature < 0, top_p outside
         [0, 1], top_k < 0, max_tokens 0, stop ids outside the
-        vocabulary), an empty session with no prompt, bad prompt.
+        vocabulary), an empty session with no prompt, bad prompt
+        (as Append's content), a reused append_id with another
+        prompt, commit_suffix with a chat reply (the template
+        closes it).
         RESOURCE_EXHAUSTED max_tokens over the server's limit, too many stop strings.
         NOT_FOUND         no such session.
         ABORTED           expected_offset differs from the offset.
@@ -225,6 +238,15 @@ class MemoryServiceServicer:
         RESOURCE_EXHAUSTED the export is larger than the server accepts.
         ALREADY_EXISTS    the target session id is taken.
         FAILED_PRECONDITION the export was made with another model (digest differs).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetModel(self, request, context):
+        """The served model: digest, shapes, tokenizer, chat template, server limits.
+        Clients use it to format chat turns (or to let the server do it) and to
+        size their requests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -287,6 +309,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.ImportSession,
                     request_deserializer=memoryd__pb2.SessionChunk.FromString,
                     response_serializer=memoryd__pb2.Session.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=memoryd__pb2.GetModelRequest.FromString,
+                    response_serializer=memoryd__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -586,6 +613,33 @@ class MemoryService:
             '/memoryd.v1.MemoryService/ImportSession',
             memoryd__pb2.SessionChunk.SerializeToString,
             memoryd__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.MemoryService/GetModel',
+            memoryd__pb2.GetModelRequest.SerializeToString,
+            memoryd__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

