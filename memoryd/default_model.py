@@ -49,7 +49,8 @@ the whole window and every session keeps a key/value cache of k positions in eac
 of the 30 blocks (k * 30 * 2 * 3 heads * 64 * 4 bytes = 47 MB at k = 1024), so
 halving k halves per-token attention cost and the cache part of a session's
 memory.  Agent turns are short (a few hundred tokens); what falls out of the
-window is what the fast weights are for.
+window is what the fast weights are for (the converter also keeps its default
+attention sinks, the first few positions, visible to every query).
 """
 
 DEFAULT_MINI_BATCH = 128
@@ -92,7 +93,7 @@ def default_checkpoint(data_dir: Path) -> DefaultModel:
 
     def build(tmp: Path) -> None:
         log.info("converting %s into %s (once; about half a minute)", gguf, path)
-        convert(gguf, tmp, DEFAULT_WINDOW, DEFAULT_MINI_BATCH, DEFAULT_FAST_LAYERS)
+        convert(gguf, tmp, window=DEFAULT_WINDOW, mini_batch=DEFAULT_MINI_BATCH, fast_layers=DEFAULT_FAST_LAYERS)
 
     _build_once(path, build)
     return DefaultModel(path, DEFAULT_NAME, pretrained=True)

@@ -213,6 +213,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             max_append_tokens=self.s.max_append_tokens,
             max_generate_tokens=self.s.max_generate_tokens,
             max_message_bytes=self.s.max_message_bytes,
+            attention_sinks=getattr(cfg, "attention_sinks", 0),
         )
 
     # -- helpers -----------------------------------------------------------------------------
@@ -313,6 +314,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 raise InvalidArgument("commit_suffix is not for chat replies: the chat template closes the turn")
             suffix = self.tokens_of(r.commit_suffix, [], "commit_suffix")
         if r.add_generation_prompt and r.commit:
+            if r.commit_stop:
+                raise InvalidArgument("commit_stop is not for chat replies: the chat template's closing ends the turn")
             assert self.chat is not None  # checked with the prompt
             suffix = self.tok.encode(self.chat.closing) if self.chat.closing else []
         return GenParams(

@@ -117,6 +117,11 @@ def test_committed_generation_retry_lands_once(proxy: TcpProxy, via_proxy: Memor
     assert r.duplicate and r.committed and r.offset == 16
     assert direct.get_session(s.id).offset == 16  # not sampled and committed a second time
     assert s.offset == 16
+    # the retry's answer carries the original output (the server resends it from its record)
+    twin = direct.create_session()
+    twin.append("context")
+    original = twin.complete("?", max_tokens=8)  # greedy: what the first attempt sampled
+    assert (r.tokens, r.text, r.generated_tokens) == (original.tokens, original.text, 8)
 
 
 def test_create_session_retry_makes_one_session(proxy: TcpProxy, via_proxy: MemoryClient, direct: MemoryClient) -> None:

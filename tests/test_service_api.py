@@ -394,6 +394,7 @@ def test_generate_commit_equals_append(stub, tiny_model) -> None:  # noqa: F811
     # a retried committed generation is not sampled again
     again = list(stub.Generate(req, metadata=ALICE))
     assert len(again) == 1 and again[0].duplicate and again[0].offset == evs[-1].offset
+    assert list(again[0].tokens) == out and again[0].text == "".join(e.text for e in evs)  # resent, not resampled
 
 
 def test_generate_stops(stub) -> None:

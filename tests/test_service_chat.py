@@ -182,6 +182,10 @@ def test_bad_messages_change_nothing(chat_daemon: Daemon) -> None:
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(req))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "closes the turn" in e.value.details()
+    req = pb.GenerateRequest(session_id=sid, max_tokens=2, add_generation_prompt=True, commit=True, commit_stop=True)
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(req))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ends the turn" in e.value.details()
     assert exported(stub, sid) == before
 
 
@@ -290,3 +294,25 @@ def test_commit_keeps_the_text_sent_then_the_suffix(plain_daemon: Daemon, tiny_m
         assert evs[-1].offset == len(ctx) + 1 + len(kept) + 8 == offset(stub, sid)
         assert evs[-1].committed_tokens == 1 + len(kept) + 8
         assert_same_state(state_tensors(tiny_model, export_bytes(stub, sid)), ref)
+
+
+@pytest.mark.asyncio
+async def test_async_sdk_chat_with_the_servers_template(chat_daemon: Daemon) -> None:
+    from memoryd_sdk import AsyncMemoryClient
+
+    async with AsyncMemoryClient(chat_daemon.address) as client:
+        assert (await client.model_info()).chat_messages
+        s = await client.create_session()
+        r = await s.add_messages([("system", "Be brief."), {"role": "user", "content": "Where is the key?"}])
+        assert r.offset == len(render(CONVO[:2]).encode())
+
+        async def turns():
+            yield ("assistant", "Under the mat.")
+            yield ("user", "Thanks")
+
+        r = await s.append_stream(turns())
+        assert r.offset == len(render(CONVO).encode()) == s.offset
+        reply = await s.chat("Anything else?", max_tokens=4, seed=2)
+        kept = reply.generation.generated_tokens - (reply.finish_reason == FinishReason.STOP_TOKEN)
+        asked = render([*CONVO, ("user", "Anything else?")], add_generation_prompt=True)
+        assert reply.offset == len(asked.encode()) + kept + len(b"<|end|>\n") == (await s.info()).offset

@@ -261,3 +261,36 @@ def test_idle_sessions_expire(tmp_path: Path, tiny_checkpoint: Path, redis_serve
         assert leftovers == []
     finally:
         d.close()
+
+
+def test_adapter_loads_fast_weights_only(tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
+    """The hook for a shipped meta-learned adapter: fast-MLP weights on top of the checkpoint, a new
+    digest; anything else (a slow weight, a wrong shape, an empty file) is refused by name."""
+    import safetensors.torch
+    import torch
+
+    from memoryd.default_model import apply_adapter
+    from model import CheckpointError, load_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint)
+    before = model.digest
+    fast = {k: torch.randn_like(v) for k, v in model.state_dict().items() if ".fast_mlp." in k}
+    assert fast
+    good = tmp_path / "good.safetensors"
+    safetensors.torch.save_file(fast, str(good))
+    apply_adapter(model, good)
+    assert model.digest != before
+    for k, v in fast.items():
+        assert torch.equal(model.state_dict()[k], v)
+    assert load_checkpoint(tiny_checkpoint).digest == before  # the checkpoint itself is untouched
+    slow = next(k for k in model.state_dict() if "fast" not in k)
+    k0 = next(iter(fast))
+    for name, tensors in {
+        "slow": {slow: model.state_dict()[slow].clone()},
+        "shape": {k0: torch.zeros(3, 3)},
+        "empty": {},
+    }.items():
+        path = tmp_path / f"{name}.safetensors"
+        safetensors.torch.save_file(tensors, str(path))
+        with pytest.raises(CheckpointError, match="does not fit"):
+            apply_adapter(load_checkpoint(tiny_checkpoint), path)

@@ -204,6 +204,7 @@ class ModelInfo:
     max_append_tokens: int
     max_generate_tokens: int
     max_message_bytes: int
+    attention_sinks: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:

@@ -233,7 +233,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes")
+    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes", "attention_sinks")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +254,7 @@ class ModelInfo(_message.Message):
     MAX_APPEND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_SINKS_FIELD_NUMBER: _ClassVar[int]
     digest: str
     model_type: str
     name: str
@@ -274,7 +275,8 @@ class ModelInfo(_message.Message):
     max_append_tokens: int
     max_generate_tokens: int
     max_message_bytes: int
-    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    attention_sinks: int
+    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id", "chunk_bytes")
