@@ -63,8 +63,12 @@ class TemplateError(ValueError):
     """The template refused the messages (its raise_exception, or a Jinja error); the message says why."""
 
 
+class TemplateRefused(TemplateError):
+    """The template's own `raise_exception`: it does not accept these messages (e.g. roles out of order)."""
+
+
 def _raise(message: str) -> None:
-    raise TemplateError(message)
+    raise TemplateRefused(message)
 
 
 class ChatFormat:
@@ -140,21 +144,33 @@ class ChatFormat:
             [("system", "Be brief."), ("user", "Hi there"), ("assistant", "Hello!"), ("user", "Plans?")],
             [("user", "Hi there"), ("assistant", "Hello!"), ("user", "Plans?"), ("assistant", "None yet.")],
         ]
+        checked = 0
         for probe in probes:
             msgs = [Message(r, c) for r, c in probe]
-            whole = self._render([m.as_dict() for m in msgs], False)
-            for cuts in _all_cuts(len(msgs)):
-                parts = [msgs[a:b] for a, b in zip((0, *cuts), (*cuts, len(msgs)), strict=True)]
-                pieces = [self.render(p, start=i == 0) for i, p in enumerate(parts)]
-                if "".join(pieces) != whole:
-                    return f"rendering {[len(p) for p in parts]} messages at a time differs from rendering them at once"
-            for k, m in enumerate(msgs):
-                if m.role != "assistant":
-                    continue
-                asked = self.render(msgs[:k], start=True, add_generation_prompt=True)
-                streamed = asked + m.content + self.closing
-                if streamed != self._render([x.as_dict() for x in msgs[: k + 1]], False):
-                    return "generation prompt + reply + closing differs from rendering the reply as a message"
+            try:
+                problem = self._check_probe(msgs)
+            except TemplateRefused:  # a conversation this template does not accept: not its to stream
+                continue
+            if problem is not None:
+                return problem
+            checked += 1
+        return None if checked else "the chat template refuses every probe conversation"
+
+    def _check_probe(self, msgs: list[Message]) -> str | None:
+        """None if `msgs`, cut at every point, stream to the text of rendering them at once."""
+        whole = self._render([m.as_dict() for m in msgs], False)
+        for cuts in _all_cuts(len(msgs)):
+            parts = [msgs[a:b] for a, b in zip((0, *cuts), (*cuts, len(msgs)), strict=True)]
+            pieces = [self.render(p, start=i == 0) for i, p in enumerate(parts)]
+            if "".join(pieces) != whole:
+                return f"rendering {[len(p) for p in parts]} messages at a time differs from rendering them at once"
+        for k, m in enumerate(msgs):
+            if m.role != "assistant":
+                continue
+            asked = self.render(msgs[:k], start=True, add_generation_prompt=True)
+            streamed = asked + m.content + self.closing
+            if streamed != self._render([x.as_dict() for x in msgs[: k + 1]], False):
+                return "generation prompt + reply + closing differs from rendering the reply as a message"
         return None
 
 

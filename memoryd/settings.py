@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port (port 0: any free port)")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus HTTP port (0: off)")
     metrics_host: str = Field("127.0.0.1", description="Prometheus HTTP bind address")
-    checkpoint: Path | None = Field(None, description="model checkpoint dir (default: a small one in data_dir)")
+    checkpoint: Path | None = Field(
+        None, description="model checkpoint dir (default: SmolLM2-135M-Instruct, converted once into data_dir)"
+    )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
     redis_url: str | None = Field(None, description="redis://host:port/db (default: an embedded redis-server)")
     data_dir: Path = Field(default_factory=default_data_dir, description="embedded Redis data and default model")

@@ -316,3 +316,22 @@ async def test_async_sdk_chat_with_the_servers_template(chat_daemon: Daemon) -> 
         kept = reply.generation.generated_tokens - (reply.finish_reason == FinishReason.STOP_TOKEN)
         asked = render([*CONVO, ("user", "Anything else?")], add_generation_prompt=True)
         assert reply.offset == len(asked.encode()) + kept + len(b"<|end|>\n") == (await s.info()).offset
+
+
+def test_templates_that_cannot_stream_or_escape_are_reported() -> None:
+    """In-process: the load-time check names what is wrong, and the sandbox stops attribute tricks."""
+    from memoryd.chat import ChatFormat, Message, TemplateError
+
+    assert ChatFormat(PLAIN).problem is None
+    counts = "{{ messages|length }}:{% for m in messages %}{{ m.content }};{% endfor %}"  # rewrites its start
+    assert ChatFormat(counts).problem  # its text for earlier messages changes as messages are added
+    escape = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
+    assert "unsafe" in (ChatFormat(escape).problem or "")
+    # a template that refuses some conversations (its raise_exception) still streams the others
+    refuses = ChatFormat(
+        "{% if messages and messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}" + PLAIN
+    )
+    assert refuses.problem is None
+    with pytest.raises(TemplateError, match="system first"):
+        refuses.render([Message("user", "hi")], start=True)
+    assert refuses.render([Message("user", "hi")], start=False) == "<|user|>\nhi<|end|>\n"
