@@ -40,3 +40,18 @@ def test_checkpointing_reaches_theta0_through_inner_steps() -> None:
     )
     plain = torch.autograd.grad(run_sequence(model, toks[:, :-1], toks[:, 1:], inner=False).loss, p)
     assert not torch.allclose(meta[0], plain[0])
+
+
+@pytest.mark.parametrize("create_graph", [True, False])
+def test_meta_path_is_causal(create_graph: bool) -> None:
+    """Changing the tokens after position p changes no NLL before p: the outer loss cannot peek."""
+    model = init_model(preset("tiny"), seed=4)
+    gen = torch.Generator().manual_seed(0)
+    toks = torch.randint(0, 256, (1, 65), generator=gen)
+    p = 21  # inside a mini-batch, so the step that sees the change is the one holding p
+    other = toks.clone()
+    other[:, p + 1 :] = torch.randint(0, 256, (1, 65 - p - 1), generator=gen)
+    a = run_sequence(model, toks[:, :-1], toks[:, 1:], create_graph=create_graph).nll
+    b = run_sequence(model, other[:, :-1], other[:, 1:], create_graph=create_graph).nll
+    assert torch.equal(a[:, :p], b[:, :p])
+    assert not torch.equal(a[:, p:], b[:, p:])

@@ -93,6 +93,11 @@ class TrainConfig(BaseModel):
     stop_at: int | None = Field(default=None, gt=0)
     """Stop (with a checkpoint) after this step while keeping the schedule of `steps`:
     a run cut short on purpose, resumable later."""
+    trainable: Literal["all", "fast"] = "all"
+    """"fast": only theta_0, the fast MLPs' initial weights, is learned; the backbone
+    stays frozen (adapter meta-learning on a converted pretrained model).  Frozen
+    prefix blocks then run without an autograd graph, which makes meta-learning a
+    pretrained model affordable on small hardware."""
     activation_checkpointing: bool = True
     threads: int | None = Field(default=None, gt=0)
     device: str = "auto"
@@ -162,7 +167,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 def model_config_for(spec: ModelSpec, base: ModelConfig | None = None) -> ModelConfig:
     """The network's config: a preset with overrides, or a checkpoint's with overrides."""
     if base is not None:
-        allowed = {"mini_batch_size", "window_size", "inner_lr", "inner_clip", "rope_theta"}
+        allowed = {"mini_batch_size", "window_size", "inner_lr", "inner_clip", "rope_theta", "attention_sinks"}
         bad = sorted(set(spec.overrides) - allowed)
         if bad:
             raise ConfigError(

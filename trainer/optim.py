@@ -40,9 +40,11 @@ def inner_lr_at(spec: OptimSpec, step: int, final: float) -> float:
 
 
 def build_optimizer(model: TTTModel, spec: OptimSpec) -> torch.optim.AdamW:
-    """AdamW over every parameter; the embedding in its own group when it is not decayed."""
+    """AdamW over every trainable parameter; the embedding in its own group when it is not decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if (not spec.decay_embedding and name == "embed.weight") else decay).append(p)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}]
     if no_decay:

@@ -121,14 +121,28 @@ class _ShardWriter:
 
 
 def load_prepare_tokenizer(spec: str) -> tuple[Tokenizer, int, str]:
-    """(tokenizer, vocab size, name): "bytes" or a tokenizer.json path."""
+    """(tokenizer, vocab size, name): "bytes", a tokenizer.json path, or a checkpoint directory.
+
+    A checkpoint brings its own tokenizer *and* its BOS/EOS ids and vocabulary, which
+    is what training from it (a converted pretrained model) needs: a bare tokenizer.json
+    gets two new ids past its vocabulary instead.
+    """
+    if Path(spec).is_dir():
+        from model.checkpoint import CheckpointError, read_config
+        from model.tokenizer import load_tokenizer
+
+        try:
+            cfg = read_config(spec)
+            return load_tokenizer(cfg, spec), cfg.vocab_size, f"checkpoint:{Path(spec).name}"
+        except (CheckpointError, FileNotFoundError) as e:
+            raise DataError(f"tokenizer {spec!r} is a directory but not a usable checkpoint: {e}") from e
     if spec == "bytes":
         cfg = ModelConfig(vocab_size=258, hidden_size=8, num_layers=1, num_heads=1, intermediate_size=8,
                           num_fast_layers=1, window_size=8, mini_batch_size=8)  # fmt: skip
         return ByteTokenizer(cfg.bos_token_id, cfg.eos_token_id), cfg.vocab_size, "bytes"
     p = Path(spec)
     if not p.is_file():
-        raise DataError(f"tokenizer {spec!r} is neither 'bytes' nor an existing tokenizer.json")
+        raise DataError(f"tokenizer {spec!r} is neither 'bytes', a checkpoint directory nor an existing tokenizer.json")
     from tokenizers import Tokenizer as _Tok
 
     vocab = _Tok.from_file(str(p)).get_vocab_size()

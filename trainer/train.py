@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from model.checkpoint import init_model, load_checkpoint, read_config
-from model.network import TTTModel
+from model.network import TTTModel, fast_weight_names
 from model.sequence import run_sequence
 from trainer import dist
 from trainer.config import ConfigError, TrainConfig, model_config_for
@@ -75,6 +75,8 @@ def check_compatible(cfg: TrainConfig, model: TTTModel, shards: TokenShards) -> 
         raise ConfigError(f"seq_len {cfg.seq_len} must be a multiple of mini_batch_size {mcfg.mini_batch_size}")
     if shards.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"data vocabulary {shards.vocab_size} exceeds the model's vocab_size {mcfg.vocab_size}")
+    if cfg.trainable == "fast" and (cfg.mode != "meta" or mcfg.num_fast_layers == 0):
+        raise ConfigError("trainable 'fast' learns the fast MLPs' initial weights: it needs mode 'meta' on a ttt-e2e model")
     if shards.bos != mcfg.bos_token_id:
         raise ConfigError(f"data BOS id {shards.bos} differs from the model's bos_token_id {mcfg.bos_token_id}")
 
@@ -104,10 +106,14 @@ def train(cfg: TrainConfig, resume: str | None = None) -> Path:
     else:
         model = build_model(cfg, device)
     check_compatible(cfg, model, shards)
+    if cfg.trainable == "fast":
+        fast = set(fast_weight_names(model.cfg))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in fast)
     opt = build_optimizer(model, cfg.optim)
     if resume is not None:
         load_optimizer_tensors(model, opt, read_optimizer_tensors(resume))
-    params = [p for _, p in model.named_parameters()]
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     out = Path(cfg.out)
     if info.main:
