@@ -10,7 +10,7 @@ Modules, one job each: `client` (the proto's calls, deadlines, retries), `sessio
 (a session as an object: offsets, chat helpers), `aio` / `aio_session` /
 `aio_generation` (the same on asyncio), `generation`
 (a generation stream), `errors` (one exception per status), `types` (results),
-`retry`, `connection` (channels, TLS, tokens), `chat` (the turn template),
+`retry`, `connection` (channels, TLS, tokens), `chat` (turn formats: the model's, or plain text),
 `export_file` (an export as a file), `requests` (building the proto requests).
 The generated stubs live in `memoryd_sdk._proto` (regenerate with scripts/gen_proto.sh).
 """
@@ -18,7 +18,7 @@ The generated stubs live in `memoryd_sdk._proto` (regenerate with scripts/gen_pr
 from memoryd_sdk.aio import AsyncMemoryClient
 from memoryd_sdk.aio_generation import AsyncGenerateStream
 from memoryd_sdk.aio_session import AsyncSession
-from memoryd_sdk.chat import DEFAULT_TEMPLATE, ChatTemplate, PlainTemplate
+from memoryd_sdk.chat import DEFAULT_TEMPLATE, ChatTemplate, PlainTemplate, ServerTemplate
 from memoryd_sdk.client import MemoryClient
 from memoryd_sdk.errors import (
     AlreadyExists,
@@ -48,6 +48,7 @@ from memoryd_sdk.types import (
     FinishReason,
     GenerateChunk,
     GenerateResult,
+    ModelInfo,
     SessionInfo,
 )
 
@@ -76,12 +77,14 @@ __all__ = [
     "InvalidArgument",
     "MemoryClient",
     "MemorydError",
+    "ModelInfo",
     "NotFound",
     "OffsetConflict",
     "PermissionDenied",
     "PlainTemplate",
     "ResourceExhausted",
     "RetryPolicy",
+    "ServerTemplate",
     "Session",
     "SessionInfo",
     "Unauthenticated",

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk.aio_generation import AsyncGenerateStream
 from memoryd_sdk.chat import DEFAULT_TEMPLATE, SERVER_TEMPLATE, ChatTemplate, ServerTemplate
-from memoryd_sdk.errors import OffsetConflict
+from memoryd_sdk.errors import OffsetConflict, Unimplemented
 from memoryd_sdk.export_file import Dest
 from memoryd_sdk.requests import Content, Extras, Message, generate_request, is_message, new_append_id, sampling
 from memoryd_sdk.session import _turn_text
@@ -226,7 +226,11 @@ class AsyncSession:
         """As `Session.chat_format`."""
         if self.template is not None:
             return self.template
-        return SERVER_TEMPLATE if (await self.client.cached_model_info()).chat_messages else DEFAULT_TEMPLATE
+        try:
+            info = await self.client.cached_model_info()
+        except Unimplemented:  # a daemon from before GetModel: it formats no messages
+            return DEFAULT_TEMPLATE
+        return SERVER_TEMPLATE if info.chat_messages else DEFAULT_TEMPLATE
 
     async def add_message(self, role: str, content: str, *, append_id: str | None = None) -> AppendResult:
         """As `Session.add_message` (formats documented in `memoryd_sdk.chat`)."""

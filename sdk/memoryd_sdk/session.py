@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from memoryd_sdk.chat import DEFAULT_TEMPLATE, SERVER_TEMPLATE, ChatTemplate, ServerTemplate
-from memoryd_sdk.errors import OffsetConflict
+from memoryd_sdk.errors import OffsetConflict, Unimplemented
 from memoryd_sdk.export_file import Dest
 from memoryd_sdk.generation import GenerateStream
 from memoryd_sdk.requests import Content, Extras, Message, generate_request, is_message, new_append_id, sampling
@@ -256,7 +256,11 @@ class Session:
         """The template `add_message` / `chat` use: this object's, else the model's (server-side), else plain text."""
         if self.template is not None:
             return self.template
-        return SERVER_TEMPLATE if self.client.cached_model_info().chat_messages else DEFAULT_TEMPLATE
+        try:
+            info = self.client.cached_model_info()
+        except Unimplemented:  # a daemon from before GetModel: it formats no messages
+            return DEFAULT_TEMPLATE
+        return SERVER_TEMPLATE if info.chat_messages else DEFAULT_TEMPLATE
 
     def add_message(self, role: str, content: str, *, append_id: str | None = None) -> AppendResult:
         """Append one conversation turn in the session's chat format (`chat_format()`).
