@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("prepare", help="tokenise text/markdown/reST/JSONL into token shards")
     pp.add_argument("--input", nargs="+", required=True, help="files or directories")
     pp.add_argument("--out", required=True)
-    pp.add_argument("--tokenizer", default="bytes", help="'bytes', a tokenizer.json, or a checkpoint directory (its tokenizer and BOS/EOS ids)")
+    pp.add_argument("--tokenizer", default="bytes", help="'bytes', a tokenizer.json, or a checkpoint dir")
     pp.add_argument("--val-fraction", type=float, default=0.05)
     pp.add_argument("--text-field", default="text", help="JSONL field holding the text")
     pp.add_argument("--shard-tokens", type=int, default=1 << 27)

@@ -76,7 +76,9 @@ def check_compatible(cfg: TrainConfig, model: TTTModel, shards: TokenShards) -> 
     if shards.vocab_size > mcfg.vocab_size:
         raise ConfigError(f"data vocabulary {shards.vocab_size} exceeds the model's vocab_size {mcfg.vocab_size}")
     if cfg.trainable == "fast" and (cfg.mode != "meta" or mcfg.num_fast_layers == 0):
-        raise ConfigError("trainable 'fast' learns the fast MLPs' initial weights: it needs mode 'meta' on a ttt-e2e model")
+        raise ConfigError(
+            "trainable 'fast' learns the fast MLPs' initial weights: it needs mode 'meta' on a ttt-e2e model"
+        )
     if shards.bos != mcfg.bos_token_id:
         raise ConfigError(f"data BOS id {shards.bos} differs from the model's bos_token_id {mcfg.bos_token_id}")
 
