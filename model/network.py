@@ -25,6 +25,10 @@ from model.config import ModelConfig
 KV = tuple[torch.Tensor, torch.Tensor]
 """One layer's keys and values, each [B, kv_heads, m, head_dim]; keys already rotated."""
 
+Rope = tuple[torch.Tensor, torch.Tensor]
+"""RoPE (cos, sin) tables [n, head_dim/2] of a call's positions in float64, computed once for all
+layers; each layer casts them to its own dtype, exactly as computing them there would."""
+
 FAST_PARTS = ("w1", "w2", "w3")
 
 
@@ -79,8 +83,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, past: KV | None, start: int, impl: AttnImpl) -> tuple[torch.Tensor, KV]:
+    def forward(
+        self, x: torch.Tensor, past: KV | None, start: int, rope: Rope, impl: AttnImpl
+    ) -> tuple[torch.Tensor, KV]:
         """x [B, n, d] at positions [start, start+n); past covers the keys just before.
+
+        `rope` is the (cos, sin) table of those positions, shared by every layer.
 
         Returns the output and the keys/values attended over (past then new): the
         concatenation attention needs anyway, so a caller keeping a growing cache
@@ -93,8 +101,7 @@ class Attention(nn.Module):
         v = self.v(x).view(b, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        positions = torch.arange(start, start + n, device=x.device)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, q.dtype, cfg.rope_scaling)
+        cos, sin = (t.to(q.dtype) for t in rope)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         keys, values = (k, v) if past is None else (torch.cat((past[0], k), 2), torch.cat((past[1], v), 2))
         out = attend(q, keys, values, start, cfg.window_size, impl, cfg.attention_sinks)
@@ -130,11 +137,12 @@ class Block(nn.Module):
         h: torch.Tensor,
         past: KV | None,
         start: int,
+        rope: Rope,
         fast: Sequence[torch.Tensor] | None,
         impl: AttnImpl,
     ) -> tuple[torch.Tensor, KV]:
         """Returns the new hidden state and the keys/values attended over (past + new)."""
-        a, kv = self.attn(self.attn_norm(h), past, start, impl)
+        a, kv = self.attn(self.attn_norm(h), past, start, rope, impl)
         h = self._residual(h, a, self.attn_post_norm)
         if self.has_fast:
             if fast is None:
@@ -208,6 +216,9 @@ class TTTModel(nn.Module):
         `full` the past followed by the new ones (no extra copy).
         """
         n = h.shape[1]
+        cfg = self.cfg
+        positions = torch.arange(start, start + n, device=h.device)
+        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float64, cfg.rope_scaling)
         out_kv: list[KV] = []
         for j, i in enumerate(layers):
             block = self.blocks[i]
@@ -216,7 +227,7 @@ class TTTModel(nn.Module):
                 if fast is None:
                     raise ValueError(f"block {i} has a fast MLP: pass its fast weights")
                 theta = [fast[f"blocks.{i}.fast_mlp.{p}.weight"] for p in FAST_PARTS]
-            h, (k, v) = block(h, past[j], start, theta, impl)
+            h, (k, v) = block(h, past[j], start, rope, theta, impl)
             out_kv.append((k, v) if full else (k[:, :, -n:], v[:, :, -n:]))
         return h, out_kv
 
