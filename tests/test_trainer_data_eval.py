@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,15 @@ def test_merge_joins_comparable_results_and_refuses_others(tmp_path: Path) -> No
     assert list(json.loads((tmp_path / "m" / "eval.json").read_text())["models"]) == ["x", "y"]
     assert main(["merge", str(a), str(c), "--out", str(tmp_path / "m2")]) == 2
     assert main(["merge", str(a), str(a), "--out", str(tmp_path / "m3")]) == 2
+
+
+def test_split_does_not_depend_on_where_the_corpus_lies(tmp_path: Path) -> None:
+    """Documents are split by their path inside the input directory, not on disk."""
+    src = write_corpus(tmp_path / "a")
+    shutil.copytree(src, tmp_path / "b" / "elsewhere" / "corpus")
+    metas = [
+        prepare([d], tmp_path / f"out{i}", val_fraction=0.3, progress=False)
+        for i, d in enumerate((src, tmp_path / "b" / "elsewhere" / "corpus"))
+    ]
+    assert metas[0]["splits"] == metas[1]["splits"]
+    assert metas[0]["splits"]["val"]["documents"] > 0

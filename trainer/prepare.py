@@ -34,20 +34,25 @@ class DataError(ValueError):
     """Input or prepared data that cannot be used; the message names the path."""
 
 
-def iter_files(inputs: list[str | Path]) -> list[Path]:
-    """Every readable input file, directories walked recursively, in sorted order."""
-    files: list[Path] = []
+def iter_files(inputs: list[str | Path]) -> list[tuple[Path, str]]:
+    """Every readable input file, directories walked recursively, in sorted order.
+
+    Each comes with its name for the train/validation split: the path relative to the
+    input directory it was found in (the file name for a file given directly), so a
+    corpus gets the same split wherever it lies on disk.
+    """
+    files: list[tuple[Path, str]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f) is not None)
             if not found:
                 raise DataError(f"{p} holds no text, markdown, reST or JSONL files")
-            files.extend(found)
+            files.extend((f, f.relative_to(p).as_posix()) for f in found)
         elif p.is_file():
             if _kind(p) is None:
                 raise DataError(f"{p}: unsupported file type {p.suffix!r} (text, .md, .rst, .jsonl)")
-            files.append(p)
+            files.append((p, p.name))
         else:
             raise DataError(f"input {p} does not exist")
     return files
@@ -62,9 +67,9 @@ def _kind(p: Path) -> str | None:
     return None
 
 
-def iter_documents(files: list[Path], text_field: str) -> Iterator[tuple[Path, str, str]]:
+def iter_documents(files: list[tuple[Path, str]], text_field: str) -> Iterator[tuple[Path, str, str]]:
     """(file, name, text) per document: one per text file, one per JSONL line."""
-    for f in files:
+    for f, key in files:
         if _kind(f) == "jsonl":
             with f.open(encoding="utf-8") as fh:
                 for n, line in enumerate(fh, 1):
@@ -76,9 +81,9 @@ def iter_documents(files: list[Path], text_field: str) -> Iterator[tuple[Path, s
                         raise DataError(f"{f}:{n} is not valid JSON: {e}") from e
                     if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
                         raise DataError(f"{f}:{n} has no string field {text_field!r}")
-                    yield f, f"{f}:{n}", row[text_field]
+                    yield f, f"{key}:{n}", row[text_field]
         else:
-            yield f, str(f), f.read_text(encoding="utf-8", errors="replace")
+            yield f, key, f.read_text(encoding="utf-8", errors="replace")
 
 
 def is_validation(name: str, val_fraction: float, seed: int) -> bool:
@@ -168,7 +173,7 @@ def prepare(
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     writers = {s: _ShardWriter(outp, s, dtype, shard_tokens) for s in ("train", "val")}
-    total_bytes = sum(f.stat().st_size for f in files)
+    total_bytes = sum(f.stat().st_size for f, _ in files)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress) as bar:
         last: Path | None = None
         for file, name, text in iter_documents(files, text_field):
