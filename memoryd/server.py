@@ -31,10 +31,13 @@ from redis.backoff import NoBackoff
 from memoryd.auth import Auth
 from memoryd.chat import ChatFormat, chat_format_for
 from memoryd.default_model import adapter_path, apply_adapter, default_checkpoint
+from memoryd.engine.core import Engine
+from memoryd.engine.scheduler import Budget
+from memoryd.leases import redis_errors
 from memoryd.metrics import serve_metrics
 from memoryd.redis_embed import EmbeddedRedis
 from memoryd.service import MemoryServicer
-from memoryd.sessions import Sessions, redis_errors
+from memoryd.sessions import Sessions
 from memoryd.settings import Settings
 from memoryd.store import Store
 from model import TTTModel, digest_of, load_checkpoint
@@ -143,7 +146,8 @@ async def serve(s: Settings) -> None:
         url, socket_timeout=s.redis_timeout, socket_connect_timeout=s.redis_timeout, retry=Retry(NoBackoff(), 0)
     )
     store = Store(r, ttl_seconds=s.ttl_seconds, chunk_bytes=s.snapshot_chunk_bytes)
-    sessions = Sessions(model, tok, store, s, chat)
+    engine = Engine(model, Budget(tokens=s.tick_tokens, rows=s.batch_sessions))
+    sessions = Sessions(engine, tok, store, s, chat)
 
     opts = [
         ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -173,7 +177,7 @@ async def serve(s: Settings) -> None:
     await stop.wait()
 
     t0 = time.monotonic()
-    log.info(json.dumps({"event": "stopping", "hot_sessions": len(sessions._hot)}))
+    log.info(json.dumps({"event": "stopping", "hot_sessions": len(sessions.hot)}))
     for t in tasks:
         t.cancel()
     await hs.enter_graceful_shutdown()

@@ -67,11 +67,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(16 * 1024**2, ge=1024, description="largest gRPC message accepted")
     max_import_bytes: int = Field(4 * 1024**3, ge=1, description="largest session export accepted by import")
     snapshot_chunk_bytes: int = Field(4 * 1024**2, ge=1024, description="snapshot chunk size in Redis")
-    compute_threads: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1),
+    tick_tokens: int = Field(
+        512,
         ge=1,
-        description="worker threads running model compute (different sessions in parallel)",
+        description="tokens of model work per engine tick (decodes, append pieces, replays); long appends are cut "
+        "at mini-batch boundaries to fit, so one long append delays other sessions by at most one tick",
     )
+    batch_sessions: int = Field(64, ge=1, description="sessions decoded together in one batched forward")
     torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads (0: torch's default; more than 1 only on a dedicated machine)"
     )
