@@ -133,6 +133,7 @@ def main() -> int:
     p.add_argument("--tick-tokens", type=int, default=0, help="the daemon's --tick-tokens (0: its default)")
     args = p.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the daemon and Redis on SIGTERM too
 
     work = Path(tempfile.mkdtemp(prefix="memoryd-serve-bench-"))
     redis_proc = daemon = None
