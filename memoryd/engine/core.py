@@ -52,6 +52,7 @@ class Engine:
         """Queue one item and wait for its result (raises what the worker raised, for bugs only)."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="memoryd-engine")
+            self._task.add_done_callback(self._stopped)
         ticket = self._ticket(work)
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._futures[ticket.seq] = fut
@@ -83,6 +84,17 @@ class Engine:
         self._thread.shutdown(wait=True)
 
     # -- the loop --------------------------------------------------------------------------------
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        """The loop ended (closed, or a bug): no call may wait forever on work it will not run."""
+        error = RuntimeError("the engine stopped before running this work; retry the call")
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the engine loop failed", exc_info=task.exception())
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(error)
+        self._futures.clear()
+        self._waiting.clear()
 
     def _ticket(self, work: Work) -> Ticket:
         t = Ticket(work, next(self._seq), step_every=self.model.cfg.mini_batch_size)
