@@ -29,14 +29,21 @@ import torch
 from model.state import InputError, StreamState
 
 
+def tokens_to_step(state: StreamState) -> int:
+    """Tokens `state` must read before its next test-time step: mini-batch s is stepped when
+    its target, the token after its last, arrives, i.e. when more than b tokens are pending."""
+    return state.model.cfg.mini_batch_size - state.pending_count + 1
+
+
 def steps_on_append(state: StreamState, n: int = 1) -> bool:
     """Whether appending n tokens makes `state` take a test-time step (then it runs solo)."""
-    return state.pending_count + n > state.model.cfg.mini_batch_size
+    return n >= tokens_to_step(state)
 
 
 @torch.no_grad()
-def decode(states: Sequence[StreamState], tokens: Sequence[int]) -> torch.Tensor:
-    """Append tokens[i] to states[i] (distinct states of one model); return next-token logits [N, V].
+def decode(states: Sequence[StreamState], tokens: Sequence[int | None]) -> torch.Tensor:
+    """Append tokens[i] to states[i] (distinct states of one model; None: read nothing, as the
+    first token after a prompt); return every state's next-token logits [N, V].
 
     Rows whose token completes a mini-batch step solo; the others run as one ragged
     batch.  Validates every token before changing any state.
@@ -48,12 +55,14 @@ def decode(states: Sequence[StreamState], tokens: Sequence[int]) -> torch.Tensor
     model = states[0].model
     vocab = model.cfg.vocab_size
     for i, t in enumerate(tokens):
-        if not 0 <= int(t) < vocab:
+        if t is not None and not 0 <= int(t) < vocab:
             raise InputError(f"token id {int(t)} (row {i}) is outside the vocabulary [0, {vocab})")
     rows = []
     for s, t in zip(states, tokens, strict=True):
         if s.model is not model:
             raise ValueError("decode batches states of one model only")
+        if t is None:
+            continue
         if steps_on_append(s) or not s.refreshed:
             s.append([int(t)])
         else:
