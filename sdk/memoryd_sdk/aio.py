@@ -23,6 +23,7 @@ Each method is one RPC.  Sessions as objects (offset tracking, chat helpers) liv
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -104,6 +105,16 @@ class AsyncMemoryClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    def _as_caller(self, metadata: tuple[tuple[str, str], ...]) -> AsyncMemoryClient:
+        """This client (same channel, settings and model cache) sending `metadata` instead of its own.
+
+        For a gateway that forwards each caller's `authorization` to the daemon: one channel,
+        each request under its caller's token and tenant.
+        """
+        twin = copy.copy(self)
+        twin._md = tuple(metadata)
+        return twin
 
     async def _unary(self, method: str, request: Any, timeout: float | None, attempts: list[int] | None = None) -> Any:
         """One unary call with retries; `attempts[0]` tells the caller which attempt answered."""
