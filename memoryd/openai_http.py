@@ -37,6 +37,7 @@ import uvicorn
 from memoryd_sdk import AsyncMemoryClient, AsyncSession, FinishReason, GenerateChunk, GenerateResult, ModelInfo
 from memoryd_sdk import errors as sdk_errors
 from memoryd_sdk.connection import TLS
+from memoryd_sdk.types import Usage
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -70,29 +71,10 @@ def error_of(e: sdk_errors.MemorydError) -> RequestError:
     return RequestError(e.message, None, e.code.name.lower(), status=status, type=kind)
 
 
-@dataclass
-class Usage:
-    """Token counts of one reply.
-
-    `completion_tokens`: tokens sampled.  `prompt_tokens`: tokens the request read besides
-    them, i.e. only its *new* messages in the chat format plus the reply's opening and closing
-    (the session's earlier context is not re-read, which is the point).  `prompt_tokens +
-    completion_tokens` is what the session's offset moved by, except that a stop token or
-    stop string is sampled (and counted) but not kept.
-    """
-
-    prompt_tokens: int
-    completion_tokens: int
-
-    @classmethod
-    def of(cls, last: GenerateChunk | GenerateResult) -> Usage:
-        """From the last message of a generation (or the whole result: the same fields)."""
-        kept = last.generated_tokens - (last.finish_reason == FinishReason.STOP_TOKEN)
-        return cls(max(0, last.committed_tokens - kept), last.generated_tokens)
-
-    def body(self) -> dict[str, int]:
-        n, m = self.prompt_tokens, self.completion_tokens
-        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+def usage_body(last: GenerateChunk | GenerateResult) -> dict[str, int]:
+    """OpenAI's usage object (the counts are defined in `memoryd_sdk.types.Usage`)."""
+    u = Usage.of(last)
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
 
 
 def finish_reason(r: FinishReason) -> str:
@@ -262,7 +244,7 @@ class Reply:
                     "logprobs": None,
                 }
             ],
-            "usage": Usage.of(last).body(),
+            "usage": usage_body(last),
             "memoryd": self.extension(last),
         }
 
@@ -294,7 +276,7 @@ class Reply:
             yield self.chunk({}, finish_reason(c.finish_reason))
             if self.req.include_usage:
                 usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created}
-                usage |= {"model": self.info.name, "choices": [], "usage": Usage.of(c).body()}
+                usage |= {"model": self.info.name, "choices": [], "usage": usage_body(c)}
                 yield sse(usage | {"memoryd": self.extension(c)})
             yield "data: [DONE]\n\n"
         except sdk_errors.MemorydError as e:  # after the headers: the error travels as an event
