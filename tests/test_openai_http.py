@@ -340,3 +340,20 @@ def test_json_body_of_a_completion(http_daemon: Daemon) -> None:
     body = r.json()
     assert r.status_code == 200 and json.dumps(body)
     assert set(body) >= {"id", "object", "created", "model", "choices", "usage"}
+
+
+def readme_block(marker: str) -> str:
+    """The README's python block that contains `marker`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return next(b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if marker in b.split("```", 1)[0])
+
+
+def test_readme_quick_start(http_daemon: Daemon, capsys: pytest.CaptureFixture) -> None:
+    code = readme_block("from openai import OpenAI")
+    assert len(code.strip().splitlines()) == 2
+    code = code.replace("http://127.0.0.1:8080/v1", f"http://127.0.0.1:{http_daemon.http_port}/v1")
+    code = code.replace('api_key="-"', f"api_key={TOKENS['alice']!r}").replace("smollm2-135m-instruct", MODEL)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out
+    with MemoryClient(http_daemon.address, token=TOKENS["alice"]) as c:
+        assert c.get_session("agent-7").offset > 0

@@ -87,7 +87,8 @@ class MemorydChat(BaseChatModel):
     tls: Any = None
     session_id: str | None = None
     """The session holding the conversation; None: a new one on the first call (then set here)."""
-    max_tokens: int = 256
+    max_tokens: int | None = None
+    """None: 256, or the daemon's limit when that is lower."""
     temperature: float = 0.0
     top_p: float = 0.0
     top_k: int = 0
@@ -165,7 +166,8 @@ class MemorydChat(BaseChatModel):
     ) -> tuple[list[Turn], GenerateResult | AsyncGenerateStream]:
         new = self._new_turns(messages)
         session = await self._session(client)
-        kw = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        max_tokens = self.max_tokens or min(256, (await client.cached_model_info()).max_generate_tokens)
+        kw = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p}
         kw |= {"top_k": self.top_k, "stop": stop, "seed": self.seed}
         if stream:
             return new, await session.reply_stream(new, **kw)
