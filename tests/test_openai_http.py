@@ -20,8 +20,8 @@ import pytest
 from memoryd_sdk import MemoryClient
 
 pytest.register_assert_rewrite("sdk_fixtures")
-from sdk_fixtures import TOKENS, TcpProxy  # noqa: E402
-from service_fixtures import Daemon, RedisServer, child_env, free_port, tiny_checkpoint  # noqa: E402, F401
+from sdk_fixtures import TOKENS, TcpProxy, auth_daemon  # noqa: E402
+from service_fixtures import Daemon, child_env, free_port, tiny_checkpoint  # noqa: E402, F401
 
 MAX_GENERATE = 64
 MODEL = "tiny"  # the checkpoint directory's name (GET /v1/models says so)
@@ -35,26 +35,11 @@ def turns(*messages: tuple[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def http_daemon(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Daemon]:  # noqa: F811
-    redis_server = RedisServer(tmp_path_factory.mktemp("http-redis"))
-    redis_server.start()
-    d = Daemon(
-        tmp_path_factory.mktemp("http-memoryd"),
-        tiny_checkpoint,
-        redis_server.url,
-        "--auth-tokens",
-        ",".join(f"{tok}={tenant}" for tenant, tok in TOKENS.items()),
-        "--max-generate-tokens",
-        str(MAX_GENERATE),
-        "--http-listen",
-        f"127.0.0.1:{free_port()}",
-    )
-    d.http_port = int(d.extra[-1].rpartition(":")[2])
-    try:
-        d.start()
+    port = free_port()
+    flags = ("--max-generate-tokens", str(MAX_GENERATE), "--http-listen", f"127.0.0.1:{port}")
+    with auth_daemon(tmp_path_factory, tiny_checkpoint, "http", *flags) as d:
+        d.http_port = port
         yield d
-    finally:
-        d.close()
-        redis_server.kill(signal.SIGTERM)
 
 
 def oai(d: Daemon, token: str | None = TOKENS["alice"]) -> openai.OpenAI:
