@@ -333,12 +333,13 @@ def readme_block(marker: str) -> str:
     return next(b.split("```", 1)[0] for b in readme.split("```python\n")[1:] if marker in b.split("```", 1)[0])
 
 
-def test_readme_quick_start(http_daemon: Daemon, capsys: pytest.CaptureFixture) -> None:
+def test_readme_quick_start(http_daemon: Daemon) -> None:
     code = readme_block("from openai import OpenAI")
-    assert len(code.strip().splitlines()) == 2
+    assert len([line for line in code.splitlines() if line.strip()]) == 3  # the import and two lines
     code = code.replace("http://127.0.0.1:8080/v1", f"http://127.0.0.1:{http_daemon.http_port}/v1")
     code = code.replace('api_key="-"', f"api_key={TOKENS['alice']!r}").replace("smollm2-135m-instruct", MODEL)
-    exec(compile(code, "README.md", "exec"), {})
-    assert capsys.readouterr().out
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["r"].choices[0].message.content is not None
     with MemoryClient(http_daemon.address, token=TOKENS["alice"]) as c:
-        assert c.get_session("agent-7").offset > 0
+        assert c.get_session("agent-7").offset == scope["r"].model_extra["memoryd"]["offset"] > 0
