@@ -120,6 +120,20 @@ class Gateway:
             return error_response(error_of(e))
         return JSONResponse({"object": "list", "data": [model_card(info)]})
 
+    async def one_model(self, request: Request) -> Response:
+        try:
+            info = await self.caller(request).model_info()
+        except sdk_errors.MemorydError as e:
+            return error_response(error_of(e))
+        name = request.path_params["model"]
+        if name != info.name:
+            return error_response(
+                RequestError(
+                    f"no model {name!r}; this endpoint serves {info.name!r}", "model", "model_not_found", status=404
+                )
+            )
+        return JSONResponse(model_card(info))
+
     async def chat_completions(self, request: Request) -> Response:
         try:
             try:
@@ -297,6 +311,7 @@ def create_app(target: str, tls: TLS = None) -> Starlette:
     routes = [
         Route("/v1/chat/completions", gw.chat_completions, methods=["POST"]),
         Route("/v1/models", gw.models, methods=["GET"]),
+        Route("/v1/models/{model}", gw.one_model, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=gw.lifespan)
 

@@ -67,6 +67,9 @@ def kept(resp) -> int:
 def test_models(alice: openai.OpenAI, sdk: MemoryClient) -> None:
     models = alice.models.list().data
     assert [m.id for m in models] == [sdk.model_info().name] == [MODEL]
+    assert alice.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        alice.models.retrieve("gpt-4o")
 
 
 def test_without_a_session_nothing_is_kept(alice: openai.OpenAI, sdk: MemoryClient) -> None:

@@ -66,6 +66,21 @@ def test_sync_client_is_usable_inside_a_running_loop(sdk_daemon: Daemon) -> None
     assert asyncio.run(inside()) == 18
 
 
+@pytest.mark.timeout(60)
+def test_a_piece_source_may_call_the_sync_client(sdk_daemon: Daemon) -> None:
+    """`append_stream` reads a sync source in a worker thread, so a source that itself calls the
+    client (a tool that looks something up) does not wait forever on the loop it is holding."""
+    with MemoryClient(sdk_daemon.address, token=TOKENS["alice"]) as c:
+        s, other = c.create_session(), c.create_session()
+        other.append("abcd")
+
+        def pieces():
+            yield "offset of the other session: "
+            yield str(c.get_session(other.id).offset)
+
+        assert s.append_stream(pieces()).offset == len("offset of the other session: 4")
+
+
 @pytest.mark.asyncio
 async def test_async_complete_commit_stop_and_suffix(sdk_daemon: Daemon) -> None:
     async with AsyncMemoryClient(sdk_daemon.address, token=TOKENS["alice"]) as c:
