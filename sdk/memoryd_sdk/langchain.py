@@ -233,10 +233,14 @@ class MemorydChat(BaseChatModel):
         client = self._sync_client()
         new, stream = client._runner.run(self._reply(client._core, messages, stop, True))
         assert isinstance(stream, AsyncGenerateStream)
-        for chunk in iterate(client._runner, self._chunks(new, stream)):
-            if run_manager and chunk.text:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
+        try:
+            for chunk in iterate(client._runner, self._chunks(new, stream)):
+                if run_manager and chunk.text:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+        finally:
+            if not stream.done:  # the consumer stopped early: cancel on the server, nothing of the turn is kept
+                client._runner.call(stream.cancel)
 
     async def _astream(
         self,
