@@ -163,9 +163,15 @@ async def serve(s: Settings) -> None:
     reflection.enable_server_reflection(names, server)
     port = server.add_secure_port(s.listen, creds) if creds else server.add_insecure_port(s.listen)
     await server.start()
+    http = None
+    if s.http_listen:  # the OpenAI-compatible gateway, in this process, speaking gRPC to this daemon
+        from memoryd.openai_http import local_target, start_http
+
+        http = await start_http(s.http_listen, local_target(s.listen, port), s.tls_cert)
     metrics_port = serve_metrics(s.metrics_port, s.metrics_host)
     host = s.listen.rpartition(":")[0]
     ready = {"event": "listening", "grpc": f"{host}:{port}", "metrics_port": metrics_port, "tls": bool(creds)}
+    ready |= {"http": f"{s.http_listen.rpartition(':')[0]}:{http.port}" if http else None}
     ready |= {"auth": auth.enabled, "redis": "embedded" if embedded else url.split("@")[-1]}
     log.info(json.dumps(ready))
 
@@ -181,6 +187,8 @@ async def serve(s: Settings) -> None:
     for t in tasks:
         t.cancel()
     await hs.enter_graceful_shutdown()
+    if http is not None:
+        await http.stop()
     await server.stop(s.shutdown_grace)
     try:
         await sessions.flush()

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMORYD_", extra="forbid", validate_default=True)
 
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port (port 0: any free port)")
+    http_listen: str | None = Field(
+        None, description="OpenAI-compatible HTTP endpoint host:port (off when unset; memoryd/openai_http.py)"
+    )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus HTTP port (0: off)")
     metrics_host: str = Field("127.0.0.1", description="Prometheus HTTP bind address")
     checkpoint: Path | None = Field(
@@ -86,9 +89,11 @@ class Settings(BaseSettings):
     def _bytes(cls, v: Any) -> int:
         return parse_bytes(v)
 
-    @field_validator("listen")
+    @field_validator("listen", "http_listen")
     @classmethod
-    def _listen(cls, v: str) -> str:
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"listen must be host:port (e.g. 127.0.0.1:50051), got {v!r}")
