@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import sys
@@ -38,7 +37,7 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
         sys.path.insert(0, str(_p))
 
 import grpc  # noqa: E402
-from harness import pct, start_daemon, start_redis  # noqa: E402
+from harness import pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -169,13 +168,7 @@ def main() -> int:
             "daemon_torch_threads": args.torch_threads,
         }
     finally:
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(60)
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(daemon, redis_proc, work)
     if args.json:
         print(json.dumps(out))
     else:
