@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 from redis.cluster import RedisCluster as SyncCluster
-from service_fixtures import free_port, redis_binary
+from service_fixtures import RedisServer, free_port, redis_binary
 
 
 def cluster_port() -> int:
@@ -40,42 +40,17 @@ def redis_cli() -> str:
     return os.path.join(os.path.dirname(redis_binary()), "redis-cli")
 
 
-class ClusterNodeProc:
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.dir, self.port = workdir, port
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen | None = None
+CLUSTER_NODE = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000"]
+CLUSTER_NODE += ["--appendonly", "no", "--save", ""]  # durability here comes from the replicas
 
-    def start(self) -> None:
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000"]
-        args += ["--appendonly", "no", "--save", "", "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        c = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if c.ping():
-                    break
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cluster node on {self.port} did not start")
-            time.sleep(0.02)
-        c.close()
 
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            self.proc.wait(10)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+def cluster_node(workdir: Path) -> RedisServer:
+    return RedisServer(workdir, cluster_port(), CLUSTER_NODE)
 
 
 class LocalCluster:
     def __init__(self, workdir: Path, size: int = 6) -> None:
-        self.nodes = [ClusterNodeProc(workdir / f"n{i}", cluster_port()) for i in range(size)]
+        self.nodes = [cluster_node(workdir / f"n{i}") for i in range(size)]
 
     @property
     def url(self) -> str:
@@ -106,10 +81,10 @@ class LocalCluster:
     def client(self) -> SyncCluster:
         return SyncCluster(host="127.0.0.1", port=self.live()[0].port)
 
-    def live(self) -> list[ClusterNodeProc]:
+    def live(self) -> list[RedisServer]:
         return [n for n in self.nodes if n.alive()]
 
-    def info(self, node: ClusterNodeProc) -> dict[str, str]:
+    def info(self, node: RedisServer) -> dict[str, str]:
         with redis.Redis(port=node.port, socket_timeout=2) as c:
             return c.cluster("info")
 
@@ -135,20 +110,20 @@ class LocalCluster:
                 raise RuntimeError("the test cluster did not become healthy")
             time.sleep(0.1)
 
-    def _role(self, node: ClusterNodeProc) -> str:
+    def _role(self, node: RedisServer) -> str:
         with redis.Redis(port=node.port, socket_timeout=2) as c:
             return c.info("replication")["role"]
 
-    def _link_up(self, node: ClusterNodeProc) -> bool:
+    def _link_up(self, node: RedisServer) -> bool:
         with redis.Redis(port=node.port, socket_timeout=2) as c:
             return c.info("replication").get("master_link_status") == "up"
 
-    def master_of(self, key: str) -> ClusterNodeProc:
+    def master_of(self, key: str) -> RedisServer:
         with self.client() as c:
             node = c.get_node_from_key(key)
         return next(n for n in self.nodes if n.port == int(node.port))
 
-    def wait_failover(self, dead: ClusterNodeProc, key: str, timeout: float = 30.0) -> ClusterNodeProc:
+    def wait_failover(self, dead: RedisServer, key: str, timeout: float = 30.0) -> RedisServer:
         """Wait until another node serves `key`'s slot as master; returns it."""
         deadline = time.monotonic() + timeout
         slot = redis.cluster.key_slot(key.encode())
