@@ -17,6 +17,20 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import AskError, ClusterDownError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,  # a failover in progress (MasterDownError too)
+    TryAgainError,  # a slot being moved
+    AskError,  # MovedError too: the client's slot map is behind
+    SlotNotCoveredError,
+)
+"""Redis failures that mean "not now" (answered UNAVAILABLE, safe to retry), on one Redis or a cluster."""
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SINGLE_SCHEMES = ("redis", "rediss", "unix")

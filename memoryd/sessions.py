@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import redis.exceptions
 import torch
 
 from memoryd import metrics
@@ -41,6 +40,7 @@ from memoryd.errors import (
     ServiceError,
     Unavailable,
 )
+from memoryd.redis_client import UNAVAILABLE_ERRORS
 from memoryd.sampling import StopText, sample
 from memoryd.settings import Settings
 from memoryd.store import AppendResult, Head, Store, tokens_hash
@@ -135,7 +135,7 @@ class GenEvent:
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+    return UNAVAILABLE_ERRORS  # cluster failovers and slot moves included
 
 
 class Sessions:

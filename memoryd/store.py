@@ -86,6 +86,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memoryd.errors import DataLoss
+from memoryd.redis_client import UNAVAILABLE_ERRORS
 
 SNAPSHOT_FORMAT = "memoryd-session-state/1"
 WINDOW_SECONDS = 30.0
@@ -1093,7 +1094,7 @@ async def sweep_forever(store: Store, every: float = 60.0) -> None:
             rep = await store.sweep()
             if rep.dropped:
                 log.info(json.dumps({"event": "sweep", **dataclasses.asdict(rep)}))
-        except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+        except UNAVAILABLE_ERRORS as e:
             log.warning("snapshot sweep: Redis unavailable (%s)", e)
         except Exception:  # a bug here must not stop the sweeping for good
             log.exception("snapshot sweep failed; trying again")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cluster_fixtures import LocalCluster, redis_cluster  # noqa: F401 (fixture)
+from cluster_fixtures import LocalCluster
 from memoryd_sdk._proto import memoryd_pb2 as pb
 from service_fixtures import (  # noqa: F401 (fixtures)
     Daemon,
@@ -112,7 +112,7 @@ def test_master_killed_mid_append(
     tmp_path: Path,
     tiny_checkpoint: Path,  # noqa: F811
     tiny_model,  # noqa: F811
-    redis_cluster: LocalCluster,  # noqa: F811
+    redis_cluster: LocalCluster,
 ) -> None:
     """WAIT on: kill -9 the master holding the session while a client appends; its replica
     takes over, and every acknowledged piece is there, exactly once, bit for bit.

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import redis
-from cluster_fixtures import LocalCluster, redis_cluster  # noqa: F401 (fixture)
+from cluster_fixtures import LocalCluster
 from service_fixtures import RedisServer, redis_server  # noqa: F401 (fixture)
 
 from memoryd.errors import DataLoss
@@ -270,7 +270,7 @@ def test_a_head_write_past_the_window_is_refused(redis_url: str) -> None:
     run(redis_url, body, window_seconds=WINDOW, grace_seconds=GRACE)
 
 
-def test_wait_for_replicas(redis_cluster: LocalCluster) -> None:  # noqa: F811
+def test_wait_for_replicas(redis_cluster: LocalCluster) -> None:
     """With wait_replicas an acknowledged append is on the replica; asking for more replicas than exist fails
     (retryably) instead of acknowledging."""
 
