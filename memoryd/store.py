@@ -12,7 +12,8 @@ Layout (prefix `md`; `{...}` is the hash tag, so what shares a tag shares a clus
                               output tokens, text and finish reason, so a retry gets them back)
     md:s:{t/s}:lease   STRING the daemon serving the session (PX lease_seconds)
     md:s:{t/s}:want    STRING another daemon asks for the session (it is written out and released)
-    md:t:{tenant}:idx  ZSET   the tenant's session ids, scored by the ms stamp of their create
+    md:t:{tenant}:idx  ZSET   the tenant's session ids (all scores 0: paged by ZRANGEBYLEX)
+    md:t:{tenant}:stamps HASH session id -> the ms stamp of the create that indexed it
     md:snap:{id}:m     STRING snapshot manifest (JSON: size, sha256, n chunks, chunk hashes, ...)
     md:snap:{id}:refs  HASH   who keeps the snapshot alive: ref token -> "tenant/session" of the head
                               holding it, and "w" -> stamp while its writer has not published it yet
@@ -127,41 +128,42 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1])
 """
 )
 
-# KEYS: idx.  ARGV: sid, max_sessions.  {-2} at the limit, else {1, stamp, previous stamp or ''}.
+# KEYS: idx, stamps.  ARGV: sid, max_sessions.  {-2} at the limit, else {1, stamp, previous stamp or ''}.
 # The stamp is refreshed even for an id already there, so an in-flight create is never
 # taken for a crashed one (see _FORGET); _RESTORE puts the previous one back if the id was taken.
+# (The index's scores stay 0: listing pages by ZRANGEBYLEX, which needs equal scores.)
 _RESERVE = (
     _NOW
     + """
-local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local there = redis.call('ZSCORE', KEYS[1], ARGV[1])
 local maxn = tonumber(ARGV[2])
-if maxn > 0 and not prev and redis.call('ZCARD', KEYS[1]) >= maxn then return {-2} end
+if maxn > 0 and not there and redis.call('ZCARD', KEYS[1]) >= maxn then return {-2} end
+local prev = redis.call('HGET', KEYS[2], ARGV[1])
 local now = now_ms()
-redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZADD', KEYS[1], 0, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], now)
 return {1, now, prev or ''}
 """
 )
 
-# KEYS: idx.  ARGV: sid, our stamp, previous stamp ('' = none)
+# KEYS: idx, stamps.  ARGV: sid, our stamp, previous stamp ('' = none)
 _RESTORE = """
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not s or tonumber(s) ~= tonumber(ARGV[2]) or ARGV[3] == '' then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] or ARGV[3] == '' then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 1
 """
 
-# KEYS: idx.  ARGV: sid, exact stamp ('' = any older than grace_ms), grace_ms.
+# KEYS: idx, stamps.  ARGV: sid, exact stamp ('' = any older than grace_ms), grace_ms.
 _FORGET = (
     _NOW
     + """
-local s = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not s then return 0 end
-s = tonumber(s)
+local s = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if ARGV[2] ~= '' then
   if s ~= tonumber(ARGV[2]) then return 0 end
 elseif s > now_ms() - tonumber(ARGV[3]) then
   return 0
 end
+redis.call('HDEL', KEYS[2], ARGV[1])
 return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 )
@@ -497,6 +499,9 @@ class Store:
     def _idx(self, tenant: str) -> str:
         return f"{self.prefix}:t:{{{tenant}}}:idx"
 
+    def _index_keys(self, tenant: str) -> list[str]:
+        return [self._idx(tenant), f"{self.prefix}:t:{{{tenant}}}:stamps"]
+
     @property
     def journal_key(self) -> str:
         return f"{self.prefix}:gc"
@@ -645,7 +650,7 @@ class Store:
 
     async def _forget(self, tenant: str, sid: str, stamp: int | None) -> None:
         """Drop an index entry: the one with this stamp, or (None) any older than the grace period."""
-        await self._write("forget", [self._idx(tenant)], [sid, "" if stamp is None else stamp, self.grace_ms])
+        await self._write("forget", self._index_keys(tenant), [sid, "" if stamp is None else stamp, self.grace_ms])
 
     async def _create_head(
         self,
@@ -683,7 +688,7 @@ class Store:
         token = _token() if snap else ""
         entry = _journal_entry(snap, token, tenant, sid) if snap else ""
         stamp = await self._journal(entry) if snap else None
-        res = await self._write("reserve", [self._idx(tenant)], [sid, max_sessions])
+        res = await self._write("reserve", self._index_keys(tenant), [sid, max_sessions])
         if int(res[0]) != 1:
             code = -2
         else:
@@ -705,7 +710,7 @@ class Store:
                     entries=entries,
                 )
             if code == -1:
-                await self._write("restore", [self._idx(tenant)], [sid, ix, prev])
+                await self._write("restore", self._index_keys(tenant), [sid, ix, prev])
             elif code != 1:
                 await self._forget(tenant, sid, ix)
         if code == 1:

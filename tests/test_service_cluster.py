@@ -156,3 +156,15 @@ def test_master_killed_mid_append(
     finally:
         d.close()
         redis_cluster.heal()
+
+
+def test_a_second_daemon_cannot_share_a_fixed_port(daemon: Daemon, tmp_path: Path, tiny_checkpoint: Path) -> None:  # noqa: F811
+    """gRPC binds with SO_REUSEPORT by default, so two daemons could share a port (and with it the
+    default name host:listen, and each other's leases). The daemon turns it off: the second exits."""
+    twin = Daemon(tmp_path / "twin", tiny_checkpoint, daemon.redis_url)
+    twin.port = daemon.port
+    twin.extra = ["--instance-id", ""]  # the default name, host:listen, as the first one would have
+    twin.start(wait=False)
+    assert twin.proc.wait(120) != 0
+    assert "bind" in twin.log_tail().lower(), twin.log_tail()
+    assert daemon.stub().ListSessions(pb.ListSessionsRequest(page_size=1)) is not None  # the first one serves on

@@ -135,6 +135,31 @@ def test_forks_share_snapshots_by_reference(redis_url: str) -> None:
     run(redis_url, body)
 
 
+def test_list_pages_through_ids_created_in_any_order(redis_url: str) -> None:
+    async def body(st: Store, r) -> None:
+        ids = [f"s{i:02d}" for i in range(12)]
+        for sid in ids[::-1][:6] + ids[:6]:  # not in id order
+            assert await st.create("t", sid, {}, "sha256:x", max_sessions=12) == 1
+        assert await st.create("t", "s03", {}, "sha256:x") == -1  # taken: the index is left as it was
+        assert await st.create("t", "extra", {}, "sha256:x", max_sessions=12) == -2
+
+        async def pages() -> list[str]:
+            out, after = [], ""
+            while True:
+                heads, after = await st.list("t", after, 5)
+                out += [h.session_id for h in heads]
+                if not after:
+                    return out
+
+        assert await pages() == ids
+        for sid in ("s00", "s03", "s11"):
+            assert (await st.delete("t", sid))[0] == 1
+        assert await pages() == [i for i in ids if i not in ("s00", "s03", "s11")]
+        assert await st.count_sessions() == 9
+
+    run(redis_url, body)
+
+
 def test_log_gap_is_data_loss(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
         await st.create("t", "s", {}, "sha256:x")
