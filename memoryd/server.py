@@ -19,14 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from memoryd.auth import Auth
 from memoryd.chat import ChatFormat, chat_format_for
@@ -35,11 +32,12 @@ from memoryd.engine.core import Engine
 from memoryd.engine.scheduler import Budget
 from memoryd.leases import redis_errors
 from memoryd.metrics import serve_metrics
+from memoryd.redis_client import connect
 from memoryd.redis_embed import EmbeddedRedis
 from memoryd.service import MemoryServicer
 from memoryd.sessions import Sessions
 from memoryd.settings import Settings
-from memoryd.store import Store
+from memoryd.store import Store, sweep_forever
 from model import TTTModel, digest_of, load_checkpoint
 from model.tokenizer import load_tokenizer
 
@@ -142,16 +140,21 @@ async def serve(s: Settings) -> None:
         embedded = EmbeddedRedis(s.data_dir)
         url = await asyncio.to_thread(embedded.start)
         log.info(json.dumps({"event": "embedded_redis", "url": url}))
-    r = aioredis.from_url(
-        url, socket_timeout=s.redis_timeout, socket_connect_timeout=s.redis_timeout, retry=Retry(NoBackoff(), 0)
+    r = connect(url, s.redis_timeout)
+    store = Store(
+        r,
+        ttl_seconds=s.ttl_seconds,
+        chunk_bytes=s.snapshot_chunk_bytes,
+        wait_replicas=s.redis_wait_replicas,
+        wait_timeout=s.redis_wait_timeout,
     )
-    store = Store(r, ttl_seconds=s.ttl_seconds, chunk_bytes=s.snapshot_chunk_bytes)
     engine = Engine(model, Budget(tokens=s.tick_tokens, rows=s.batch_sessions))
     sessions = Sessions(engine, tok, store, s, chat)
 
     opts = [
         ("grpc.max_receive_message_length", s.max_message_bytes),
         ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # one process per host:port, so host:port names one daemon (settings.daemon_id)
     ]
     server = grpc.aio.server(options=opts)
     pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(sessions, s, auth, name, adapter), server)
@@ -176,6 +179,7 @@ async def serve(s: Settings) -> None:
     log.info(json.dumps(ready))
 
     tasks = [asyncio.create_task(_health_loop(store, hs)), asyncio.create_task(sessions.maintain_forever())]
+    tasks.append(asyncio.create_task(sweep_forever(store)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
