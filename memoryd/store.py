@@ -131,13 +131,14 @@ return 1
 )
 
 # KEYS: src head, src log, dst head, dst log, idx.  ARGV: dst sid, now, meta ('' = copy), ttl, expected ('' = any),
-# max_sessions, prefix
+# max_sessions, prefix, digest ('' = any)
 _FORK = (
     _LUA_LIB
     + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {-2} end
 local src = redis.call('HMGET', KEYS[1], 'offset', 'snap', 'snap_off', 'meta', 'digest')
+if ARGV[8] ~= '' and src[5] ~= ARGV[8] then return {-5} end
 if ARGV[5] ~= '' and src[1] ~= ARGV[5] then return {-3, src[1]} end
 local maxn = tonumber(ARGV[6])
 if maxn > 0 and redis.call('ZCARD', KEYS[5]) >= maxn then return {-4} end
@@ -417,14 +418,22 @@ class Store:
         return pieces
 
     async def fork(
-        self, tenant: str, src: str, dst: str, metadata: dict[str, str] | None, expected: int | None, max_sessions: int
+        self,
+        tenant: str,
+        src: str,
+        dst: str,
+        metadata: dict[str, str] | None,
+        expected: int | None,
+        max_sessions: int,
+        digest: str = "",
     ) -> tuple[int, int]:
-        """(code, offset): 1 forked, -1 no source, -2 target exists, -3 offset mismatch, -4 at session limit."""
+        """(code, offset): 1 forked, -1 no source, -2 target exists, -3 offset mismatch, -4 at session limit,
+        -5 the source belongs to another model than `digest` (given: a copy would be as unusable here)."""
         keys = [self._k(tenant, src, "h"), self._k(tenant, src, "log")]
         keys += [self._k(tenant, dst, "h"), self._k(tenant, dst, "log"), self._idx(tenant)]
         meta = json.dumps(metadata) if metadata else ""
         args = [dst, time.time(), meta, self.ttl, "" if expected is None else expected, max_sessions, self.prefix]
-        res = await self._fork(keys=keys, args=args)
+        res = await self._fork(keys=keys, args=[*args, digest])
         return int(res[0]), int(res[1]) if len(res) > 1 else 0
 
     async def reset(self, tenant: str, sid: str, fence: int, expected: int | None) -> tuple[int, int]:
