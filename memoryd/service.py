@@ -1,4 +1,4 @@
-"""The gRPC edge: decode, authenticate, validate, call `sessions`, map errors to status codes, log one line.
+"""The gRPC edge: authenticate, decode, validate, call `sessions`, map errors to status codes, log one line.
 
 Everything a client can get wrong is checked here, before any session is touched,
 so a bad request changes nothing and says what to fix.
@@ -122,7 +122,7 @@ def add_to_server(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
 
 
 def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a unary-response handler: decode, auth, error mapping, metrics, one log line."""
+    """Wrap a unary-response handler: auth, decode, error mapping, metrics, one log line."""
     method = fn.__name__
     request_of = _request_decoder(method)
 
@@ -132,9 +132,9 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         _call.set(fields)
         code = grpc.StatusCode.OK
         try:
-            request = request_of(raw)
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            request = request_of(raw)
             return await fn(self, tenant, request, context)
         except ServiceError as e:
             code = e.code
@@ -163,9 +163,9 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
         _call.set(fields)
         code = grpc.StatusCode.OK
         try:
-            request = request_of(raw)
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            request = request_of(raw)
             async for item in fn(self, tenant, request, context):
                 yield item
         except ServiceError as e:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -60,6 +61,10 @@ T = TypeVar("T")
 Key = tuple[str, str]
 Content = list[int] | Callable[[int], list[int]]
 """Token ids, or a function of the offset they will land at (chat messages render differently at 0)."""
+
+
+_waited: contextvars.ContextVar[tuple[Key, float] | None] = contextvars.ContextVar("memoryd_waited", default=None)
+"""The session whose lock this call holds, and since when it waited for it (see `Sessions._held`)."""
 
 
 def tokens_at(content: Content, offset: int) -> list[int]:
@@ -177,18 +182,19 @@ class Sessions:
         """The session's lock, for one call.
 
         A call that waited for the lock while its holder failed UNAVAILABLE (Redis stalled or gone)
-        answers UNAVAILABLE at once: trying Redis again would add another Redis timeout to its
-        answer, and a queue of calls would each add one."""
+        answers UNAVAILABLE as soon as it needs Redis (see `_redis`): trying Redis again would add
+        another Redis timeout to its answer, and a queue of calls would each add one. What it can do
+        without Redis (a generation on a hot session, not committed) it still does."""
         since = time.monotonic()
         async with self.lock(key):
-            failed = self._unavailable_at.get(key)
-            if failed is not None and failed > since:
-                raise Unavailable(f"Redis failed while this call waited for session {key[1]!r}; retry the call")
+            _waited.set((key, since))
             try:
                 yield
             except Unavailable:
                 self._unavailable_at[key] = time.monotonic()
                 raise
+            finally:
+                _waited.set(None)
             self._unavailable_at.pop(key, None)
 
     def hot_bytes(self) -> int:
@@ -204,13 +210,18 @@ class Sessions:
         self._update_gauges()
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        ctx = contextvars.copy_context()
+        ctx.run(_waited.set, None)  # background work is no call's: it holds no call's lock
+        task = asyncio.get_running_loop().create_task(coro, context=ctx)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
     @contextlib.asynccontextmanager
     async def _redis(self, key: Key | None = None) -> AsyncIterator[None]:
         """Redis failures become UNAVAILABLE; if a write's outcome is unknown, the hot copy is dropped."""
+        waited = _waited.get()
+        if waited is not None and self._unavailable_at.get(waited[0], 0.0) > waited[1]:
+            raise Unavailable(f"Redis failed while this call waited for session {waited[0][1]!r}; retry the call")
         try:
             yield
         except redis_errors() as e:
