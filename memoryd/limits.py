@@ -1,13 +1,11 @@
 """Every limit a request is checked against, in one place: the checks read it and GetModel reports it.
 
 Keeping the numbers here (not scattered as constants beside each check) is what lets
-`GetModel.limits` be complete: a limit added to a check without being added here has
-no name to check against.
+`GetModel.limits` be complete: the checks read the same `ServerLimits` message that
+GetModel sends, so a limit a check uses has to be a field of it.
 """
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
 
 from memoryd_sdk._proto import memoryd_pb2 as pb
 
@@ -31,60 +29,32 @@ TEXT_CHARS_PER_TOKEN = 8
 no tokenizer here makes tokens longer than that on average, so nothing encodable is lost."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The limits of one server (settings + the served model's vocabulary)."""
+def server_limits(s: Settings, vocab_size: int) -> pb.ServerLimits:
+    """The limits of one server (settings + the served model's vocabulary), as GetModel reports them.
 
-    max_append_tokens: int
-    max_append_text_chars: int
-    max_generate_tokens: int
-    max_message_bytes: int
-    max_metadata_entries: int
-    max_metadata_key_chars: int
-    max_metadata_value_chars: int
-    max_stop_strings: int
-    max_stop_string_chars: int
-    max_stop_tokens: int
-    max_top_k: int
-    max_temperature: float
-    max_import_bytes: int
-    max_sessions_per_tenant: int
-    default_page_size: int
-    max_page_size: int
-    default_chunk_bytes: int
-    min_chunk_bytes: int
-    max_chunk_bytes: int
-    max_session_id_chars: int
-    max_append_id_chars: int
-    max_role_chars: int
-
-    @classmethod
-    def of(cls, s: Settings, vocab_size: int) -> Limits:
-        max_chunk = min(MAX_CHUNK_BYTES, s.max_message_bytes - CHUNK_FRAMING)  # settings: max_message_bytes >= 64 KiB
-        return cls(
-            max_append_tokens=s.max_append_tokens,
-            max_append_text_chars=s.max_append_tokens * TEXT_CHARS_PER_TOKEN,
-            max_generate_tokens=s.max_generate_tokens,
-            max_message_bytes=s.max_message_bytes,
-            max_metadata_entries=MAX_META_ENTRIES,
-            max_metadata_key_chars=MAX_META_KEY_CHARS,
-            max_metadata_value_chars=MAX_META_VALUE_CHARS,
-            max_stop_strings=MAX_STOP_STRINGS,
-            max_stop_string_chars=MAX_STOP_STRING_CHARS,
-            max_stop_tokens=MAX_STOP_TOKENS,
-            max_top_k=vocab_size,
-            max_temperature=MAX_TEMPERATURE,
-            max_import_bytes=s.max_import_bytes,
-            max_sessions_per_tenant=s.max_sessions_per_tenant,
-            default_page_size=DEFAULT_PAGE_SIZE,
-            max_page_size=MAX_PAGE_SIZE,
-            default_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_chunk),
-            min_chunk_bytes=MIN_CHUNK_BYTES,
-            max_chunk_bytes=max_chunk,
-            max_session_id_chars=MAX_SESSION_ID_CHARS,
-            max_append_id_chars=MAX_APPEND_ID_CHARS,
-            max_role_chars=MAX_ROLE_CHARS,
-        )
-
-    def to_pb(self) -> pb.ServerLimits:
-        return pb.ServerLimits(**asdict(self))
+    The checks read this very message, so what a client is told is what it is held to."""
+    max_chunk = min(MAX_CHUNK_BYTES, s.max_message_bytes - CHUNK_FRAMING)  # settings: max_message_bytes >= 64 KiB
+    return pb.ServerLimits(
+        max_append_tokens=s.max_append_tokens,
+        max_append_text_chars=s.max_append_tokens * TEXT_CHARS_PER_TOKEN,
+        max_generate_tokens=s.max_generate_tokens,
+        max_message_bytes=s.max_message_bytes,
+        max_metadata_entries=MAX_META_ENTRIES,
+        max_metadata_key_chars=MAX_META_KEY_CHARS,
+        max_metadata_value_chars=MAX_META_VALUE_CHARS,
+        max_stop_strings=MAX_STOP_STRINGS,
+        max_stop_string_chars=MAX_STOP_STRING_CHARS,
+        max_stop_tokens=MAX_STOP_TOKENS,
+        max_top_k=vocab_size,
+        max_temperature=MAX_TEMPERATURE,
+        max_import_bytes=s.max_import_bytes,
+        max_sessions_per_tenant=s.max_sessions_per_tenant,
+        default_page_size=DEFAULT_PAGE_SIZE,
+        max_page_size=MAX_PAGE_SIZE,
+        default_chunk_bytes=min(DEFAULT_CHUNK_BYTES, max_chunk),
+        min_chunk_bytes=MIN_CHUNK_BYTES,
+        max_chunk_bytes=max_chunk,
+        max_session_id_chars=MAX_SESSION_ID_CHARS,
+        max_append_id_chars=MAX_APPEND_ID_CHARS,
+        max_role_chars=MAX_ROLE_CHARS,
+    )

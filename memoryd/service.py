@@ -44,7 +44,7 @@ from memoryd.limits import (
     MAX_META_KEY_CHARS,
     MAX_META_VALUE_CHARS,
     MAX_SESSION_ID_CHARS,
-    Limits,
+    server_limits,
 )
 from memoryd.sessions import Content, GenParams, Info, Sessions
 from memoryd.settings import Settings
@@ -253,7 +253,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.tok = sessions.tok
         self.chat = sessions.chat
         self.vocab = sessions.model.cfg.vocab_size
-        self.limits = Limits.of(settings, self.vocab)
+        self.limits = server_limits(settings, self.vocab)
         self.model_info = self._model_info(model_name, adapter)
 
     def _model_info(self, name: str, adapter: str) -> pb.ModelInfo:
@@ -281,7 +281,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             max_generate_tokens=self.s.max_generate_tokens,
             max_message_bytes=self.s.max_message_bytes,
             attention_sinks=getattr(cfg, "attention_sinks", 0),
-            limits=self.limits.to_pb(),
+            limits=self.limits,
         )
 
     # -- helpers -----------------------------------------------------------------------------
