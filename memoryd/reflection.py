@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.descriptor import FileDescriptor
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 V1_FILE = "grpc/reflection/v1/reflection.proto"
@@ -46,7 +47,7 @@ def _rename(fdp: descriptor_pb2.FileDescriptorProto, old: str, new: str) -> None
             fix(meth, "output_type")
 
 
-def v1_file(pool: descriptor_pool.DescriptorPool | None = None) -> descriptor_pool.descriptor.FileDescriptor:
+def v1_file(pool: descriptor_pool.DescriptorPool | None = None) -> FileDescriptor:
     """`grpc/reflection/v1/reflection.proto` in the pool (added once, from the v1alpha file)."""
     pool = pool or descriptor_pool.Default()
     try:

@@ -221,7 +221,10 @@ class Sessions:
         """Redis failures become UNAVAILABLE; if a write's outcome is unknown, the hot copy is dropped."""
         waited = _waited.get()
         if waited is not None and self._unavailable_at.get(waited[0], 0.0) > waited[1]:
-            raise Unavailable(f"Redis failed while this call waited for session {waited[0][1]!r}; retry the call")
+            raise Unavailable(
+                f"session {waited[0][1]!r}: the call ahead of this one failed UNAVAILABLE while this one waited "
+                "(Redis unreachable, or the session is served by another daemon); retry the call"
+            )
         try:
             yield
         except redis_errors() as e:

@@ -235,7 +235,7 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
         "max_sessions_per_tenant": (None, None, RE),  # test_documented_codes_are_the_codes_returned (tenant "full")
         "default_page_size": (None, None, None),
         "default_chunk_bytes": (None, None, None),
-        "max_role_chars": (None, None, None),
+        "max_role_chars": (None, None, None),  # the tiny model has no chat template: checked on ROLE_RE below
     }
     fields = {f.name for f in pb.ServerLimits.DESCRIPTOR.fields}
     assert set(probes) == fields, (
@@ -251,6 +251,9 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
                 field,
                 e.details(),
             )
+    from memoryd.chat import ROLE_RE
+
+    assert ROLE_RE.match("r" * lim.max_role_chars) and not ROLE_RE.match("r" * (lim.max_role_chars + 1))
     # text: the character limit is checked before encoding; at the limit, the token limit decides
     at = rpc_error(append(text="a" * lim.max_append_text_chars))
     assert at.code() == RE and "tokens" in at.details() and "characters" not in at.details()
