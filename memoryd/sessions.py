@@ -1,14 +1,14 @@
-"""Ordering and memory in the middle: which sessions are hot, who waits, in what order.
+"""The session calls and their durability protocol.
 
-- One asyncio.Lock per session (FIFO), so a session's calls apply in arrival
-  order while different sessions run concurrently.
-- Model compute runs in a thread pool, never on the event loop.
-- A change is computed on an O(1) clone of the state, made durable in Redis (the
-  token log, compare-and-set on the offset), and only then swapped in: a failure
-  anywhere leaves the hot state exactly as it was.
-- Hot states live in an LRU bounded by bytes; the least recently used are
-  snapshotted, dropped and reloaded (snapshot + log replay) on their next call.
-- A hot session holds a lease in Redis; its fencing token guards every write.
+Each call takes the session's turn (`ordering`), finds or loads its hot state
+(`residency`; loading is lease + snapshot + log replay), has the engine compute on
+an O(1) copy (`engine`: all model work, batched with other sessions' work), makes
+the change durable in Redis (the token log, compare-and-set on the offset, fenced
+by the lease) and only then swaps the copy in: a failure anywhere leaves the hot
+state exactly as it was.  Snapshots are written every `snapshot_interval` steps and
+on eviction; what to stream and commit of a generation is `output`'s policy.
+
+No torch here: states are opaque handles that only the engine's worker reads.
 """
 
 from __future__ import annotations
@@ -16,21 +16,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
-import os
+import random
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-import redis.exceptions
-import torch
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from memoryd import metrics
-from memoryd.chat import ChatFormat
+from memoryd.engine.work import (
+    Append,
+    Appended,
+    Built,
+    Decode,
+    Export,
+    Exported,
+    Import,
+    Rebuild,
+    Refused,
+    Sampled,
+    Sampling,
+)
 from memoryd.errors import (
     Aborted,
     AlreadyExists,
@@ -43,22 +49,20 @@ from memoryd.errors import (
     ServiceError,
     Unavailable,
 )
-from memoryd.sampling import StopText, sample
+from memoryd.leases import maintain_forever, redis_errors
+from memoryd.ordering import Key, SessionLocks
+from memoryd.output import GenEvent, GenParams, StopText, kept_output, record, replayed
+from memoryd.residency import Hot, Residency
 from memoryd.settings import Settings
 from memoryd.store import AppendResult, Head, Store, tokens_hash
-from model import (
-    InputError,
-    ModelMismatchError,
-    SnapshotError,
-    StreamState,
-    digest_of,
-    state_from_bytes,
-    state_to_bytes,
-)
+
+if TYPE_CHECKING:
+    from memoryd.chat import ChatFormat
+    from memoryd.engine.core import Engine
+
+__all__ = ["AppendOutcome", "GenEvent", "GenParams", "Info", "Sessions"]
 
 log = logging.getLogger("memoryd.sessions")
-T = TypeVar("T")
-Key = tuple[str, str]
 Content = list[int] | Callable[[int], list[int]]
 """Token ids, or a function of the offset they will land at (chat messages render differently at 0)."""
 
@@ -69,27 +73,6 @@ _waited: contextvars.ContextVar[tuple[Key, float] | None] = contextvars.ContextV
 
 def tokens_at(content: Content, offset: int) -> list[int]:
     return content(offset) if callable(content) else content
-
-
-@dataclass
-class Hot:
-    """A session loaded on the device."""
-
-    state: StreamState
-    fence: int
-    gen: int
-    snap_pos: int
-    """Offset of the newest published snapshot (or 0: none)."""
-    snap_steps: int
-    nbytes: int = 0
-    """state.nbytes(), kept up to date on every swap (the LRU's byte count)."""
-    touched: float = field(default_factory=time.monotonic)
-    """When its Redis keys' TTLs were last refreshed."""
-    used: float = field(default_factory=time.monotonic)
-    """When a call last used it (idle sessions expire: only use refreshes TTLs)."""
-
-    def set_state(self, state: StreamState) -> None:
-        self.state, self.nbytes = state, state.nbytes()
 
 
 @dataclass
@@ -113,69 +96,27 @@ class AppendOutcome:
     pending: int
 
 
-@dataclass
-class GenParams:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: list[str]
-    stop_tokens: list[int]
-    commit_stop: bool = False
-    """Commit the stop token / the tokens of the stop string too (else: exactly the text sent)."""
-    suffix: list[int] = field(default_factory=list)
-    """Committed after the output (a chat turn's closing)."""
-
-
-@dataclass
-class GenEvent:
-    tokens: list[int]
-    text: str
-    done: bool = False
-    finish: str = ""
-    offset: int = 0
-    generated: int = 0
-    duplicate: bool = False
-    committed: int = 0
-
-
-def redis_errors() -> tuple[type[BaseException], ...]:
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
-
-
 class Sessions:
     """The session table of one daemon."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, store: Store, settings: Settings, chat: ChatFormat | None = None
+        self, engine: Engine, tokenizer: Any, store: Store, settings: Settings, chat: ChatFormat | None = None
     ) -> None:
-        self.model = model
+        self.engine = engine
+        self.model = engine.model  # the edge reads its config (vocabulary, template); nothing here runs it
+        self.digest = engine.digest
         self.tok = tokenizer
         self.chat = chat
         self.store = store
         self.s = settings
-        self.digest = digest_of(model)
-        self.b = model.cfg.mini_batch_size
-        self._hot: OrderedDict[Key, Hot] = OrderedDict()
-        self._locks: dict[Key, asyncio.Lock] = {}
+        self.hot = Residency(settings.memory_budget)
+        self.lock = SessionLocks()
         self._unavailable_at: dict[Key, float] = {}
         """When a call holding the session's lock last failed UNAVAILABLE (cleared by a call that succeeds)."""
-        self._pool = ThreadPoolExecutor(settings.compute_threads, thread_name_prefix="memoryd-compute")
         self._bg: set[asyncio.Task] = set()
         self.owner = settings.daemon_id
 
     # -- plumbing ----------------------------------------------------------------------------
-
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Model compute, off the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def lock(self, key: Key) -> asyncio.Lock:
-        lk = self._locks.get(key)
-        if lk is None:
-            lk = self._locks[key] = asyncio.Lock()
-        return lk
 
     @contextlib.asynccontextmanager
     async def _held(self, key: Key) -> AsyncIterator[None]:
@@ -196,18 +137,6 @@ class Sessions:
             finally:
                 _waited.set(None)
             self._unavailable_at.pop(key, None)
-
-    def hot_bytes(self) -> int:
-        return sum(h.nbytes for h in self._hot.values())
-
-    def _update_gauges(self) -> None:
-        metrics.SESSIONS_HOT.set(len(self._hot))
-        metrics.HOT_BYTES.set(self.hot_bytes())
-
-    def drop(self, key: Key) -> None:
-        """Forget a hot state whose Redis copy may differ (a failed or unknown write)."""
-        self._hot.pop(key, None)
-        self._update_gauges()
 
     def _spawn(self, coro: Any) -> None:
         ctx = contextvars.copy_context()
@@ -230,28 +159,26 @@ class Sessions:
         except redis_errors() as e:
             metrics.REDIS_ERRORS.inc()
             if key is not None:
-                self.drop(key)
+                self.hot.drop(key)
             raise Unavailable(f"Redis is unavailable ({type(e).__name__}: {e}); retry the call") from e
+
+    async def _compute(self, work: Any) -> Any:
+        """The engine's result, or the model's refusal as the status it means."""
+        res = await self.engine.submit(work)
+        if isinstance(res, Refused):
+            if res.reason == "input":
+                raise InvalidArgument(res.message)
+            if res.reason == "foreign_model":
+                raise FailedPrecondition(f"the session was stored under another model: {res.message}")
+            raise DataLoss(f"the session's snapshot cannot be read: {res.message}")
+        return res
 
     # -- loading -----------------------------------------------------------------------------
 
-    def _rebuild(self, data: bytes | None, pieces: list[list[int]]) -> StreamState:
-        try:
-            state = state_from_bytes(self.model, data) if data is not None else StreamState.fresh(self.model)
-        except ModelMismatchError as e:
-            raise FailedPrecondition(f"the session was stored under another model: {e}") from e
-        except SnapshotError as e:
-            raise DataLoss(f"the session's snapshot cannot be read: {e}") from e
-        for p in pieces:
-            state.append(p)
-        return state
-
     async def _load(self, key: Key) -> Hot:
         """The hot session (loading it from Redis if needed); caller holds the session's lock."""
-        hot = self._hot.get(key)
+        hot = self.hot.use(key)
         if hot is not None:
-            self._hot.move_to_end(key)
-            hot.used = time.monotonic()
             return hot
         tenant, sid = key
         async with self._redis():
@@ -276,16 +203,15 @@ class Sessions:
             data = await self.store.read_snapshot(head.snap) if head.snap else None
             pieces = await self.store.read_log(tenant, sid, head.snap_off, head.offset)
             await self.store.touch(tenant, sid)
-        state = await self.run(self._rebuild, data, pieces)
+        built: Built = await self._compute(Rebuild(data, pieces))
         metrics.LOADS.inc()
-        metrics.REPLAYED_TOKENS.inc(sum(len(p) for p in pieces))
-        if state.position != head.offset:
-            raise DataLoss(f"session {sid!r}: rebuilt state is at {state.position}, the head says {head.offset}")
-        snap_steps = max(0, (head.snap_off - 1) // self.b) if head.snap else 0
-        hot = Hot(state=state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
-        hot.set_state(state)
-        self._hot[key] = hot
-        self._update_gauges()
+        metrics.REPLAYED_TOKENS.inc(built.replayed)
+        if built.state.position != head.offset:
+            raise DataLoss(f"session {sid!r}: rebuilt state is at {built.state.position}, the head says {head.offset}")
+        snap_steps = self.engine.steps_at(head.snap_off) if head.snap else 0
+        hot = Hot(state=built.state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
+        hot.set_state(built.state)
+        self.hot.put(key, hot)
         self._spawn(self._enforce_budget(key))
         return hot
 
@@ -297,7 +223,7 @@ class Sessions:
         if state.position == hot.snap_pos:
             return
         t0 = time.perf_counter()
-        data = await self.run(state_to_bytes, state)
+        data = (await self._compute(Export(state))).data
         tenant, sid = key
         async with self._redis():
             snap = await self.store.write_snapshot(data, self.digest, state.position)
@@ -310,12 +236,12 @@ class Sessions:
             metrics.SNAPSHOT_BYTES.inc(len(data))
             metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - t0)
         elif code in (-1, -2):  # deleted, or another daemon took the session over
-            self.drop(key)
+            self.hot.drop(key)
 
     async def _periodic_snapshot(self, key: Key) -> None:
         try:
             async with self.lock(key):
-                hot = self._hot.get(key)
+                hot = self.hot.peek(key)
                 if hot is not None and hot.state.steps - hot.snap_steps >= self.s.snapshot_interval:
                     await self._snapshot(key, hot, "interval")
         except ServiceError as e:
@@ -323,7 +249,7 @@ class Sessions:
 
     async def _evict(self, key: Key) -> None:
         async with self.lock(key):
-            hot = self._hot.get(key)
+            hot = self.hot.peek(key)
             if hot is None:
                 return
             try:
@@ -332,63 +258,26 @@ class Sessions:
                     await self.store.renew_leases([key], self.owner, 0)
             except ServiceError as e:
                 log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
-            self.drop(key)
+            self.hot.drop(key)
             metrics.EVICTIONS.inc()
 
     async def _enforce_budget(self, keep: Key) -> None:
-        total = self.hot_bytes()
-        for key in list(self._hot):
-            if total <= self.s.memory_budget:
+        for key in self.hot.victims(keep):
+            if not self.hot.over_budget():
                 break
-            if key == keep or key not in self._hot:
-                continue
-            total -= self._hot[key].nbytes
             await self._evict(key)
 
     async def maintain_forever(self) -> None:
-        """Renew leases, refresh TTLs, hand sessions over to daemons that ask (once a second at most)."""
-        every = max(0.2, min(1.0, self.s.lease_seconds / 3, self.s.ttl_seconds / 4 or 60.0))
-        while True:
-            await asyncio.sleep(every)
-            try:
-                if self.s.ttl_seconds:
-                    await self._refresh_ttls(list(self._hot))
-                keys = list(self._hot)
-                for key, wanted in zip(keys, await self.store.take_handoff_requests(keys), strict=True):
-                    if wanted:  # another daemon has a call for it: snapshot, drop, release
-                        self._spawn(self._evict(key))
-                ok = await self.store.renew_leases(keys, self.owner, self.s.lease_seconds)
-                for key, fine in zip(keys, ok, strict=True):
-                    if not fine:
-                        log.warning("lost the lease of %s; dropping it", key)
-                        self.drop(key)
-                metrics.SESSIONS_STORED.set(await self.store.count_sessions())
-            except redis_errors() as e:
-                log.warning("session maintenance: Redis unavailable (%s)", e)
-            except Exception:  # a bug here must not stop lease renewal for good
-                log.exception("session maintenance failed; trying again")
-
-    async def _refresh_ttls(self, keys: list[Key]) -> None:
-        """Used sessions get their TTL (snapshot keys included) refreshed; idle ones are let go."""
-        now, ttl = time.monotonic(), self.s.ttl_seconds
-        for key in keys:
-            hot = self._hot.get(key)
-            if hot is None:
-                continue
-            if now - hot.used > ttl:  # expired in Redis by now: forget it, do not resurrect it
-                self.drop(key)
-                await self.store.renew_leases([key], self.owner, 0)
-            elif hot.used > hot.touched and now - hot.touched > min(60.0, ttl / 4):
-                hot.touched = now
-                await self.store.touch(*key)
+        """Leases renewed, handovers served, TTLs refreshed (memoryd/leases.py)."""
+        await maintain_forever(self.hot, self.store, self.owner, self.s, self._evict)
 
     async def flush(self) -> None:
         """Snapshot every hot session and release its lease (SIGTERM)."""
         for task in list(self._bg):
             task.cancel()
-        for key in list(self._hot):
+        for key in self.hot.resident():
             await self._evict(key)
-        self._pool.shutdown(wait=True)
+        await self.engine.close()
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -402,16 +291,16 @@ class Sessions:
             head = await self.store.head(tenant, sid)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after it was created (TTL 0?); retry")
-        return Info(head=head, pending=0, steps=0, state_bytes=StreamState.fresh(self.model).nbytes(), hot=False)
+        return Info(head=head, pending=0, steps=0, state_bytes=self.engine.fresh_bytes, hot=False)
 
     def _info(self, head: Head, hot: Hot | None) -> Info:
         if head.digest != self.digest:  # another model's mini-batch and state: not ours to tell
             return Info(head, 0, 0, 0, False)
         if hot is not None:
             st = hot.state
-            return Info(head, st.pending_count, st.steps, st.nbytes(), True)
-        steps = max(0, (head.offset - 1) // self.b)
-        return Info(head, head.offset - steps * self.b, steps, 0, False)
+            return Info(head, st.pending_count, st.steps, hot.nbytes, True)
+        steps = self.engine.steps_at(head.offset)
+        return Info(head, head.offset - steps * self.model.cfg.mini_batch_size, steps, 0, False)
 
     async def get(self, tenant: str, sid: str) -> Info:
         key = (tenant, sid)
@@ -423,7 +312,7 @@ class Sessions:
             async with self._redis():
                 head = await self.store.head(tenant, sid)
         if head is None:  # expired or deleted under us: let go of it, lease included
-            self.drop(key)
+            self.hot.drop(key)
             async with self._redis():
                 await self.store.renew_leases([key], self.owner, 0)
             raise NotFound(f"session {sid!r} does not exist")
@@ -432,15 +321,15 @@ class Sessions:
     async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
         async with self._redis():
             heads, nxt = await self.store.list(tenant, after, limit)
-        return [self._info(h, self._hot.get((tenant, h.session_id))) for h in heads], nxt
+        return [self._info(h, self.hot.peek((tenant, h.session_id))) for h in heads], nxt
 
     async def delete(self, tenant: str, sid: str) -> int:
         key = (tenant, sid)
         async with self._held(key):
             async with self._redis(key):
                 code, offset = await self.store.delete(tenant, sid)
-            self.drop(key)
-        self._locks.pop(key, None)
+            self.hot.drop(key)
+        self.lock.forget(key)
         self._unavailable_at.pop(key, None)
         if code != 1:
             raise NotFound(f"session {sid!r} does not exist")
@@ -453,8 +342,9 @@ class Sessions:
             async with self._redis(key):
                 code, offset = await self.store.reset(tenant, sid, hot.fence, expected)
             self._check_code(key, code, offset)
-            hot.set_state(StreamState.fresh(self.model))
+            hot.set_state((await self._compute(Rebuild(None, []))).state)
             hot.gen, hot.snap_pos, hot.snap_steps = hot.gen + 1, 0, 0
+            self.hot.changed()
             async with self._redis():
                 head = await self.store.head(tenant, sid)
         if head is None:
@@ -464,10 +354,10 @@ class Sessions:
     def _check_code(self, key: Key, code: int, offset: int) -> None:
         """Shared meaning of the reset/append script codes -1 (gone), -2 (fenced), -3 (offset differs)."""
         if code == -1:
-            self.drop(key)
+            self.hot.drop(key)
             raise NotFound(f"session {key[1]!r} does not exist")
         if code == -2:
-            self.drop(key)
+            self.hot.drop(key)
             raise Unavailable(f"session {key[1]!r} was taken over by another daemon; retry")
         if code == -3:
             raise Aborted(f"expected offset differs: the session is at offset {offset}", offset=offset)
@@ -501,7 +391,7 @@ class Sessions:
             return await self.store.find_append(*key, append_id)
 
     async def _commit(
-        self, key: Key, hot: Hot, new: StreamState, pieces: list[list[int]], append_id: str, record: str = ""
+        self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
     ) -> AppendResult:
         """Make pieces durable (CAS on the offset), then swap `new` in."""
         tenant, sid = key
@@ -509,14 +399,13 @@ class Sessions:
             res = await self.store.append(tenant, sid, hot.fence, hot.state.position, pieces, append_id, record)
         if res.status == "ok":
             hot.set_state(new)
-            self._hot.move_to_end(key)
+            self.hot.put(key, hot)
             if new.steps - hot.snap_steps >= self.s.snapshot_interval:
                 self._spawn(self._periodic_snapshot(key))
-            if self.hot_bytes() > self.s.memory_budget:
+            if self.hot.over_budget():
                 self._spawn(self._enforce_budget(key))
-            self._update_gauges()
             return res
-        self.drop(key)  # the hot copy and Redis disagree: reload on the next call
+        self.hot.drop(key)  # the hot copy and Redis disagree: reload on the next call
         if res.status == "not_found":
             raise NotFound(f"session {sid!r} does not exist")
         if res.status == "fenced":
@@ -524,6 +413,13 @@ class Sessions:
         if res.status == "duplicate":
             return res
         raise Unavailable(f"session {sid!r} changed under this daemon (now at offset {res.offset}); retry")
+
+    def _check_expected(self, hot: Hot, expected: int | None) -> None:
+        if expected is not None and expected != hot.state.position:
+            raise Aborted(
+                f"expected offset {expected}, but the session is at offset {hot.state.position}",
+                offset=hot.state.position,
+            )
 
     async def append(
         self, tenant: str, sid: str, content: Content, expected: int | None, append_id: str
@@ -540,23 +436,18 @@ class Sessions:
                     )
                 st = hot.state
                 return AppendOutcome(dup.start, dup.offset, dup.offset - dup.start, 0, True, st.pending_count)
-            if expected is not None and expected != hot.state.position:
-                raise Aborted(
-                    f"expected offset {expected}, but the session is at offset {hot.state.position}",
-                    offset=hot.state.position,
-                )
+            self._check_expected(hot, expected)
             tokens = tokens_at(content, hot.state.position)
-            new = hot.state.clone()
             try:
-                report = await self.run(new.append, tokens)
-            except InputError as e:
-                raise InvalidArgument(str(e), offset=hot.state.position) from e
-            res = await self._commit(key, hot, new, [tokens], append_id)
+                done: Appended = await self._compute(Append(hot.state, tokens))
+            except InvalidArgument as e:
+                raise InvalidArgument(e.message, offset=hot.state.position) from e
+            res = await self._commit(key, hot, done.state, [tokens], append_id)
             if res.status == "duplicate":
                 return AppendOutcome(res.start, res.offset, res.offset - res.start, 0, True, hot.state.pending_count)
         metrics.TOKENS_READ.inc(len(tokens))
-        metrics.TTT_STEPS.inc(report.steps)
-        return AppendOutcome(res.start, res.offset, len(tokens), report.steps, False, new.pending_count)
+        metrics.TTT_STEPS.inc(done.steps)
+        return AppendOutcome(res.start, res.offset, len(tokens), done.steps, False, done.state.pending_count)
 
     async def generate(
         self,
@@ -568,50 +459,37 @@ class Sessions:
         expected: int | None,
         append_id: str,
     ) -> AsyncIterator[GenEvent]:
-        """Sample on a clone; stream tokens and text; with commit, log prompt + output and swap the clone in."""
+        """Sample on a copy; stream tokens and text; with commit, log prompt + output and swap the copy in."""
         key = (tenant, sid)
         async with self._held(key):
             hot = await self._load(key)
             if commit and append_id:
                 dup = await self._find_duplicate(key, append_id)
                 if dup is not None:
-                    yield self._replayed(append_id, dup, tokens_at(prompt, dup.start))
+                    yield replayed(append_id, dup, tokens_at(prompt, dup.start))
                     return
-            if expected is not None and expected != hot.state.position:
-                raise Aborted(
-                    f"expected offset {expected}, but the session is at offset {hot.state.position}",
-                    offset=hot.state.position,
-                )
+            self._check_expected(hot, expected)
             prompt_ids = tokens_at(prompt, hot.state.position)
-            work = hot.state.clone()
             pieces: list[list[int]] = []
+            after_prompt = hot.state
             if prompt_ids:
-                try:
-                    await self.run(work.append, prompt_ids)
-                except InputError as e:
-                    raise InvalidArgument(str(e)) from e
+                after_prompt = (await self._compute(Append(hot.state, prompt_ids))).state
                 pieces.append(prompt_ids)
-            if work.position == 0:
+            if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
-            after_prompt = work.clone()
-            seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(8), "little")
-            gen = torch.Generator().manual_seed(seed % (2**63))
+            work = self.engine.fork(after_prompt)
+            rng = random.Random(p.seed if p.seed is not None else random.SystemRandom().getrandbits(64))
+            sampling = Sampling(p.temperature, p.top_k, p.top_p)
             stops = {self.tok.eos_id, *p.stop_tokens}
             decoder, text = self.tok.stream_decoder(), StopText(p.stop)
             out: list[int] = []
             sent: list[str] = []
             finish = "length"
-
-            def step(prev: int | None) -> int:
-                if prev is not None:
-                    work.append([prev])
-                return sample(work.logits(), p.temperature, p.top_k, p.top_p, gen)
-
             prev: int | None = None
             while len(out) < p.max_tokens:
-                t = await self.run(step, prev)
+                res: Sampled = await self._compute(Decode(work, prev, sampling, rng.random()))
+                t = prev = res.token
                 out.append(t)
-                prev = t
                 metrics.TOKENS_GENERATED.inc()
                 if t in stops:
                     finish = "stop_token"
@@ -632,7 +510,7 @@ class Sessions:
             sent.append(tail)
             offset, committed = hot.state.position, 0
             if commit:
-                kept = self._kept_output(out, finish, text, p.commit_stop)
+                kept = kept_output(self.tok, out, finish, text, p.commit_stop)
                 rest = kept[len(out) - 1 :] if kept[: len(out) - 1] == out[:-1] else None
                 if rest is not None:  # `work` has read out[:-1], which kept begins with: read the rest
                     pieces += [[t] for t in out[:-1]]
@@ -640,49 +518,13 @@ class Sessions:
                 else:  # kept diverges from what `work` read (a stop string cut inside a token)
                     state, last = after_prompt, kept + p.suffix
                 if last:
-                    await self.run(state.append, last)
+                    state = (await self._compute(Append(state, last))).state
                     pieces.append(last)
-                record = json.dumps(
-                    {"p": tokens_hash([prompt_ids]), "g": out, "t": "".join(sent), "f": finish},
-                    separators=(",", ":"),
-                )
-                res = await self._commit(key, hot, state, pieces, append_id, record)
-                offset, committed = res.offset, res.offset - res.start
+                rec = record(prompt_ids, out, "".join(sent), finish)
+                res_c = await self._commit(key, hot, state, pieces, append_id, rec)
+                offset, committed = res_c.offset, res_c.offset - res_c.start
                 metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
             yield GenEvent([], tail, True, finish, offset, len(out), False, committed)
-
-    def _kept_output(self, out: list[int], finish: str, text: StopText, commit_stop: bool) -> list[int]:
-        """The output tokens a committed generation keeps: all, or exactly the text the client was sent."""
-        if commit_stop or finish == "length":
-            return out
-        if finish == "stop_token":
-            return out[:-1]
-        cut = text.text[: text.sent]  # the text before the stop string
-        for k in range(len(out) - 1, -1, -1):
-            head = self.tok.decode(out[:k])
-            if cut.startswith(head) and not head.endswith("\ufffd"):
-                rest = cut[len(head) :]
-                return out[:k] + (self.tok.encode(rest) if rest else [])
-        return self.tok.encode(cut) if cut else []
-
-    def _replayed(self, append_id: str, dup: AppendResult, prompt: list[int]) -> GenEvent:
-        """The answer to a retried committed generation that already landed: its original output."""
-        try:
-            rec = json.loads(dup.record) if dup.record else None
-        except json.JSONDecodeError:
-            rec = None
-        if not isinstance(rec, dict) or "p" not in rec:
-            raise InvalidArgument(
-                f"append_id {append_id!r} was already used by an append (at offset {dup.start}), not a generation; "
-                "use a new append_id"
-            )
-        if rec["p"] != tokens_hash([prompt]):
-            raise InvalidArgument(
-                f"append_id {append_id!r} was already used for a generation with another prompt "
-                f"(at offset {dup.start}); use a new append_id for a new generation"
-            )
-        out = [int(t) for t in rec["g"]]
-        return GenEvent(out, str(rec["t"]), True, str(rec["f"]), dup.offset, len(out), True, dup.offset - dup.start)
 
     async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
         """The session's head and its whole state as snapshot bytes (safetensors)."""
@@ -692,12 +534,12 @@ class Sessions:
                 hot = await self._load(key)
             except ForeignSession as e:
                 return e.head, await self._stored_state(e.head)
-            data = await self.run(state_to_bytes, hot.state)
+            exported: Exported = await self._compute(Export(hot.state))
             async with self._redis():
                 head = await self.store.head(tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
-        return head, data
+        return head, exported.data
 
     async def _stored_state(self, head: Head) -> bytes:
         """Another model's session, as its newest stored snapshot: only when that holds its whole state
@@ -721,12 +563,13 @@ class Sessions:
     ) -> Info:
         """A new session from exported bytes: validated (against `offset` too), stored as its first snapshot,
         then published."""
-        try:
-            state = await self.run(state_from_bytes, self.model, data)
-        except ModelMismatchError as e:
-            raise FailedPrecondition(f"the export was made with another model: {e}") from e
-        except SnapshotError as e:
-            raise InvalidArgument(f"the export is not a usable session state: {e}") from e
+        res = await self.engine.submit(Import(data))
+        if isinstance(res, Refused):
+            if res.reason == "foreign_model":
+                raise FailedPrecondition(f"the export was made with another model: {res.message}")
+            raise InvalidArgument(f"the export is not a usable session state: {res.message}")
+        assert isinstance(res, Built)
+        state = res.state
         if offset is not None and state.position != offset:
             raise InvalidArgument(
                 f"the header's offset {offset} differs from the offset of the state it carries ({state.position})"

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MEMORYD_", extra="forbid", validate_default=True)
 
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port (port 0: any free port)")
+    http_listen: str | None = Field(
+        None, description="OpenAI-compatible HTTP endpoint host:port (off when unset; memoryd/openai_http.py)"
+    )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus HTTP port (0: off)")
     metrics_host: str = Field("127.0.0.1", description="Prometheus HTTP bind address")
     checkpoint: Path | None = Field(
@@ -69,11 +72,13 @@ class Settings(BaseSettings):
     )
     max_import_bytes: int = Field(4 * 1024**3, ge=1, description="largest session export accepted by import")
     snapshot_chunk_bytes: int = Field(4 * 1024**2, ge=1024, description="snapshot chunk size in Redis")
-    compute_threads: int = Field(
-        default_factory=lambda: min(4, os.cpu_count() or 1),
+    tick_tokens: int = Field(
+        512,
         ge=1,
-        description="worker threads running model compute (different sessions in parallel)",
+        description="tokens of model work per engine tick (decodes, append pieces, replays); long appends are cut "
+        "at mini-batch boundaries to fit, so one long append delays other sessions by at most one tick",
     )
+    batch_sessions: int = Field(64, ge=1, description="sessions decoded together in one batched forward")
     torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads (0: torch's default; more than 1 only on a dedicated machine)"
     )
@@ -86,9 +91,11 @@ class Settings(BaseSettings):
     def _bytes(cls, v: Any) -> int:
         return parse_bytes(v)
 
-    @field_validator("listen")
+    @field_validator("listen", "http_listen")
     @classmethod
-    def _listen(cls, v: str) -> str:
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"listen must be host:port (e.g. 127.0.0.1:50051), got {v!r}")

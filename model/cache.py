@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from model.config import ModelConfig
-from model.network import KV
+
+KV = tuple[torch.Tensor, torch.Tensor]
+"""One layer's keys and values, each [B, kv_heads, m, head_dim]; keys already rotated."""
 
 
 @dataclass(frozen=True)
@@ -73,3 +75,80 @@ def join(a: KV | None, b: KV | None) -> KV | None:
 
 def extend_all(past: Sequence[KV | None], new: Sequence[KV], spec: CacheSpec) -> list[KV]:
     return [extend(p, n, spec) for p, n in zip(past, new, strict=True)]
+
+
+class KVBuffer:
+    """Keys and values [1, Hkv, capacity, hd] that grow in place, shared copy-on-write.
+
+    Decoding one token must not copy the whole window (a `torch.cat` per token per
+    layer did).  A buffer is allocated once per mini-batch with room for every
+    pending token, and each new token's keys are written into the next free slot.
+
+    Forks share a buffer (`StreamState.clone` copies only the handle), so writing in
+    place needs a rule: `used` is the high-water mark anyone has written.  A holder
+    whose own length equals `used` may write past it (no sharer can see those slots:
+    every sharer's length is <= used); any other holder copies its prefix into a new
+    buffer first.  Slots a holder can see are therefore never written again.
+    """
+
+    __slots__ = ("capacity", "k", "used", "v")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
+        n = k.shape[2]
+        self.capacity = max(capacity, n)
+        shape = (*k.shape[:2], self.capacity, k.shape[3])
+        self.k = k.new_empty(shape)
+        self.v = v.new_empty(shape)
+        self.k[:, :, :n], self.v[:, :, :n] = k, v
+        self.used = n
+
+
+@dataclass(frozen=True)
+class LiveKV:
+    """One layer's growing cache as one holder sees it: the first `length` slots of `buf`."""
+
+    buf: KVBuffer
+    length: int
+
+    @staticmethod
+    def start(past: KV | None, like: torch.Tensor, room: int) -> LiveKV:
+        """A buffer holding `past` (or nothing, shaped like `like`) with `room` free slots."""
+        k, v = past if past is not None else (like[:, :, :0], like[:, :, :0])
+        return LiveKV(KVBuffer(k, v, k.shape[2] + room), k.shape[2])
+
+    def keys(self) -> KV:
+        return self.buf.k[:, :, : self.length], self.buf.v[:, :, : self.length]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> LiveKV:
+        """Append k, v [1, Hkv, m, hd]: in place when this holder owns the tail, else into a copy."""
+        n, m = self.length, k.shape[2]
+        buf = self.buf
+        if buf.used != n or n + m > buf.capacity:
+            old_k, old_v = self.keys()
+            buf = KVBuffer(old_k, old_v, max(n + m, buf.capacity))
+        buf.k[:, :, n : n + m], buf.v[:, :, n : n + m] = k, v
+        buf.used = n + m
+        return LiveKV(buf, n + m)
+
+    def nbytes(self) -> int:
+        return 2 * self.buf.k.numel() * self.buf.k.element_size()
+
+
+Past = KV | LiveKV | None
+"""What a layer attends over besides the new keys: an immutable cache, or a growing one."""
+
+
+def combine(past: Past, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, KV | LiveKV]:
+    """(keys, values) to attend over (the past, then k and v) and what a caller keeps of them.
+
+    An immutable past is concatenated (a new tensor: nothing shared is written); a
+    growing one takes the new keys in place (see KVBuffer).
+    """
+    if isinstance(past, LiveKV):
+        live = past.extend(k, v)
+        keys, values = live.keys()
+        return keys, values, live
+    if past is None:
+        return k, v, (k, v)
+    keys, values = torch.cat((past[0], k), 2), torch.cat((past[1], v), 2)
+    return keys, values, (keys, values)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from model.attention import AttnImpl
-from model.network import KV, TTTModel, upcast
+from model.cache import KV
+from model.network import TTTModel, upcast
 
 FastWeights = dict[str, torch.Tensor]
 

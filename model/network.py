@@ -14,20 +14,24 @@ sequence learns its own) or [out, in] (shared).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.attention import AttnImpl, apply_rope, attend, rope_cos_sin
+from model.cache import LiveKV, combine
 from model.config import ModelConfig
 
-KV = tuple[torch.Tensor, torch.Tensor]
-"""One layer's keys and values, each [B, kv_heads, m, head_dim]; keys already rotated."""
+Start = int | Sequence[int]
+"""Where a call's tokens start: one position for the whole batch, or one per row (ragged rows:
+sessions at different positions, each with its own cache and fast weights, as batched decode runs)."""
 
 Rope = tuple[torch.Tensor, torch.Tensor]
-"""RoPE (cos, sin) tables [n, head_dim/2] of a call's positions in float64, computed once for all
-layers; each layer casts them to its own dtype, exactly as computing them there would."""
+"""RoPE (cos, sin) tables [n, head_dim/2] (or [B, 1, n, head_dim/2] for ragged rows) of a call's
+positions in float64, computed once for all layers; each layer casts them to its own dtype, exactly
+as computing them there would."""
 
 FAST_PARTS = ("w1", "w2", "w3")
 
@@ -83,16 +87,17 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(
-        self, x: torch.Tensor, past: KV | None, start: int, rope: Rope, impl: AttnImpl
-    ) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, past: Any, start: Start, rope: Rope, impl: AttnImpl) -> tuple[torch.Tensor, Any]:
         """x [B, n, d] at positions [start, start+n); past covers the keys just before.
 
         `rope` is the (cos, sin) table of those positions, shared by every layer.
+        With ragged rows (`start` a sequence), row r starts at start[r] and `past` is
+        a list of per-row caches: the projections run batched (one read of the weights
+        for every row), attention runs per row over that row's own cache.
 
-        Returns the output and the keys/values attended over (past then new): the
-        concatenation attention needs anyway, so a caller keeping a growing cache
-        reuses it instead of copying the cache again.
+        Returns the output and what a caller keeps of the keys/values attended over
+        (past then new; `cache.combine`): the concatenation attention needs anyway,
+        or a growing buffer, so a caller keeping a growing cache never copies it again.
         """
         cfg = self.cfg
         b, n, _ = x.shape
@@ -103,9 +108,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (t.to(q.dtype) for t in rope)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        keys, values = (k, v) if past is None else (torch.cat((past[0], k), 2), torch.cat((past[1], v), 2))
-        out = attend(q, keys, values, start, cfg.window_size, impl, cfg.attention_sinks)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1)), (keys, values)
+        if isinstance(start, int):
+            keys, values, kept = combine(past, k, v)
+            out = attend(q, keys, values, start, cfg.window_size, impl, cfg.attention_sinks)
+        else:
+            outs, kept = [], []
+            for r, (p, s) in enumerate(zip(past, start, strict=True)):
+                keys, values, kr = combine(p, k[r : r + 1], v[r : r + 1])
+                outs.append(attend(q[r : r + 1], keys, values, s, cfg.window_size, impl, cfg.attention_sinks))
+                kept.append(kr)
+            out = torch.cat(outs)
+        return self.o(out.transpose(1, 2).reshape(b, n, -1)), kept
 
 
 class Block(nn.Module):
@@ -135,19 +148,28 @@ class Block(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
-        past: KV | None,
-        start: int,
+        past: Any,
+        start: Start,
         rope: Rope,
-        fast: Sequence[torch.Tensor] | None,
+        fast: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]] | None,
         impl: AttnImpl,
-    ) -> tuple[torch.Tensor, KV]:
-        """Returns the new hidden state and the keys/values attended over (past + new)."""
+    ) -> tuple[torch.Tensor, Any]:
+        """Returns the new hidden state and the keys/values attended over (past + new).
+
+        With ragged rows, `fast` holds each row's own (w1, w2, w3), each [1, out, in]: the
+        fast MLP runs per row, on exactly the shapes a single session's call uses.
+        """
         a, kv = self.attn(self.attn_norm(h), past, start, rope, impl)
         h = self._residual(h, a, self.attn_post_norm)
         if self.has_fast:
             if fast is None:
                 raise ValueError("a suffix block needs its fast weights")
-            h = self._residual(h, swiglu(self.fast_norm(h), *fast), self.fast_post_norm)
+            x = self.fast_norm(h)
+            if isinstance(start, int):
+                p = swiglu(x, *fast)
+            else:
+                p = torch.cat([swiglu(x[r : r + 1], *theta) for r, theta in enumerate(fast)])
+            h = self._residual(h, p, self.fast_post_norm)
         h = self._residual(h, self.mlp(self.mlp_norm(h)), self.mlp_post_norm)
         return h, kv
 
@@ -203,32 +225,47 @@ class TTTModel(nn.Module):
         self,
         h: torch.Tensor,
         layers: range,
-        past: Sequence[KV | None],
-        start: int,
-        fast: Mapping[str, torch.Tensor] | None,
+        past: Sequence[Any],
+        start: Start,
+        fast: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]] | None,
         impl: AttnImpl,
         full: bool = False,
-    ) -> tuple[torch.Tensor, list[KV]]:
+    ) -> tuple[torch.Tensor, list[Any]]:
         """Run blocks `layers` on h [B, n, d] at positions [start, start+n).
 
-        `past[j]` is the key/value cache of `layers[j]` (or None); returns the hidden
-        state and each layer's new keys/values: for the n new tokens only, or with
-        `full` the past followed by the new ones (no extra copy).
+        `past[j]` is the key/value cache of `layers[j]` (None, a KV, or a growing
+        `cache.LiveKV`); returns the hidden state and each layer's new keys/values: for
+        the n new tokens only, or with `full` what `cache.combine` keeps (past and new).
+
+        Ragged rows (`start` a sequence of B positions): `past[j]` is a list of B per-row
+        caches and `fast` a list of B per-row fast-weight dicts ([1, out, in] each), and
+        `full` is implied.  This is batched decode: one read of the static weights for
+        every session, while attention and the fast MLP see only each row's own state.
         """
         n = h.shape[1]
         cfg = self.cfg
-        positions = torch.arange(start, start + n, device=h.device)
-        rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float64, cfg.rope_scaling)
-        out_kv: list[KV] = []
+        ragged = not isinstance(start, int)
+        if ragged:
+            positions = torch.as_tensor(list(start), device=h.device)[:, None] + torch.arange(n, device=h.device)
+            cos, sin = rope_cos_sin(positions.flatten(), cfg.head_dim, cfg.rope_theta, torch.float64, cfg.rope_scaling)
+            rope = (cos.view(len(start), 1, n, -1), sin.view(len(start), 1, n, -1))
+        else:
+            positions = torch.arange(start, start + n, device=h.device)
+            rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float64, cfg.rope_scaling)
+        out_kv: list[Any] = []
         for j, i in enumerate(layers):
             block = self.blocks[i]
             theta = None
             if block.has_fast:
                 if fast is None:
                     raise ValueError(f"block {i} has a fast MLP: pass its fast weights")
-                theta = [fast[f"blocks.{i}.fast_mlp.{p}.weight"] for p in FAST_PARTS]
-            h, (k, v) = block(h, past[j], start, rope, theta, impl)
-            out_kv.append((k, v) if full else (k[:, :, -n:], v[:, :, -n:]))
+                names = [f"blocks.{i}.fast_mlp.{p}.weight" for p in FAST_PARTS]
+                theta = [[f[x] for x in names] for f in fast] if ragged else [fast[x] for x in names]
+            h, kept = block(h, past[j], start, rope, theta, impl)
+            if full or ragged or isinstance(kept, LiveKV):
+                out_kv.append(kept)
+            else:
+                out_kv.append((kept[0][:, :, -n:], kept[1][:, :, -n:]))
         return h, out_kv
 
     def head(self, h: torch.Tensor) -> torch.Tensor:

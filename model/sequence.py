@@ -30,9 +30,9 @@ import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from model.attention import AttnImpl, default_impl
-from model.cache import cache_spec, extend_all
+from model.cache import KV, cache_spec, extend_all
 from model.inner import FastWeights, StepResult, minibatch_step
-from model.network import KV, TTTModel
+from model.network import TTTModel
 
 
 @dataclass

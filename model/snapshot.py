@@ -3,6 +3,11 @@
 The bytes carry the model digest they were made with, the counters, and a
 sha256 of every tensor, so that a truncated, corrupted or foreign snapshot is
 refused with a message that says which, before any state is built from it.
+
+Version 2 stores what defines a state (`StreamState.tensors()`: theta, stepped
+caches, pending token ids); the pending tokens' provisional activations are
+recomputed on load.  Version 1 also stored those activations; it is still read
+(they are dropped and recomputed), so sessions written before keep working.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ import struct
 import safetensors.torch
 import torch
 
-from model.cache import cache_spec, join
+from model.cache import cache_spec
 from model.checkpoint import digest_of
 from model.network import TTTModel
 from model.state import StreamState
 
 FORMAT = "memoryd-session-state"
-VERSION = "1"
+VERSION = "2"
+READABLE = ("1", "2")
 
 
 class SnapshotError(ValueError):
@@ -74,8 +80,8 @@ def read_metadata(data: bytes) -> dict[str, str]:
         raise SnapshotError(f"snapshot header is corrupted: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not all(isinstance(v, str) for v in meta.values()):
         raise SnapshotError(f"bytes are not a memoryd session snapshot (no {FORMAT} header)")
-    if meta.get("version") != VERSION:
-        raise SnapshotError(f"snapshot version {meta.get('version')!r} is not supported (reads {VERSION})")
+    if meta.get("version") not in READABLE:
+        raise SnapshotError(f"snapshot version {meta.get('version')!r} is not supported (reads {', '.join(READABLE)})")
     return meta
 
 
@@ -100,6 +106,8 @@ def state_from_bytes(model: TTTModel, data: bytes) -> StreamState:
         position, steps, inner_lr = int(meta["position"]), int(meta["steps"]), float(meta["inner_lr"])
     except (KeyError, ValueError) as e:
         raise SnapshotError(f"snapshot counters are missing or malformed: {e}") from e
+    if meta["version"] == "1":  # provisional activations: a cache, recomputed below
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(("pending.out", "pending_kv."))}
     return _build(model, tensors, position, steps, inner_lr)
 
 
@@ -108,7 +116,7 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
     fresh = StreamState.fresh(model, inner_lr=inner_lr)
     device, dtype = fresh.pending_out.device, fresh.pending_out.dtype
     b, spec = cfg.mini_batch_size, cache_spec(cfg)
-    d, hkv, hd = cfg.hidden_size, cfg.kv_heads, cfg.head_dim
+    hkv, hd = cfg.kv_heads, cfg.head_dim
 
     def take(name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         _expect(name in t, f"tensor {name} is missing")
@@ -125,14 +133,9 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
         position == steps * b + p and p <= b and (p > 0 or position == 0),
         f"position {position} does not match {steps} steps and {p} pending tokens",
     )
-    out = take("pending.out")
-    q = out.shape[0]
-    _expect(out.dim() == 2 and out.shape[1] == d and q == p, f"pending.out has shape {list(out.shape)}")
-
     state = fresh
     state.position, state.steps = position, steps
     state.pending_tokens = tokens.to(device)
-    state.pending_out = out.to(device, dtype)[None]
     state.fast = {k: take(f"fast.{k}", tuple(v.shape[1:])).to(device, v.dtype)[None] for k, v in fresh.fast.items()}
 
     def cache(prefix: str, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -144,7 +147,7 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
         return k.to(device, dtype)[None], v.to(device, dtype)[None]
 
     state.kv = [cache(f"kv.{i}", spec.length(steps * b)) for i in range(cfg.num_layers)]
-    pending = [cache(f"pending_kv.{i}", q) for i in range(cfg.num_layers)]
-    state.live_kv = [p if c is None or p is None else join(c, p) for c, p in zip(state.kv, pending, strict=True)]
     _expect(not t, f"unexpected tensors {sorted(t)}")
+    with torch.no_grad():
+        state.refresh_pending()
     return state

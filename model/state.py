@@ -17,8 +17,18 @@ model.md, "Streaming equals one shot").  How it stays exact:
   to attention and the next-token logits are known.  This provisional work is
   thrown away at the next step, so its rounding never accumulates.
 
-All updates build new tensors and never write into old ones, so `clone()` can
-share every tensor: a fork costs nothing until one side appends.
+What a state *is* (`tensors()`, what a snapshot stores) is theta, the stepped
+caches, the pending token ids and the counters.  The provisional activations are
+a cache of it: they depend on how the pending tokens were cut into calls (and on
+a batched decode's batch), within float rounding, and are recomputed from the
+pending tokens when a snapshot is loaded.  So the persisted state is bit-exact
+with a replay of the token log however the tokens were cut or batched.
+
+Nothing a state can see is ever written in place, so `clone()` shares every
+tensor: a fork costs nothing until one side appends.  The one buffer written in
+place, the growing key/value cache of the pending tokens (`cache.LiveKV`), is
+written only past every sharer's length, so a decoded token writes one slot per
+layer instead of copying the window.
 """
 
 from __future__ import annotations
@@ -29,9 +39,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model.attention import AttnImpl, default_impl
-from model.cache import cache_spec, extend_all
+from model.cache import KV, LiveKV, cache_spec, extend_all
 from model.inner import minibatch_step
-from model.network import KV, TTTModel, upcast
+from model.network import TTTModel, upcast
 
 
 class InputError(ValueError):
@@ -74,10 +84,10 @@ class StreamState:
     """Per layer: keys/values of the stepped positions (< steps * b), the last window - 1."""
     pending_tokens: torch.Tensor
     """[p] ids at positions [steps * b, position)."""
-    live_kv: list[KV | None]
+    live_kv: list[LiveKV | None]
     """Per layer: `kv` followed by the keys/values of the first q pending tokens under the
-    current theta (None while q = 0); what the next token attends over, kept whole so a
-    decoded token costs one copy of the window, not two."""
+    current theta (None while q = 0), in a buffer with room for the whole mini-batch: what
+    the next token attends over, grown in place (one slot per decoded token)."""
     pending_out: torch.Tensor
     """[1, q, d] final hidden states of the first q pending tokens under the current theta."""
     position: int = 0
@@ -122,7 +132,7 @@ class StreamState:
         self.position += ids.numel()
         while self.pending_tokens.numel() > self.model.cfg.mini_batch_size:
             self._step(report)
-        self._refresh_pending()
+        self.refresh_pending()
         return report
 
     def _step(self, report: AppendReport) -> None:
@@ -152,18 +162,34 @@ class StreamState:
         self.live_kv = [None] * cfg.num_layers
         self.pending_out = self.pending_out[:, :0]
 
-    def _refresh_pending(self) -> None:
+    def refresh_pending(self) -> None:
         """Run the network (current theta) on the pending tokens it has not seen yet."""
         done = self.pending_out.shape[1]
         todo = self.pending_tokens[done:]
         if todo.numel() == 0:
             return
         model = self.model
-        past = [live if live is not None else c for live, c in zip(self.live_kv, self.kv, strict=True)]
         h = model.embed_tokens(todo[None])
         start = self.position - todo.numel()
-        h, self.live_kv = model.run_blocks(h, range(model.cfg.num_layers), past, start, self.fast, self.impl, full=True)
+        h, self.live_kv = model.run_blocks(
+            h, range(model.cfg.num_layers), self.live_past(), start, self.fast, self.impl
+        )
         self.pending_out = torch.cat((self.pending_out, h), 1)
+
+    def live_past(self) -> list[LiveKV]:
+        """Per layer, the growing cache the next pending token attends over (started from
+        `kv` with room for a whole mini-batch after a step)."""
+        cfg = self.model.cfg
+        empty = self.pending_out.new_zeros(1, cfg.kv_heads, 0, cfg.head_dim)
+        return [
+            live if live is not None else LiveKV.start(c, empty, cfg.mini_batch_size)
+            for live, c in zip(self.live_kv, self.kv, strict=True)
+        ]
+
+    @property
+    def refreshed(self) -> bool:
+        """Every pending token has its provisional activations (true after any append)."""
+        return self.pending_out.shape[1] == self.pending_tokens.numel()
 
     # -- reading predictions -----------------------------------------------------------------
 
@@ -184,18 +210,20 @@ class StreamState:
         return int(self.pending_tokens.numel())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor of the state, by a stable name (what a snapshot stores)."""
+        """Every tensor that defines the state, by a stable name (what a snapshot stores).
+
+        The provisional activations of pending tokens are not among them: they are a
+        cache, recomputed from `pending.tokens` (see the module docstring).
+        """
         out = {f"fast.{k}": v[0] for k, v in self.fast.items()}
         for i, c in enumerate(self.kv):
             if c is not None:
                 out[f"kv.{i}.k"], out[f"kv.{i}.v"] = c[0][0], c[1][0]
-        for i, (live, c) in enumerate(zip(self.live_kv, self.kv, strict=True)):
-            if live is not None:
-                n = 0 if c is None else c[0].shape[2]
-                out[f"pending_kv.{i}.k"], out[f"pending_kv.{i}.v"] = live[0][0, :, n:], live[1][0, :, n:]
         out["pending.tokens"] = self.pending_tokens
-        out["pending.out"] = self.pending_out[0]
         return out
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Device bytes the state holds: its tensors plus the provisional caches."""
+        own = sum(t.numel() * t.element_size() for t in self.tensors().values())
+        live = sum(x.nbytes() for x in self.live_kv if x is not None)
+        return own + live + self.pending_out.numel() * self.pending_out.element_size()

@@ -22,31 +22,27 @@ MAX_APPEND = 512
 MAX_GENERATE = 64
 
 
-@pytest.fixture(scope="session")
-def sdk_daemon(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Daemon]:  # noqa: F811
-    redis_server = RedisServer(tmp_path_factory.mktemp("sdk-redis"))
+@contextlib.contextmanager
+def auth_daemon(tmp: pytest.TempPathFactory, checkpoint: Path, name: str, *extra: str) -> Iterator[Daemon]:
+    """redis-server + `memoryd serve` with the test tenants' tokens (and `extra` flags), torn down after."""
+    redis_server = RedisServer(tmp.mktemp(f"{name}-redis"))
     redis_server.start()
-    d = Daemon(
-        tmp_path_factory.mktemp("sdk-memoryd"),
-        tiny_checkpoint,
-        redis_server.url,
-        "--auth-tokens",
-        ",".join(f"{tok}={tenant}" for tenant, tok in TOKENS.items()),
-        "--snapshot-interval",
-        "4",
-        "--max-append-tokens",
-        str(MAX_APPEND),
-        "--max-generate-tokens",
-        str(MAX_GENERATE),
-        "--max-sessions-per-tenant",
-        "200",
-    )
+    tokens = ",".join(f"{tok}={tenant}" for tenant, tok in TOKENS.items())
+    d = Daemon(tmp.mktemp(f"{name}-memoryd"), checkpoint, redis_server.url, "--auth-tokens", tokens, *extra)
     try:
         d.start()
         yield d
     finally:
         d.close()
         redis_server.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def sdk_daemon(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[Daemon]:  # noqa: F811
+    limits = ("--snapshot-interval", "4", "--max-append-tokens", str(MAX_APPEND))
+    limits += ("--max-generate-tokens", str(MAX_GENERATE), "--max-sessions-per-tenant", "200")
+    with auth_daemon(tmp_path_factory, tiny_checkpoint, "sdk", *limits) as d:
+        yield d
 
 
 class TcpProxy:

@@ -63,8 +63,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path, redi
         "64",
         "--max-message-bytes",
         "1MiB",
-        "--compute-threads",
-        "2",
+        "--tick-tokens",
+        "20",  # tiny model, b = 8: long appends are cut into pieces over several ticks
     )
     d.start()
     yield d

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from model.cache import cache_spec, extend_all
+from model.cache import KV, cache_spec, extend_all
 from model.inner import minibatch_step
-from model.network import KV, TTTModel
+from model.network import TTTModel
 
 
 @torch.no_grad()

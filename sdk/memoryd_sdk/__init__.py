@@ -6,12 +6,13 @@
         s.add_message("user", "The launch moved to Thursday.")
         print(s.chat("When is the launch?", max_tokens=32).text)
 
-Modules, one job each: `client` (the proto's calls, deadlines, retries), `session`
-(a session as an object: offsets, chat helpers), `aio` / `aio_session` /
-`aio_generation` (the same on asyncio), `generation`
-(a generation stream), `errors` (one exception per status), `types` (results),
-`retry`, `connection` (channels, TLS, tokens), `chat` (turn formats: the model's, or plain text),
-`export_file` (an export as a file), `requests` (building the proto requests).
+Modules, one job each: `aio` (the proto's calls, deadlines, retries: the one core),
+`aio_session` (a session as an object: offsets, chat helpers), `aio_generation` (a
+generation stream), `client` / `session` / `generation` (the same for sync code: the core
+run on a private loop thread by `blocking`), `errors` (one exception per status), `types`
+(results), `retry`, `connection` (channels, TLS, tokens), `chat` (turn formats: the model's,
+or plain text), `export_file` (an export as a file), `requests` (building the proto
+requests), `iterators`, and `langchain` (a LangChain chat model; the `langchain` extra).
 The generated stubs live in `memoryd_sdk._proto` (regenerate with scripts/gen_proto.sh).
 """
 

@@ -1,18 +1,34 @@
-"""`AsyncMemoryClient`: the same API as `MemoryClient` on grpc.aio, for agents that run on asyncio.
+"""`AsyncMemoryClient`: the proto's calls one to one, with deadlines, safe retries and typed errors.
 
-Sessions as objects are `aio_session.AsyncSession`, streams `aio_generation.AsyncGenerateStream`.
+This is the SDK's one implementation of every call: the sync `MemoryClient` runs these
+same coroutines on a private event loop thread (`blocking.py`), so request building,
+retries, error mapping, paging and export/import streaming exist once and the two
+clients cannot drift (sdk/README.md says why this way round).
 
-Same requests (built by `requests.py`), same retry rules, same typed errors as the sync
-client; every method is a coroutine, generations are async iterators.  One client (one
-channel) serves any number of concurrent sessions; create it inside the running loop.
+Each method is one RPC.  Sessions as objects (offset tracking, chat helpers) live in
+`aio_session.py` on top of these; this module only knows how to send a request well:
+
+- every call gets a deadline (`timeout`, per attempt; the client's default otherwise);
+- UNAVAILABLE and DEADLINE_EXCEEDED are retried with backoff (see `retry.py`), and the
+  retries of state-changing calls carry what the server needs to recognise them
+  (append ids, client-chosen session ids);
+- no `wait_for_ready`: a daemon that is down fails each attempt fast with UNAVAILABLE
+  (and that is what the caller sees when the attempts run out), while the channel's
+  short reconnect backoff (`connection.CHANNEL_OPTIONS`) lets a retry after a dropped
+  connection find a fresh one;
+- file and iterator I/O (exports, imports, the pieces of `append_stream`) runs in a
+  worker thread, so a slow disk or a slow tool never stalls the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+import tempfile
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 
@@ -21,12 +37,13 @@ from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.aio_generation import AsyncGenerateStream
 from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.chat import ChatTemplate
-from memoryd_sdk.client import DEFAULT_TARGET
 from memoryd_sdk.connection import TLS, aio_channel, auth_metadata
 from memoryd_sdk.errors import AlreadyExists, MemorydError, NotFound, OffsetConflict, from_rpc_error
-from memoryd_sdk.export_file import Dest, iter_data, read_header, write_header
+from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, read_header, write_header
+from memoryd_sdk.iterators import aiter_of
 from memoryd_sdk.requests import (
     Content,
+    Extras,
     Message,
     StreamBuilder,
     append_request,
@@ -38,19 +55,22 @@ from memoryd_sdk.requests import (
     reset_request,
     sampling,
 )
-from memoryd_sdk.retry import Attempt, RetryPolicy, call_with_retry_async
-from memoryd_sdk.types import (
-    AppendResult,
-    ExportHeader,
-    GenerateChunk,
-    GenerateResult,
-    ModelInfo,
-    SessionInfo,
-)
+from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry_async
+from memoryd_sdk.types import AppendResult, ExportHeader, GenerateChunk, GenerateResult, ModelInfo, SessionInfo
+
+DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 class AsyncMemoryClient:
-    """As `MemoryClient`, on grpc.aio (one shared channel; any number of concurrent calls)."""
+    """A connection to one memoryd (one shared channel; any number of concurrent calls).
+
+    `target` is `host:port`; `token` the bearer token when the daemon has auth on; `tls`
+    see `connection.TLS`.  `timeout` is the deadline of unary calls and
+    `generate_timeout` of generations and exports/imports (seconds, per attempt).
+    `template`: a `ChatTemplate` for `add_message` / `chat`; None (the default) uses the
+    model's own chat template when the server has one, else `PlainTemplate`.
+    `metadata`: extra gRPC metadata sent with every call (a gateway forwards its caller's).
+    """
 
     def __init__(
         self,
@@ -63,17 +83,21 @@ class AsyncMemoryClient:
         retry: RetryPolicy | None = None,
         template: ChatTemplate | None = None,
         options: tuple[tuple[str, Any], ...] = (),
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.target = target
         self.timeout, self.generate_timeout = timeout, generate_timeout
         self.retry = retry or RetryPolicy()
         self.template = template
         self._model: ModelInfo | None = None
-        self._md = auth_metadata(token)
+        self._md = auth_metadata(token) + tuple(metadata)
         self._channel = aio_channel(target, tls, options)
         self._stub = pb_grpc.MemoryServiceStub(self._channel)
 
+    # -- plumbing --------------------------------------------------------------------------------
+
     async def close(self) -> None:
+        """Close the channel (in-flight calls are cancelled)."""
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncMemoryClient:
@@ -82,39 +106,39 @@ class AsyncMemoryClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _as_caller(self, metadata: tuple[tuple[str, str], ...]) -> AsyncMemoryClient:
+        """This client (same channel, settings and model cache) sending `metadata` instead of its own.
+
+        For a gateway that forwards each caller's `authorization` to the daemon: one channel,
+        each request under its caller's token and tenant.
+        """
+        twin = copy.copy(self)
+        twin._md = tuple(metadata)
+        return twin
+
     async def _unary(self, method: str, request: Any, timeout: float | None, attempts: list[int] | None = None) -> Any:
-        rpc = getattr(self._stub, method)
+        """One unary call with retries; `attempts[0]` tells the caller which attempt answered."""
 
         async def once(a: Attempt) -> Any:
             if attempts is not None:
                 attempts[0] = a.number
+            rpc = getattr(self._stub, method)
             return await rpc(request, timeout=timeout or self.timeout, metadata=self._md)
 
         return await call_with_retry_async(once, self.retry, method)
 
-    # -- sessions --------------------------------------------------------------------------------
+    # -- model -----------------------------------------------------------------------------------
 
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """As `MemoryClient.model_info`."""
+        """The served model: digest, tokenizer, chat template, window, limits (GetModel)."""
         self._model = ModelInfo.from_pb(await self._unary("GetModel", pb.GetModelRequest(), timeout))
         return self._model
 
     async def cached_model_info(self) -> ModelInfo:
+        """`model_info()`, fetched once per client (the chat helpers ask for it on every turn)."""
         return self._model or await self.model_info()
 
-    async def append_messages(
-        self,
-        session_id: str,
-        messages: Iterable[Message],
-        expected_offset: int | None = None,
-        append_id: str | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> AppendResult:
-        """As `MemoryClient.append_messages`."""
-        aid = append_id or new_append_id()
-        req = messages_request(session_id, messages, expected_offset, aid)
-        return AppendResult.from_pb(await self._unary("Append", req, timeout), aid)
+    # -- sessions --------------------------------------------------------------------------------
 
     async def create_session(
         self,
@@ -124,6 +148,10 @@ class AsyncMemoryClient:
         temporary: bool = False,
         timeout: float | None = None,
     ) -> AsyncSession:
+        """A new empty session.  With no id the SDK picks one (so a retried create cannot make two).
+
+        `temporary=True`: leaving `with session:` deletes it.
+        """
         chosen = session_id is None
         sid = new_session_id() if chosen else session_id
         attempts = [0]
@@ -133,10 +161,11 @@ class AsyncMemoryClient:
         except AlreadyExists:
             if not (chosen and attempts[0] > 1):
                 raise
-            info = await self.get_session(sid)
+            info = await self.get_session(sid)  # our own id, taken by our own earlier attempt
         return AsyncSession(self, info.session_id, info=info, temporary=temporary)
 
     def session(self, session_id: str) -> AsyncSession:
+        """A handle on an existing session (no call is made; its offset is fetched on first use)."""
         return AsyncSession(self, session_id)
 
     async def get_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
@@ -144,6 +173,7 @@ class AsyncMemoryClient:
         return SessionInfo.from_pb(m)
 
     async def list_sessions(self, page_size: int = 0, *, timeout: float | None = None) -> AsyncIterator[SessionInfo]:
+        """Every session of this tenant, ordered by id, fetched a page at a time as you iterate."""
         token = ""
         while True:
             req = pb.ListSessionsRequest(page_size=page_size, page_token=token)
@@ -155,6 +185,7 @@ class AsyncMemoryClient:
                 return
 
     async def delete_session(self, session_id: str, *, timeout: float | None = None) -> int | None:
+        """Delete; returns the offset it had (None when a retry found our own earlier attempt had deleted it)."""
         attempts = [0]
         try:
             m = await self._unary("DeleteSession", pb.DeleteSessionRequest(session_id=session_id), timeout, attempts)
@@ -167,13 +198,14 @@ class AsyncMemoryClient:
     async def reset_session(
         self, session_id: str, expected_offset: int | None = None, *, timeout: float | None = None
     ) -> SessionInfo:
+        """Back to the initial state (id and metadata stay)."""
         attempts = [0]
         try:
             m = await self._unary("ResetSession", reset_request(session_id, expected_offset), timeout, attempts)
             return SessionInfo.from_pb(m)
         except OffsetConflict as e:
             if attempts[0] > 1 and e.offset == 0 and expected_offset != 0:
-                return await self.get_session(session_id, timeout=timeout)
+                return await self.get_session(session_id, timeout=timeout)  # our earlier attempt reset it
             raise
 
     async def fork_session(
@@ -185,6 +217,7 @@ class AsyncMemoryClient:
         *,
         timeout: float | None = None,
     ) -> SessionInfo:
+        """A copy of the session's state now (cheap on the server); the two diverge from here."""
         chosen = new_session_id_ is None
         dst = new_session_id() if chosen else new_session_id_
         attempts = [0]
@@ -207,8 +240,27 @@ class AsyncMemoryClient:
         *,
         timeout: float | None = None,
     ) -> AppendResult:
+        """Read text or token ids into the session; durable when this returns.
+
+        Always sends an append id (a fresh one unless given), so a retry after a lost
+        answer is recognised by the server and read once (`duplicate=True`).
+        """
         aid = append_id or new_append_id()
         req = append_request(session_id, content, expected_offset, aid)
+        return AppendResult.from_pb(await self._unary("Append", req, timeout), aid)
+
+    async def append_messages(
+        self,
+        session_id: str,
+        messages: Iterable[Message],
+        expected_offset: int | None = None,
+        append_id: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> AppendResult:
+        """Append chat turns formatted by the server with the model's chat template (`model_info().chat_messages`)."""
+        aid = append_id or new_append_id()
+        req = messages_request(session_id, messages, expected_offset, aid)
         return AppendResult.from_pb(await self._unary("Append", req, timeout), aid)
 
     async def append_stream(
@@ -219,19 +271,24 @@ class AsyncMemoryClient:
         *,
         timeout: float | None = None,
     ) -> AppendResult:
-        """Client-streaming append from a sync or async iterable; retried by replaying what was sent."""
+        """Client-streaming append: each piece is one append, sent as `pieces` yields it.
+
+        Pieces already sent are remembered, so a retry resends them with the same append
+        ids (the server skips those that landed) and then carries on with the rest.  A
+        sync iterable is read in a worker thread (it may block, e.g. on a tool's output).
+        """
         builder = StreamBuilder(session_id, expected_offset)
-        source = pieces.__aiter__() if isinstance(pieces, AsyncIterable) else _aiter(pieces)
+        source = aiter_of(pieces)
         sent: list[pb.AppendRequest] = []
         current = [0]
 
         async def requests(attempt: int) -> AsyncIterator[pb.AppendRequest]:
             current[0] = attempt
             i = 0
-            while attempt == current[0]:
+            while attempt == current[0]:  # a newer attempt owns the stream
                 if i >= len(sent):
                     try:
-                        item = await source.__anext__()
+                        item = await anext(source)
                     except StopAsyncIteration:
                         return
                     sent.append(builder.build(item))
@@ -240,9 +297,7 @@ class AsyncMemoryClient:
 
         async def once(a: Attempt) -> Any:
             return await self._stub.AppendStream(
-                requests(a.number),
-                timeout=timeout or self.generate_timeout,
-                metadata=self._md,
+                requests(a.number), timeout=timeout or self.generate_timeout, metadata=self._md
             )
 
         m = await call_with_retry_async(once, self.retry, "AppendStream")
@@ -268,6 +323,8 @@ class AsyncMemoryClient:
         return AsyncGenerateStream(start, self.retry, committed, on_done)
 
     async def _complete(self, req: pb.GenerateRequest, timeout: float | None) -> GenerateResult:
+        """The whole generation, retried from the start on UNAVAILABLE / DEADLINE_EXCEEDED."""
+
         async def once(a: Attempt) -> list[GenerateChunk]:
             call = self._stub.Generate(req, timeout=timeout or self.generate_timeout, metadata=self._md)
             return [GenerateChunk.from_pb(m) async for m in call]
@@ -290,9 +347,17 @@ class AsyncMemoryClient:
         commit: bool = False,
         expected_offset: int | None = None,
         append_id: str | None = None,
+        commit_stop: bool = False,
+        commit_suffix: str = "",
         timeout: float | None = None,
     ) -> AsyncGenerateStream:
-        """As `MemoryClient.generate`; iterate with `async for`."""
+        """Sample a continuation; iterate the result for text deltas as they are made.
+
+        `commit=True` makes prompt and output part of the session once the generation
+        completes (it carries an append id, so a retry lands once); `commit=False` leaves
+        the session exactly as it was.  What is committed of the output is exactly the
+        text sent (the stop is left out unless `commit_stop=True`), then `commit_suffix`.
+        """
         req = generate_request(
             session_id,
             prompt,
@@ -300,6 +365,7 @@ class AsyncMemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
         )
 
         async def made() -> pb.GenerateRequest:
@@ -322,9 +388,15 @@ class AsyncMemoryClient:
         commit: bool = False,
         expected_offset: int | None = None,
         append_id: str | None = None,
+        commit_stop: bool = False,
+        commit_suffix: str = "",
         timeout: float | None = None,
     ) -> GenerateResult:
-        """As `MemoryClient.complete`: the whole generation, retried throughout."""
+        """The non-streaming form of `generate`: the whole text and token ids, with retries throughout.
+
+        With `commit=True` the session gets exactly the text returned (the stop is left out
+        unless `commit_stop=True`), then `commit_suffix`, in one atomic commit.
+        """
         req = generate_request(
             session_id,
             prompt,
@@ -332,6 +404,7 @@ class AsyncMemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
         )
         return await self._complete(req, timeout)
 
@@ -340,34 +413,54 @@ class AsyncMemoryClient:
     async def export_session(
         self, session_id: str, dest: Dest, *, chunk_bytes: int = 0, timeout: float | None = None
     ) -> ExportHeader:
-        """As `MemoryClient.export_session`; file writes are small and done inline."""
+        """Write the session (header + state bytes, see `export_file`) to a path or a binary stream.
+
+        Each chunk is written as it arrives (the state is never held whole in memory).  To a
+        path: written to a temporary file and renamed, so a reader never sees half an export,
+        and retried as a whole.  To a seekable stream: a retry rewinds it to where it started;
+        a stream that cannot seek is not retried (its bytes cannot be taken back).
+        """
         req = pb.ExportSessionRequest(session_id=session_id, chunk_bytes=chunk_bytes)
 
-        async def fetch(a: Attempt) -> tuple[pb.ExportHeader, list[bytes]]:
-            header, parts = None, []
+        async def into(out: IO[bytes]) -> ExportHeader:
+            header: pb.ExportHeader | None = None
+            got = 0
             call = self._stub.ExportSession(req, timeout=timeout or self.generate_timeout, metadata=self._md)
             async for chunk in call:
                 if chunk.WhichOneof("chunk") == "header":
                     header = chunk.header
+                    await asyncio.to_thread(write_header, out, header)
                 else:
-                    parts.append(chunk.data)
-            if header is None or sum(map(len, parts)) != header.total_bytes:
-                raise MemorydError(f"export of {session_id!r} ended without a complete state")
-            return header, parts
+                    got += len(chunk.data)
+                    await asyncio.to_thread(out.write, chunk.data)
+            if header is None or got != header.total_bytes:
+                raise MemorydError(f"export of {session_id!r} ended after {got} bytes without a complete state")
+            return ExportHeader.from_pb(header)
 
-        header, parts = await call_with_retry_async(fetch, self.retry, "ExportSession")
         if isinstance(dest, str | os.PathLike):
-            tmp = Path(dest).with_name(f".{Path(dest).name}.partial")
-            with open(tmp, "wb") as f:
-                write_header(f, header)
-                for p in parts:
-                    f.write(p)
-            os.replace(tmp, dest)
-        else:
-            write_header(dest, header)
-            for p in parts:
-                dest.write(p)
-        return ExportHeader.from_pb(header)
+            path = Path(dest)
+
+            async def to_path(a: Attempt) -> ExportHeader:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+                try:
+                    with os.fdopen(fd, "wb") as f:
+                        header = await into(f)
+                    os.replace(tmp, path)
+                    return header
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+
+            return await call_with_retry_async(to_path, self.retry, "ExportSession")
+        start = dest.tell() if dest.seekable() else None
+
+        async def to_stream(a: Attempt) -> ExportHeader:
+            if a.is_retry and start is not None:
+                dest.seek(start)
+                dest.truncate()
+            return await into(dest)
+
+        return await call_with_retry_async(to_stream, self.retry if start is not None else NO_RETRY, "ExportSession")
 
     async def import_session(
         self,
@@ -378,27 +471,41 @@ class AsyncMemoryClient:
         temporary: bool = False,
         timeout: float | None = None,
     ) -> AsyncSession:
-        """As `MemoryClient.import_session` (not retried, for the same reason)."""
+        """A new session from an export (a path or a binary stream), read and sent a chunk at a time.
+
+        `session_id`/`metadata` override the export's.  Not retried: a retry could not tell
+        its own landing from a session that already had that id; on `Unavailable`, look
+        with `get_session` and import again.
+        """
         if isinstance(src, str | os.PathLike):
             with open(src, "rb") as f:
                 return await self.import_session(f, session_id, metadata, temporary=temporary, timeout=timeout)
-        header = read_header(src)
+        header = await asyncio.to_thread(read_header, src)
         if session_id is not None:
             header.session_id = session_id
         if metadata is not None:
             header.metadata.clear()
             header.metadata.update(metadata)
-        chunks = [pb.SessionChunk(header=header)] + [pb.SessionChunk(data=d) for d in iter_data(src, header)]
+
+        bad_file: list[ExportFormatError] = []
+
+        def pieces() -> Iterator[pb.SessionChunk]:
+            yield pb.SessionChunk(header=header)
+            try:
+                for data in iter_data(src, header):
+                    yield pb.SessionChunk(data=data)
+            except ExportFormatError as e:
+                bad_file.append(e)  # end the stream short: the server refuses it, and we say why
+
         try:
             m = await self._stub.ImportSession(
-                _aiter(chunks), timeout=timeout or self.generate_timeout, metadata=self._md
+                aiter_of(pieces()), timeout=timeout or self.generate_timeout, metadata=self._md
             )
         except grpc.RpcError as e:
+            if bad_file:
+                raise bad_file[0] from None
             raise from_rpc_error(e) from e
+        if bad_file:  # cannot happen (the server checks size and sha256), but never accept a bad file
+            raise bad_file[0]
         info = SessionInfo.from_pb(m)
         return AsyncSession(self, info.session_id, info=info, temporary=temporary)
-
-
-async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
-    for x in items:
-        yield x

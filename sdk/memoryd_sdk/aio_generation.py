@@ -1,4 +1,10 @@
-"""`AsyncGenerateStream`: a generation in flight on asyncio (the async twin of `generation.py`)."""
+"""`AsyncGenerateStream`: a generation in flight, the one implementation (the sync `GenerateStream` drives it).
+
+Why a class rather than a bare generator: an agent needs to stop a generation midway
+(the user interrupted, the tool answered) and the server must hear about it, because a
+cancelled committed generation commits nothing.  `cancel()` (or leaving the `async with`
+block early) cancels the gRPC call itself, not just the Python loop.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from memoryd_sdk.errors import from_rpc_error
+from memoryd_sdk.errors import Cancelled, from_rpc_error
 from memoryd_sdk.retry import Attempt, RetryPolicy, _should_retry
 from memoryd_sdk.types import GenerateChunk, GenerateResult
 
@@ -16,9 +22,10 @@ from memoryd_sdk.types import GenerateChunk, GenerateResult
 class AsyncGenerateStream:
     """`async for delta in stream`: text deltas; `chunks()` for ids and the final message; `cancel()`.
 
-    Nothing is sent until the first `async for` (or `chunks()` read).
-
-    As the sync `GenerateStream`: retried only before the first message arrives.
+    Nothing is sent until the first `async for` (or `chunks()` read).  Retries
+    (UNAVAILABLE, DEADLINE_EXCEEDED) happen only before the first message arrives: after
+    that, starting again would repeat text the caller has already seen.  Use `complete()`
+    when you want the whole text with retries throughout.
     """
 
     def __init__(
@@ -34,6 +41,7 @@ class AsyncGenerateStream:
         self._received: list[GenerateChunk] = []
         self._it = self._run()
         self.result: GenerateResult | None = None
+        """The whole generation, set once the last message has arrived."""
 
     async def _run(self) -> AsyncIterator[GenerateChunk]:
         attempt = 1
@@ -58,6 +66,10 @@ class AsyncGenerateStream:
             except asyncio.CancelledError:
                 if self._cancelled:
                     return
+                task = asyncio.current_task()
+                if task is not None and task.cancelling() == 0 and self._call.cancelled():
+                    # the call was cancelled by someone else than `cancel()` (not our task): a typed error
+                    raise Cancelled("the generation's call was cancelled") from None
                 raise
             except grpc.RpcError as e:
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
@@ -69,6 +81,7 @@ class AsyncGenerateStream:
             attempt += 1
 
     def chunks(self) -> AsyncIterator[GenerateChunk]:
+        """Every message: text, token ids, and on the last one the finish reason and offset."""
         return self._it
 
     async def __aiter__(self) -> AsyncIterator[str]:
@@ -83,11 +96,16 @@ class AsyncGenerateStream:
             self._call.cancel()
 
     async def collect(self) -> GenerateResult:
+        """Read the rest of the stream and return the whole generation."""
         async for _ in self._it:
             pass
         if self.result is None:
             raise RuntimeError("the generation was cancelled before it finished")
         return self.result
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
 
     async def __aenter__(self) -> AsyncGenerateStream:
         return self

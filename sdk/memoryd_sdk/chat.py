@@ -96,3 +96,11 @@ class ServerTemplate:
 
 
 SERVER_TEMPLATE = ServerTemplate()
+
+
+def turn_text(template: ChatTemplate, message: object) -> str:
+    """A chat turn (`(role, content)` or `{"role", "content"}`) formatted by a client-side template."""
+    from collections.abc import Mapping
+
+    role, content = (message["role"], message["content"]) if isinstance(message, Mapping) else message  # type: ignore[misc]
+    return template.turn(role, content)

@@ -1,64 +1,42 @@
-"""`MemoryClient`: the proto's calls one to one, with deadlines, safe retries and typed errors.
+"""`MemoryClient`: the sync client, a thin layer over `AsyncMemoryClient` (see `blocking.py`).
 
-Each method is one RPC.  Sessions as objects (offset tracking, chat helpers) live in
-`session.py` on top of these; this module only knows how to send a request well:
-
-- every call gets a deadline (`timeout`, per attempt; the client's default otherwise);
-- UNAVAILABLE and DEADLINE_EXCEEDED are retried with backoff (see `retry.py`), and the
-  retries of state-changing calls carry what the server needs to recognise them
-  (append ids, client-chosen session ids);
-- no `wait_for_ready`: a daemon that is down fails each attempt fast with UNAVAILABLE
-  (and that is what the caller sees when the attempts run out), while the channel's
-  short reconnect backoff (`connection.CHANNEL_OPTIONS`) lets a retry after a dropped
-  connection find a fresh one.
+Every call is the async client's coroutine, run on this client's private event loop
+thread; deadlines, retries, typed errors, paging and export/import streaming are
+documented (and implemented, once) in `aio.py`.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import IO, Any
+import inspect
+from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
-
-from memoryd_sdk._proto import memoryd_pb2 as pb
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+from memoryd_sdk.aio import DEFAULT_TARGET, AsyncMemoryClient
+from memoryd_sdk.aio_generation import AsyncGenerateStream
+from memoryd_sdk.aio_session import AsyncSession
+from memoryd_sdk.blocking import LoopThread, iterate, mirror
 from memoryd_sdk.chat import ChatTemplate
-from memoryd_sdk.connection import TLS, auth_metadata, sync_channel
-from memoryd_sdk.errors import AlreadyExists, MemorydError, NotFound, OffsetConflict, from_rpc_error
-from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, read_header, write_header
+from memoryd_sdk.connection import TLS
 from memoryd_sdk.generation import GenerateStream
-from memoryd_sdk.requests import (
-    Content,
-    Extras,
-    Message,
-    StreamBuilder,
-    append_request,
-    fork_request,
-    generate_request,
-    messages_request,
-    new_append_id,
-    new_session_id,
-    reset_request,
-    sampling,
-)
-from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry
+from memoryd_sdk.retry import RetryPolicy
 from memoryd_sdk.session import Session
-from memoryd_sdk.types import AppendResult, ExportHeader, GenerateChunk, GenerateResult, ModelInfo, SessionInfo
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+__all__ = ["DEFAULT_TARGET", "MemoryClient"]
 
 
+def _through(name: str) -> property:
+    """An attribute of the async client, read and written through."""
+    return property(lambda self: getattr(self._core, name), lambda self, v: setattr(self._core, name, v))
+
+
+@mirror(AsyncMemoryClient)
 class MemoryClient:
-    """A connection to one memoryd (one shared channel); thread-safe, use one per process.
+    """A connection to one memoryd (one shared channel); thread-safe, use one per process and close it.
 
-    `target` is `host:port`; `token` the bearer token when the daemon has auth on; `tls`
-    see `connection.TLS`.  `timeout` is the deadline of unary calls and
-    `generate_timeout` of generations and exports/imports (seconds, per attempt).
-    `template`: a `ChatTemplate` for `add_message` / `chat`; None (the default) uses the
-    model's own chat template when the server has one, else `PlainTemplate`.
+    Arguments as `AsyncMemoryClient`: `target` is `host:port`; `token` the bearer token when
+    the daemon has auth on; `tls` see `connection.TLS`; `timeout` / `generate_timeout` the
+    per-attempt deadlines of unary calls and of generations and exports/imports (seconds);
+    `template` the chat format of `add_message` / `chat` (None: the model's own, else plain).
     """
 
     def __init__(
@@ -72,426 +50,52 @@ class MemoryClient:
         retry: RetryPolicy | None = None,
         template: ChatTemplate | None = None,
         options: tuple[tuple[str, Any], ...] = (),
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
-        self.target = target
-        self.timeout, self.generate_timeout = timeout, generate_timeout
-        self.retry = retry or RetryPolicy()
-        self.template = template
-        self._model: ModelInfo | None = None
-        self._md = auth_metadata(token)
-        self._channel = sync_channel(target, tls, options)
-        self._stub = pb_grpc.MemoryServiceStub(self._channel)
+        self._runner = LoopThread()
 
-    # -- plumbing --------------------------------------------------------------------------------
+        async def make() -> AsyncMemoryClient:  # the channel belongs to the loop it is made on
+            return AsyncMemoryClient(
+                target,
+                token,
+                tls,
+                timeout=timeout,
+                generate_timeout=generate_timeout,
+                retry=retry,
+                template=template,
+                options=options,
+                metadata=metadata,
+            )
+
+        self._core = self._runner.run(make())
+
+    target = _through("target")
+    timeout = _through("timeout")
+    generate_timeout = _through("generate_timeout")
+    retry = _through("retry")
+    template = _through("template")
+    _stub = _through("_stub")
+
+    def _sync(self, out: Any, owner: Session | None = None) -> Any:
+        """Run a coroutine on the loop, then give what it returned its sync form."""
+        if inspect.iscoroutine(out):
+            out = self._runner.run(out)
+        if isinstance(out, AsyncSession):
+            return owner if owner is not None and out is owner._core else Session._of(self, out)
+        if isinstance(out, AsyncGenerateStream):
+            return GenerateStream(self._runner, out)
+        if isinstance(out, AsyncIterator):
+            return iterate(self._runner, out)
+        return out
 
     def close(self) -> None:
-        """Close the channel (in-flight calls are cancelled)."""
-        self._channel.close()
+        """Close the channel (in-flight calls are cancelled) and stop the loop thread."""
+        if not self._runner.closed:
+            self._runner.run(self._core.close())
+            self._runner.close()
 
     def __enter__(self) -> MemoryClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _unary(self, method: str, request: Any, timeout: float | None) -> Any:
-        rpc = getattr(self._stub, method)
-
-        def once(a: Attempt) -> Any:
-            return rpc(request, timeout=timeout or self.timeout, metadata=self._md)
-
-        return call_with_retry(once, self.retry, method)
-
-    # -- model -----------------------------------------------------------------------------------
-
-    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
-        """The served model: digest, tokenizer, chat template, window, limits (GetModel)."""
-        self._model = ModelInfo.from_pb(self._unary("GetModel", pb.GetModelRequest(), timeout))
-        return self._model
-
-    def cached_model_info(self) -> ModelInfo:
-        """`model_info()`, fetched once per client (the chat helpers ask for it on every turn)."""
-        return self._model or self.model_info()
-
-    # -- sessions --------------------------------------------------------------------------------
-
-    def create_session(
-        self,
-        session_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        *,
-        temporary: bool = False,
-        timeout: float | None = None,
-    ) -> Session:
-        """A new empty session.  With no id the SDK picks one (so a retried create cannot make two).
-
-        `temporary=True`: leaving `with session:` deletes it.
-        """
-        chosen = session_id is None
-        sid = new_session_id() if chosen else session_id
-        req = pb.CreateSessionRequest(session_id=sid, metadata=metadata or {})
-        attempts = [0]
-
-        def once(a: Attempt) -> Any:
-            attempts[0] = a.number
-            return self._stub.CreateSession(req, timeout=timeout or self.timeout, metadata=self._md)
-
-        try:
-            info = SessionInfo.from_pb(call_with_retry(once, self.retry, "CreateSession"))
-        except AlreadyExists:
-            if not (chosen and attempts[0] > 1):
-                raise
-            info = self.get_session(sid)  # our own id, taken by our own earlier attempt
-        return Session(self, info.session_id, info=info, temporary=temporary)
-
-    def session(self, session_id: str) -> Session:
-        """A handle on an existing session (no call is made; its offset is fetched on first use)."""
-        return Session(self, session_id)
-
-    def get_session(self, session_id: str, *, timeout: float | None = None) -> SessionInfo:
-        return SessionInfo.from_pb(self._unary("GetSession", pb.GetSessionRequest(session_id=session_id), timeout))
-
-    def list_sessions(self, page_size: int = 0, *, timeout: float | None = None) -> Iterator[SessionInfo]:
-        """Every session of this tenant, ordered by id, fetched a page at a time as you iterate."""
-        token = ""
-        while True:
-            req = pb.ListSessionsRequest(page_size=page_size, page_token=token)
-            page = self._unary("ListSessions", req, timeout)
-            for s in page.sessions:
-                yield SessionInfo.from_pb(s)
-            token = page.next_page_token
-            if not token:
-                return
-
-    def delete_session(self, session_id: str, *, timeout: float | None = None) -> int | None:
-        """Delete; returns the offset it had (None when a retry found our own earlier attempt had deleted it)."""
-        attempts = [0]
-        req = pb.DeleteSessionRequest(session_id=session_id)
-
-        def once(a: Attempt) -> Any:
-            attempts[0] = a.number
-            return self._stub.DeleteSession(req, timeout=timeout or self.timeout, metadata=self._md)
-
-        try:
-            return call_with_retry(once, self.retry, "DeleteSession").offset
-        except NotFound:
-            if attempts[0] > 1:
-                return None
-            raise
-
-    def reset_session(
-        self, session_id: str, expected_offset: int | None = None, *, timeout: float | None = None
-    ) -> SessionInfo:
-        """Back to the initial state (id and metadata stay)."""
-        attempts = [0]
-        req = reset_request(session_id, expected_offset)
-
-        def once(a: Attempt) -> Any:
-            attempts[0] = a.number
-            return self._stub.ResetSession(req, timeout=timeout or self.timeout, metadata=self._md)
-
-        try:
-            return SessionInfo.from_pb(call_with_retry(once, self.retry, "ResetSession"))
-        except OffsetConflict as e:
-            if attempts[0] > 1 and e.offset == 0 and expected_offset != 0:
-                return self.get_session(session_id, timeout=timeout)  # our earlier attempt reset it
-            raise
-
-    def fork_session(
-        self,
-        session_id: str,
-        new_session_id_: str | None = None,
-        metadata: dict[str, str] | None = None,
-        expected_offset: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> SessionInfo:
-        """A copy of the session's state now (cheap on the server); the two diverge from here."""
-        chosen = new_session_id_ is None
-        dst = new_session_id() if chosen else new_session_id_
-        req = fork_request(session_id, dst, metadata, expected_offset)
-        attempts = [0]
-
-        def once(a: Attempt) -> Any:
-            attempts[0] = a.number
-            return self._stub.ForkSession(req, timeout=timeout or self.timeout, metadata=self._md)
-
-        try:
-            return SessionInfo.from_pb(call_with_retry(once, self.retry, "ForkSession"))
-        except AlreadyExists:
-            if not (chosen and attempts[0] > 1):
-                raise
-            return self.get_session(dst, timeout=timeout)
-
-    # -- append ----------------------------------------------------------------------------------
-
-    def append(
-        self,
-        session_id: str,
-        content: Content,
-        expected_offset: int | None = None,
-        append_id: str | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> AppendResult:
-        """Read text or token ids into the session; durable when this returns.
-
-        Always sends an append id (a fresh one unless given), so a retry after a lost
-        answer is recognised by the server and read once (`duplicate=True`).
-        """
-        aid = append_id or new_append_id()
-        req = append_request(session_id, content, expected_offset, aid)
-        return AppendResult.from_pb(self._unary("Append", req, timeout), aid)
-
-    def append_messages(
-        self,
-        session_id: str,
-        messages: Iterable[Message],
-        expected_offset: int | None = None,
-        append_id: str | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> AppendResult:
-        """Append chat turns formatted by the server with the model's chat template (`model_info().chat_messages`)."""
-        aid = append_id or new_append_id()
-        req = messages_request(session_id, messages, expected_offset, aid)
-        return AppendResult.from_pb(self._unary("Append", req, timeout), aid)
-
-    def append_stream(
-        self,
-        session_id: str,
-        pieces: Iterable[Content | Message],
-        expected_offset: int | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> AppendResult:
-        """Client-streaming append: each piece is one append, sent as `pieces` yields it.
-
-        Pieces already sent are remembered, so a retry resends them with the same append
-        ids (the server skips those that landed) and then carries on with the rest.
-        """
-        builder = StreamBuilder(session_id, expected_offset)
-        replay = _Replay(iter(pieces), builder)
-
-        def once(a: Attempt) -> Any:
-            return self._stub.AppendStream(
-                replay.requests(a.number),
-                timeout=timeout or self.generate_timeout,
-                metadata=self._md,
-            )
-
-        return AppendResult.from_pb(call_with_retry(once, self.retry, "AppendStream"), builder.first_id)
-
-    # -- generate --------------------------------------------------------------------------------
-
-    def generate(
-        self,
-        session_id: str,
-        prompt: Content | None = None,
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
-        commit: bool = False,
-        expected_offset: int | None = None,
-        append_id: str | None = None,
-        timeout: float | None = None,
-    ) -> GenerateStream:
-        """Sample a continuation; iterate the result for text deltas as they are made.
-
-        `commit=True` makes prompt and output part of the session once the generation
-        completes (it carries an append id, so a retry lands once); `commit=False` leaves
-        the session exactly as it was.
-        """
-        req = generate_request(
-            session_id,
-            prompt,
-            sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed),
-            commit,
-            expected_offset,
-            append_id or new_append_id(),
-        )
-        return self._generate_stream(req, timeout)
-
-    def _generate_stream(self, req: pb.GenerateRequest, timeout: float | None, on_done: Any = None) -> GenerateStream:
-        def start(a: Attempt) -> Any:
-            return self._stub.Generate(req, timeout=timeout or self.generate_timeout, metadata=self._md)
-
-        return GenerateStream(start, self.retry, req.commit, on_done)
-
-    def _complete(self, req: pb.GenerateRequest, timeout: float | None) -> GenerateResult:
-        """The whole generation, retried from the start on UNAVAILABLE / DEADLINE_EXCEEDED."""
-
-        def once(a: Attempt) -> list[GenerateChunk]:
-            stream = self._stub.Generate(req, timeout=timeout or self.generate_timeout, metadata=self._md)
-            return [GenerateChunk.from_pb(m) for m in stream]
-
-        chunks = call_with_retry(once, self.retry, "Generate")  # a duplicate's one message holds the whole output
-        return GenerateResult.collect(chunks, req.commit)
-
-    def complete(
-        self,
-        session_id: str,
-        prompt: Content | None = None,
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
-        commit: bool = False,
-        expected_offset: int | None = None,
-        append_id: str | None = None,
-        commit_stop: bool = False,
-        commit_suffix: str = "",
-        timeout: float | None = None,
-    ) -> GenerateResult:
-        """The non-streaming form of `generate`: the whole text and token ids, with retries throughout.
-
-        With `commit=True` the session gets exactly the text returned (the stop is left out
-        unless `commit_stop=True`), then `commit_suffix`, in one atomic commit.
-        """
-        req = generate_request(
-            session_id,
-            prompt,
-            sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed),
-            commit,
-            expected_offset,
-            append_id or new_append_id(),
-            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
-        )
-        return self._complete(req, timeout)
-
-    # -- export / import -------------------------------------------------------------------------
-
-    def export_session(
-        self, session_id: str, dest: Dest, *, chunk_bytes: int = 0, timeout: float | None = None
-    ) -> ExportHeader:
-        """Write the session (header + state bytes, see `export_file`) to a path or a binary stream.
-
-        To a path: written to a temporary file and renamed, so a reader never sees half an
-        export, and retried as a whole.  To a stream: retried only until the first byte is
-        written (a stream cannot be rewound in general).
-        """
-        req = pb.ExportSessionRequest(session_id=session_id, chunk_bytes=chunk_bytes)
-
-        def into(out: IO[bytes], a: Attempt) -> ExportHeader:
-            header: pb.ExportHeader | None = None
-            got = 0
-            for chunk in self._stub.ExportSession(req, timeout=timeout or self.generate_timeout, metadata=self._md):
-                if chunk.WhichOneof("chunk") == "header":
-                    header = chunk.header
-                    write_header(out, header)
-                else:
-                    got += len(chunk.data)
-                    out.write(chunk.data)
-            if header is None or got != header.total_bytes:
-                raise MemorydError(f"export of {session_id!r} ended after {got} bytes without a complete state")
-            return ExportHeader.from_pb(header)
-
-        if isinstance(dest, str | os.PathLike):
-            path = Path(dest)
-
-            def to_path(a: Attempt) -> ExportHeader:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        header = into(f, a)
-                    os.replace(tmp, path)
-                    return header
-                except BaseException:
-                    Path(tmp).unlink(missing_ok=True)
-                    raise
-
-            return call_with_retry(to_path, self.retry, "ExportSession")
-        start = dest.tell() if dest.seekable() else None
-
-        def to_stream(a: Attempt) -> ExportHeader:
-            if a.is_retry and start is not None:
-                dest.seek(start)
-                dest.truncate()
-            return into(dest, a)
-
-        return call_with_retry(to_stream, self.retry if start is not None else NO_RETRY, "ExportSession")
-
-    def import_session(
-        self,
-        src: Dest,
-        session_id: str | None = None,
-        metadata: dict[str, str] | None = None,
-        *,
-        temporary: bool = False,
-        timeout: float | None = None,
-    ) -> Session:
-        """A new session from an export (a path or a binary stream).
-
-        `session_id`/`metadata` override the export's.  Not retried: a retry could not tell
-        its own landing from a session that already had that id; on `Unavailable`, look
-        with `get_session` and import again.
-        """
-        if isinstance(src, str | os.PathLike):
-            with open(src, "rb") as f:
-                return self.import_session(f, session_id, metadata, temporary=temporary, timeout=timeout)
-        header = read_header(src)
-        if session_id is not None:
-            header.session_id = session_id
-        if metadata is not None:
-            header.metadata.clear()
-            header.metadata.update(metadata)
-
-        bad_file: list[ExportFormatError] = []
-
-        def chunks() -> Iterator[pb.SessionChunk]:
-            yield pb.SessionChunk(header=header)
-            try:
-                for data in iter_data(src, header):
-                    yield pb.SessionChunk(data=data)
-            except ExportFormatError as e:
-                bad_file.append(e)  # end the stream short: the server refuses it, and we say why
-
-        try:
-            m = self._stub.ImportSession(chunks(), timeout=timeout or self.generate_timeout, metadata=self._md)
-        except grpc.RpcError as e:
-            if bad_file:
-                raise bad_file[0] from None
-            raise from_rpc_error(e) from e
-        if bad_file:  # cannot happen (the server checks size and sha256), but never accept a bad file
-            raise bad_file[0]
-        info = SessionInfo.from_pb(m)
-        return Session(self, info.session_id, info=info, temporary=temporary)
-
-
-class _Replay:
-    """The request side of an AppendStream that can be sent again: what was sent, then the rest."""
-
-    def __init__(self, source: Iterator[Content | Message], builder: StreamBuilder) -> None:
-        import threading
-
-        self.source, self.builder = source, builder
-        self.sent: list[pb.AppendRequest] = []
-        self.current = 0
-        self.lock = threading.Lock()
-
-    def requests(self, attempt: int) -> Iterator[pb.AppendRequest]:
-        with self.lock:
-            self.current = attempt
-        i = 0
-        while True:
-            with self.lock:
-                if attempt != self.current:
-                    return  # a newer attempt owns the stream
-                if i >= len(self.sent):
-                    try:
-                        item = next(self.source)
-                    except StopIteration:
-                        return
-                    self.sent.append(self.builder.build(item))
-                msg = self.sent[i]
-            i += 1
-            yield msg

@@ -1,75 +1,43 @@
-"""A generation in flight: an iterator of text deltas that can be cancelled and then summed up.
+"""`GenerateStream`: a generation in flight, for sync code (a thin layer over `AsyncGenerateStream`).
 
-Why a class rather than a bare generator: an agent needs to stop a generation midway
-(the user interrupted, the tool answered) and the server must hear about it, because a
-cancelled committed generation commits nothing.  `cancel()` (or leaving the `with`
-block early) cancels the gRPC call itself, not just the Python loop.
+Iterating pulls one message at a time from the async stream on the client's loop, so text
+arrives as it is made; `cancel()` (or leaving the `with` block early) cancels the gRPC
+call itself, and a cancelled committed generation commits nothing.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-import grpc
-
-from memoryd_sdk.errors import from_rpc_error
-from memoryd_sdk.retry import Attempt, RetryPolicy, _should_retry
+from memoryd_sdk.aio_generation import AsyncGenerateStream
+from memoryd_sdk.blocking import LoopThread, iterate
 from memoryd_sdk.types import GenerateChunk, GenerateResult
 
 
 class GenerateStream:
     """Iterate for text deltas (`for delta in stream`), or `chunks()` for ids and the final message.
 
-    Retries (UNAVAILABLE, DEADLINE_EXCEEDED) happen only before the first message arrives:
-    after that, starting again would repeat text the caller has already seen.  Use
-    `Session.complete()` when you want the whole text with retries throughout.
+    As `AsyncGenerateStream`: retried (UNAVAILABLE, DEADLINE_EXCEEDED) only before the
+    first message arrives.  Use `complete()` for the whole text with retries throughout.
     """
 
-    def __init__(
-        self,
-        start: Callable[[Attempt], Any],
-        policy: RetryPolicy,
-        committed: bool,
-        on_done: Callable[[GenerateChunk], None] | None = None,
-    ) -> None:
-        self._start, self._policy, self._committed, self._on_done = start, policy, committed, on_done
-        self._call: Any = None
-        self._cancelled = False
-        self._received: list[GenerateChunk] = []
-        self._it = self._run()
-        self.result: GenerateResult | None = None
-        """The whole generation, set once the last message has arrived."""
+    def __init__(self, runner: LoopThread, core: AsyncGenerateStream) -> None:
+        self._runner, self._core = runner, core
+        self._it = iterate(runner, core.chunks())
 
-    def _run(self) -> Iterator[GenerateChunk]:
-        attempt = 1
-        while True:
-            if self._cancelled:
-                return
-            self._call = self._start(Attempt(attempt))
-            got_any = False
-            try:
-                for m in self._call:
-                    got_any = True
-                    chunk = GenerateChunk.from_pb(m)
-                    self._received.append(chunk)
-                    if chunk.done:
-                        self.result = GenerateResult.collect(self._received, self._committed)
-                        if self._on_done is not None:
-                            self._on_done(chunk)
-                    yield chunk
-                    if chunk.done:
-                        return
-                return
-            except grpc.RpcError as e:
-                if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
-                    return
-                err = from_rpc_error(e)
-                if got_any or not _should_retry(err, attempt, self._policy, "Generate"):
-                    raise err from e
-            time.sleep(self._policy.backoff(attempt))
-            attempt += 1
+    @property
+    def result(self) -> GenerateResult | None:
+        """The whole generation, set once the last message has arrived."""
+        return self._core.result
+
+    @property
+    def done(self) -> bool:
+        return self._core.done
+
+    @property
+    def _call(self) -> _CallHandle | None:
+        """The gRPC call in flight (its `cancel()` is safe from any thread)."""
+        return _CallHandle(self) if self._core._call is not None else None
 
     def chunks(self) -> Iterator[GenerateChunk]:
         """Every message: text, token ids, and on the last one the finish reason and offset."""
@@ -82,25 +50,24 @@ class GenerateStream:
 
     def cancel(self) -> None:
         """Cancel the call on the server too; a committed generation then commits nothing."""
-        self._cancelled = True
-        if self._call is not None:
-            self._call.cancel()
+        self._runner.call(self._core.cancel)
 
     def collect(self) -> GenerateResult:
         """Read the rest of the stream and return the whole generation."""
-        for _ in self._it:
-            pass
-        if self.result is None:
-            raise RuntimeError("the generation was cancelled before it finished")
-        return self.result
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None
+        return self._runner.run(self._core.collect())
 
     def __enter__(self) -> GenerateStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.result is None:
-            self.cancel()
+        self._runner.run(self._core.__aexit__(*exc))
+
+
+class _CallHandle:
+    """The stream's gRPC call, cancelled on the loop it lives on (grpc.aio calls are not thread-safe)."""
+
+    def __init__(self, stream: GenerateStream) -> None:
+        self._stream = stream
+
+    def cancel(self) -> bool:
+        return self._stream._runner.call(self._stream._core._call.cancel)

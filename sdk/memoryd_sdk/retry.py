@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -67,22 +66,8 @@ def _should_retry(err: MemorydError, attempt: int, policy: RetryPolicy, what: st
     return True
 
 
-def call_with_retry(fn: Callable[[Attempt], T], policy: RetryPolicy, what: str) -> T:
-    """Run `fn` until it succeeds, raises a non-retryable error, or attempts run out; grpc errors become typed."""
-    attempt = 1
-    while True:
-        try:
-            return fn(Attempt(attempt))
-        except grpc.RpcError as e:
-            err = from_rpc_error(e)
-            if not _should_retry(err, attempt, policy, what):
-                raise err from e
-        time.sleep(policy.backoff(attempt))
-        attempt += 1
-
-
 async def call_with_retry_async(fn: Callable[[Attempt], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
-    """As `call_with_retry`, for grpc.aio calls (sleeps without blocking the event loop)."""
+    """Run `fn` until it succeeds, raises a non-retryable error, or attempts run out; grpc errors become typed."""
     attempt = 1
     while True:
         try:

@@ -220,3 +220,28 @@ class ChatReply:
     finish_reason: FinishReason
     offset: int
     generation: GenerateResult = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of a committed chat reply, in the terms chat APIs report.
+
+    `completion_tokens`: tokens sampled.  `prompt_tokens`: tokens the call read besides
+    them: only its *new* turns in the chat format plus the reply's opening and closing
+    (the session's earlier context is not read again, which is the point of a session).
+    Their sum is what the session's offset moved by, except that a stop token is sampled
+    (and counted) but not kept, and after a stop string the kept text is re-encoded.
+    """
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @classmethod
+    def of(cls, last: GenerateChunk | GenerateResult) -> Usage:
+        """From the last message of a committed generation (or the whole result: the same fields)."""
+        kept = last.generated_tokens - (last.finish_reason == FinishReason.STOP_TOKEN)
+        return cls(max(0, last.committed_tokens - kept), last.generated_tokens)

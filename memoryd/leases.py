@@ -1,0 +1,71 @@
+"""Leases: this daemon's hold on its hot sessions, kept alive, handed over, let go.
+
+Once a second at most: renew the lease of every hot session (a lost lease means
+another daemon took the session: drop the hot copy), hand over the sessions another
+daemon asked for (snapshot, drop, release), refresh the Redis TTLs of sessions in
+use, and let go of sessions idle past their TTL (Redis has expired them by then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import redis.exceptions
+
+from memoryd import metrics
+from memoryd.ordering import Key
+from memoryd.residency import Residency
+from memoryd.settings import Settings
+from memoryd.store import Store
+
+log = logging.getLogger("memoryd.leases")
+
+
+def redis_errors() -> tuple[type[BaseException], ...]:
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+async def maintain_forever(
+    hot: Residency, store: Store, owner: str, s: Settings, hand_over: Callable[[Key], Awaitable[None]]
+) -> None:
+    every = max(0.2, min(1.0, s.lease_seconds / 3, s.ttl_seconds / 4 or 60.0))
+    background: set[asyncio.Task[None]] = set()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            if s.ttl_seconds:
+                await _refresh_ttls(hot, store, owner, s.ttl_seconds)
+            keys = hot.resident()
+            for key, wanted in zip(keys, await store.take_handoff_requests(keys), strict=True):
+                if wanted:  # another daemon has a call for it: snapshot, drop, release
+                    task = asyncio.get_running_loop().create_task(hand_over(key))
+                    background.add(task)
+                    task.add_done_callback(background.discard)
+            ok = await store.renew_leases(keys, owner, s.lease_seconds)
+            for key, fine in zip(keys, ok, strict=True):
+                if not fine:
+                    log.warning("lost the lease of %s; dropping it", key)
+                    hot.drop(key)
+            metrics.SESSIONS_STORED.set(await store.count_sessions())
+        except redis_errors() as e:
+            log.warning("session maintenance: Redis unavailable (%s)", e)
+        except Exception:  # a bug here must not stop lease renewal for good
+            log.exception("session maintenance failed; trying again")
+
+
+async def _refresh_ttls(hot: Residency, store: Store, owner: str, ttl: int) -> None:
+    """Used sessions get their TTL (snapshot keys included) refreshed; idle ones are let go."""
+    now = time.monotonic()
+    for key in hot.resident():
+        h = hot.peek(key)
+        if h is None:
+            continue
+        if now - h.used > ttl:  # expired in Redis by now: forget it, do not resurrect it
+            hot.drop(key)
+            await store.renew_leases([key], owner, 0)
+        elif h.used > h.touched and now - h.touched > min(60.0, ttl / 4):
+            h.touched = now
+            await store.touch(*key)

@@ -1,0 +1,125 @@
+"""Output policy: what a generation streams, where it stops, and what it commits.
+
+Text that could start a stop string is held back (`StopText`); a committed generation
+keeps exactly the text the client was sent unless asked otherwise (`kept_output`); a
+retried committed generation gets its original output back from the record stored
+with its append id (`record`, `replayed`).  No model and no torch here: tokens are
+ints, text is str.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from memoryd.errors import InvalidArgument
+from memoryd.store import AppendResult, tokens_hash
+
+
+class StopText:
+    """Accumulates generated text; says what may be streamed now and whether a stop string appeared.
+
+    Text that could be the start of a stop string is held back until the next
+    token decides, so a client never sees part of a stop string.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        """Add decoded text; return the part that is now safe to send."""
+        self.text += delta
+        cut = min(
+            (i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0), default=-1
+        )
+        if cut >= 0:
+            self.stopped = True
+            out, self.sent = self.text[self.sent : cut], cut
+            return out
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        end = max(self.sent, len(self.text) - hold)
+        out, self.sent = self.text[self.sent : end], end
+        return out
+
+    def flush(self) -> str:
+        """At the end (no stop string): whatever was held back."""
+        if self.stopped:
+            return ""
+        out, self.sent = self.text[self.sent :], len(self.text)
+        return out
+
+
+@dataclass
+class GenParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    stop_tokens: list[int]
+    commit_stop: bool = False
+    """Commit the stop token / the tokens of the stop string too (else: exactly the text sent)."""
+    suffix: list[int] = field(default_factory=list)
+    """Committed after the output (a chat turn's closing)."""
+
+
+@dataclass
+class GenEvent:
+    tokens: list[int]
+    text: str
+    done: bool = False
+    finish: str = ""
+    offset: int = 0
+    generated: int = 0
+    duplicate: bool = False
+    committed: int = 0
+
+
+def kept_output(tok: Any, out: list[int], finish: str, text: StopText, commit_stop: bool) -> list[int]:
+    """The output tokens a committed generation keeps: all, or exactly the text the client was sent."""
+    if commit_stop or finish == "length":
+        return out
+    if finish == "stop_token":
+        return out[:-1]
+    cut = text.text[: text.sent]  # the text before the stop string
+    for k in range(len(out) - 1, -1, -1):
+        head = tok.decode(out[:k])
+        if cut.startswith(head) and not head.endswith("\ufffd"):
+            rest = cut[len(head) :]
+            return out[:k] + (tok.encode(rest) if rest else [])
+    return tok.encode(cut) if cut else []
+
+
+def record(prompt: list[int], out: list[int], text: str, finish: str) -> str:
+    """What the append-id table keeps of a committed generation, so a retry gets the same answer."""
+    return json.dumps({"p": tokens_hash([prompt]), "g": out, "t": text, "f": finish}, separators=(",", ":"))
+
+
+def replayed(append_id: str, dup: AppendResult, prompt: list[int]) -> GenEvent:
+    """The answer to a retried committed generation that already landed: its original output."""
+    try:
+        rec = json.loads(dup.record) if dup.record else None
+    except json.JSONDecodeError:
+        rec = None
+    if not isinstance(rec, dict) or "p" not in rec:
+        raise InvalidArgument(
+            f"append_id {append_id!r} was already used by an append (at offset {dup.start}), not a generation; "
+            "use a new append_id"
+        )
+    if rec["p"] != tokens_hash([prompt]):
+        raise InvalidArgument(
+            f"append_id {append_id!r} was already used for a generation with another prompt "
+            f"(at offset {dup.start}); use a new append_id for a new generation"
+        )
+    out = [int(t) for t in rec["g"]]
+    return GenEvent(out, str(rec["t"]), True, str(rec["f"]), dup.offset, len(out), True, dup.offset - dup.start)

@@ -1,0 +1,104 @@
+"""Batched decode: one forward for one new token in each of N sessions.
+
+Serving many sessions is bound by reading the weights: decoding one token of one
+session reads every static weight once (about 540 MB for the default model), and
+16 sessions decoded one at a time read them 16 times.  `decode` reads them once
+for all N rows: the dense projections, MLPs and the head run on [N, 1, d], while
+what belongs to a session runs per row on that session's own tensors (attention
+over its own cache at its own position, its own fast MLP: the multi-adapter part,
+as S-LoRA/Punica batch per-request adapters).  See `TTTModel.run_blocks`, ragged rows.
+
+What is exact and what is not (measured, `bench/batch_invariance.py`): a matrix
+product over N rows does not round like the same product over one row on these
+CPU kernels (last-bit differences, about 1e-6 relative), so batched activations
+differ from a session's solo ones in the last bits.  Therefore only provisional
+work is batched: a decoded token that does *not* complete a mini-batch.  A token
+that completes one triggers a test-time step, which runs solo
+(`StreamState.append`), so theta and the stepped caches, everything a state is
+made of (`StreamState.tensors`), are bit-identical to a solo replay of the token
+log; the pending tokens' provisional activations, which a step throws away, are
+the only thing a batch touches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from model.state import InputError, StreamState
+
+
+def tokens_to_step(state: StreamState) -> int:
+    """Tokens `state` must read before its next test-time step: mini-batch s is stepped when
+    its target, the token after its last, arrives, i.e. when more than b tokens are pending."""
+    return state.model.cfg.mini_batch_size - state.pending_count + 1
+
+
+def steps_on_append(state: StreamState, n: int = 1) -> bool:
+    """Whether appending n tokens makes `state` take a test-time step (then it runs solo)."""
+    return n >= tokens_to_step(state)
+
+
+@torch.no_grad()
+def decode(states: Sequence[StreamState], tokens: Sequence[int | None]) -> torch.Tensor:
+    """Append tokens[i] to states[i] (distinct states of one model; None: read nothing, as the
+    first token after a prompt); return every state's next-token logits [N, V].
+
+    Rows whose token completes a mini-batch step solo; the others run as one ragged
+    batch.  Validates every token before changing any state.
+    """
+    if len(states) != len(tokens) or not states:
+        raise ValueError(f"decode needs one token per state, got {len(states)} states and {len(tokens)} tokens")
+    if len({id(s) for s in states}) != len(states):
+        raise ValueError("decode got the same state twice: one token per session per call")
+    model = states[0].model
+    vocab = model.cfg.vocab_size
+    for i, t in enumerate(tokens):
+        if t is not None and not 0 <= int(t) < vocab:
+            raise InputError(f"token id {int(t)} (row {i}) is outside the vocabulary [0, {vocab})")
+    rows = []
+    for s, t in zip(states, tokens, strict=True):
+        if s.model is not model:
+            raise ValueError("decode batches states of one model only")
+        if t is None:
+            continue
+        if steps_on_append(s) or not s.refreshed:
+            s.append([int(t)])
+        else:
+            rows.append((s, int(t)))
+    if rows:
+        _forward_rows([s for s, _ in rows], [t for _, t in rows])
+    return logits_of(states)
+
+
+def _forward_rows(states: list[StreamState], tokens: list[int]) -> None:
+    """The provisional forward of one new token per state, batched (no state steps here)."""
+    model = states[0].model
+    device = states[0].pending_tokens.device
+    ids = torch.tensor(tokens, dtype=torch.int64, device=device)
+    pasts = [s.live_past() for s in states]
+    past_by_layer = [[p[j] for p in pasts] for j in range(model.cfg.num_layers)]
+    h = model.embed_tokens(ids[:, None])
+    h, kept = model.run_blocks(
+        h,
+        range(model.cfg.num_layers),
+        past_by_layer,
+        [s.position for s in states],
+        [s.fast for s in states],
+        states[0].impl,
+    )
+    for r, s in enumerate(states):
+        s.live_kv = [layer[r] for layer in kept]
+        s.pending_tokens = torch.cat((s.pending_tokens, ids[r : r + 1]))
+        s.pending_out = torch.cat((s.pending_out, h[r : r + 1]), 1)
+        s.position += 1
+
+
+@torch.no_grad()
+def logits_of(states: Sequence[StreamState]) -> torch.Tensor:
+    """Next-token logits [N, V] of each state's last token, through one batched head."""
+    for s in states:
+        if s.position == 0:
+            raise InputError("the session is empty: append at least one token before asking for logits")
+    return states[0].model.head(torch.cat([s.pending_out[:, -1] for s in states]))

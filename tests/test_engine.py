@@ -1,0 +1,215 @@
+"""The engine (memoryd/engine/): the scheduler's plans, batching through a real daemon, and
+exactness of batched sessions against sequential ones (issue 13, "Must show" 1)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from memoryd_sdk._proto import memoryd_pb2 as pb
+from service_fixtures import (  # noqa: F401 (fixtures)
+    ROOT,
+    Daemon,
+    assert_same_state,
+    export_bytes,
+    redis_server,
+    reference_state,
+    state_tensors,
+    tiny_checkpoint,
+    tiny_model,
+)
+
+from memoryd.engine.scheduler import Budget, Plan, cut, schedule
+from memoryd.engine.work import Append, Decode, Export, Rebuild, Sampling, Ticket
+
+B = 128  # mini-batch size of the simulated model in the scheduler tests
+
+
+class FakeState:
+    """What the scheduler sees of a state: nothing (it plans on tickets' integers only)."""
+
+
+def append_ticket(seq: int, tokens: int, pending: int = 0) -> Ticket:
+    return Ticket(Append(FakeState(), [0] * tokens), seq, cost=tokens, to_step=B - pending + 1, step_every=B)
+
+
+def decode_ticket(seq: int) -> Ticket:
+    return Ticket(Decode(FakeState(), 1, Sampling(), 0.5), seq)
+
+
+def run_tick(waiting: list[Ticket], plan: Plan, tick: int) -> None:
+    """What the engine's update does with a plan: appends advance (stay queued if unfinished)."""
+    for t, n in plan.chunks:
+        t.cost -= n
+        t.read += n
+        t.to_step = (t.to_step - n - 1) % B + 1
+        t.served = tick
+        if t.cost == 0:
+            waiting.remove(t)
+    for t in [*plan.decodes, *plan.others]:
+        t.served = tick
+        waiting.remove(t)
+
+
+def test_long_append_delays_a_decode_by_at_most_one_tick() -> None:
+    """A 64K-token append is cut at mini-batch boundaries to the budget; a decode arriving while
+    a piece of it runs is in the very next plan, and first."""
+    budget = Budget(tokens=512, rows=64)
+    big = append_ticket(0, 65536)
+    waiting = [big]
+    plans = []
+    for tick in range(200):
+        if tick == 3:
+            waiting.append(decode_ticket(1))  # arrives while tick 2's piece runs
+        if not waiting:
+            break
+        plan = schedule(waiting, budget)
+        plans.append(plan)
+        run_tick(waiting, plan, tick)
+    assert [t.seq for t in plans[3].decodes] == [1], "the decode runs in the first tick after it arrived"
+    assert all(p.tokens <= budget.tokens for p in plans)
+    read = 0
+    for p in plans:
+        for _, n in p.chunks:
+            read += n
+            # every piece ends right after a test-time step (position read+1 = k*B + 1), or at the end
+            assert (read - 1) % B == 0 or read == 65536, read
+    assert read == 65536 and not waiting
+
+
+def test_appends_share_the_budget_and_nobody_starves() -> None:
+    budget = Budget(tokens=256, rows=8)
+    waiting = [append_ticket(0, 100_000), append_ticket(1, 100_000)]
+    waiting += [decode_ticket(10 + i) for i in range(20)]
+    small = append_ticket(5, 3, pending=40)
+    served_small = None
+    for tick in range(30):
+        if tick == 2:
+            waiting.append(small)
+        plan = schedule(waiting, budget)
+        assert len(plan.decodes) <= budget.rows
+        assert plan.chunks, "appends move every tick, even while decodes fill the budget"
+        if small in [t for t, _ in plan.chunks]:
+            served_small = served_small if served_small is not None else tick
+        run_tick(waiting, plan, tick)
+        waiting += [decode_ticket(100 + 10 * tick + i) for i in range(8)]  # a steady stream of decodes
+    assert served_small is not None and served_small <= 4, served_small
+    big = [t for t in waiting if t.seq in (0, 1)]
+    assert len(big) == 2 and abs(big[0].read - big[1].read) <= 2 * B, "the two long appends progress evenly"
+
+
+def test_cut_respects_steps_and_room() -> None:
+    t = append_ticket(0, 1000, pending=100)  # 29 tokens to the next step
+    assert cut(t, 10) == 0
+    assert cut(t, 29) == 29
+    assert cut(t, 29 + B - 1) == 29
+    assert cut(t, 29 + 2 * B) == 29 + 2 * B
+    assert cut(append_ticket(0, 5), 1000) == 5
+
+
+def test_decodes_first_then_others_then_appends() -> None:
+    waiting = [append_ticket(0, 300), Ticket(Rebuild(None, [[1] * 40]), 1, cost=41), decode_ticket(2)]
+    waiting.append(Ticket(Export(FakeState()), 3))
+    plan = schedule(waiting, Budget(tokens=200, rows=4))
+    assert [t.seq for t in plan.decodes] == [2]
+    assert [t.seq for t in plan.others] == [1, 3]
+    assert [(t.seq, n) for t, n in plan.chunks] == [(0, 129)]
+
+
+def test_middle_layer_does_not_import_torch() -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import memoryd.sessions, memoryd.ordering, memoryd.residency, memoryd.leases, memoryd.output\n"
+        "import memoryd.engine.scheduler, memoryd.engine.work\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# -- in-process engine -----------------------------------------------------------------------------
+
+
+def test_engine_batches_concurrent_decodes_into_one_forward(tiny_model) -> None:  # noqa: F811
+    from memoryd.engine.core import Engine
+    from memoryd.engine.work import Sampled
+    from model import StreamState
+
+    async def main() -> tuple[list[int], int]:
+        engine = Engine(tiny_model, Budget(tokens=512, rows=16))
+        states = [StreamState.fresh(tiny_model) for _ in range(12)]
+        for i, s in enumerate(states):
+            s.append([1 + i, 2 + i, 3])
+        results = await asyncio.gather(*(engine.submit(Decode(s, 7, Sampling(), 0.0)) for s in states))
+        ticks = engine.ticks
+        await engine.close()
+        assert all(isinstance(r, Sampled) for r in results)
+        return [r.token for r in results], ticks
+
+    tokens, ticks = asyncio.run(main())
+    assert ticks <= 2, f"12 decodes submitted together ran in {ticks} ticks"
+    solo = []
+    for i in range(12):
+        s = StreamState.fresh(tiny_model)
+        s.append([1 + i, 2 + i, 3, 7])
+        solo.append(int(s.logits().argmax()))
+    assert tokens == solo
+
+
+# -- through the daemon ------------------------------------------------------------------------------
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    assert m, name
+    return float(m.group(1))
+
+
+def test_16_concurrent_sessions_equal_16_sequential(tmp_path: Path, tiny_checkpoint: Path, tiny_model, redis_server):  # noqa: F811
+    """Appends and greedy committed generations of 16 sessions at once end with exactly the states
+    and outputs of the same work done one session at a time, and the decodes really were batched."""
+    d = Daemon(tmp_path / "d", tiny_checkpoint, redis_server.url, "--batch-sessions", "16", "--tick-tokens", "40")
+    d.start()
+    try:
+        stub = d.stub()
+        rng = random.Random(13)
+        work = {
+            f"e-{i}": [[rng.randrange(256) for _ in range(rng.randint(1, 30))] for _ in range(3)] for i in range(16)
+        }
+
+        def run(sid: str) -> list[list[int]]:
+            stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+            outs = []
+            for piece in work[sid.removesuffix("-seq")]:
+                stub.Append(pb.AppendRequest(session_id=sid, tokens=piece))
+                req = pb.GenerateRequest(session_id=sid, max_tokens=6, temperature=0.0, commit=True)
+                outs.append([t for r in stub.Generate(req, timeout=60) for t in r.tokens])
+            return outs
+
+        rows_before = _metric(d.metrics_port, "memoryd_engine_decode_rows_sum")
+        count_before = _metric(d.metrics_port, "memoryd_engine_decode_rows_count")
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            concurrent_out = dict(zip(work, pool.map(run, work), strict=True))
+        rows = _metric(d.metrics_port, "memoryd_engine_decode_rows_sum") - rows_before
+        count = _metric(d.metrics_port, "memoryd_engine_decode_rows_count") - count_before
+        assert rows / count > 2, f"decodes were not batched: {rows} rows in {count} forwards"
+        for sid in work:
+            assert run(sid + "-seq") == concurrent_out[sid], sid
+        for i, sid in enumerate(work):
+            conc, seq = (
+                state_tensors(tiny_model, export_bytes(stub, sid)),
+                state_tensors(tiny_model, export_bytes(stub, sid + "-seq")),
+            )
+            assert_same_state(conc, seq)
+            if i < 3:  # and both equal an in-process solo replay of what was committed
+                pieces = []
+                for p, o in zip(work[sid], concurrent_out[sid], strict=True):
+                    pieces += [p, o[:-1] if o and o[-1] == tiny_model.cfg.eos_token_id else o]
+                assert_same_state(conc, reference_state(tiny_model, [x for x in pieces if x]))
+    finally:
+        d.close()

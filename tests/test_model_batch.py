@@ -1,0 +1,137 @@
+"""Batched decode (model/batch.py) against solo decode, and the growing cache against forks.
+
+Batched decode may differ from solo decode in the last bits of provisional activations
+(matrix products over N rows round differently); what defines a state must not differ at
+all, and logits must agree within 1e-5 in fp32.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from model_configs import micro
+
+from model import InputError, StreamState, init_model
+from model.batch import decode, logits_of, steps_on_append
+from model.snapshot import state_from_bytes, state_to_bytes
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["ttt-e2e", "sinks", "llama-style", "full-attention"])
+def model(request):
+    return init_model(micro(request.param), seed=11).requires_grad_(False)
+
+
+def fed(model, tokens: list[int], sizes: list[int]) -> StreamState:
+    s = StreamState.fresh(model)
+    i = 0
+    for n in sizes:
+        if i < len(tokens):
+            s.append(tokens[i : i + n])
+            i += n
+    if i < len(tokens):
+        s.append(tokens[i:])
+    return s
+
+
+def assert_same_state(a: StreamState, b: StreamState) -> None:
+    assert (a.position, a.steps, a.pending_count) == (b.position, b.steps, b.pending_count)
+    ta, tb = a.tensors(), b.tensors()
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"{k} differs by {(ta[k] - tb[k]).abs().max()}"
+
+
+sessions = st.lists(
+    st.tuples(
+        st.lists(st.integers(0, 255), min_size=1, max_size=40),  # context
+        st.lists(st.integers(1, 9), min_size=1, max_size=5),  # how it was cut into appends
+        st.lists(st.integers(0, 255), min_size=1, max_size=10),  # tokens then decoded one at a time
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sessions)
+def test_batched_decode_equals_solo(model, spec):
+    """N sessions at different positions, cut differently, decoding in lockstep batches."""
+    batch = [fed(model, ctx, cuts) for ctx, cuts, _ in spec]
+    solo = [fed(model, ctx, cuts) for ctx, cuts, _ in spec]
+    for t in range(max(len(d) for _, _, d in spec)):
+        live = [i for i, (_, _, d) in enumerate(spec) if t < len(d)]
+        logits = decode([batch[i] for i in live], [spec[i][2][t] for i in live])
+        for row, i in enumerate(live):
+            solo[i].append([spec[i][2][t]])
+            torch.testing.assert_close(logits[row], solo[i].logits(), atol=TOL, rtol=TOL)
+    for a, b in zip(batch, solo, strict=True):
+        assert_same_state(a, b)
+        # and a snapshot of the batched state is the solo state's snapshot, byte for byte
+        assert state_to_bytes(a) == state_to_bytes(b)
+
+
+def test_decode_steps_solo_at_mini_batch_boundary(model):
+    b = model.cfg.mini_batch_size
+    s = fed(model, list(range(1, b + 1)), [b])  # b pending: the next token completes the mini-batch
+    assert steps_on_append(s)
+    other = fed(model, [7, 8, 9], [3])
+    ref = fed(model, list(range(1, b + 1)), [b])
+    decode([s, other], [5, 6])
+    ref.append([5])
+    assert s.steps == 1
+    assert_same_state(s, ref)
+
+
+def test_fork_shares_the_growing_cache_without_seeing_the_other_side(model):
+    """Decoding on a fork writes into the shared buffer past the original's length only."""
+    base = fed(model, [3, 1, 4, 1, 5], [5])
+    base_logits = base.logits().clone()
+    fork = base.clone()
+    decode([fork], [9])
+    decode([fork], [2])
+    torch.testing.assert_close(base.logits(), base_logits, atol=0, rtol=0)
+    # now the original appends too: it must copy, not overwrite the fork's slots
+    decode([base], [6])
+    ref_fork, ref_base = fed(model, [3, 1, 4, 1, 5, 9, 2], [5, 1, 1]), fed(model, [3, 1, 4, 1, 5, 6], [5, 1])
+    torch.testing.assert_close(fork.logits(), ref_fork.logits(), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(base.logits(), ref_base.logits(), atol=TOL, rtol=TOL)
+    for x in (fork, base):
+        live = [c for c in x.live_kv if c is not None]
+        assert live, "decode keeps a growing cache"
+    # the fork and the original hold distinct buffers now
+    assert all(a.buf is not b.buf for a, b in zip(fork.live_kv, base.live_kv, strict=True) if a is not None)
+
+
+def test_decode_writes_one_slot_not_a_copy_of_the_window(model):
+    s = fed(model, [1], [1])  # 1 pending of b = 4: two more tokens stay in the mini-batch
+    decode([s], [4])
+    bufs = [c.buf for c in s.live_kv]
+    decode([s], [5])
+    assert [c.buf for c in s.live_kv] == bufs, "a decoded token reuses the buffer"
+    assert all(c.length == c.buf.used for c in s.live_kv)
+
+
+def test_snapshot_recomputes_provisional_activations(model):
+    s = fed(model, list(range(1, 12)), [2, 5, 4])
+    back = state_from_bytes(model, state_to_bytes(s))
+    assert_same_state(back, s)
+    torch.testing.assert_close(back.logits(), s.logits(), atol=TOL, rtol=TOL)
+    torch.testing.assert_close(logits_of([back, s])[0], s.logits(), atol=TOL, rtol=TOL)
+
+
+def test_decode_refuses_bad_input_and_changes_nothing(model):
+    a, b = fed(model, [1, 2], [2]), fed(model, [3], [1])
+    before = [dict(a.tensors()), dict(b.tensors())]
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        decode([a, b], [5, model.cfg.vocab_size])
+    with pytest.raises(ValueError, match="same state twice"):
+        decode([a, a], [5, 6])
+    for s, t in zip((a, b), before, strict=True):
+        assert s.position in (1, 2)
+        assert all(torch.equal(s.tensors()[k], v) for k, v in t.items())
+    with pytest.raises(InputError, match="empty"):
+        logits_of([StreamState.fresh(model)])
