@@ -21,10 +21,9 @@ from typing import Any
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from memoryd_sdk._proto import memoryd_pb2 as pb
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
 
+from memoryd import reflection
 from memoryd.auth import Auth
 from memoryd.chat import ChatFormat, chat_format_for
 from memoryd.default_model import adapter_path, apply_adapter, default_checkpoint
@@ -34,7 +33,7 @@ from memoryd.leases import redis_errors
 from memoryd.metrics import serve_metrics
 from memoryd.redis_client import connect
 from memoryd.redis_embed import EmbeddedRedis
-from memoryd.service import MemoryServicer
+from memoryd.service import MemoryServicer, add_to_server
 from memoryd.sessions import Sessions
 from memoryd.settings import Settings
 from memoryd.store import Store, sweep_forever
@@ -157,13 +156,12 @@ async def serve(s: Settings) -> None:
         ("grpc.so_reuseport", 0),  # one process per host:port, so host:port names one daemon (settings.daemon_id)
     ]
     server = grpc.aio.server(options=opts)
-    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(sessions, s, auth, name, adapter), server)
+    add_to_server(MemoryServicer(sessions, s, auth, name, adapter), server)
     hs = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+    reflection.enable((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = server.add_secure_port(s.listen, creds) if creds else server.add_insecure_port(s.listen)
     await server.start()
     http = None

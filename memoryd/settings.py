@@ -85,7 +85,9 @@ class Settings(BaseSettings):
     max_append_tokens: int = Field(65536, ge=1, description="tokens per append message")
     max_generate_tokens: int = Field(4096, ge=1, description="max_tokens ceiling of generate")
     max_sessions_per_tenant: int = Field(0, ge=0, description="0: unlimited")
-    max_message_bytes: int = Field(16 * 1024**2, ge=1024, description="largest gRPC message accepted")
+    max_message_bytes: int = Field(
+        16 * 1024**2, ge=64 * 1024, description="largest gRPC message accepted (at least 64KiB: room for any answer)"
+    )
     max_import_bytes: int = Field(4 * 1024**3, ge=1, description="largest session export accepted by import")
     snapshot_chunk_bytes: int = Field(4 * 1024**2, ge=1024, description="snapshot chunk size in Redis")
     tick_tokens: int = Field(

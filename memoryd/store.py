@@ -845,9 +845,17 @@ class Store:
         return pieces
 
     async def fork(
-        self, tenant: str, src: str, dst: str, metadata: dict[str, str] | None, expected: int | None, max_sessions: int
+        self,
+        tenant: str,
+        src: str,
+        dst: str,
+        metadata: dict[str, str] | None,
+        expected: int | None,
+        max_sessions: int,
+        digest: str = "",
     ) -> tuple[int, int]:
-        """(code, offset): 1 forked, -1 no source, -2 target exists, -3 offset mismatch, -4 at session limit.
+        """(code, offset): 1 forked, -1 no source, -2 target exists, -3 offset mismatch, -4 at session limit,
+        -5 the source belongs to another model than `digest` (when given: a copy would be as unusable here).
 
         The source is read in one step (head + log tail after its snapshot); the copy
         takes a reference on that snapshot. If the source's snapshot is freed between
@@ -861,13 +869,15 @@ class Store:
                 return -1, 0
             if code == -3:
                 return -3, int(res[1])
-            offset, snap, snap_off, meta, digest = (int(res[1]), res[2].decode(), int(res[3]), res[4], res[5])
+            offset, snap, snap_off, meta, src_digest = (int(res[1]), res[2].decode(), int(res[3]), res[4], res[5])
+            if digest and src_digest.decode() != digest:  # a session's model never changes: no race here
+                return -5, 0
             code = await self._new_session(
                 tenant,
                 dst,
                 max_sessions,
                 metadata_json=json.dumps(metadata) if metadata else meta.decode(),
-                digest=digest.decode(),
+                digest=src_digest.decode(),
                 snap=snap,
                 snap_off=snap_off,
                 offset=offset,
