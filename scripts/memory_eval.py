@@ -359,12 +359,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     return write_summary(per_doc, meta, args.out)
 
 
+def markdown(summary: dict) -> str:
+    """The doc's tables: bucket means, then differences against `off` and the share of the gap closed."""
+    heads = " | ".join(f"[{lo}, {hi})" for lo, hi in BUCKETS)
+    rule = "|---" * (len(BUCKETS) + 1) + "|"
+    rows = [f"| nats/token | {heads} |", rule]
+    conds = summary["conditions"]
+    for name, c in conds.items():
+        rows.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in c["mean"]) + " |")
+    rows += ["", f"| minus off (share of the off - full gap closed) | {heads} |", rule]
+    for name, c in conds.items():
+        if name == "off":
+            continue
+        cells = []
+        for d, g in zip(c["minus_off"], c["gap_closed"], strict=True):
+            share = "" if g is None or g["two_se"] is None else f" ({100 * g['share']:.0f} ± {100 * g['two_se']:.0f} %)"
+            cells.append(f"{d['mean']:+.4f} ± {d['two_se']:.4f}{share}")
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def write_summary(per_doc: dict[str, list[list[float]]], meta: dict[str, object], out: Path) -> int:
     summary = summarize(per_doc)
     summary.update(meta, docs=len(per_doc["off"]), per_doc=per_doc)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
-    print(json.dumps({k: v for k, v in summary.items() if k != "per_doc"}, indent=1))
+    print(markdown(summary))
     return 0
 
 

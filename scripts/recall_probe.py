@@ -74,7 +74,7 @@ def daemon(data_dir: Path, checkpoint: Path | None, log: Path) -> Iterator[str]:
         yield address
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        proc.wait(timeout=600)
 
 
 def variant(checkpoint: Path, out: Path, **changes: object) -> Path:
@@ -103,16 +103,16 @@ def filler_text(corpus: Path, chars: int) -> str:
 
 
 def probe(address: str, word: str, filler: str | None) -> dict[str, object]:
-    with MemoryClient(address) as client:
+    with MemoryClient(address, timeout=1800) as client:
         s = client.create_session(metadata={"probe": word})
         try:
             s.add_message("user", f"Please remember this: the secret code word is {word}. I will ask for it later.")
-            s.add_message("assistant", f"Understood. The secret code word is {word}.")
-            tokens = 0
+            fact_end = s.add_message("assistant", f"Understood. The secret code word is {word}.").offset
+            behind = 0
             if filler is not None:
-                tokens = s.add_message("user", "Here are some notes to read:\n\n" + filler).tokens
+                behind = s.add_message("user", "Here are some notes to read:\n\n" + filler).offset - fact_end
             reply = s.chat("What is the secret code word? Answer with the word only.", max_tokens=16)
-            return {"word": word, "reply": reply.text, "recalled": word in reply.text.lower(), "tokens": tokens}
+            return {"word": word, "reply": reply.text, "recalled": word in reply.text.lower(), "filler_tokens": behind}
         finally:
             s.delete()
 
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--probes", type=int, default=10)
-    ap.add_argument("--filler-chars", type=int, default=6000, help="about 1,400 SmolLM2 tokens")
+    ap.add_argument("--filler-chars", type=int, default=5000, help="about 1,100 SmolLM2 tokens: past the window")
     ap.add_argument("--corpus", type=Path, default=ROOT / "data" / "corpora" / "python-doc" / "_sources")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "memory" / "recall")
     args = ap.parse_args(argv)
