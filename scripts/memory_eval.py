@@ -306,7 +306,7 @@ def cached_states(cache: Path, key: str, compute: Callable[[], dict[int, torch.T
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--corpus", choices=("val", "test"), required=True)
+    ap.add_argument("--corpus", choices=("val", "test"), help="required unless --merge")
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--first", type=int, default=None, help="read only the first N of the --docs documents")
     ap.add_argument("--skip", type=int, default=0, help="and of those, skip the first K (to split a run)")
@@ -320,6 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
+    if args.corpus is None:
+        ap.error("--corpus is required (val or test) unless --merge is given")
     torch.set_num_threads(args.threads)
     recipes = [parse_recipe(r) for r in args.recipe]
 
