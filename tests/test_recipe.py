@@ -115,3 +115,16 @@ def test_recipe_strings_and_paired_statistics() -> None:
     d = memory_eval.paired([[1.0, 2.0, 3.0], [1.0, 2.0, 5.0]], [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     assert d[0] == {"mean": 0.0, "two_se": 0.0}
     assert d[2]["mean"] == 3.0 and d[2]["two_se"] == pytest.approx(2 * 1.0)  # sd sqrt(2), n 2
+
+
+def test_convert_cli_takes_the_recipe(tiny_source: tuple[Path, object], tmp_path: Path) -> None:
+    from model.checkpoint import load_checkpoint
+    from model.cli import main as cli_main
+
+    out = tmp_path / "cli"
+    args = ["convert", "--from", str(tiny_source[0]), "--out", str(out), "--window", "16", "--mini-batch", "4"]
+    args += ["--fast-layers", "2", "--fast-init", "moved", "--inner-lr", "0.03", "--inner-clip", "0.5"]
+    assert cli_main(args) == 0
+    model = load_checkpoint(out)
+    assert (model.cfg.inner_lr, model.cfg.inner_clip, model.cfg.num_fast_layers) == (0.03, 0.5, 2)
+    assert torch.count_nonzero(model.state_dict()["blocks.3.mlp.w1.weight"]) == 0
