@@ -70,3 +70,13 @@ def test_export_refuses_a_checkpoint_of_another_backbone(tmp_path: Path) -> None
         train_adapter.export_adapter(a, b, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
     assert train_adapter.latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_the_gpu_config_is_for_the_default_model() -> None:
+    """A renamed default (a new recipe) must move the GPU config with it."""
+    from memoryd.default_model import DEFAULT_NAME
+    from trainer.config import load_config
+
+    cfg = load_config(CONFIG)
+    assert cfg.model.init_from == f"data/models/{DEFAULT_NAME}"
+    assert (cfg.mode, cfg.trainable, cfg.seq_len % 64) == ("meta", "fast", 0)
