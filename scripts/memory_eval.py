@@ -44,11 +44,15 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from model.attention import default_impl  # noqa: E402
-from model.cache import cache_spec, extend_all  # noqa: E402
+from model.cache import (  # noqa: E402
+    KV,
+    cache_spec,
+    extend_all,
+)
 from model.config import ModelConfig  # noqa: E402
 from model.convert import FAST_INITS, LlamaSource, build_model, target_config  # noqa: E402
 from model.inner import inner_step, token_nll  # noqa: E402
-from model.network import KV, TTTModel  # noqa: E402
+from model.network import TTTModel  # noqa: E402
 
 T = 4096
 WINDOW = 1024
