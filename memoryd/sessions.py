@@ -485,22 +485,33 @@ class Sessions:
             out: list[int] = []
             sent: list[str] = []
             finish = "length"
-            prev: int | None = None
-            while len(out) < p.max_tokens:
-                res: Sampled = await self._compute(Decode(work, prev, sampling, rng.random()))
-                t = prev = res.token
-                out.append(t)
-                metrics.TOKENS_GENERATED.inc()
-                if t in stops:
-                    finish = "stop_token"
-                    yield GenEvent([t], "")
-                    break
-                delta = text.push(decoder.push(t))
-                sent.append(delta)
-                yield GenEvent([t], delta)
-                if text.stopped:
-                    finish = "stop_string"
-                    break
+
+            # The next token is asked for before this one is streamed to the client, so the engine's
+            # next tick overlaps the network writes of this one (all sessions' decodes join it).
+            def ask(prev: int | None) -> asyncio.Future[Sampled]:
+                return asyncio.ensure_future(self._compute(Decode(work, prev, sampling, rng.random())))
+
+            nxt = ask(None) if p.max_tokens > 0 else None
+            try:
+                while nxt is not None:
+                    t = (await nxt).token
+                    nxt = None
+                    out.append(t)
+                    metrics.TOKENS_GENERATED.inc()
+                    if t in stops:
+                        finish, event = "stop_token", GenEvent([t], "")
+                    else:
+                        delta = text.push(decoder.push(t))
+                        sent.append(delta)
+                        event = GenEvent([t], delta)
+                        if text.stopped:
+                            finish = "stop_string"
+                    if finish == "length" and len(out) < p.max_tokens:
+                        nxt = ask(t)
+                    yield event
+            finally:
+                if nxt is not None:  # the client went away: its generation is not committed
+                    nxt.cancel()
             tail = ""
             if not text.stopped:  # bytes the stream decoder still holds (an unfinished character)
                 full = self.tok.decode([t for t in out if t not in stops])
