@@ -36,6 +36,7 @@ from memoryd.engine.scheduler import Budget
 from memoryd.leases import redis_errors
 from memoryd.metrics import serve_metrics
 from memoryd.redis_embed import EmbeddedRedis
+from memoryd.routing import Router, advertised_address, publish_forever, withdraw_address
 from memoryd.service import MemoryServicer
 from memoryd.sessions import Sessions
 from memoryd.settings import Settings
@@ -154,7 +155,8 @@ async def serve(s: Settings) -> None:
         ("grpc.max_send_message_length", s.max_message_bytes),
     ]
     server = grpc.aio.server(options=opts)
-    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(sessions, s, auth, name, adapter), server)
+    router = Router(s.daemon_id, "", s.lease_seconds, s.tls_cert.read_bytes() if s.tls_cert else None)
+    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(sessions, s, auth, name, adapter, router), server)
     hs = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -162,6 +164,7 @@ async def serve(s: Settings) -> None:
     names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     port = server.add_secure_port(s.listen, creds) if creds else server.add_insecure_port(s.listen)
+    router.address = advertised_address(s.listen, port, s.advertise_address)
     await server.start()
     http = None
     if s.http_listen:  # the OpenAI-compatible gateway, in this process, speaking gRPC to this daemon
@@ -171,11 +174,13 @@ async def serve(s: Settings) -> None:
     metrics_port = serve_metrics(s.metrics_port, s.metrics_host)
     host = s.listen.rpartition(":")[0]
     ready = {"event": "listening", "grpc": f"{host}:{port}", "metrics_port": metrics_port, "tls": bool(creds)}
+    ready |= {"advertise": router.address, "instance": s.daemon_id}
     ready |= {"http": f"{s.http_listen.rpartition(':')[0]}:{http.port}" if http else None}
     ready |= {"auth": auth.enabled, "redis": "embedded" if embedded else url.split("@")[-1]}
     log.info(json.dumps(ready))
 
     tasks = [asyncio.create_task(_health_loop(store, hs)), asyncio.create_task(sessions.maintain_forever())]
+    tasks.append(asyncio.create_task(publish_forever(store, s.daemon_id, router.address, s.lease_seconds)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -192,8 +197,10 @@ async def serve(s: Settings) -> None:
     await server.stop(s.shutdown_grace)
     try:
         await sessions.flush()
+        await withdraw_address(store, s.daemon_id)
     except Exception:
         log.exception("flush on shutdown failed; the token log still holds every acknowledged token")
+    await router.close()
     with contextlib.suppress(Exception):
         await r.aclose()
     if embedded is not None:

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     ttl_seconds: int = Field(7 * 86400, ge=0, description="idle sessions expire after this (0: never)")
     lease_seconds: float = Field(30.0, gt=0, description="a daemon's hold on a session, renewed while hot")
     instance_id: str = Field("", description="this daemon's name in leases (default: host:listen)")
+    advertise_address: str | None = Field(
+        None,
+        description="host:port other daemons and clients reach this daemon at, published with its leases "
+        "(default: the listen host and the port actually bound)",
+    )
     max_append_tokens: int = Field(65536, ge=1, description="tokens per append message")
     max_generate_tokens: int = Field(4096, ge=1, description="max_tokens ceiling of generate")
     max_sessions_per_tenant: int = Field(0, ge=0, description="0: unlimited")
@@ -89,7 +94,7 @@ class Settings(BaseSettings):
     def _bytes(cls, v: Any) -> int:
         return parse_bytes(v)
 
-    @field_validator("listen", "http_listen")
+    @field_validator("listen", "http_listen", "advertise_address")
     @classmethod
     def _listen(cls, v: str | None) -> str | None:
         if v is None:
