@@ -189,11 +189,12 @@ def test_lease_keeps_two_daemons_apart(tmp_path: Path, tiny_checkpoint: Path, ti
         assert _retry_append(d1, "shared", [5], 4) == (5, 0)
         ref = reference_state(tiny_model, [[1, 2, 3], [4], [5]])
         assert_same_state(state_tensors(tiny_model, export_bytes(d1.stub(), "shared")), ref)
-        # fencing: d1's lease vanishes (as if it expired during a pause) and d2 takes the session;
-        # d1 can no longer write it (its stale copy is fenced off, or it has seen the lease go and
-        # forwards to d2), so the two never interleave
+        # d1's lease vanishes (as if it expired during a pause) and d2 takes the session; d1's
+        # renewal finds the lease gone and drops its copy, and its calls are forwarded to d2
+        # (writes from a stale copy are fenced off: test_service_store.test_fencing_refuses_a_stale_daemon)
         redis.Redis(port=redis_server.port).delete("md:s:{default/shared}:lease")
         assert _retry_append(d2, "shared", [6], 5)[0] == 6
+        time.sleep(1.0)  # d1's lease renewal (every lease/3) finds the lease gone and drops its copy
         assert _retry_append(d1, "shared", [7], 6)[0] == 7
         ref = reference_state(tiny_model, [[1, 2, 3], [4], [5], [6], [7]])
         assert_same_state(state_tensors(tiny_model, export_bytes(d1.stub(), "shared")), ref)
