@@ -230,7 +230,7 @@ class Router:
                 if moved.address:
                     stub = await self._reachable(moved.address)
                     if stub is not None:
-                        call = self._send(stub, method, replay.stream() if replay else request, context)
+                        call = self._send(stub, method, replay.stream() if replay is not None else request, context)
                         try:
                             response = await call
                         except grpc.aio.AioRpcError as e:
