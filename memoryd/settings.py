@@ -14,7 +14,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 _config_file: ContextVar[str | None] = ContextVar("memoryd_config_file", default=None)
@@ -96,12 +96,12 @@ class Settings(BaseSettings):
 
     @field_validator("listen", "http_listen", "advertise_address")
     @classmethod
-    def _listen(cls, v: str | None) -> str | None:
+    def _listen(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"listen must be host:port (e.g. 127.0.0.1:50051), got {v!r}")
+            raise ValueError(f"{info.field_name} must be host:port (e.g. 127.0.0.1:50051), got {v!r}")
         return v
 
     @field_validator("log_level")

@@ -204,3 +204,17 @@ def test_sdk_keeps_appending_through_a_kill9(pair: list[Daemon], tiny_model) -> 
     alive = next(d for d in pair if d.proc.poll() is None)
     ref = reference_state(tiny_model, sent)
     assert_same_state(state_tensors(tiny_model, export_bytes(alive.stub(), "through")), ref)
+
+
+def test_advertised_address() -> None:
+    """The port actually bound (listen on port 0), a wildcard host named, an explicit setting as it is."""
+    import socket
+
+    from memoryd.routing import advertised_address
+    from memoryd.settings import Settings
+
+    assert advertised_address("127.0.0.1:0", 43210, None) == "127.0.0.1:43210"
+    assert advertised_address("0.0.0.0:50051", 50051, None) == f"{socket.gethostname()}:50051"
+    assert advertised_address("0.0.0.0:0", 5, "memoryd-2.svc:50051") == "memoryd-2.svc:50051"
+    with pytest.raises(ValueError, match="advertise_address must be host:port"):
+        Settings(advertise_address="no-port")
