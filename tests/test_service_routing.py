@@ -65,6 +65,11 @@ def test_non_holder_forwards_and_names_the_holder(pair: list[Daemon], tiny_model
     # a streamed answer (export) through the other daemon is the holder's, bit for bit
     ref = reference_state(tiny_model, [[1, 2, 3], [4, 5]])
     assert_same_state(state_tensors(tiny_model, export_bytes(other.stub(), "s")), ref)
+    # a generation streams back through the other daemon, with the hint at the end
+    call = other.stub().Generate(pb.GenerateRequest(session_id="s", max_tokens=3), timeout=60)
+    msgs = list(call)
+    assert msgs[-1].done and msgs[-1].generated_tokens == 3 and msgs[-1].offset == 5
+    assert dict(call.trailing_metadata())["memoryd-holder"] == holder.address
     # a streamed request (AppendStream) too
     reqs = iter([pb.AppendRequest(session_id="s", tokens=[6]), pb.AppendRequest(session_id="s", tokens=[7])])
     assert other.stub().AppendStream(reqs, timeout=30).offset == 7
