@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -80,3 +81,14 @@ def start_daemon(
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def stop_all(daemon: subprocess.Popen | None, redis_proc: subprocess.Popen | None, workdir: Path) -> None:
+    """SIGTERM the daemon (it snapshots and exits), then Redis; remove the work directory."""
+    if daemon is not None:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+    if redis_proc is not None:
+        redis_proc.terminate()
+        redis_proc.wait(30)
+    shutil.rmtree(workdir, ignore_errors=True)

@@ -24,12 +24,12 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
         sys.path.insert(0, str(_p))
 
 import grpc  # noqa: E402
-from harness import pct, start_daemon, start_redis  # noqa: E402
+from harness import free_port, pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -66,7 +66,14 @@ def tokens_of(tok: object, n: int, salt: int) -> list[int]:
     return ids[start : start + n]
 
 
-async def one_level(address: str, n: int, tok: object) -> dict:
+def engine_metrics(port: int) -> dict[str, float]:
+    """The daemon's engine counters (Prometheus text), to report how many sessions each forward served."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    names = ("memoryd_engine_decode_rows_sum", "memoryd_engine_decode_rows_count", "memoryd_engine_ticks_total")
+    return {n: float(line.split()[-1]) for line in text.splitlines() for n in names if line.startswith(n + " ")}
+
+
+async def one_level(address: str, n: int, tok: object, metrics_port: int) -> dict:
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.MemoryServiceStub(ch)
         ids = [f"serve-{n}-{i}-{time.time_ns()}" for i in range(n)]
@@ -96,9 +103,13 @@ async def one_level(address: str, n: int, tok: object) -> dict:
                     generated += len(r.tokens)
             calls.append(time.perf_counter() - t0)
 
+        before = engine_metrics(metrics_port)
         t0 = time.perf_counter()
         await asyncio.gather(*(generate(s) for s in ids))
         gen_wall = time.perf_counter() - t0
+        after = engine_metrics(metrics_port)
+        rows = after["memoryd_engine_decode_rows_sum"] - before["memoryd_engine_decode_rows_sum"]
+        forwards = after["memoryd_engine_decode_rows_count"] - before["memoryd_engine_decode_rows_count"]
 
         t0 = time.perf_counter()
         await asyncio.gather(
@@ -119,6 +130,7 @@ async def one_level(address: str, n: int, tok: object) -> dict:
         "inter_token_p50_ms": round(statistics.median(gaps) * ms, 1) if gaps else None,
         "inter_token_p99_ms": round(pct(gaps, 0.99) * ms, 1) if gaps else None,
         "generated_tokens": generated,
+        "decode_rows_per_forward": round(rows / forwards, 2) if forwards else None,
     }
 
 
@@ -143,7 +155,8 @@ def main() -> int:
             ckpt = work / "ckpt"
             save_checkpoint(init_model(preset(args.preset), seed=0), ckpt)
         redis_proc, redis_port = start_redis(work)
-        extra = ["--device", args.device, "--batch-sessions", str(max(levels))]
+        metrics_port = free_port()
+        extra = ["--device", args.device, "--batch-sessions", str(max(levels)), "--metrics-port", str(metrics_port)]
         if args.tick_tokens:
             extra += ["--tick-tokens", str(args.tick_tokens)]
         data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
@@ -161,7 +174,7 @@ def main() -> int:
             "sessions": {},
         }
         for n in tqdm(levels, desc="levels", file=sys.stderr):
-            out["sessions"][str(n)] = asyncio.run(one_level(address, n, tok))
+            out["sessions"][str(n)] = asyncio.run(one_level(address, n, tok, metrics_port))
         out["env"] = {
             "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -169,13 +182,7 @@ def main() -> int:
             "daemon_torch_threads": args.torch_threads,
         }
     finally:
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(60)
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(daemon, redis_proc, work)
     if args.json:
         print(json.dumps(out))
     else:

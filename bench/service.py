@@ -21,8 +21,6 @@ import json
 import os
 import platform
 import random
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -37,7 +35,7 @@ for _p in (ROOT, ROOT / "sdk"):
 import grpc  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 import torch  # noqa: E402
-from harness import pct, start_daemon, start_redis  # noqa: E402
+from harness import pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -183,13 +181,7 @@ def main() -> int:
             },
         }
     finally:
-        if daemon is not None:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(60)
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(30)
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(daemon, redis_proc, work)
     if args.json:
         print(json.dumps(out, indent=2))
     else:

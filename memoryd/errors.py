@@ -6,7 +6,12 @@ imports grpc's context, so sessions and store stay testable on their own.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
+
+if TYPE_CHECKING:
+    from memoryd.store import Head
 
 
 class ServiceError(Exception):
@@ -43,6 +48,18 @@ class ResourceExhausted(ServiceError):
 
 class FailedPrecondition(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ForeignSession(FailedPrecondition):
+    """The session was stored under another model: this daemon can describe, export (from its stored
+    snapshot) and delete it, but not read, change or copy its state. Carries the head it read."""
+
+    def __init__(self, head: Head, served_digest: str) -> None:
+        super().__init__(
+            f"session {head.session_id!r} belongs to model {head.digest}; this daemon serves {served_digest}: "
+            "use a deployment serving that model (here it can only be described, exported and deleted)"
+        )
+        self.head = head
 
 
 class Unavailable(ServiceError):

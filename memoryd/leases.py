@@ -13,10 +13,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-import redis.exceptions
-
 from memoryd import metrics
 from memoryd.ordering import Key
+from memoryd.redis_client import UNAVAILABLE_ERRORS
 from memoryd.residency import Residency
 from memoryd.settings import Settings
 from memoryd.store import Store
@@ -25,7 +24,7 @@ log = logging.getLogger("memoryd.leases")
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:
-    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+    return UNAVAILABLE_ERRORS  # cluster failovers and slot moves included
 
 
 async def maintain_forever(

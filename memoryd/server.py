@@ -19,15 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import redis.asyncio as aioredis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from memoryd_sdk._proto import memoryd_pb2 as pb
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from memoryd import reflection
 from memoryd.auth import Auth
 from memoryd.chat import ChatFormat, chat_format_for
 from memoryd.default_model import adapter_path, apply_adapter, default_checkpoint
@@ -35,12 +31,13 @@ from memoryd.engine.core import Engine
 from memoryd.engine.scheduler import Budget
 from memoryd.leases import redis_errors
 from memoryd.metrics import serve_metrics
+from memoryd.redis_client import connect
 from memoryd.redis_embed import EmbeddedRedis
 from memoryd.routing import Router, advertised_address, publish_forever, withdraw_address
-from memoryd.service import MemoryServicer
+from memoryd.service import MemoryServicer, add_to_server
 from memoryd.sessions import Sessions
 from memoryd.settings import Settings
-from memoryd.store import Store
+from memoryd.store import Store, sweep_forever
 from model import TTTModel, digest_of, load_checkpoint
 from model.tokenizer import load_tokenizer
 
@@ -143,26 +140,30 @@ async def serve(s: Settings) -> None:
         embedded = EmbeddedRedis(s.data_dir)
         url = await asyncio.to_thread(embedded.start)
         log.info(json.dumps({"event": "embedded_redis", "url": url}))
-    r = aioredis.from_url(
-        url, socket_timeout=s.redis_timeout, socket_connect_timeout=s.redis_timeout, retry=Retry(NoBackoff(), 0)
+    r = connect(url, s.redis_timeout)
+    store = Store(
+        r,
+        ttl_seconds=s.ttl_seconds,
+        chunk_bytes=s.snapshot_chunk_bytes,
+        wait_replicas=s.redis_wait_replicas,
+        wait_timeout=s.redis_wait_timeout,
     )
-    store = Store(r, ttl_seconds=s.ttl_seconds, chunk_bytes=s.snapshot_chunk_bytes)
     engine = Engine(model, Budget(tokens=s.tick_tokens, rows=s.batch_sessions))
     sessions = Sessions(engine, tok, store, s, chat)
 
     opts = [
         ("grpc.max_receive_message_length", s.max_message_bytes),
         ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # one process per host:port, so host:port names one daemon (settings.daemon_id)
     ]
     server = grpc.aio.server(options=opts)
     router = Router(s.daemon_id, "", s.lease_seconds, s.tls_cert.read_bytes() if s.tls_cert else None)
-    pb_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(sessions, s, auth, name, adapter, router), server)
+    add_to_server(MemoryServicer(sessions, s, auth, name, adapter, router), server)
     hs = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
-    names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+    reflection.enable((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = server.add_secure_port(s.listen, creds) if creds else server.add_insecure_port(s.listen)
     router.address = advertised_address(s.listen, port, s.advertise_address)
     await server.start()
@@ -181,6 +182,7 @@ async def serve(s: Settings) -> None:
 
     tasks = [asyncio.create_task(_health_loop(store, hs)), asyncio.create_task(sessions.maintain_forever())]
     tasks.append(asyncio.create_task(publish_forever(store, s.daemon_id, router.address, s.lease_seconds)))
+    tasks.append(asyncio.create_task(sweep_forever(store)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

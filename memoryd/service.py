@@ -1,7 +1,14 @@
-"""The gRPC edge: authenticate, validate, call `sessions`, map errors to status codes, log one line.
+"""The gRPC edge: authenticate, decode, validate, call `sessions`, map errors to status codes, log one line.
 
 Everything a client can get wrong is checked here, before any session is touched,
 so a bad request changes nothing and says what to fix.
+
+Requests arrive as raw bytes and are decoded inside the handler (`add_to_server`
+registers every method with no deserializer). grpc runs a deserializer before the
+handler, outside anything the handler can catch, and turns its exception into
+UNKNOWN or INTERNAL with a message about a Python class; decoding here puts bytes
+that are not the request message under the same mapping as every other bad input:
+INVALID_ARGUMENT naming the message type, one log line, one metric, nothing touched.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
@@ -29,6 +38,14 @@ from memoryd import metrics
 from memoryd.auth import Auth
 from memoryd.chat import Message, TemplateError
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
+from memoryd.limits import (
+    MAX_APPEND_ID_CHARS,
+    MAX_META_ENTRIES,
+    MAX_META_KEY_CHARS,
+    MAX_META_VALUE_CHARS,
+    MAX_SESSION_ID_CHARS,
+    server_limits,
+)
 from memoryd.routing import Router
 from memoryd.sessions import Content, GenParams, Info, Sessions
 from memoryd.settings import Settings
@@ -36,12 +53,9 @@ from memoryd.store import SNAPSHOT_FORMAT
 
 log = logging.getLogger("memoryd.calls")
 
-SESSION_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-APPEND_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
-MAX_META_ENTRIES, MAX_META_KEY, MAX_META_VALUE = 64, 128, 4096
-MAX_STOP_STRINGS, MAX_STOP_LEN, MAX_STOP_TOKENS = 16, 256, 64
-DEFAULT_PAGE, MAX_PAGE = 100, 1000
-DEFAULT_CHUNK, MAX_CHUNK = 1 << 20, 4 << 20
+SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
+SESSION_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_SESSION_ID_CHARS}}}$")
+APPEND_ID_RE = re.compile(rf"^[\x21-\x7e]{{1,{MAX_APPEND_ID_CHARS}}}$")
 
 _call: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("memoryd_call")
 
@@ -67,18 +81,64 @@ async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
     await context.abort(e.code, e.message)
 
 
+def decode(cls: type[ProtoMessage], raw: bytes) -> Any:
+    """Request bytes as the method's message, or INVALID_ARGUMENT naming the type."""
+    try:
+        return cls.FromString(raw)
+    except DecodeError as e:
+        name = cls.DESCRIPTOR.full_name
+        raise InvalidArgument(
+            f"the request ({len(raw)} bytes) does not decode as {name} ({e}): send a serialized {name}"
+        ) from e
+
+
+async def _decoded(cls: type[ProtoMessage], raw: AsyncIterator[bytes]) -> AsyncIterator[Any]:
+    """A client stream's messages, decoded one by one as the handler reads them."""
+    async for item in raw:
+        yield decode(cls, item)
+
+
+def _request_decoder(method: str) -> Callable[[Any], Any]:
+    m = SERVICE.methods_by_name[method]
+    cls = getattr(pb, m.input_type.name)
+    if m.client_streaming:
+        return functools.partial(_decoded, cls)
+    return functools.partial(decode, cls)
+
+
+def add_to_server(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
+    """Register every MemoryService method with raw-bytes requests (decoded by the handler, see above)."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        m.name: kinds[m.client_streaming, m.server_streaming](
+            getattr(servicer, m.name),
+            request_deserializer=None,
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString,
+        )
+        for m in SERVICE.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+
+
 def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a unary-response handler: auth, error mapping, metrics, one log line."""
+    """Wrap a unary-response handler: auth, decode, error mapping, metrics, one log line."""
     method = fn.__name__
+    request_of = _request_decoder(method)
 
     @functools.wraps(fn)
-    async def wrapper(self: MemoryServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def wrapper(self: MemoryServicer, raw: Any, context: grpc.aio.ServicerContext) -> Any:
         t0, fields = time.perf_counter(), {}
         _call.set(fields)
         code = grpc.StatusCode.OK
         try:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            request = request_of(raw)
             return await self.router.unary(method, request, context, lambda req: fn(self, tenant, req, context))
         except ServiceError as e:
             code = e.code
@@ -99,15 +159,17 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
 def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     """As `unary`, for server-streaming handlers (async generators)."""
     method = fn.__name__
+    request_of = _request_decoder(method)
 
     @functools.wraps(fn)
-    async def wrapper(self: MemoryServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def wrapper(self: MemoryServicer, raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         t0, fields = time.perf_counter(), {}
         _call.set(fields)
         code = grpc.StatusCode.OK
         try:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            request = request_of(raw)
             async for item in self.router.stream(method, request, context, lambda req: fn(self, tenant, req, context)):
                 yield item
         except ServiceError as e:
@@ -136,7 +198,9 @@ def check_session_id(sid: str, field: str = "session_id", allow_empty: bool = Fa
     if not sid and allow_empty:
         return uuid.uuid4().hex
     if not SESSION_ID_RE.match(sid):
-        raise InvalidArgument(f"{field} must be 1-128 characters from [A-Za-z0-9._:-], got {sid[:140]!r}")
+        raise InvalidArgument(
+            f"{field} must be 1-{MAX_SESSION_ID_CHARS} characters from [A-Za-z0-9._:-], got {sid[:140]!r}"
+        )
     return sid
 
 
@@ -145,16 +209,18 @@ def check_metadata(meta: Any) -> dict[str, str]:
     if len(m) > MAX_META_ENTRIES:
         raise InvalidArgument(f"metadata has {len(m)} entries; at most {MAX_META_ENTRIES}")
     for k, v in m.items():
-        if not k or len(k) > MAX_META_KEY:
-            raise InvalidArgument(f"metadata keys must be 1-{MAX_META_KEY} characters, got {k[:140]!r}")
-        if len(v) > MAX_META_VALUE:
-            raise InvalidArgument(f"metadata value of {k!r} has {len(v)} characters; at most {MAX_META_VALUE}")
+        if not k or len(k) > MAX_META_KEY_CHARS:
+            raise InvalidArgument(f"metadata keys must be 1-{MAX_META_KEY_CHARS} characters, got {k[:140]!r}")
+        if len(v) > MAX_META_VALUE_CHARS:
+            raise InvalidArgument(f"metadata value of {k!r} has {len(v)} characters; at most {MAX_META_VALUE_CHARS}")
     return m
 
 
 def check_append_id(aid: str) -> str:
     if aid and not APPEND_ID_RE.match(aid):
-        raise InvalidArgument("append_id must be 1-128 printable ASCII characters without spaces")
+        raise InvalidArgument(
+            f"append_id must be 1-{MAX_APPEND_ID_CHARS} printable ASCII characters without spaces, got {aid[:140]!r}"
+        )
     return aid
 
 
@@ -198,6 +264,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.tok = sessions.tok
         self.chat = sessions.chat
         self.vocab = sessions.model.cfg.vocab_size
+        self.limits = server_limits(settings, self.vocab)
         self.model_info = self._model_info(model_name, adapter)
 
     def _model_info(self, name: str, adapter: str) -> pb.ModelInfo:
@@ -225,6 +292,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             max_generate_tokens=self.s.max_generate_tokens,
             max_message_bytes=self.s.max_message_bytes,
             attention_sinks=getattr(cfg, "attention_sinks", 0),
+            limits=self.limits,
         )
 
     # -- helpers -----------------------------------------------------------------------------
@@ -234,8 +302,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         if text and len(tokens):
             raise InvalidArgument(f"give either {what} text or token ids, not both")
         if text:
-            if len(text) > self.s.max_append_tokens * 8:
-                raise ResourceExhausted(f"{what} text has {len(text)} characters; too large for one message")
+            if len(text) > self.limits.max_append_text_chars:
+                raise ResourceExhausted(
+                    f"{what} text has {len(text)} characters; at most {self.limits.max_append_text_chars} "
+                    "per message (split it)"
+                )
             ids = self.tok.encode(text)
             if not ids:
                 raise InvalidArgument(f"{what} text encodes to no tokens")
@@ -267,8 +338,11 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             )
         out = [Message(m.role, m.content) for m in msgs]
         size = sum(len(m.content) for m in out)
-        if size > self.s.max_append_tokens * 8:
-            raise ResourceExhausted(f"{what} messages hold {size} characters; too large for one message")
+        if size > self.limits.max_append_text_chars:
+            raise ResourceExhausted(
+                f"{what} messages hold {size} characters; at most {self.limits.max_append_text_chars} "
+                "per message (split them)"
+            )
         try:
             self.chat.check_messages(out)
         except TemplateError as e:
@@ -303,18 +377,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             raise ResourceExhausted(
                 f"max_tokens {r.max_tokens} is over this server's limit {self.s.max_generate_tokens}"
             )
-        if not math.isfinite(r.temperature) or not 0.0 <= r.temperature <= 100.0:
-            raise InvalidArgument(f"temperature must lie in [0, 100] (0 = greedy), got {r.temperature}")
+        lim = self.limits
+        if not math.isfinite(r.temperature) or not 0.0 <= r.temperature <= lim.max_temperature:
+            raise InvalidArgument(
+                f"temperature must lie in [0, {lim.max_temperature:g}] (0 = greedy), got {r.temperature}"
+            )
         if not math.isfinite(r.top_p) or not 0.0 <= r.top_p <= 1.0:
             raise InvalidArgument(f"top_p must lie in [0, 1] (0 or 1 = off), got {r.top_p}")
-        if r.top_k > self.vocab:
-            raise InvalidArgument(f"top_k {r.top_k} exceeds the vocabulary size {self.vocab}")
-        if len(r.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_LEN for s in r.stop):
-            raise ResourceExhausted(f"at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_LEN} characters")
+        if r.top_k > lim.max_top_k:
+            raise InvalidArgument(f"top_k {r.top_k} exceeds the vocabulary size {lim.max_top_k} (0 = off)")
+        if len(r.stop) > lim.max_stop_strings:
+            raise ResourceExhausted(f"{len(r.stop)} stop strings; at most {lim.max_stop_strings}")
+        for i, s in enumerate(r.stop):
+            if len(s) > lim.max_stop_string_chars:
+                raise ResourceExhausted(f"stop string {i} has {len(s)} characters; at most {lim.max_stop_string_chars}")
         if any(not s for s in r.stop):
             raise InvalidArgument("stop strings must not be empty")
-        if len(r.stop_tokens) > MAX_STOP_TOKENS:
-            raise ResourceExhausted(f"at most {MAX_STOP_TOKENS} stop token ids")
+        if len(r.stop_tokens) > lim.max_stop_tokens:
+            raise ResourceExhausted(f"{len(r.stop_tokens)} stop token ids; at most {lim.max_stop_tokens}")
         for t in r.stop_tokens:
             if not 0 <= t < self.vocab:
                 raise InvalidArgument(f"stop token id {t} is outside the vocabulary [0, {self.vocab})")
@@ -357,8 +437,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     @unary
     async def ListSessions(self, tenant: str, r: pb.ListSessionsRequest, ctx: Any) -> pb.ListSessionsResponse:
-        if r.page_size > MAX_PAGE:
-            raise InvalidArgument(f"page_size {r.page_size} is over the limit {MAX_PAGE}")
+        if r.page_size > self.limits.max_page_size:
+            raise InvalidArgument(
+                f"page_size {r.page_size} is over the limit {self.limits.max_page_size} (0: the default)"
+            )
         after = ""
         if r.page_token:
             try:
@@ -366,7 +448,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             except (ValueError, UnicodeDecodeError) as e:
                 raise InvalidArgument("page_token is malformed: pass next_page_token back unchanged") from e
             check_session_id(after, "page_token")
-        infos, nxt = await self.sessions.list(tenant, after, r.page_size or DEFAULT_PAGE)
+        infos, nxt = await self.sessions.list(tenant, after, r.page_size or self.limits.default_page_size)
         token = base64.urlsafe_b64encode(nxt.encode()).decode() if nxt else ""
         note(count=len(infos))
         return pb.ListSessionsResponse(sessions=[session_pb(i) for i in infos], next_page_token=token)
@@ -425,28 +507,25 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def AppendStream(self, tenant: str, it: AsyncIterator[pb.AppendRequest], ctx: Any) -> pb.AppendResponse:
         sid, first, n = "", None, 0
         resp = pb.AppendResponse(duplicate=True)
-        async for r in it:
-            if not sid:
-                sid = check_session_id(r.session_id)
-                note(session=sid)
-            elif r.session_id and r.session_id != sid:
-                raise InvalidArgument(
-                    f"message {n} names session {r.session_id!r}; this stream appends to {sid!r}",
-                    offset=resp.offset if first is not None else None,
-                )
-            try:
+        try:
+            async for r in it:  # a message that does not decode raises here, after the earlier ones applied
+                if not sid:
+                    sid = check_session_id(r.session_id)
+                    note(session=sid)
+                elif r.session_id and r.session_id != sid:
+                    raise InvalidArgument(f"message {n} names session {r.session_id!r}; this stream appends to {sid!r}")
                 out = await self._append_one(tenant, sid, r)
-            except ServiceError as e:  # the earlier messages stay applied: say where the session stands
-                if e.offset is None and first is not None:
-                    e.offset = resp.offset
-                note(messages=n)
-                raise
-            first = out.start if first is None else first
-            n += 1
-            resp.offset, resp.pending_tokens = out.offset, out.pending
-            resp.tokens += out.tokens
-            resp.steps += out.steps
-            resp.duplicate = resp.duplicate and out.duplicate
+                first = out.start if first is None else first
+                n += 1
+                resp.offset, resp.pending_tokens = out.offset, out.pending
+                resp.tokens += out.tokens
+                resp.steps += out.steps
+                resp.duplicate = resp.duplicate and out.duplicate
+        except ServiceError as e:  # the earlier messages stay applied: say where the session stands
+            if e.offset is None and first is not None:
+                e.offset = resp.offset
+            note(messages=n)
+            raise
         if first is None:
             raise InvalidArgument("the append stream was empty: send at least one AppendRequest")
         resp.start_offset = first
@@ -505,10 +584,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     async def ExportSession(self, tenant: str, r: pb.ExportSessionRequest, ctx: Any) -> AsyncIterator[pb.SessionChunk]:
         sid = check_session_id(r.session_id)
         note(session=sid)
-        limit = min(MAX_CHUNK, self.s.max_message_bytes - 1024)  # room for the message's framing
-        size = r.chunk_bytes or min(DEFAULT_CHUNK, limit)
-        if size > limit:
-            raise InvalidArgument(f"chunk_bytes {size} is over this server's limit {limit}")
+        lim = self.limits
+        size = r.chunk_bytes or lim.default_chunk_bytes
+        if not lim.min_chunk_bytes <= size <= lim.max_chunk_bytes:
+            raise InvalidArgument(
+                f"chunk_bytes {size} is outside this server's range [{lim.min_chunk_bytes}, {lim.max_chunk_bytes}] "
+                "(0: the default)"
+            )
         head, data = await self.sessions.export(tenant, sid)
         note(bytes=len(data))
         yield pb.SessionChunk(
@@ -520,33 +602,53 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 total_bytes=len(data),
                 sha256=hashlib.sha256(data).hexdigest(),
                 format=SNAPSHOT_FORMAT,
+                source_session_id=sid,
             )
         )
         for i in range(0, len(data), size):
             yield pb.SessionChunk(data=data[i : i + size])
 
+    def _import_header(self, header: pb.ExportHeader) -> tuple[str, dict[str, str]]:
+        """The header checked before any data is read: the session id to create and its metadata."""
+        if header.format != SNAPSHOT_FORMAT:
+            raise InvalidArgument(f"export format {header.format!r} is not {SNAPSHOT_FORMAT!r}")
+        if header.total_bytes > self.limits.max_import_bytes:
+            raise ResourceExhausted(
+                f"export of {header.total_bytes} bytes is over this server's limit {self.limits.max_import_bytes}"
+            )
+        if header.model_digest != self.sessions.digest:
+            raise FailedPrecondition(
+                f"export was made with model {header.model_digest}; this daemon serves {self.sessions.digest}: "
+                "import it into a deployment serving that model"
+            )
+        field = "session_id" if header.session_id else "source_session_id"
+        sid = check_session_id(header.session_id or header.source_session_id, f"header.{field}", allow_empty=True)
+        return sid, check_metadata(header.metadata)
+
     @unary
     async def ImportSession(self, tenant: str, it: AsyncIterator[pb.SessionChunk], ctx: Any) -> pb.Session:
         header: pb.ExportHeader | None = None
         parts: list[bytes] = []
-        got = 0
+        got, short = 0, -1  # short: index of a data chunk under the floor (only the last may be)
+        floor = self.limits.min_chunk_bytes
         async for chunk in it:
             kind = chunk.WhichOneof("chunk")
             if header is None:
                 if kind != "header":
                     raise InvalidArgument("the first chunk of an import must be the header")
                 header = chunk.header
-                if header.format != SNAPSHOT_FORMAT:
-                    raise InvalidArgument(f"export format {header.format!r} is not {SNAPSHOT_FORMAT!r}")
-                if header.total_bytes > self.s.max_import_bytes:
-                    raise ResourceExhausted(f"export of {header.total_bytes} bytes is over {self.s.max_import_bytes}")
-                if header.model_digest != self.sessions.digest:
-                    raise FailedPrecondition(
-                        f"export was made with model {header.model_digest}; this daemon serves {self.sessions.digest}"
-                    )
+                sid, metadata = self._import_header(header)
+                note(session=sid)
                 continue
             if kind != "data":
                 raise InvalidArgument("an import has exactly one header, first")
+            if short >= 0:
+                raise InvalidArgument(
+                    f"data chunk {short} has fewer than {floor} bytes but is not the last: "
+                    f"send data in chunks of at least {floor} bytes (only the last may be shorter)"
+                )
+            if len(chunk.data) < floor:
+                short = len(parts)
             got += len(chunk.data)
             if got > header.total_bytes:
                 raise InvalidArgument(f"more data than the header's total_bytes {header.total_bytes}")
@@ -558,7 +660,6 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             raise InvalidArgument(
                 f"import data ({len(data)} bytes) does not match the header's size {header.total_bytes} and sha256"
             )
-        sid = check_session_id(header.session_id, allow_empty=True)
-        note(session=sid, bytes=len(data))
-        info = await self.sessions.import_(tenant, sid, check_metadata(header.metadata), data)
+        note(bytes=len(data))
+        info = await self.sessions.import_(tenant, sid, metadata, data, header.offset)
         return session_pb(info)

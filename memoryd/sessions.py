@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import time
@@ -41,6 +42,7 @@ from memoryd.errors import (
     AlreadyExists,
     DataLoss,
     FailedPrecondition,
+    ForeignSession,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -64,6 +66,10 @@ __all__ = ["AppendOutcome", "GenEvent", "GenParams", "Info", "Sessions"]
 log = logging.getLogger("memoryd.sessions")
 Content = list[int] | Callable[[int], list[int]]
 """Token ids, or a function of the offset they will land at (chat messages render differently at 0)."""
+
+
+_waited: contextvars.ContextVar[tuple[Key, float] | None] = contextvars.ContextVar("memoryd_waited", default=None)
+"""The session whose lock this call holds, and since when it waited for it (see `Sessions._held`)."""
 
 
 def tokens_at(content: Content, offset: int) -> list[int]:
@@ -106,19 +112,49 @@ class Sessions:
         self.s = settings
         self.hot = Residency(settings.memory_budget)
         self.lock = SessionLocks()
+        self._unavailable_at: dict[Key, float] = {}
+        """When a call holding the session's lock last failed UNAVAILABLE (cleared by a call that succeeds)."""
         self._bg: set[asyncio.Task] = set()
         self.owner = settings.daemon_id
 
     # -- plumbing ----------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _held(self, key: Key) -> AsyncIterator[None]:
+        """The session's lock, for one call.
+
+        A call that waited for the lock while its holder failed UNAVAILABLE (Redis stalled or gone)
+        answers UNAVAILABLE as soon as it needs Redis (see `_redis`): trying Redis again would add
+        another Redis timeout to its answer, and a queue of calls would each add one. What it can do
+        without Redis (a generation on a hot session, not committed) it still does."""
+        since = time.monotonic()
+        async with self.lock(key):
+            _waited.set((key, since))
+            try:
+                yield
+            except Unavailable:
+                self._unavailable_at[key] = time.monotonic()
+                raise
+            finally:
+                _waited.set(None)
+            self._unavailable_at.pop(key, None)
+
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        ctx = contextvars.copy_context()
+        ctx.run(_waited.set, None)  # background work is no call's: it holds no call's lock
+        task = asyncio.get_running_loop().create_task(coro, context=ctx)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
     @contextlib.asynccontextmanager
     async def _redis(self, key: Key | None = None) -> AsyncIterator[None]:
         """Redis failures become UNAVAILABLE; if a write's outcome is unknown, the hot copy is dropped."""
+        waited = _waited.get()
+        if waited is not None and self._unavailable_at.get(waited[0], 0.0) > waited[1]:
+            raise Unavailable(
+                f"session {waited[0][1]!r}: the call ahead of this one failed UNAVAILABLE while this one waited "
+                "(Redis unreachable, or the session is served by another daemon); retry the call"
+            )
         try:
             yield
         except redis_errors() as e:
@@ -147,6 +183,9 @@ class Sessions:
             return hot
         tenant, sid = key
         async with self._redis():
+            head = await self.store.head(tenant, sid)
+            if head is not None and head.digest != self.digest:  # before the lease: never take another model's
+                raise ForeignSession(head, self.digest)
             lease = await self.store.acquire_lease(tenant, sid, self.owner, self.s.lease_seconds)
             if lease.missing:
                 raise NotFound(f"session {sid!r} does not exist")
@@ -155,10 +194,9 @@ class Sessions:
             head = await self.store.head(tenant, sid)
             if head is None:
                 raise NotFound(f"session {sid!r} does not exist")
-            if head.digest != self.digest:
-                raise FailedPrecondition(
-                    f"session {sid!r} belongs to model {head.digest}; this daemon serves {self.digest}"
-                )
+            if head.digest != self.digest:  # replaced by another model's session since the first look
+                await self.store.renew_leases([key], self.owner, 0)
+                raise ForeignSession(head, self.digest)
             data = await self.store.read_snapshot(head.snap) if head.snap else None
             pieces = await self.store.read_log(tenant, sid, head.snap_off, head.offset)
             await self.store.touch(tenant, sid)
@@ -264,6 +302,8 @@ class Sessions:
         return Info(head=head, pending=0, steps=0, state_bytes=self.engine.fresh_bytes, hot=False)
 
     def _info(self, head: Head, hot: Hot | None) -> Info:
+        if head.digest != self.digest:  # another model's mini-batch and state: not ours to tell
+            return Info(head, 0, 0, 0, False)
         if hot is not None:
             st = hot.state
             return Info(head, st.pending_count, st.steps, hot.nbytes, True)
@@ -272,8 +312,11 @@ class Sessions:
 
     async def get(self, tenant: str, sid: str) -> Info:
         key = (tenant, sid)
-        async with self.lock(key):
-            hot = await self._load(key)
+        async with self._held(key):
+            try:
+                hot = await self._load(key)
+            except ForeignSession as e:
+                return self._info(e.head, None)
             async with self._redis():
                 head = await self.store.head(tenant, sid)
         if head is None:  # expired or deleted under us: let go of it, lease included
@@ -290,18 +333,19 @@ class Sessions:
 
     async def delete(self, tenant: str, sid: str) -> int:
         key = (tenant, sid)
-        async with self.lock(key):
+        async with self._held(key):
             async with self._redis(key):
                 code, offset = await self.store.delete(tenant, sid)
             self.hot.drop(key)
         self.lock.forget(key)
+        self._unavailable_at.pop(key, None)
         if code != 1:
             raise NotFound(f"session {sid!r} does not exist")
         return offset
 
     async def reset(self, tenant: str, sid: str, expected: int | None) -> Info:
         key = (tenant, sid)
-        async with self.lock(key):
+        async with self._held(key):
             hot = await self._load(key)
             async with self._redis(key):
                 code, offset = await self.store.reset(tenant, sid, hot.fence, expected)
@@ -330,9 +374,13 @@ class Sessions:
         self, tenant: str, src: str, dst: str, metadata: dict[str, str] | None, expected: int | None
     ) -> Info:
         async with self._redis():
-            code, offset = await self.store.fork(tenant, src, dst, metadata, expected, self.s.max_sessions_per_tenant)
+            limit = self.s.max_sessions_per_tenant
+            code, offset = await self.store.fork(tenant, src, dst, metadata, expected, limit, self.digest)
             if code == -1:
                 raise NotFound(f"session {src!r} does not exist")
+            if code == -5:
+                head = await self.store.head(tenant, src)
+                raise ForeignSession(head, self.digest) if head else NotFound(f"session {src!r} does not exist")
             if code == -2:
                 raise AlreadyExists(f"session {dst!r} already exists")
             if code == -3:
@@ -385,7 +433,7 @@ class Sessions:
         self, tenant: str, sid: str, content: Content, expected: int | None, append_id: str
     ) -> AppendOutcome:
         key = (tenant, sid)
-        async with self.lock(key):
+        async with self._held(key):
             hot = await self._load(key)
             dup = await self._find_duplicate(key, append_id)
             if dup is not None:
@@ -421,7 +469,7 @@ class Sessions:
     ) -> AsyncIterator[GenEvent]:
         """Sample on a copy; stream tokens and text; with commit, log prompt + output and swap the copy in."""
         key = (tenant, sid)
-        async with self.lock(key):
+        async with self._held(key):
             hot = await self._load(key)
             if commit and append_id:
                 dup = await self._find_duplicate(key, append_id)
@@ -489,8 +537,11 @@ class Sessions:
     async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
         """The session's head and its whole state as snapshot bytes (safetensors)."""
         key = (tenant, sid)
-        async with self.lock(key):
-            hot = await self._load(key)
+        async with self._held(key):
+            try:
+                hot = await self._load(key)
+            except ForeignSession as e:
+                return e.head, await self._stored_state(e.head)
             exported: Exported = await self._compute(Export(hot.state))
             async with self._redis():
                 head = await self.store.head(tenant, sid)
@@ -498,8 +549,28 @@ class Sessions:
             raise NotFound(f"session {sid!r} does not exist")
         return head, exported.data
 
-    async def import_(self, tenant: str, sid: str, metadata: dict[str, str], data: bytes) -> Info:
-        """A new session from exported bytes: validated, stored as its first snapshot, then published."""
+    async def _stored_state(self, head: Head) -> bytes:
+        """Another model's session, as its newest stored snapshot: only when that holds its whole state
+        (its log tail could only be replayed by its own model)."""
+        if not head.snap or head.snap_off != head.offset:
+            raise FailedPrecondition(
+                f"session {head.session_id!r} belongs to model {head.digest} and {head.offset - head.snap_off} of its "
+                f"{head.offset} tokens are not in a stored snapshot yet: export it from a deployment serving that model"
+            )
+        async with self._redis():
+            try:
+                return await self.store.read_snapshot(head.snap)
+            except DataLoss:
+                now = await self.store.head(head.tenant, head.session_id)
+                if now is None or now.snap != head.snap:  # its daemon published a newer one meanwhile
+                    raise Unavailable(f"session {head.session_id!r} changed while it was exported; retry") from None
+                raise
+
+    async def import_(
+        self, tenant: str, sid: str, metadata: dict[str, str], data: bytes, offset: int | None = None
+    ) -> Info:
+        """A new session from exported bytes: validated (against `offset` too), stored as its first snapshot,
+        then published."""
         res = await self.engine.submit(Import(data))
         if isinstance(res, Refused):
             if res.reason == "foreign_model":
@@ -507,8 +578,12 @@ class Sessions:
             raise InvalidArgument(f"the export is not a usable session state: {res.message}")
         assert isinstance(res, Built)
         state = res.state
+        if offset is not None and state.position != offset:
+            raise InvalidArgument(
+                f"the header's offset {offset} differs from the offset of the state it carries ({state.position})"
+            )
         key = (tenant, sid)
-        async with self.lock(key), self._redis():
+        async with self._held(key), self._redis():
             snap = await self.store.write_snapshot(data, self.digest, state.position)
             code = await self.store.create(
                 tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant, snap=snap, offset=state.position

@@ -10,12 +10,18 @@ from __future__ import annotations
 import os
 import re
 import socket
+import uuid
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+from memoryd.redis_client import check_url
+
+_PROCESS_NONCE = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+"""Tells apart daemons that listen on port 0 on one host (pid alone repeats across containers)."""
 
 _config_file: ContextVar[str | None] = ContextVar("memoryd_config_file", default=None)
 
@@ -53,7 +59,17 @@ class Settings(BaseSettings):
         None, description="model checkpoint dir (default: SmolLM2-135M-Instruct, converted once into data_dir)"
     )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
-    redis_url: str | None = Field(None, description="redis://host:port/db (default: an embedded redis-server)")
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:port/db, or redis+cluster://host:port,host:port for a Redis Cluster "
+        "(default: an embedded redis-server)",
+    )
+    redis_wait_replicas: int = Field(
+        0, ge=0, description="acknowledge a write only once this many replicas have it (Redis WAIT; 0: off)"
+    )
+    redis_wait_timeout: float = Field(
+        1.0, gt=0, description="seconds a write waits for redis_wait_replicas before failing as UNAVAILABLE"
+    )
     data_dir: Path = Field(default_factory=default_data_dir, description="embedded Redis data and default model")
     auth_tokens_file: Path | None = Field(None, description="YAML/JSON map token -> tenant (auth on when set)")
     auth_tokens: str | None = Field(None, description="token=tenant,token=tenant (auth on when set)")
@@ -63,7 +79,9 @@ class Settings(BaseSettings):
     snapshot_interval: int = Field(16, ge=1, description="write a snapshot every N test-time steps (mini-batches)")
     ttl_seconds: int = Field(7 * 86400, ge=0, description="idle sessions expire after this (0: never)")
     lease_seconds: float = Field(30.0, gt=0, description="a daemon's hold on a session, renewed while hot")
-    instance_id: str = Field("", description="this daemon's name in leases (default: host:listen)")
+    instance_id: str = Field(
+        "", description="this daemon's name in leases (default: host:listen, plus a per-process suffix for port 0)"
+    )
     advertise_address: str | None = Field(
         None,
         description="host:port other daemons and clients reach this daemon at, published with its leases "
@@ -72,7 +90,9 @@ class Settings(BaseSettings):
     max_append_tokens: int = Field(65536, ge=1, description="tokens per append message")
     max_generate_tokens: int = Field(4096, ge=1, description="max_tokens ceiling of generate")
     max_sessions_per_tenant: int = Field(0, ge=0, description="0: unlimited")
-    max_message_bytes: int = Field(16 * 1024**2, ge=1024, description="largest gRPC message accepted")
+    max_message_bytes: int = Field(
+        16 * 1024**2, ge=64 * 1024, description="largest gRPC message accepted (at least 64KiB: room for any answer)"
+    )
     max_import_bytes: int = Field(4 * 1024**3, ge=1, description="largest session export accepted by import")
     snapshot_chunk_bytes: int = Field(4 * 1024**2, ge=1024, description="snapshot chunk size in Redis")
     tick_tokens: int = Field(
@@ -104,6 +124,20 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name} must be host:port (e.g. 127.0.0.1:50051), got {v!r}")
         return v
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_url(v)
+
+    @model_validator(mode="after")
+    def _wait_fits(self) -> Settings:
+        if self.redis_wait_replicas and self.redis_wait_timeout >= self.redis_timeout:
+            raise ValueError(
+                f"redis_wait_timeout ({self.redis_wait_timeout}s) must be below redis_timeout ({self.redis_timeout}s), "
+                "or every write waiting for replicas would count as a failed Redis call"
+            )
+        return self
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -113,8 +147,18 @@ class Settings(BaseSettings):
 
     @property
     def daemon_id(self) -> str:
-        """Stable across restarts, so a restarted daemon takes back its own leases at once."""
-        return self.instance_id or f"{socket.gethostname()}:{self.listen}"
+        """This process's name in leases: unique among live daemons, and stable across restarts
+        where it can be.
+
+        With a fixed port, `host:listen` (one process per port: the server binds without
+        SO_REUSEPORT), so a restarted daemon takes back its own leases at once. With port 0
+        every start listens elsewhere, so nothing is gained by reuse and two daemons on one
+        host would share the name: a per-process suffix tells them apart.
+        """
+        if self.instance_id:
+            return self.instance_id
+        name = f"{socket.gethostname()}:{self.listen}"
+        return f"{name}#{_PROCESS_NONCE}" if self.listen.endswith(":0") else name
 
     @classmethod
     def settings_customise_sources(

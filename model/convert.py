@@ -12,8 +12,15 @@ or a llama.cpp GGUF file (see `model.gguf_source`).  Both are read into one
     model.norm, lm_head                -> final_norm, lm_head
 
 with the variant flags of a Llama (no qk-norm, no post-norms, GQA, tied or
-untied head).  Each of the last S blocks gets a fast MLP whose output projection
-w2 is zero, so the converted network computes exactly what the source did.
+untied head).  Each of the last S blocks gets a fast MLP chosen so that the
+converted network computes exactly what the source did (`fast_init`):
+
+- "new": a new fast MLP whose output projection w2 is zero (it adds exactly 0);
+- "moved": the block's own pretrained MLP moved into the fast slot (fast_norm :=
+  mlp_norm, fast_mlp := mlp) and the static MLP zeroed (it adds exactly 0).  The
+  block computes h + mlp(norm(h)) + 0, as before, but test-time training now
+  updates weights that already do something, which is what makes a converted
+  model learn from its context (docs/memory_beyond_window.md).
 
 Why a zero w2 still lets test-time training learn: the fast MLP's output is
 w2 a with a = silu(w1 x) * (w3 x).  The loss gradient w.r.t. w2 is
@@ -34,7 +41,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import safetensors.torch
 import torch
@@ -46,6 +53,8 @@ from model.network import TTTModel
 
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_WINDOW = 2048
+FastInit = Literal["new", "moved"]
+FAST_INITS: tuple[str, ...] = get_args(FastInit)
 DEFAULT_SINKS = 4
 """Converted models keep their first 4 positions visible beyond the window: models
 trained with full attention park attention on their first tokens ("attention
@@ -65,7 +74,16 @@ _LAYER_MAP = {
     "mlp.down_proj": "mlp.w2",
 }
 
-__all__ = ["LlamaSource", "UnsupportedSourceError", "convert", "read_source", "to_checkpoint_tensors"]
+__all__ = [
+    "FastInit",
+    "LlamaSource",
+    "UnsupportedSourceError",
+    "build_model",
+    "convert",
+    "read_source",
+    "target_config",
+    "to_checkpoint_tensors",
+]
 
 
 @dataclass
@@ -216,6 +234,8 @@ def target_config(
     mini_batch: int | None,
     fast_layers: int | None,
     attention_sinks: int = DEFAULT_SINKS,
+    inner_lr: float = 1.0,
+    inner_clip: float = 1.0,
 ) -> ModelConfig:
     """Our config for `src`: its shapes and flags plus the TTT-E2E keys."""
     k = DEFAULT_WINDOW if window is None else window
@@ -232,6 +252,8 @@ def target_config(
         num_fast_layers=s,
         window_size=k,
         mini_batch_size=b,
+        inner_lr=inner_lr,
+        inner_clip=inner_clip,
         attention_sinks=attention_sinks,
         rope_theta=src.rope_theta,
         rope_scaling=src.rope_scaling,
@@ -246,8 +268,12 @@ def target_config(
     )
 
 
-def to_checkpoint_tensors(src: LlamaSource, cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def to_checkpoint_tensors(
+    src: LlamaSource, cfg: ModelConfig, seed: int = 0, fast_init: FastInit = "new"
+) -> dict[str, torch.Tensor]:
     """Our tensors for `src`: renamed source weights plus identity-preserving fast MLPs."""
+    if fast_init not in FAST_INITS:
+        raise ValueError(f"fast_init {fast_init!r} is not one of {', '.join(FAST_INITS)}")
     out: dict[str, torch.Tensor] = {}
     unused = set(src.tensors)
 
@@ -271,11 +297,31 @@ def to_checkpoint_tensors(src: LlamaSource, cfg: ModelConfig, seed: int = 0) -> 
     gen = torch.Generator().manual_seed(seed)
     d, f = cfg.hidden_size, cfg.intermediate_size
     for i in range(cfg.first_fast_layer, cfg.num_layers):
-        out[f"blocks.{i}.fast_norm.weight"] = torch.ones(d)
-        out[f"blocks.{i}.fast_mlp.w1.weight"] = torch.randn(f, d, generator=gen) * cfg.init_std
-        out[f"blocks.{i}.fast_mlp.w3.weight"] = torch.randn(f, d, generator=gen) * cfg.init_std
-        out[f"blocks.{i}.fast_mlp.w2.weight"] = torch.zeros(d, f)  # the fast MLP adds exactly 0 at first
+        p = f"blocks.{i}."
+        if fast_init == "moved":  # h + fast(norm(h)) + 0 == h + mlp(norm(h)): still exact
+            out[p + "fast_norm.weight"] = out[p + "mlp_norm.weight"]
+            out[p + "mlp_norm.weight"] = torch.ones(d)
+            for w in ("w1", "w2", "w3"):
+                out[p + f"fast_mlp.{w}.weight"] = out[p + f"mlp.{w}.weight"]
+                out[p + f"mlp.{w}.weight"] = torch.zeros_like(out[p + f"mlp.{w}.weight"])
+            continue
+        out[p + "fast_norm.weight"] = torch.ones(d)
+        out[p + "fast_mlp.w1.weight"] = torch.randn(f, d, generator=gen) * cfg.init_std
+        out[p + "fast_mlp.w3.weight"] = torch.randn(f, d, generator=gen) * cfg.init_std
+        out[p + "fast_mlp.w2.weight"] = torch.zeros(d, f)  # the fast MLP adds exactly 0 at first
     return out
+
+
+def build_model(
+    src: LlamaSource, cfg: ModelConfig, seed: int = 0, fast_init: FastInit = "new", dtype: torch.dtype = torch.float32
+) -> TTTModel:
+    """The converted network in memory (frozen, eval mode): what `convert` saves."""
+    tensors = to_checkpoint_tensors(src, cfg, seed, fast_init)
+    with torch.device("meta"):
+        model = TTTModel(cfg)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(tensors, strict=True)
+    return model.to(dtype=dtype).requires_grad_(False).eval()
 
 
 def convert(
@@ -287,16 +333,14 @@ def convert(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     attention_sinks: int = DEFAULT_SINKS,
+    fast_init: FastInit = "new",
+    inner_lr: float = 1.0,
+    inner_clip: float = 1.0,
 ) -> TTTModel:
     """Convert `source` into a checkpoint at `out_dir` (tokenizer.json beside it); returns the model."""
     src = read_source(source)
-    cfg = target_config(src, window, mini_batch, fast_layers, attention_sinks)
-    tensors = to_checkpoint_tensors(src, cfg, seed)
-    with torch.device("meta"):
-        model = TTTModel(cfg)
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(tensors, strict=True)
-    model = model.to(dtype=dtype).requires_grad_(False).eval()
+    cfg = target_config(src, window, mini_batch, fast_layers, attention_sinks, inner_lr, inner_clip)
+    model = build_model(src, cfg, seed, fast_init, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     src.write_tokenizer(out / TOKENIZER_FILE)
@@ -320,7 +364,15 @@ def add_convert_command(sub: Any) -> None:
     c.add_argument(
         "--attention-sinks", type=int, default=DEFAULT_SINKS, help="leading positions always visible (0: pure SWA)"
     )
-    c.add_argument("--seed", type=int, default=0, help="seed of the fast MLPs' w1, w3")
+    c.add_argument(
+        "--fast-init",
+        choices=FAST_INITS,
+        default="new",
+        help="fast MLPs: new (w2 = 0) or moved (the block's pretrained MLP, static MLP zeroed)",
+    )
+    c.add_argument("--inner-lr", type=float, default=1.0, help="test-time SGD step size eta")
+    c.add_argument("--inner-clip", type=float, default=1.0, help="global-norm clip of the test-time gradient")
+    c.add_argument("--seed", type=int, default=0, help="seed of the fast MLPs' w1, w3 (fast-init new)")
     c.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="stored weight type")
     c.set_defaults(fn=_cmd_convert)
 
@@ -335,6 +387,9 @@ def _cmd_convert(args: Any) -> int:
         args.seed,
         _DTYPES[args.dtype],
         attention_sinks=args.attention_sinks,
+        fast_init=args.fast_init,
+        inner_lr=args.inner_lr,
+        inner_clip=args.inner_clip,
     )
     cfg = model.cfg
     n = sum(p.numel() for p in model.parameters())

@@ -11,6 +11,8 @@ import torch
 # Test helpers (e.g. naive_ttt) live beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 
+from cluster_fixtures import redis_cluster  # noqa: F401 (here, so the whole run shares one cluster)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_torch() -> None:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -52,13 +52,38 @@ def child_env() -> dict[str, str]:
     return env
 
 
-class RedisServer:
-    """redis-server with AOF (fsync always) in its own folder; can be killed and restarted on the same port."""
+AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
 
-    def __init__(self, workdir: Path) -> None:
+
+def wait_ping(port: int, timeout: float = 15.0) -> None:
+    """Until the redis-server on `port` answers PING."""
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if client.ping():
+                    return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis-server on port {port} did not start")
+            time.sleep(0.02)
+    finally:
+        client.close()
+
+
+class RedisServer:
+    """redis-server with AOF (fsync always) in its own folder; can be killed and restarted on the same port.
+
+    `options` replace the persistence options (the cluster fixture runs cluster nodes this way).
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, options: Sequence[str] | None = None) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
+        self.options = AOF_ALWAYS if options is None else options
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -67,26 +92,17 @@ class RedisServer:
 
     def start(self) -> None:
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"]
-        args += ["--logfile", str(self.dir / "redis.log")]
+        args += [*self.options, "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if client.ping():
-                    break
-            except (redis.ConnectionError, redis.BusyLoadingError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.02)
-        client.close()
+        wait_ping(self.port)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(10)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)

@@ -26,10 +26,11 @@ from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.chat import ServerTemplate
 from memoryd_sdk.types import FinishReason
+from safetensors import safe_open
 from service_fixtures import child_env, free_port
 
 from memoryd.chat import ChatFormat, Message, TemplateError, special_tokens
-from memoryd.default_model import DEFAULT_MINI_BATCH, DEFAULT_NAME, DEFAULT_WINDOW
+from memoryd.default_model import DEFAULT_INNER_LR, DEFAULT_MINI_BATCH, DEFAULT_NAME, DEFAULT_WINDOW
 from model.checkpoint import read_config
 from model.gguf_source import find_smollm2_gguf
 from model.tokenizer import load_tokenizer
@@ -133,6 +134,11 @@ def test_default_model_is_converted_into_the_data_dir(served: NoFlags) -> None:
     assert "<|im_start|>" in m.chat_template and m.chat_messages and not m.chat_problem
     assert (m.generation_prompt, m.turn_closing) == ("<|im_start|>assistant\n", "<|im_end|>\n")
     assert m.adapter == ""  # none is shipped yet
+    # the v2 recipe: the last block's pretrained MLP is its fast MLP, the static one is zero
+    assert read_config(served.model_dir).inner_lr == DEFAULT_INNER_LR
+    with safe_open(str(served.model_dir / "model.safetensors"), "pt") as f:
+        assert not f.get_tensor("blocks.29.mlp.w2.weight").any()
+        assert f.get_tensor("blocks.29.fast_mlp.w2.weight").abs().sum() > 0
 
 
 def test_chat_answers_paris(served: NoFlags) -> None:

@@ -251,8 +251,8 @@ def test_idle_sessions_expire(tmp_path: Path, tiny_checkpoint: Path, redis_serve
         # the busy one is whole: its snapshot (written seconds ago) was kept alive with it
         r = redis.Redis(port=redis_server.port)
         snap = r.hget("md:s:{default/busy}:h", "snap").decode()
-        assert snap and r.exists(f"md:snap:{snap}:m", f"md:snap:{snap}:c:0") == 2
-        assert 0 < r.pttl(f"md:snap:{snap}:c:0") <= 2000
+        assert snap and r.exists(f"md:snap:{{{snap}}}:m", f"md:snap:{{{snap}}}:c:0") == 2
+        assert 0 < r.pttl(f"md:snap:{{{snap}}}:c:0") <= 2000
         leftovers = [k for k in redis.Redis(port=redis_server.port).scan_iter("*") if b"idle" in k]
         assert leftovers == []
     finally:

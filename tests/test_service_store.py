@@ -1,31 +1,64 @@
-"""The Redis layout on its own, against a real redis-server: fencing, snapshot publication,
-chunk checksums, shared snapshots' reference counts, the log's contiguity."""
+"""The Redis layout on its own, against a real redis-server and a real Redis Cluster: fencing,
+snapshot publication, chunk checksums, shared snapshots' references across slots, the log's
+contiguity, a crash at every step of every cross-slot operation, and WAIT for replicas."""
 
 from __future__ import annotations
 
 import asyncio
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
 
 import pytest
-import redis.asyncio as aioredis
+import redis
+from cluster_fixtures import LocalCluster
 from service_fixtures import RedisServer, redis_server  # noqa: F401 (fixture)
 
 from memoryd.errors import DataLoss
-from memoryd.store import Store
+from memoryd.redis_client import connect
+from memoryd.store import SCRIPTS, ReplicaTimeout, Store
+
+BACKENDS = ["single", "cluster"]
 
 
-def run(redis_server: RedisServer, fn, **kw) -> object:  # noqa: F811
+@pytest.fixture(params=BACKENDS)
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """A single redis-server (fresh per test) or the session's cluster (keys under a fresh prefix)."""
+    if request.param == "single":
+        return request.getfixturevalue("redis_server").url
+    return request.getfixturevalue("redis_cluster").url
+
+
+def run(url: str, fn: Callable[[Store, object], Awaitable[object]], **kw) -> object:
     async def main() -> object:
-        r = aioredis.Redis(port=redis_server.port)
+        r = connect(url, 5)
         try:
-            return await fn(Store(r, **kw), r)
+            return await fn(Store(r, prefix=f"t{uuid.uuid4().hex[:8]}", **kw), r)
         finally:
             await r.aclose()
 
     return asyncio.run(main())
 
 
-def test_fencing_refuses_a_stale_daemon(redis_server) -> None:  # noqa: F811
-    async def body(st: Store, r: aioredis.Redis) -> None:
+async def snapshot_keys(st: Store) -> set[str]:
+    return {k.decode() async for k in st.r.scan_iter(match=f"{st.prefix}:snap:*", count=1000)}
+
+
+def test_every_script_names_every_key_in_keys() -> None:
+    """On a cluster a script may touch only keys named in KEYS (so they can be routed and
+    checked to share a slot); no key is built inside Lua."""
+    keyed = r"redis\.call\('(?!TIME)[A-Z]+',\s*([^,)]+)"
+    for name, src in SCRIPTS.items():
+        assert "..  ':" not in src and ":snap:" not in src and "prefix" not in src, name
+        args = re.findall(keyed, src)
+        assert args, f"{name}: touches no key?"
+        for arg in args:
+            assert re.fullmatch(r"KEYS\[(\d+|i)\]", arg.strip()), f"{name}: key argument {arg!r} is not from KEYS"
+
+
+def test_fencing_refuses_a_stale_daemon(redis_url: str) -> None:
+    async def body(st: Store, r) -> None:
         assert await st.create("t", "s", {}, "sha256:x") == 1
         old = (await st.acquire_lease("t", "s", "daemon-a", 30)).fence
         held = await st.acquire_lease("t", "s", "daemon-b", 30)
@@ -39,11 +72,11 @@ def test_fencing_refuses_a_stale_daemon(redis_server) -> None:  # noqa: F811
         assert await st.renew_leases([("t", "s")], "daemon-a", 30) == [False]
         assert await st.read_log("t", "s", 0, 2) == [[1, 2]]
 
-    run(redis_server, body)
+    run(redis_url, body)
 
 
-def test_snapshot_publish_is_all_or_nothing(redis_server) -> None:  # noqa: F811
-    async def body(st: Store, r: aioredis.Redis) -> None:
+def test_snapshot_publish_is_all_or_nothing(redis_url: str) -> None:
+    async def body(st: Store, r) -> None:
         await st.create("t", "s", {}, "sha256:x")
         fence = (await st.acquire_lease("t", "s", "d", 30)).fence
         await st.append("t", "s", fence, 0, [[1] * 5, [2] * 3])
@@ -53,6 +86,7 @@ def test_snapshot_publish_is_all_or_nothing(redis_server) -> None:  # noqa: F811
         assert await st.publish_snapshot("t", "s", fence, 0, snap, 8) == 1
         head = await st.head("t", "s")
         assert (head.snap, head.snap_off) == (snap, 8)
+        assert list(await st.snapshot_refs(snap)) == [head.snap_ref], "the writer's pin went to the head"
         assert await st.read_snapshot(snap) == data
         assert await r.llen(st._k("t", "s", "log")) == 0  # the log before the snapshot is trimmed
         # a reset in between makes a late publication fail (generation changed)
@@ -64,12 +98,14 @@ def test_snapshot_publish_is_all_or_nothing(redis_server) -> None:  # noqa: F811
         await r.set(st.snap_key(late, "c:3"), b"x" * 1024)
         with pytest.raises(DataLoss, match="chunk 3"):
             await st.read_snapshot(late)
+        await st.drop_snapshot(late)
+        assert await snapshot_keys(st) == set() and await st.journal_size() == 0
 
-    run(redis_server, body, chunk_bytes=1024)
+    run(redis_url, body, chunk_bytes=1024)
 
 
-def test_forks_share_snapshots_by_reference(redis_server) -> None:  # noqa: F811
-    async def body(st: Store, r: aioredis.Redis) -> None:
+def test_forks_share_snapshots_by_reference(redis_url: str) -> None:
+    async def body(st: Store, r) -> None:
         await st.create("t", "a", {"k": "v"}, "sha256:x")
         fence = (await st.acquire_lease("t", "a", "d", 30)).fence
         await st.append("t", "a", fence, 0, [[1, 2, 3]])
@@ -78,20 +114,54 @@ def test_forks_share_snapshots_by_reference(redis_server) -> None:  # noqa: F811
         await st.append("t", "a", fence, 3, [[4], [5, 6]])
         assert await st.fork("t", "a", "b", None, 6, 0) == (1, 6)
         assert await st.fork("t", "a", "c", None, 5, 0) == (-3, 6)
+        assert await st.fork("t", "a", "b", None, None, 0) == (-2, 0)
         b = await st.head("t", "b")
         assert (b.snap, b.snap_off, b.offset, b.metadata) == (snap, 3, 6, {"k": "v"})
         assert await st.read_log("t", "b", 3, 6) == [[4], [5, 6]]
-        assert await r.get(st.snap_key(snap, "r")) == b"2"
+        refs = await st.snapshot_refs(snap)
+        assert sorted(refs.values()) == ["t/a", "t/b"] and b.snap_ref in refs
+        before = await st.bytes_used(f"{st.prefix}:snap:*")
+        assert await st.fork("t", "b", "c", None, None, 0) == (1, 6)
+        assert await st.bytes_used(f"{st.prefix}:snap:*") < before + 500, "a fork copies no weights"
         await st.delete("t", "a")
+        await st.delete("t", "c")
         assert await st.read_snapshot(snap) == b"state" * 100  # still b's
+        assert list((await st.snapshot_refs(snap)).values()) == ["t/b"]
         await st.delete("t", "b")
-        assert await r.keys("*snap*") == []
+        assert await snapshot_keys(st) == set(), "freed with its last user"
+        assert await st.journal_size() == 0
+        assert (await st.list("t", "", 10)) == ([], "")
 
-    run(redis_server, body)
+    run(redis_url, body)
 
 
-def test_log_gap_is_data_loss(redis_server) -> None:  # noqa: F811
-    async def body(st: Store, r: aioredis.Redis) -> None:
+def test_list_pages_through_ids_created_in_any_order(redis_url: str) -> None:
+    async def body(st: Store, r) -> None:
+        ids = [f"s{i:02d}" for i in range(12)]
+        for sid in ids[::-1][:6] + ids[:6]:  # not in id order
+            assert await st.create("t", sid, {}, "sha256:x", max_sessions=12) == 1
+        assert await st.create("t", "s03", {}, "sha256:x") == -1  # taken: the index is left as it was
+        assert await st.create("t", "extra", {}, "sha256:x", max_sessions=12) == -2
+
+        async def pages() -> list[str]:
+            out, after = [], ""
+            while True:
+                heads, after = await st.list("t", after, 5)
+                out += [h.session_id for h in heads]
+                if not after:
+                    return out
+
+        assert await pages() == ids
+        for sid in ("s00", "s03", "s11"):
+            assert (await st.delete("t", sid))[0] == 1
+        assert await pages() == [i for i in ids if i not in ("s00", "s03", "s11")]
+        assert await st.count_sessions() == 9
+
+    run(redis_url, body)
+
+
+def test_log_gap_is_data_loss(redis_url: str) -> None:
+    async def body(st: Store, r) -> None:
         await st.create("t", "s", {}, "sha256:x")
         fence = (await st.acquire_lease("t", "s", "d", 30)).fence
         await st.append("t", "s", fence, 0, [[1, 2], [3]])
@@ -99,4 +169,169 @@ def test_log_gap_is_data_loss(redis_server) -> None:  # noqa: F811
         with pytest.raises(DataLoss, match="gap"):
             await st.read_log("t", "s", 0, 3)
 
-    run(redis_server, body)
+    run(redis_url, body)
+
+
+class Crash(Exception):
+    """The daemon died here: no later step of the operation runs."""
+
+
+class CrashingStore(Store):
+    """A Store that dies after `budget` Redis writes (scripts and journal removals)."""
+
+    budget = 10**9
+
+    def _spend(self) -> None:
+        if self.budget <= 0:
+            raise Crash
+        self.budget -= 1
+
+    async def _write(self, name, keys, args):
+        self._spend()
+        return await super()._write(name, keys, args)
+
+    async def _unjournal(self, *entries: str) -> None:
+        self._spend()
+        await super()._unjournal(*entries)
+
+
+WINDOW, GRACE = 0.3, 0.8
+
+
+async def _setup(st: Store, sid: str) -> tuple[int, str]:
+    """A session with a published snapshot, a log tail, and a second snapshot written but not published."""
+    await st.create("t", sid, {}, "sha256:x")
+    fence = (await st.acquire_lease("t", sid, "d", 30)).fence
+    await st.append("t", sid, fence, 0, [[1, 2, 3]])
+    s1 = await st.write_snapshot(b"one" * 700, "sha256:x", 3)
+    assert await st.publish_snapshot("t", sid, fence, 0, s1, 3) == 1
+    await st.append("t", sid, fence, 3, [[4, 5]])
+    return fence, await st.write_snapshot(b"two" * 700, "sha256:x", 5)
+
+
+OPS: dict[str, Callable[[Store, str, int, str], Awaitable[object]]] = {
+    "publish": lambda st, sid, fence, s2: st.publish_snapshot("t", sid, fence, 0, s2, 5),
+    "fork": lambda st, sid, fence, s2: st.fork("t", sid, sid + "-fork", None, None, 0),
+    "reset": lambda st, sid, fence, s2: st.reset("t", sid, fence, None),
+    "delete": lambda st, sid, fence, s2: st.delete("t", sid),
+    "import": lambda st, sid, fence, s2: st.create("t", sid + "-imp", {}, "sha256:x", snap=s2, offset=5),
+    "write": lambda st, sid, fence, s2: st.write_snapshot(b"three" * 900, "sha256:x", 5),
+}
+
+
+async def _check_consistent(st: Store, sessions: list[str]) -> None:
+    """Every head's snapshot is whole and holds exactly the references of the heads on it; nothing else is left."""
+    held: dict[str, set[str]] = {}
+    for sid in sessions:
+        h = await st.head("t", sid)
+        if h is not None and h.snap:
+            assert await st.read_snapshot(h.snap), sid
+            held.setdefault(h.snap, set()).add(h.snap_ref)
+            pieces = await st.read_log("t", sid, h.snap_off, h.offset)
+            assert h.snap_off + sum(map(len, pieces)) == h.offset
+    for snap, tokens in held.items():
+        assert set(await st.snapshot_refs(snap)) == tokens, f"snapshot {snap}: references != heads holding it"
+    live = {st.snap_key(s, what) for s in held for what in ("m", "refs")}
+    live |= {st.snap_key(s, f"c:{i}") for s in held for i in range(await st._chunk_count(s))}
+    assert await snapshot_keys(st) == live, "a snapshot nobody holds was left behind"
+    assert await st.journal_size() == 0
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_a_crash_at_any_step_is_finished_by_the_sweep(redis_url: str, op: str) -> None:
+    """Kill the operation after each of its Redis writes in turn (and let it finish once);
+    after the grace period one sweep leaves exact references and no orphan chunk."""
+
+    async def body(st: CrashingStore, r) -> None:
+        sessions, n = [], 0
+        while True:
+            sid = f"s{n}"
+            sessions += [sid, sid + "-fork", sid + "-imp"]
+            fence, s2 = await _setup(st, sid)
+            st.budget = n
+            try:
+                await OPS[op](st, sid, fence, s2)
+                finished = True
+            except Crash:
+                finished = False
+            st.budget = 10**9
+            if op != "publish" and op != "import":
+                await st.drop_snapshot(s2)  # the caller's part: s2 was only there for those two
+            n += 1
+            if finished:
+                break
+        assert n >= 3, f"{op} took only {n - 1} steps?"
+        assert (await st.sweep()).checked == 0, "nothing is swept before the grace period"
+        await asyncio.sleep(GRACE + 0.1)
+        rep = await st.sweep()
+        assert rep.checked > 0
+        await _check_consistent(st, sessions)
+        assert (await st.sweep()).checked == 0
+
+    async def main() -> None:
+        r = connect(redis_url, 5)
+        try:
+            st = CrashingStore(r, prefix=f"t{uuid.uuid4().hex[:8]}", window_seconds=WINDOW, grace_seconds=GRACE)
+            await body(st, r)
+        finally:
+            await r.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_head_write_past_the_window_is_refused(redis_url: str) -> None:
+    """A paused daemon cannot install a reference the sweep may already have dropped."""
+
+    async def body(st: Store, r) -> None:
+        fence, s2 = await _setup(st, "p")
+        stamp = await st._journal("x")
+        await asyncio.sleep(WINDOW + 0.1)
+        keys = [st._k("t", "p", "h"), st._k("t", "p", "log")]
+        token = (await st.head("t", "p")).snap_ref
+        args = [fence, 0, s2, "late-token", 5, token, stamp, st.window_ms]
+        assert await st._write("publish", keys, args) == -5
+        assert (await st.head("t", "p")).snap != s2
+
+    run(redis_url, body, window_seconds=WINDOW, grace_seconds=GRACE)
+
+
+def test_wait_for_replicas(redis_cluster: LocalCluster) -> None:
+    """With wait_replicas an acknowledged append is on the replica; asking for more replicas than exist fails
+    (retryably) instead of acknowledging."""
+
+    async def body(st: Store, r) -> None:
+        await st.create("t", "w", {}, "sha256:x")
+        fence = (await st.acquire_lease("t", "w", "d", 30)).fence
+        assert (await st.append("t", "w", fence, 0, [[7, 8]], "a1")).status == "ok"
+        key = st._k("t", "w", "log")
+        master = redis_cluster.master_of(key)
+        replica = next(
+            n
+            for n in redis_cluster.live()
+            if n is not master and redis_cluster._role(n) == "slave" and _follows(n, master)
+        )
+        with redis.Redis(port=replica.port) as c:
+            c.execute_command("READONLY")
+            assert c.lrange(key, 0, -1) == [b'{"o":0,"t":[7,8]}']
+        greedy = Store(r, prefix=st.prefix, wait_replicas=2, wait_timeout=0.2)
+        t0 = time.monotonic()
+        with pytest.raises(ReplicaTimeout, match="reached 1 of 2 replicas"):
+            await greedy.append("t", "w", fence, 2, [[9]], "a2")
+        assert time.monotonic() - t0 < 3
+        dup = await st.append("t", "w", fence, 2, [[9]], "a2")  # the retry finds it, and now it is replicated
+        assert (dup.status, dup.offset) == ("duplicate", 3)
+
+    run(redis_cluster.url, body, wait_replicas=1)
+
+
+def _follows(replica, master) -> bool:
+    with redis.Redis(port=replica.port) as c:
+        return int(c.info("replication")["master_port"]) == master.port
+
+
+def test_wait_without_replicas_is_refused(redis_server: RedisServer) -> None:  # noqa: F811
+    async def body(st: Store, r) -> None:
+        with pytest.raises(ReplicaTimeout, match="reached 0 of 1 replicas"):
+            await st.create("t", "x", {}, "sha256:x")
+
+    run(redis_server.url, body, wait_replicas=1, wait_timeout=0.1)

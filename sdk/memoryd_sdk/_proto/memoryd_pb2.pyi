@@ -233,7 +233,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes", "attention_sinks")
+    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes", "attention_sinks", "limits")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +255,7 @@ class ModelInfo(_message.Message):
     MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_SINKS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     digest: str
     model_type: str
     name: str
@@ -276,7 +277,56 @@ class ModelInfo(_message.Message):
     max_generate_tokens: int
     max_message_bytes: int
     attention_sinks: int
-    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ...) -> None: ...
+    limits: ServerLimits
+    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+
+class ServerLimits(_message.Message):
+    __slots__ = ("max_append_tokens", "max_append_text_chars", "max_generate_tokens", "max_message_bytes", "max_metadata_entries", "max_metadata_key_chars", "max_metadata_value_chars", "max_stop_strings", "max_stop_string_chars", "max_stop_tokens", "max_top_k", "max_temperature", "max_import_bytes", "max_sessions_per_tenant", "default_page_size", "max_page_size", "default_chunk_bytes", "min_chunk_bytes", "max_chunk_bytes", "max_session_id_chars", "max_append_id_chars", "max_role_chars")
+    MAX_APPEND_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_APPEND_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_METADATA_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_METADATA_KEY_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_METADATA_VALUE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_STRING_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMPORT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_PER_TENANT_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSION_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_APPEND_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROLE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    max_append_tokens: int
+    max_append_text_chars: int
+    max_generate_tokens: int
+    max_message_bytes: int
+    max_metadata_entries: int
+    max_metadata_key_chars: int
+    max_metadata_value_chars: int
+    max_stop_strings: int
+    max_stop_string_chars: int
+    max_stop_tokens: int
+    max_top_k: int
+    max_temperature: float
+    max_import_bytes: int
+    max_sessions_per_tenant: int
+    default_page_size: int
+    max_page_size: int
+    default_chunk_bytes: int
+    min_chunk_bytes: int
+    max_chunk_bytes: int
+    max_session_id_chars: int
+    max_append_id_chars: int
+    max_role_chars: int
+    def __init__(self, max_append_tokens: _Optional[int] = ..., max_append_text_chars: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_metadata_entries: _Optional[int] = ..., max_metadata_key_chars: _Optional[int] = ..., max_metadata_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_import_bytes: _Optional[int] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_page_size: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., min_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_session_id_chars: _Optional[int] = ..., max_append_id_chars: _Optional[int] = ..., max_role_chars: _Optional[int] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id", "chunk_bytes")
@@ -287,7 +337,7 @@ class ExportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class ExportHeader(_message.Message):
-    __slots__ = ("session_id", "metadata", "model_digest", "offset", "total_bytes", "sha256", "format")
+    __slots__ = ("session_id", "metadata", "model_digest", "offset", "total_bytes", "sha256", "format", "source_session_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -302,6 +352,7 @@ class ExportHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     metadata: _containers.ScalarMap[str, str]
     model_digest: str
@@ -309,7 +360,8 @@ class ExportHeader(_message.Message):
     total_bytes: int
     sha256: str
     format: str
-    def __init__(self, session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., model_digest: _Optional[str] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ...) -> None: ...
+    source_session_id: str
+    def __init__(self, session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., model_digest: _Optional[str] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., source_session_id: _Optional[str] = ...) -> None: ...
 
 class SessionChunk(_message.Message):
     __slots__ = ("header", "data")

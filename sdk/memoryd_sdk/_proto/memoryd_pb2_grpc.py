@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import memoryd_pb2 as memoryd__pb2
+from . import memoryd_pb2 as memoryd_dot_v1_dot_memoryd__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in memoryd_pb2_grpc.py depends on'
+        + ' but the generated code in memoryd/v1/memoryd_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,63 +36,63 @@ class MemoryServiceStub:
         """
         self.CreateSession = channel.unary_unary(
                 '/memoryd.v1.MemoryService/CreateSession',
-                request_serializer=memoryd__pb2.CreateSessionRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.Session.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
                 _registered_method=True)
         self.GetSession = channel.unary_unary(
                 '/memoryd.v1.MemoryService/GetSession',
-                request_serializer=memoryd__pb2.GetSessionRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.Session.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.GetSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
                 _registered_method=True)
         self.ListSessions = channel.unary_unary(
                 '/memoryd.v1.MemoryService/ListSessions',
-                request_serializer=memoryd__pb2.ListSessionsRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.ListSessionsResponse.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ListSessionsResponse.FromString,
                 _registered_method=True)
         self.DeleteSession = channel.unary_unary(
                 '/memoryd.v1.MemoryService/DeleteSession',
-                request_serializer=memoryd__pb2.DeleteSessionRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.DeleteSessionResponse.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.DeleteSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.DeleteSessionResponse.FromString,
                 _registered_method=True)
         self.ResetSession = channel.unary_unary(
                 '/memoryd.v1.MemoryService/ResetSession',
-                request_serializer=memoryd__pb2.ResetSessionRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.Session.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.ResetSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
                 _registered_method=True)
         self.ForkSession = channel.unary_unary(
                 '/memoryd.v1.MemoryService/ForkSession',
-                request_serializer=memoryd__pb2.ForkSessionRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.Session.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.ForkSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
                 _registered_method=True)
         self.Append = channel.unary_unary(
                 '/memoryd.v1.MemoryService/Append',
-                request_serializer=memoryd__pb2.AppendRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.AppendResponse.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.AppendRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.AppendResponse.FromString,
                 _registered_method=True)
         self.AppendStream = channel.stream_unary(
                 '/memoryd.v1.MemoryService/AppendStream',
-                request_serializer=memoryd__pb2.AppendRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.AppendResponse.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.AppendRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.AppendResponse.FromString,
                 _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/memoryd.v1.MemoryService/Generate',
-                request_serializer=memoryd__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.GenerateResponse.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.ExportSession = channel.unary_stream(
                 '/memoryd.v1.MemoryService/ExportSession',
-                request_serializer=memoryd__pb2.ExportSessionRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.SessionChunk.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.SessionChunk.FromString,
                 _registered_method=True)
         self.ImportSession = channel.stream_unary(
                 '/memoryd.v1.MemoryService/ImportSession',
-                request_serializer=memoryd__pb2.SessionChunk.SerializeToString,
-                response_deserializer=memoryd__pb2.Session.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.SessionChunk.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/memoryd.v1.MemoryService/GetModel',
-                request_serializer=memoryd__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=memoryd__pb2.ModelInfo.FromString,
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -101,16 +101,19 @@ class MemoryServiceServicer:
 
     def CreateSession(self, request, context):
         """Create a new, empty session (initial fast weights, empty caches).
-        INVALID_ARGUMENT  bad session_id or metadata (too many / too long entries).
+        INVALID_ARGUMENT  bad session_id or metadata (too many / too long entries:
+        limits.max_metadata_*).
         ALREADY_EXISTS    the id is taken (in this tenant).
-        RESOURCE_EXHAUSTED the tenant has reached its session limit.
+        RESOURCE_EXHAUSTED the tenant has reached its session limit
+        (limits.max_sessions_per_tenant).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Describe a session: offset, pending tokens, state bytes, times.
+        """Describe a session: offset, pending tokens, state bytes, times. A session
+        of another model is described too (see "Sessions of another model").
         INVALID_ARGUMENT  bad session_id.
         NOT_FOUND         no such session in this tenant (or it expired).
         """
@@ -120,7 +123,8 @@ class MemoryServiceServicer:
 
     def ListSessions(self, request, context):
         """Page through the caller's sessions, ordered by id.
-        INVALID_ARGUMENT  page_size over the limit, or a malformed page_token.
+        INVALID_ARGUMENT  page_size over limits.max_page_size, or a malformed
+        page_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,7 +132,7 @@ class MemoryServiceServicer:
 
     def DeleteSession(self, request, context):
         """Delete a session and free everything it holds (state, log, snapshots not
-        shared with a fork).
+        shared with a fork). Works on a session of another model too.
         INVALID_ARGUMENT  bad session_id.
         NOT_FOUND         no such session in this tenant.
         """
@@ -141,6 +145,7 @@ class MemoryServiceServicer:
         INVALID_ARGUMENT  bad session_id.
         NOT_FOUND         no such session.
         ABORTED           expected_offset was given and differs from the offset.
+        FAILED_PRECONDITION the session was stored under another model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +159,10 @@ class MemoryServiceServicer:
         NOT_FOUND         no such source session.
         ALREADY_EXISTS    new_session_id is taken.
         ABORTED           expected_offset was given and differs from the source's offset.
+        RESOURCE_EXHAUSTED the tenant has reached its session limit
+        (limits.max_sessions_per_tenant).
+        FAILED_PRECONDITION the source was stored under another model (no copy is
+        made: it could not be used here either).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,9 +176,11 @@ class MemoryServiceServicer:
         nothing, bad session_id, bad append_id; messages when the
         model has no usable chat template (GetModel says), a bad
         role, content holding a special token of the chat format,
-        messages the template itself refuses.
-        RESOURCE_EXHAUSTED more tokens than max_append_tokens, or a request larger
-        than the server's message limit.
+        messages the template itself refuses; an append_id reused
+        with other tokens.
+        RESOURCE_EXHAUSTED more tokens than limits.max_append_tokens, text (or
+        message contents) longer than limits.max_append_text_chars,
+        or a request larger than limits.max_message_bytes.
         NOT_FOUND         no such session.
         ABORTED           expected_offset differs from the session's offset and this
         is not a retry of an append that already landed.
@@ -190,8 +201,13 @@ class MemoryServiceServicer:
         single response describes the whole stream (tokens summed, last offset).
         On an error the appends before the failing message stay applied and durable;
         the trailing metadata `memoryd-offset` says where the session stands.
-        Status codes: as Append, plus INVALID_ARGUMENT for an empty stream or a
-        message naming a different session.
+        Status codes as Append (each for the message it concerns):
+        INVALID_ARGUMENT  as Append; also an empty stream, a message naming a
+        different session, a message that does not decode.
+        RESOURCE_EXHAUSTED as Append.
+        NOT_FOUND         no such session.
+        ABORTED           as Append.
+        FAILED_PRECONDITION the session was stored under another model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,13 +220,19 @@ class MemoryServiceServicer:
         completes; if the call is cancelled nothing is committed. With commit =
         false the session is left bit for bit as it was. See GenerateRequest for
         what is committed of the stop, and for chat prompts.
-        INVALID_ARGUMENT  bad sampling settings (temperature < 0, top_p outside
-        [0, 1], top_k < 0, max_tokens 0, stop ids outside the
+        INVALID_ARGUMENT  bad sampling settings (temperature outside [0,
+        limits.max_temperature] or not finite, top_p outside
+        [0, 1], top_k over limits.max_top_k (the vocabulary),
+        max_tokens 0, an empty stop string, stop ids outside the
         vocabulary), an empty session with no prompt, bad prompt
         (as Append's content), a reused append_id with another
-        prompt, commit_suffix with a chat reply (the template
-        closes it).
-        RESOURCE_EXHAUSTED max_tokens over the server's limit, too many stop strings.
+        prompt, commit_suffix / commit_stop with a chat reply
+        (the template closes it).
+        RESOURCE_EXHAUSTED max_tokens over limits.max_generate_tokens; more than
+        limits.max_stop_strings stop strings or one longer than
+        limits.max_stop_string_chars; more than
+        limits.max_stop_tokens stop ids; a prompt over Append's
+        limits.
         NOT_FOUND         no such session.
         ABORTED           expected_offset differs from the offset.
         FAILED_PRECONDITION the session was stored under another model.
@@ -221,21 +243,33 @@ class MemoryServiceServicer:
 
     def ExportSession(self, request, context):
         """A session as a stream of chunks: first a header, then the state bytes
-        (safetensors) in pieces of at most chunk_bytes. Move it to another
-        deployment with ImportSession.
-        INVALID_ARGUMENT  bad session_id or chunk size.
+        (safetensors) in pieces of exactly chunk_bytes (the last may be shorter).
+        Move it to another deployment with ImportSession.
+        INVALID_ARGUMENT  bad session_id, or chunk_bytes outside
+        [limits.min_chunk_bytes, limits.max_chunk_bytes].
         NOT_FOUND         no such session.
+        FAILED_PRECONDITION a session of another model whose stored snapshot does
+        not hold its whole state (see "Sessions of another
+        model").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ImportSession(self, request_iterator, context):
-        """Rebuild a session from an export: first chunk a header, then data chunks.
-        INVALID_ARGUMENT  no header first, a second header, bytes that do not match
-        the header's size or sha256, bytes that are not a session
-        snapshot, bad session_id / metadata.
-        RESOURCE_EXHAUSTED the export is larger than the server accepts.
+        """Rebuild a session from an export: first chunk a header, then data chunks of
+        at least limits.min_chunk_bytes each (the last may be shorter). The new
+        session's id is header.session_id, else header.source_session_id (the
+        exported id: an unchanged export keeps its id), else a fresh one.
+        INVALID_ARGUMENT  no header first, a second header, an unknown format, a
+        data chunk under limits.min_chunk_bytes that is not the
+        last, bytes that do not match the header's size or
+        sha256, bytes that are not a session snapshot, a header
+        offset that differs from the state's, bad session_id /
+        metadata.
+        RESOURCE_EXHAUSTED the export is larger than limits.max_import_bytes, or
+        the tenant has reached its session limit
+        (limits.max_sessions_per_tenant).
         ALREADY_EXISTS    the target session id is taken.
         FAILED_PRECONDITION the export was made with another model (digest differs).
         """
@@ -246,7 +280,7 @@ class MemoryServiceServicer:
     def GetModel(self, request, context):
         """The served model: digest, shapes, tokenizer, chat template, server limits.
         Clients use it to format chat turns (or to let the server do it) and to
-        size their requests.
+        size their requests. Only the common codes (it needs no Redis).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,63 +291,63 @@ def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSession,
-                    request_deserializer=memoryd__pb2.CreateSessionRequest.FromString,
-                    response_serializer=memoryd__pb2.Session.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.CreateSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.Session.SerializeToString,
             ),
             'GetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.GetSession,
-                    request_deserializer=memoryd__pb2.GetSessionRequest.FromString,
-                    response_serializer=memoryd__pb2.Session.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.GetSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.Session.SerializeToString,
             ),
             'ListSessions': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSessions,
-                    request_deserializer=memoryd__pb2.ListSessionsRequest.FromString,
-                    response_serializer=memoryd__pb2.ListSessionsResponse.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ListSessionsRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.ListSessionsResponse.SerializeToString,
             ),
             'DeleteSession': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSession,
-                    request_deserializer=memoryd__pb2.DeleteSessionRequest.FromString,
-                    response_serializer=memoryd__pb2.DeleteSessionResponse.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.DeleteSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.DeleteSessionResponse.SerializeToString,
             ),
             'ResetSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetSession,
-                    request_deserializer=memoryd__pb2.ResetSessionRequest.FromString,
-                    response_serializer=memoryd__pb2.Session.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ResetSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.Session.SerializeToString,
             ),
             'ForkSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ForkSession,
-                    request_deserializer=memoryd__pb2.ForkSessionRequest.FromString,
-                    response_serializer=memoryd__pb2.Session.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ForkSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.Session.SerializeToString,
             ),
             'Append': grpc.unary_unary_rpc_method_handler(
                     servicer.Append,
-                    request_deserializer=memoryd__pb2.AppendRequest.FromString,
-                    response_serializer=memoryd__pb2.AppendResponse.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.AppendRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.AppendResponse.SerializeToString,
             ),
             'AppendStream': grpc.stream_unary_rpc_method_handler(
                     servicer.AppendStream,
-                    request_deserializer=memoryd__pb2.AppendRequest.FromString,
-                    response_serializer=memoryd__pb2.AppendResponse.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.AppendRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.AppendResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=memoryd__pb2.GenerateRequest.FromString,
-                    response_serializer=memoryd__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.GenerateRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.GenerateResponse.SerializeToString,
             ),
             'ExportSession': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportSession,
-                    request_deserializer=memoryd__pb2.ExportSessionRequest.FromString,
-                    response_serializer=memoryd__pb2.SessionChunk.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ExportSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.SessionChunk.SerializeToString,
             ),
             'ImportSession': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportSession,
-                    request_deserializer=memoryd__pb2.SessionChunk.FromString,
-                    response_serializer=memoryd__pb2.Session.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.SessionChunk.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.Session.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=memoryd__pb2.GetModelRequest.FromString,
-                    response_serializer=memoryd__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.GetModelRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -341,8 +375,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/CreateSession',
-            memoryd__pb2.CreateSessionRequest.SerializeToString,
-            memoryd__pb2.Session.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.CreateSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
@@ -368,8 +402,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/GetSession',
-            memoryd__pb2.GetSessionRequest.SerializeToString,
-            memoryd__pb2.Session.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.GetSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
@@ -395,8 +429,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/ListSessions',
-            memoryd__pb2.ListSessionsRequest.SerializeToString,
-            memoryd__pb2.ListSessionsResponse.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.ListSessionsRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.ListSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -422,8 +456,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/DeleteSession',
-            memoryd__pb2.DeleteSessionRequest.SerializeToString,
-            memoryd__pb2.DeleteSessionResponse.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.DeleteSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.DeleteSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -449,8 +483,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/ResetSession',
-            memoryd__pb2.ResetSessionRequest.SerializeToString,
-            memoryd__pb2.Session.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.ResetSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
@@ -476,8 +510,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/ForkSession',
-            memoryd__pb2.ForkSessionRequest.SerializeToString,
-            memoryd__pb2.Session.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.ForkSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
@@ -503,8 +537,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/Append',
-            memoryd__pb2.AppendRequest.SerializeToString,
-            memoryd__pb2.AppendResponse.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.AppendRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.AppendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -530,8 +564,8 @@ class MemoryService:
             request_iterator,
             target,
             '/memoryd.v1.MemoryService/AppendStream',
-            memoryd__pb2.AppendRequest.SerializeToString,
-            memoryd__pb2.AppendResponse.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.AppendRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.AppendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -557,8 +591,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/Generate',
-            memoryd__pb2.GenerateRequest.SerializeToString,
-            memoryd__pb2.GenerateResponse.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.GenerateRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -584,8 +618,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/ExportSession',
-            memoryd__pb2.ExportSessionRequest.SerializeToString,
-            memoryd__pb2.SessionChunk.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.ExportSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.SessionChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -611,8 +645,8 @@ class MemoryService:
             request_iterator,
             target,
             '/memoryd.v1.MemoryService/ImportSession',
-            memoryd__pb2.SessionChunk.SerializeToString,
-            memoryd__pb2.Session.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.SessionChunk.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,
@@ -638,8 +672,8 @@ class MemoryService:
             request,
             target,
             '/memoryd.v1.MemoryService/GetModel',
-            memoryd__pb2.GetModelRequest.SerializeToString,
-            memoryd__pb2.ModelInfo.FromString,
+            memoryd_dot_v1_dot_memoryd__pb2.GetModelRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
