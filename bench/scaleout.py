@@ -20,8 +20,8 @@ beyond each session's first, per 1000 acknowledged calls; read from the heads' f
 tokens), max_wait_ms (longest single call, retries included), tok_s, failover_s (kill
 to the first acknowledged call of each session the killed daemon held; the largest),
 lease_seconds; plain_acked against shared_sdk_acked shows the two clients of one session
-taking turns.  Redis Cluster: run it again once the storage branch (`redis+cluster://`)
-is in; the routing does not depend on which.
+taking turns.  `--cluster`: the same on a Redis Cluster of three masters and three
+replicas on loopback (tests/cluster_fixtures.py) instead of one Redis.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ for _p in (ROOT, ROOT / "sdk"):
         sys.path.insert(0, str(_p))
 
 import grpc  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
 import torch  # noqa: E402
 from harness import start_daemon, start_redis  # noqa: E402
 from memoryd_sdk import AsyncMemoryClient, RetryPolicy  # noqa: E402
@@ -52,6 +51,7 @@ from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from memoryd.redis_client import connect  # noqa: E402
 from memoryd.store import Store  # noqa: E402
 from model import StreamState, init_model, preset, save_checkpoint  # noqa: E402
 from model.snapshot import state_from_bytes  # noqa: E402
@@ -155,14 +155,24 @@ async def main_async(a: argparse.Namespace, work: Path) -> dict:
     model = init_model(preset("tiny"), seed=0)
     ckpt = work / "ckpt"
     save_checkpoint(model, ckpt)
-    redis_proc, redis_port = start_redis(work)
+    cluster = redis_proc = None
+    if a.cluster:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from cluster_fixtures import LocalCluster
+
+        cluster = LocalCluster(work / "cluster")
+        cluster.start()
+        url = cluster.url
+    else:
+        redis_proc, redis_port = start_redis(work)
+        url = f"redis://127.0.0.1:{redis_port}/0"
     procs: list = []
     try:
         extra = ["--lease-seconds", str(a.lease_seconds), "--snapshot-interval", str(a.snapshot_interval)]
         for i in range(a.daemons):
             d = work / f"d{i}"
             d.mkdir()
-            procs.append(start_daemon(d, ckpt, redis_port, 1, *extra))
+            procs.append(start_daemon(d, ckpt, url, 1, *extra))
         addresses = [addr for _, addr in procs]
         retry = RetryPolicy(max_attempts=50, initial_backoff=0.05, max_backoff=0.5)
         client = AsyncMemoryClient(addresses, timeout=30, retry=retry)
@@ -202,7 +212,7 @@ async def main_async(a: argparse.Namespace, work: Path) -> dict:
                 head = await stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=60)
                 lo, du = check_session(model, run.acks[sid], head.offset, await export(stub, sid))
                 lost, dup, acked = lost + lo, dup + du, acked + len(run.acks[sid])
-        store = Store(aioredis.from_url(f"redis://127.0.0.1:{redis_port}/0"))
+        store = Store(connect(url, 10))
         fences = [(await store.head("default", sid)).fence for sid in sids]
         await store.r.aclose()
         await client.close()
@@ -228,7 +238,7 @@ async def main_async(a: argparse.Namespace, work: Path) -> dict:
             "shared_sdk_acked": sum(x.who == "sdk" for x in run.acks[shared]),
             "plain_max_wait_ms": round(1000 * max(run.plain_waits, default=0.0), 1),
             "sdk_errors": len(run.errors),
-            "redis": "single",
+            "redis": "cluster" if a.cluster else "single",
         }
     finally:
         for proc, _ in procs:
@@ -239,8 +249,11 @@ async def main_async(a: argparse.Namespace, work: Path) -> dict:
                 proc.wait(30)
             except Exception:  # noqa: BLE001
                 proc.kill()
-        redis_proc.terminate()
-        redis_proc.wait(10)
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+        if cluster is not None:
+            cluster.stop()
 
 
 def main() -> None:
@@ -253,6 +266,7 @@ def main() -> None:
     p.add_argument("--lease-seconds", type=float, default=3.0)
     p.add_argument("--snapshot-interval", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cluster", action="store_true", help="a 3+3 Redis Cluster on loopback instead of one Redis")
     a = p.parse_args()
     a.progress = sys.stderr.isatty()
     work = Path(tempfile.mkdtemp(prefix="memoryd-scaleout-"))
