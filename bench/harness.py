@@ -49,9 +49,9 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
 
 
 def start_daemon(
-    workdir: Path, ckpt: Path | None, redis_port: int, torch_threads: int, *extra: str, data_dir: Path | None = None
+    workdir: Path, ckpt: Path | None, redis: int | str, torch_threads: int, *extra: str, data_dir: Path | None = None
 ) -> tuple[subprocess.Popen, str]:
-    """`memoryd serve` on a free port against the given Redis, waited on until SERVING.
+    """`memoryd serve` on a free port against the given Redis (a local port or a URL), waited on until SERVING.
 
     No checkpoint: the daemon's default model, converted once into `data_dir`."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -59,7 +59,8 @@ def start_daemon(
     address = f"127.0.0.1:{free_port()}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "sdk")]))
     args = [sys.executable, "-m", "memoryd", "serve", "--listen", address, "--metrics-port", "0"]
-    args += ["--redis-url", f"redis://127.0.0.1:{redis_port}/0"] + (["--checkpoint", str(ckpt)] if ckpt else [])
+    url = redis if isinstance(redis, str) else f"redis://127.0.0.1:{redis}/0"  # a port, or any --redis-url
+    args += ["--redis-url", url] + (["--checkpoint", str(ckpt)] if ckpt else [])
     args += ["--data-dir", str(data_dir or workdir), "--torch-threads", str(torch_threads), "--log-level", "WARNING"]
     args += list(extra)
     log = open(workdir / "memoryd.log", "ab")  # noqa: SIM115 (the child owns it)

@@ -23,6 +23,7 @@ SNAPSHOT_SECONDS = Histogram("memoryd_snapshot_seconds", "time to serialize, wri
 LOADS = Counter("memoryd_session_loads_total", "sessions brought back from Redis (snapshot + log replay)")
 REPLAYED_TOKENS = Counter("memoryd_replayed_tokens_total", "log tokens replayed while loading sessions")
 EVICTIONS = Counter("memoryd_evictions_total", "hot sessions written out and dropped for the byte budget")
+FORWARDED = Counter("memoryd_forwarded_calls_total", "calls forwarded to the daemon holding their session", ["method"])
 REDIS_ERRORS = Counter("memoryd_redis_errors_total", "Redis calls that failed (reported as UNAVAILABLE)")
 
 

@@ -33,6 +33,7 @@ from memoryd.leases import redis_errors
 from memoryd.metrics import serve_metrics
 from memoryd.redis_client import connect
 from memoryd.redis_embed import EmbeddedRedis
+from memoryd.routing import Router, advertised_address, publish_forever, withdraw_address
 from memoryd.service import MemoryServicer, add_to_server
 from memoryd.sessions import Sessions
 from memoryd.settings import Settings
@@ -156,13 +157,15 @@ async def serve(s: Settings) -> None:
         ("grpc.so_reuseport", 0),  # one process per host:port, so host:port names one daemon (settings.daemon_id)
     ]
     server = grpc.aio.server(options=opts)
-    add_to_server(MemoryServicer(sessions, s, auth, name, adapter), server)
+    router = Router(s.daemon_id, "", s.lease_seconds, s.tls_cert.read_bytes() if s.tls_cert else None)
+    add_to_server(MemoryServicer(sessions, s, auth, name, adapter, router), server)
     hs = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable((SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = server.add_secure_port(s.listen, creds) if creds else server.add_insecure_port(s.listen)
+    router.address = advertised_address(s.listen, port, s.advertise_address)
     await server.start()
     http = None
     if s.http_listen:  # the OpenAI-compatible gateway, in this process, speaking gRPC to this daemon
@@ -172,11 +175,13 @@ async def serve(s: Settings) -> None:
     metrics_port = serve_metrics(s.metrics_port, s.metrics_host)
     host = s.listen.rpartition(":")[0]
     ready = {"event": "listening", "grpc": f"{host}:{port}", "metrics_port": metrics_port, "tls": bool(creds)}
+    ready |= {"advertise": router.address, "instance": s.daemon_id}
     ready |= {"http": f"{s.http_listen.rpartition(':')[0]}:{http.port}" if http else None}
     ready |= {"auth": auth.enabled, "redis": "embedded" if embedded else url.split("@")[-1]}
     log.info(json.dumps(ready))
 
     tasks = [asyncio.create_task(_health_loop(store, hs)), asyncio.create_task(sessions.maintain_forever())]
+    tasks.append(asyncio.create_task(publish_forever(store, s.daemon_id, router.address, s.lease_seconds)))
     tasks.append(asyncio.create_task(sweep_forever(store)))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -194,8 +199,10 @@ async def serve(s: Settings) -> None:
     await server.stop(s.shutdown_grace)
     try:
         await sessions.flush()
+        await withdraw_address(store, s.daemon_id)
     except Exception:
         log.exception("flush on shutdown failed; the token log still holds every acknowledged token")
+    await router.close()
     with contextlib.suppress(Exception):
         await r.aclose()
     if embedded is not None:

@@ -46,6 +46,7 @@ from memoryd.limits import (
     MAX_SESSION_ID_CHARS,
     server_limits,
 )
+from memoryd.routing import Router
 from memoryd.sessions import Content, GenParams, Info, Sessions
 from memoryd.settings import Settings
 from memoryd.store import SNAPSHOT_FORMAT
@@ -72,8 +73,11 @@ def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: floa
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
-    if e.offset is not None:
-        context.set_trailing_metadata((("memoryd-offset", str(e.offset)),))
+    trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/routing.py)
+    if e.offset is not None and not any(k == "memoryd-offset" for k, _ in trailers):
+        trailers += (("memoryd-offset", str(e.offset)),)
+    if trailers:
+        context.set_trailing_metadata(trailers)
     await context.abort(e.code, e.message)
 
 
@@ -135,7 +139,7 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
             request = request_of(raw)
-            return await fn(self, tenant, request, context)
+            return await self.router.unary(method, request, context, lambda req: fn(self, tenant, req, context))
         except ServiceError as e:
             code = e.code
             fields["error"] = e.message
@@ -166,7 +170,7 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
             request = request_of(raw)
-            async for item in fn(self, tenant, request, context):
+            async for item in self.router.stream(method, request, context, lambda req: fn(self, tenant, req, context)):
                 yield item
         except ServiceError as e:
             code = e.code
@@ -245,9 +249,16 @@ def session_pb(info: Info) -> pb.Session:
 
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def __init__(
-        self, sessions: Sessions, settings: Settings, auth: Auth, model_name: str = "", adapter: str = ""
+        self,
+        sessions: Sessions,
+        settings: Settings,
+        auth: Auth,
+        model_name: str = "",
+        adapter: str = "",
+        router: Router | None = None,
     ) -> None:
         self.sessions = sessions
+        self.router = router or Router(settings.daemon_id, "", settings.lease_seconds, None)
         self.s = settings
         self.auth = auth
         self.tok = sessions.tok

@@ -53,8 +53,9 @@ from memoryd.leases import maintain_forever, redis_errors
 from memoryd.ordering import Key, SessionLocks
 from memoryd.output import GenEvent, GenParams, StopText, kept_output, record, replayed
 from memoryd.residency import Hot, Residency
+from memoryd.routing import Moved, address_of
 from memoryd.settings import Settings
-from memoryd.store import AppendResult, Head, Store, tokens_hash
+from memoryd.store import AppendResult, Head, LeaseResult, Store, tokens_hash
 
 if TYPE_CHECKING:
     from memoryd.chat import ChatFormat
@@ -189,11 +190,7 @@ class Sessions:
             if lease.missing:
                 raise NotFound(f"session {sid!r} does not exist")
             if lease.fence is None:
-                await self.store.request_handoff(tenant, sid)
-                raise Unavailable(
-                    f"session {sid!r} is served by daemon {lease.holder}; it was asked to hand the session over "
-                    f"(its lease ends within {lease.ttl_ms} ms at the latest): retry in a moment"
-                )
+                raise await self._elsewhere(key, lease)
             head = await self.store.head(tenant, sid)
             if head is None:
                 raise NotFound(f"session {sid!r} does not exist")
@@ -214,6 +211,17 @@ class Sessions:
         self.hot.put(key, hot)
         self._spawn(self._enforce_budget(key))
         return hot
+
+    async def _elsewhere(self, key: Key, lease: LeaseResult) -> Moved:
+        """Where the session is served (memoryd/routing.py forwards the call there).
+
+        A holder that published no address (an older daemon) is asked to hand the session
+        over instead, as before routing existed.
+        """
+        address = await address_of(self.store, lease.holder)
+        if address is None:
+            await self.store.request_handoff(*key)
+        return Moved(key[1], lease.holder, address, lease.ttl_ms)
 
     # -- snapshots and eviction --------------------------------------------------------------
 

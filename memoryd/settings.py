@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
 from memoryd.redis_client import check_url
@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     instance_id: str = Field(
         "", description="this daemon's name in leases (default: host:listen, plus a per-process suffix for port 0)"
     )
+    advertise_address: str | None = Field(
+        None,
+        description="host:port other daemons and clients reach this daemon at, published with its leases "
+        "(default: the listen host and the port actually bound)",
+    )
     max_append_tokens: int = Field(65536, ge=1, description="tokens per append message")
     max_generate_tokens: int = Field(4096, ge=1, description="max_tokens ceiling of generate")
     max_sessions_per_tenant: int = Field(0, ge=0, description="0: unlimited")
@@ -109,14 +114,14 @@ class Settings(BaseSettings):
     def _bytes(cls, v: Any) -> int:
         return parse_bytes(v)
 
-    @field_validator("listen", "http_listen")
+    @field_validator("listen", "http_listen", "advertise_address")
     @classmethod
-    def _listen(cls, v: str | None) -> str | None:
+    def _listen(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is None:
             return v
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise ValueError(f"listen must be host:port (e.g. 127.0.0.1:50051), got {v!r}")
+            raise ValueError(f"{info.field_name} must be host:port (e.g. 127.0.0.1:50051), got {v!r}")
         return v
 
     @field_validator("redis_url")

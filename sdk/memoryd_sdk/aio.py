@@ -33,11 +33,10 @@ from typing import IO, Any
 import grpc
 
 from memoryd_sdk._proto import memoryd_pb2 as pb
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.aio_generation import AsyncGenerateStream
 from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.chat import ChatTemplate
-from memoryd_sdk.connection import TLS, aio_channel, auth_metadata
+from memoryd_sdk.connection import TLS, auth_metadata
 from memoryd_sdk.errors import AlreadyExists, MemorydError, NotFound, OffsetConflict, from_rpc_error
 from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, read_header, write_header
 from memoryd_sdk.iterators import aiter_of
@@ -56,15 +55,18 @@ from memoryd_sdk.requests import (
     sampling,
 )
 from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry_async
+from memoryd_sdk.routing import RoutedStub, Routes, Targets
 from memoryd_sdk.types import AppendResult, ExportHeader, GenerateChunk, GenerateResult, ModelInfo, SessionInfo
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 class AsyncMemoryClient:
-    """A connection to one memoryd (one shared channel; any number of concurrent calls).
+    """A connection to memoryd (one shared channel per daemon; any number of concurrent calls).
 
-    `target` is `host:port`; `token` the bearer token when the daemon has auth on; `tls`
+    `target` is `host:port`, or several daemons (`"a:50051,b:50051"`, a list, or one name
+    that resolves to several): each session's calls then go to the daemon holding it
+    (`routing.py`); `token` the bearer token when the daemon has auth on; `tls`
     see `connection.TLS`.  `timeout` is the deadline of unary calls and
     `generate_timeout` of generations and exports/imports (seconds, per attempt).
     `template`: a `ChatTemplate` for `add_message` / `chat`; None (the default) uses the
@@ -74,7 +76,7 @@ class AsyncMemoryClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: Targets = DEFAULT_TARGET,
         token: str | None = None,
         tls: TLS = None,
         *,
@@ -91,14 +93,14 @@ class AsyncMemoryClient:
         self.template = template
         self._model: ModelInfo | None = None
         self._md = auth_metadata(token) + tuple(metadata)
-        self._channel = aio_channel(target, tls, options)
-        self._stub = pb_grpc.MemoryServiceStub(self._channel)
+        self._routes = Routes(target, tls, options)
+        self._stub: Any = RoutedStub(self._routes)
 
     # -- plumbing --------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Close the channel (in-flight calls are cancelled)."""
-        await self._channel.close()
+        """Close the channels (in-flight calls are cancelled)."""
+        await self._routes.close()
 
     async def __aenter__(self) -> AsyncMemoryClient:
         return self
@@ -297,7 +299,7 @@ class AsyncMemoryClient:
 
         async def once(a: Attempt) -> Any:
             return await self._stub.AppendStream(
-                requests(a.number), timeout=timeout or self.generate_timeout, metadata=self._md
+                requests(a.number), timeout=timeout or self.generate_timeout, metadata=self._md, session=session_id
             )
 
         m = await call_with_retry_async(once, self.retry, "AppendStream")
@@ -499,7 +501,10 @@ class AsyncMemoryClient:
 
         try:
             m = await self._stub.ImportSession(
-                aiter_of(pieces()), timeout=timeout or self.generate_timeout, metadata=self._md
+                aiter_of(pieces()),
+                timeout=timeout or self.generate_timeout,
+                metadata=self._md,
+                session=header.session_id,
             )
         except grpc.RpcError as e:
             if bad_file:

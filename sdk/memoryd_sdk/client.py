@@ -19,6 +19,7 @@ from memoryd_sdk.chat import ChatTemplate
 from memoryd_sdk.connection import TLS
 from memoryd_sdk.generation import GenerateStream
 from memoryd_sdk.retry import RetryPolicy
+from memoryd_sdk.routing import Targets
 from memoryd_sdk.session import Session
 
 __all__ = ["DEFAULT_TARGET", "MemoryClient"]
@@ -31,17 +32,18 @@ def _through(name: str) -> property:
 
 @mirror(AsyncMemoryClient)
 class MemoryClient:
-    """A connection to one memoryd (one shared channel); thread-safe, use one per process and close it.
+    """A connection to memoryd (one shared channel per daemon); thread-safe, use one per process and close it.
 
-    Arguments as `AsyncMemoryClient`: `target` is `host:port`; `token` the bearer token when
-    the daemon has auth on; `tls` see `connection.TLS`; `timeout` / `generate_timeout` the
-    per-attempt deadlines of unary calls and of generations and exports/imports (seconds);
+    Arguments as `AsyncMemoryClient`: `target` is `host:port` or several daemons (routed per
+    session); `token` the bearer token when the daemon has auth on; `tls` see `connection.TLS`;
+    `timeout` / `generate_timeout` the per-attempt deadlines of unary calls and of generations
+    and exports/imports (seconds);
     `template` the chat format of `add_message` / `chat` (None: the model's own, else plain).
     """
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: Targets = DEFAULT_TARGET,
         token: str | None = None,
         tls: TLS = None,
         *,
