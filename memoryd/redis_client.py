@@ -48,7 +48,7 @@ def _host_port(item: str, url: str) -> tuple[str, int]:
     host, sep, port = item.strip().rpartition(":")
     host = host.strip("[]")  # [::1]:7000
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{url!r}: {item!r} is not host:port (example: redis+cluster://10.0.0.1:7000,10.0.0.2:7000)")
+        raise ValueError(f"{url!r}: {item!r} is not host:port (example: redis+cluster://redis-1:7000,redis-2:7000)")
     return host, int(port)
 
 
@@ -65,7 +65,7 @@ def parse_cluster_url(url: str) -> ClusterURL:
         username, password = (unquote(user) or None), (unquote(pw) if colon else None)
     items = [h for h in hosts.split(",") if h.strip()]
     if not items:
-        raise ValueError(f"{url!r} names no node (example: redis+cluster://10.0.0.1:7000,10.0.0.2:7000)")
+        raise ValueError(f"{url!r} names no node (example: redis+cluster://redis-1:7000,redis-2:7000)")
     nodes = tuple(_host_port(h, url) for h in items)
     return ClusterURL(nodes, username, password, scheme == "rediss+cluster")
 

@@ -16,8 +16,8 @@ from memoryd.settings import load_settings
 
 
 def test_cluster_urls() -> None:
-    c = parse_cluster_url("rediss+cluster://app:p%40ss@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002")
-    assert c.nodes == (("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002))
+    c = parse_cluster_url("rediss+cluster://app:p%40ss@redis-1:7000,redis-2:7001,[::1]:7002")
+    assert c.nodes == (("redis-1", 7000), ("redis-2", 7001), ("::1", 7002))
     assert (c.username, c.password, c.tls) == ("app", "p@ss", True)
     assert parse_cluster_url("redis+cluster://h:1").nodes == (("h", 1),)
     assert is_cluster_url("redis+cluster://h:1") and not is_cluster_url("redis://h:1/0")
