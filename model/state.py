@@ -178,13 +178,22 @@ class StreamState:
 
     def live_past(self) -> list[LiveKV]:
         """Per layer, the growing cache the next pending token attends over (started from
-        `kv` with room for a whole mini-batch after a step)."""
+        `kv` with room for a whole mini-batch after a step).
+
+        Starting one copies the stepped cache into the buffer's prefix; `kv` then becomes a
+        view of that prefix (the same values; slots are only ever written past it), so a
+        session holds its window once, not twice.
+        """
         cfg = self.model.cfg
         empty = self.pending_out.new_zeros(1, cfg.kv_heads, 0, cfg.head_dim)
-        return [
-            live if live is not None else LiveKV.start(c, empty, cfg.mini_batch_size)
-            for live, c in zip(self.live_kv, self.kv, strict=True)
-        ]
+        out = []
+        for i, (live, c) in enumerate(zip(self.live_kv, self.kv, strict=True)):
+            if live is None:
+                live = LiveKV.start(c, empty, cfg.mini_batch_size)
+                if c is not None:
+                    self.kv[i] = live.keys()
+            out.append(live)
+        return out
 
     @property
     def refreshed(self) -> bool:
@@ -223,7 +232,9 @@ class StreamState:
         return out
 
     def nbytes(self) -> int:
-        """Device bytes the state holds: its tensors plus the provisional caches."""
-        own = sum(t.numel() * t.element_size() for t in self.tensors().values())
-        live = sum(x.nbytes() for x in self.live_kv if x is not None)
-        return own + live + self.pending_out.numel() * self.pending_out.element_size()
+        """Device bytes the state holds: its tensors and the provisional caches, each storage
+        counted once (the stepped cache lives inside the growing buffer)."""
+        tensors = [*self.tensors().values(), self.pending_out]
+        tensors += [t for live in self.live_kv if live is not None for t in (live.buf.k, live.buf.v)]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
