@@ -61,7 +61,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from model import StreamState, TTTModel, init_model, load_checkpoint, preset  # noqa: E402
+from model import StreamState, TTTModel, init_model, preset  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 
 APPEND = 1024
@@ -273,21 +273,15 @@ def load_source(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     default model (converted once into the data dir) with its shipped adapter."""
     if args.preset:
         return Source(init_model(preset(args.preset), seed=SEED), f"preset {args.preset}", gguf=None)
-    if args.checkpoint is not None:
-        model = load_checkpoint(args.checkpoint, device=str(device))
-        return Source(model.to(dtype).requires_grad_(False), args.checkpoint.resolve().name, gguf=None)
-    from memoryd.default_model import adapter_path, apply_adapter, default_checkpoint
-    from memoryd.settings import default_data_dir
+    from memoryd.default_model import FALLBACK_NAME
+    from memoryd.server import load_model
+    from memoryd.settings import load_settings
     from model.gguf_source import find_smollm2_gguf
 
-    default = default_checkpoint(args.data_dir or default_data_dir())
-    model = load_checkpoint(default.path, device=str(device))
-    adapter = adapter_path(default.name) if default.pretrained else None
-    if adapter is not None:
-        apply_adapter(model, adapter)
-    gguf = find_smollm2_gguf() if default.pretrained else None
-    name = adapter.name if adapter else ""
-    return Source(model.to(dtype).requires_grad_(False), default.name, gguf, name)
+    overrides = {k: v for k, v in (("checkpoint", args.checkpoint), ("data_dir", args.data_dir)) if v is not None}
+    model, _path, name, adapter = load_model(load_settings(overrides), str(device))
+    gguf = find_smollm2_gguf() if args.checkpoint is None and name != FALLBACK_NAME else None
+    return Source(model.to(dtype).requires_grad_(False), name, gguf, adapter)
 
 
 def describe(device: torch.device) -> str:
