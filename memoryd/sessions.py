@@ -205,7 +205,7 @@ class Sessions:
         metrics.REPLAYED_TOKENS.inc(built.replayed)
         if built.state.position != head.offset:
             raise DataLoss(f"session {sid!r}: rebuilt state is at {built.state.position}, the head says {head.offset}")
-        snap_steps = self.engine.steps_at(head.snap_off) if head.snap else 0
+        snap_steps = self.engine.counts_at(head.snap_off)[0] if head.snap else 0
         hot = Hot(state=built.state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
         hot.set_state(built.state)
         self.hot.put(key, hot)
@@ -307,8 +307,8 @@ class Sessions:
         if hot is not None:
             st = hot.state
             return Info(head, st.pending_count, st.steps, hot.nbytes, True)
-        steps = self.engine.steps_at(head.offset)
-        return Info(head, head.offset - steps * self.model.cfg.mini_batch_size, steps, 0, False)
+        steps, pending = self.engine.counts_at(head.offset)
+        return Info(head, pending, steps, 0, False)
 
     async def get(self, tenant: str, sid: str) -> Info:
         key = (tenant, sid)

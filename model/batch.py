@@ -35,6 +35,13 @@ def tokens_to_step(state: StreamState) -> int:
     return state.model.cfg.mini_batch_size - state.pending_count + 1
 
 
+def counts_at(position: int, mini_batch_size: int) -> tuple[int, int]:
+    """(test-time steps, pending tokens) of any state that has read `position` tokens: a
+    mini-batch is stepped once its target arrives, so the last b tokens (or fewer) wait."""
+    steps = max(0, (position - 1) // mini_batch_size)
+    return steps, position - steps * mini_batch_size
+
+
 def steps_on_append(state: StreamState, n: int = 1) -> bool:
     """Whether appending n tokens makes `state` take a test-time step (then it runs solo)."""
     return n >= tokens_to_step(state)

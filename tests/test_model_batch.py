@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from model_configs import micro
 
 from model import InputError, StreamState, init_model
-from model.batch import decode, logits_of, steps_on_append
+from model.batch import counts_at, decode, logits_of, steps_on_append
 from model.snapshot import state_from_bytes, state_to_bytes
 
 TOL = 1e-5
@@ -70,6 +70,7 @@ def test_batched_decode_equals_solo(model, spec):
             torch.testing.assert_close(logits[row], solo[i].logits(), atol=TOL, rtol=TOL)
     for a, b in zip(batch, solo, strict=True):
         assert_same_state(a, b)
+        assert counts_at(a.position, model.cfg.mini_batch_size) == (a.steps, a.pending_count)
         # and a snapshot of the batched state is the solo state's snapshot, byte for byte
         assert state_to_bytes(a) == state_to_bytes(b)
 

@@ -23,7 +23,7 @@ from memoryd.engine.scheduler import Budget, Plan, schedule
 from memoryd.engine.work import Append, Rebuild, Result, State, Ticket, Work
 from memoryd.engine.worker import Outcome, execute
 from model import StreamState, digest_of
-from model.batch import tokens_to_step
+from model.batch import counts_at, tokens_to_step
 
 log = logging.getLogger("memoryd.engine")
 
@@ -67,9 +67,9 @@ class Engine:
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(ticket)
 
-    def steps_at(self, offset: int) -> int:
-        """Test-time steps a session at `offset` has taken (a mini-batch steps once its target arrives)."""
-        return max(0, (offset - 1) // self.model.cfg.mini_batch_size)
+    def counts_at(self, offset: int) -> tuple[int, int]:
+        """(test-time steps, pending tokens) of a session at `offset` (the model's rule)."""
+        return counts_at(offset, self.model.cfg.mini_batch_size)
 
     @staticmethod
     def fork(state: State) -> State:
