@@ -96,10 +96,8 @@ def _forward_rows(states: list[StreamState], tokens: list[int]) -> None:
         states[0].impl,
     )
     for r, s in enumerate(states):
-        s.live_kv = [layer[r] for layer in kept]
-        s.pending_tokens = torch.cat((s.pending_tokens, ids[r : r + 1]))
-        s.pending_out = torch.cat((s.pending_out, h[r : r + 1]), 1)
-        s.position += 1
+        s.take_pending(ids[r : r + 1])
+        s.record_provisional(h[r : r + 1], [layer[r] for layer in kept])
 
 
 @torch.no_grad()

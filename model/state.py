@@ -128,8 +128,7 @@ class StreamState:
         """
         ids = validate_tokens(tokens, self.model.cfg.vocab_size).to(self.pending_tokens.device)
         report = AppendReport()
-        self.pending_tokens = torch.cat((self.pending_tokens, ids))
-        self.position += ids.numel()
+        self.take_pending(ids)
         while self.pending_tokens.numel() > self.model.cfg.mini_batch_size:
             self._step(report)
         self.refresh_pending()
@@ -171,9 +170,18 @@ class StreamState:
         model = self.model
         h = model.embed_tokens(todo[None])
         start = self.position - todo.numel()
-        h, self.live_kv = model.run_blocks(
-            h, range(model.cfg.num_layers), self.live_past(), start, self.fast, self.impl
-        )
+        h, live = model.run_blocks(h, range(model.cfg.num_layers), self.live_past(), start, self.fast, self.impl)
+        self.record_provisional(h, live)
+
+    def take_pending(self, ids: torch.Tensor) -> None:
+        """Queue validated ids [n] as pending (no compute; `append` steps and refreshes after)."""
+        self.pending_tokens = torch.cat((self.pending_tokens, ids))
+        self.position += ids.numel()
+
+    def record_provisional(self, h: torch.Tensor, live: list[LiveKV]) -> None:
+        """Keep the provisional work of the newest pending tokens: their final hidden states
+        h [1, n, d] and every layer's growing cache after them (computed here or in a batch)."""
+        self.live_kv = list(live)
         self.pending_out = torch.cat((self.pending_out, h), 1)
 
     def live_past(self) -> list[LiveKV]:
