@@ -7,6 +7,10 @@ For each n in --sessions, with n client tasks in parallel (one per session):
    latencies of whole Generate calls; `inter_token_p50_ms`/`p99` the gaps between
    consecutive streamed tokens (the first token's wait is not a gap);
 3. all n append 256 more tokens at once: `append_tok_s`.
+`generate_speedup` is generate_tok_s at n over that at 1 session; `bandwidth_ceiling` is the
+most it could be if decoding moved every byte at one bandwidth and arithmetic were free
+(the shared weights are read once per forward, each session's fast weights and cache once per
+row: `model.batch.decode_bytes`), computed from the served model's shapes.
 Everything is measured in one run against one daemon, so ratios between levels are
 meaningful on a noisy machine; absolute figures are not comparable across runs.
 
@@ -43,10 +47,15 @@ from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from memoryd.settings import default_data_dir  # noqa: E402
+from memoryd.server import load_model  # noqa: E402
+from memoryd.settings import default_data_dir, load_settings  # noqa: E402
 from model import init_model, preset, save_checkpoint  # noqa: E402
+from model.batch import DecodeBytes, decode_bytes  # noqa: E402
+from model.checkpoint import read_config  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.tokenizer import load_tokenizer  # noqa: E402
 
-PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256
+PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256  # the issue's shape; --generate-tokens changes the 32
 
 TEXT = """\
 The lighthouse keeper wrote in the log every evening: the wind, the ships that passed, the
@@ -73,7 +82,7 @@ def engine_metrics(port: int) -> dict[str, float]:
     return {n: float(line.split()[-1]) for line in text.splitlines() for n in names if line.startswith(n + " ")}
 
 
-async def one_level(address: str, n: int, tok: object, metrics_port: int) -> dict:
+async def one_level(address: str, n: int, tok: object, metrics_port: int, generate_tokens: int) -> dict:
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.MemoryServiceStub(ch)
         ids = [f"serve-{n}-{i}-{time.time_ns()}" for i in range(n)]
@@ -91,7 +100,7 @@ async def one_level(address: str, n: int, tok: object, metrics_port: int) -> dic
 
         async def generate(sid: str) -> None:
             nonlocal generated
-            req = pb.GenerateRequest(session_id=sid, max_tokens=GENERATE_TOKENS, temperature=0.0, commit=False)
+            req = pb.GenerateRequest(session_id=sid, max_tokens=generate_tokens, temperature=0.0, commit=False)
             t0 = last = time.perf_counter()
             first = True
             async for r in stub.Generate(req):
@@ -142,6 +151,12 @@ def main() -> int:
     p.add_argument("--sessions", default="1,4,16", help="concurrent sessions per level")
     p.add_argument("--device", default="cpu", help="the daemon's --device (cuda on a GPU machine)")
     p.add_argument("--torch-threads", type=int, default=1, help="the daemon's torch threads")
+    p.add_argument(
+        "--generate-tokens",
+        type=int,
+        default=GENERATE_TOKENS,
+        help="tokens each session generates (past about 64 - 8 a session's decode takes a test-time step)",
+    )
     p.add_argument("--tick-tokens", type=int, default=0, help="the daemon's --tick-tokens (0: its default)")
     args = p.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
@@ -162,7 +177,10 @@ def main() -> int:
         data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
         daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads, *extra, data_dir=data_dir)
         info = asyncio.run(model_info(address))
-        tok = tokenizer_for(ckpt, data_dir, info.name)
+        cfg, path = served_config(ckpt, data_dir, info.name)
+        tok = load_tokenizer(cfg, path)
+        served = {"checkpoint": ckpt} if ckpt is not None else {"data_dir": data_dir}  # the daemon's own rule
+        need = decode_bytes(load_model(load_settings(served), "cpu")[0], PROMPT_TOKENS + args.generate_tokens // 2)
         out = {
             "device": args.device,
             "model": {
@@ -174,7 +192,14 @@ def main() -> int:
             "sessions": {},
         }
         for n in tqdm(levels, desc="levels", file=sys.stderr):
-            out["sessions"][str(n)] = asyncio.run(one_level(address, n, tok, metrics_port))
+            out["sessions"][str(n)] = asyncio.run(one_level(address, n, tok, metrics_port, args.generate_tokens))
+        out["generate_tokens"] = args.generate_tokens
+        out["bandwidth_ceiling"] = ceiling(need, levels, PROMPT_TOKENS + args.generate_tokens // 2)
+        if 1 in levels:
+            base = out["sessions"]["1"]["generate_tok_s"]
+            out["generate_speedup"] = {
+                str(n): round(out["sessions"][str(n)]["generate_tok_s"] / base, 2) for n in levels
+            }
         out["env"] = {
             "cpus": os.cpu_count(),
             "load_avg_1m": round(os.getloadavg()[0], 2),
@@ -196,13 +221,22 @@ async def model_info(address: str) -> pb.ModelInfo:
         return await pb_grpc.MemoryServiceStub(ch).GetModel(pb.GetModelRequest())
 
 
-def tokenizer_for(ckpt: Path | None, data_dir: Path | None, name: str) -> object:
-    """The served model's tokenizer, read from its checkpoint directory (config only, no weights)."""
-    from model.checkpoint import read_config
-    from model.tokenizer import load_tokenizer
-
+def served_config(ckpt: Path | None, data_dir: Path | None, name: str) -> tuple[ModelConfig, Path]:
+    """The served model's config and checkpoint directory (config only, no weights)."""
     path = ckpt if ckpt is not None else data_dir / "models" / name  # type: ignore[operator]
-    return load_tokenizer(read_config(path), path)
+    return read_config(path), path
+
+
+def ceiling(need: DecodeBytes, levels: list[int], context: int) -> dict:
+    """What batching n sessions can buy at best on a bandwidth-bound machine
+    (`model.batch.DecodeBytes.ceiling`), at the mid-point of the generate phase's context:
+    the generate speedup over 1 session is measured against this."""
+    return {
+        "context": context,
+        "bytes_shared_per_token": need.shared,
+        "bytes_per_session_per_token": need.per_session,
+        "speedup": {str(n): round(need.ceiling(n), 2) for n in levels},
+    }
 
 
 if __name__ == "__main__":

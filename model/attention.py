@@ -111,6 +111,15 @@ def window_mask(q_start: int, n: int, m: int, window: int | None, device: torch.
     return allowed
 
 
+def sees_every_key(n: int, m: int, window: int | None) -> bool:
+    """Whether `window_mask` would allow everything: one query (nothing after it to hide)
+    over at most `window` keys (the newest m positions, or sinks then recent ones, are then
+    all inside its window).  Decoding one token is this case until a session's pending
+    tokens push its cache past the window; building a mask there cost as much as the
+    attention itself (7 small ops per layer per session, measured in a 16-session tick)."""
+    return n == 1 and (window is None or m <= window)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -142,9 +151,12 @@ def attend(
             window_size=(window - 1 if window is not None else -1, 0),
         )
         return out.transpose(1, 2)
+    gqa = k.shape[1] != q.shape[1]
+    if impl == "sdpa" and sees_every_key(n, m, window):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     mask = window_mask(q_start, n, m, window, q.device, sinks)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if impl != "math":
         raise ValueError(f"unknown attention kernel {impl!r}; use math, sdpa or flash")
     groups = q.shape[1] // k.shape[1]

@@ -23,9 +23,12 @@ the only thing a batch touches.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from model.cache import cache_spec
+from model.network import TTTModel, fast_weight_names
 from model.state import InputError, StreamState
 
 
@@ -40,6 +43,50 @@ def counts_at(position: int, mini_batch_size: int) -> tuple[int, int]:
     mini-batch is stepped once its target arrives, so the last b tokens (or fewer) wait."""
     steps = max(0, (position - 1) // mini_batch_size)
     return steps, position - steps * mini_batch_size
+
+
+@dataclass(frozen=True)
+class DecodeBytes:
+    """Memory one decode forward reads per new token, split by who shares it.
+
+    Decoding is bound by memory traffic, not arithmetic (one token is 2 FLOPs per weight
+    read), so this is what batching can and cannot save: a forward over N rows reads the
+    `shared` bytes once and every row's `per_session` bytes once each.
+    """
+
+    shared: int
+    """Static weights, the output head included (the embedding table counts only when it is
+    the tied head: a lookup reads one row of it)."""
+    per_session: int
+    """A session's own: its fast weights and the keys/values its token attends over."""
+
+    def ceiling(self, n: int) -> float:
+        """The speedup of n rows per forward over one row if every byte moves at one bandwidth
+        and arithmetic is free: n (S + P) / (S + n P).  A bound for a bandwidth-bound machine;
+        more sessions than S/P buy little (each brings its own P)."""
+        s, p = self.shared, self.per_session
+        return n * (s + p) / (s + n * p)
+
+
+def decode_bytes(model: TTTModel, context: int) -> DecodeBytes:
+    """`DecodeBytes` of decoding the token after `context` tokens with `model` (its own dtype):
+    the parameters a forward reads (a static MLP the forward skips, `Block.inert_mlp`, is not
+    read) and the keys/values the cache's own rule keeps for that position."""
+    cfg = model.cfg
+    fast = set(fast_weight_names(cfg))
+    skipped = {f"blocks.{i}.mlp." for i, b in enumerate(model.blocks) if b.inert_mlp}
+    if not cfg.tie_embeddings:
+        skipped.add("embed.")  # a lookup reads one row; the untied head is read whole
+    shared = sum(
+        p.nbytes for k, p in model.named_parameters() if k not in fast and not any(k.startswith(x) for x in skipped)
+    )
+    own = sum(p.nbytes for k, p in model.named_parameters() if k in fast)
+    steps, pending = counts_at(context + 1, cfg.mini_batch_size)  # the new token's own key included
+    keys = cache_spec(cfg).length(steps * cfg.mini_batch_size) + pending
+    element = model.embed.weight.element_size()
+    return DecodeBytes(
+        shared=shared, per_session=own + 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * keys * element
+    )
 
 
 def steps_on_append(state: StreamState, n: int = 1) -> bool:

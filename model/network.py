@@ -140,6 +140,30 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, eps)
         self.mlp = SwiGLU(d, cfg.intermediate_size)
         self.mlp_post_norm = post()
+        self._inert: tuple[tuple[tuple[int, int, int, bool], ...], bool] = ((), False)
+
+    @property
+    def inert_mlp(self) -> bool:
+        """Whether the static MLP is frozen and all zero, so that the forward skips it.
+
+        A SwiGLU with zero weights outputs exactly 0 and passes exactly 0 back to its input
+        in any backward, so skipping it changes no bit of any output, state or gradient.
+        Conversions that move a pretrained MLP into the fast weights leave one behind in
+        every fast block (the default model v2: 7 blocks), and reading it cost 74 MB per
+        decoded token and a seventh of a test-time step's work.  Checked again whenever a
+        weight is written in place (`_version`), replaced, or made trainable; trainable
+        weights (requires_grad) are never skipped, a gradient must reach them.
+        """
+        ws = (self.mlp.w1.weight, self.mlp.w2.weight, self.mlp.w3.weight)
+        try:
+            key = tuple((id(w), w.data_ptr(), w._version, w.requires_grad) for w in ws)
+        except RuntimeError:  # inference-mode tensors keep no version: never skip what cannot be tracked
+            return False
+        if key != self._inert[0]:
+            frozen = not any(w.requires_grad for w in ws) and not any(w.is_meta for w in ws)
+            with torch.no_grad():
+                self._inert = (key, frozen and not any(bool(w.any()) for w in ws))
+        return self._inert[1]
 
     @staticmethod
     def _residual(h: torch.Tensor, out: torch.Tensor, post_norm: RMSNorm | None) -> torch.Tensor:
@@ -170,7 +194,8 @@ class Block(nn.Module):
             else:
                 p = torch.cat([swiglu(x[r : r + 1], *theta) for r, theta in enumerate(fast)])
             h = self._residual(h, p, self.fast_post_norm)
-        h = self._residual(h, self.mlp(self.mlp_norm(h)), self.mlp_post_norm)
+        if not self.inert_mlp:
+            h = self._residual(h, self.mlp(self.mlp_norm(h)), self.mlp_post_norm)
         return h, kv
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from model_configs import micro
 
 from model import InputError, StreamState, init_model
-from model.batch import counts_at, decode, logits_of, steps_on_append
+from model.batch import counts_at, decode, decode_bytes, logits_of, steps_on_append
 from model.snapshot import state_from_bytes, state_to_bytes
 
 TOL = 1e-5
@@ -136,3 +136,30 @@ def test_decode_refuses_bad_input_and_changes_nothing(model):
         assert all(torch.equal(s.tensors()[k], v) for k, v in t.items())
     with pytest.raises(InputError, match="empty"):
         logits_of([StreamState.fresh(model)])
+
+
+@pytest.mark.parametrize("context", [0, 5, 63, 64, 200])
+def test_decode_bytes_counts_what_a_decode_reads(model, context):
+    """decode_bytes, the bench's bandwidth ceiling, agrees with a real state: the shared bytes are
+    the static weights (the tied head included), a session's are its fast weights plus the keys
+    and values its next token attends over."""
+    cfg = model.cfg
+    s = StreamState.fresh(model)
+    s.append(torch.randint(3, cfg.vocab_size, (context + 1,)).tolist())
+    need = decode_bytes(model, context)
+    static = sum(p.nbytes for p in model.static_parameters().values())
+    assert need.shared == static - (0 if cfg.tie_embeddings else model.embed.weight.nbytes)
+    kv = sum(2 * live.length * cfg.kv_heads * cfg.head_dim * 4 for live in s.live_past())
+    assert need.per_session == sum(t.nbytes for t in s.fast.values()) + kv
+    assert need.ceiling(1) == pytest.approx(1.0)
+    assert 1 < need.ceiling(16) < 16
+
+
+def test_decode_bytes_leaves_out_a_skipped_mlp():
+    model = init_model(micro("ttt-e2e"), seed=2).requires_grad_(False)
+    before = decode_bytes(model, 10).shared
+    with torch.no_grad():
+        for p in model.blocks[model.cfg.first_fast_layer].mlp.parameters():
+            p.zero_()
+    mlp = sum(p.nbytes for p in model.blocks[model.cfg.first_fast_layer].mlp.parameters())
+    assert decode_bytes(model, 10).shared == before - mlp

@@ -122,6 +122,62 @@ def test_attention_kernels_agree():
     assert_states_close(a, b, exact_carried=False)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    q_start=st.integers(min_value=0, max_value=300),
+    m=st.integers(min_value=1, max_value=80),
+    window=st.integers(min_value=1, max_value=64),
+    sinks=st.integers(min_value=0, max_value=4),
+)
+def test_single_query_without_mask_is_the_masked_attention(q_start, m, window, sinks):
+    """attend() skips the mask only where window_mask would allow every key, and the result is
+    the masked kernel's (one query: decode)."""
+    from model.attention import attend, sees_every_key, window_mask
+
+    m = min(m, q_start + 1)
+    if sees_every_key(1, m, window):
+        assert bool(window_mask(q_start, 1, m, window, torch.device("cpu"), sinks).all())
+    g = torch.Generator().manual_seed(q_start * 1000 + m)
+    q, k, v = (
+        torch.randn(1, 4, 1, 8, generator=g),
+        torch.randn(1, 2, m, 8, generator=g),
+        torch.randn(1, 2, m, 8, generator=g),
+    )
+    torch.testing.assert_close(
+        attend(q, k, v, q_start, window, "sdpa", sinks), attend(q, k, v, q_start, window, "math", sinks)
+    )
+
+
+def test_a_zero_static_mlp_is_skipped_without_changing_a_bit():
+    """A frozen all-zero static MLP (what a conversion leaves in fast blocks) is skipped, and the
+    state and logits are bit-identical to computing it; writing into it, or training it, turns
+    the skip off."""
+    cfg = micro("ttt-e2e")
+    model = init_model(cfg, seed=3).requires_grad_(False)
+    with torch.no_grad():
+        for i in model.suffix_layers:
+            for p in model.blocks[i].mlp.parameters():
+                p.zero_()
+    toks = torch.randint(0, cfg.vocab_size, (3 * cfg.mini_batch_size + 5,))
+    assert [b.inert_mlp for b in model.blocks] == [i in model.suffix_layers for i in range(cfg.num_layers)]
+    skipped = StreamState.fresh(model)
+    skipped.append(toks)
+    for i in model.suffix_layers:
+        model.blocks[i].mlp.requires_grad_(True)  # trainable: computed, never skipped
+    assert not any(b.inert_mlp for b in model.blocks)
+    computed = StreamState.fresh(model)
+    computed.append(toks)
+    a, b = skipped.tensors(), computed.tensors()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(skipped.logits(), computed.logits())
+    model.requires_grad_(False)
+    first = model.blocks[model.cfg.first_fast_layer]
+    assert first.inert_mlp
+    with torch.no_grad():
+        first.mlp.w2.weight[0, 0] = 1.0
+    assert not first.inert_mlp
+
+
 def test_clone_is_independent(tiny_model, tiny_tokens):
     a = feed(tiny_model, tiny_tokens[:60], [60])
     before = {k: v.clone() for k, v in a.tensors().items()}
