@@ -14,7 +14,12 @@ row: `model.batch.decode_bytes`), computed from the served model's shapes.
 Everything is measured in one run against one daemon, so ratios between levels are
 meaningful on a noisy machine; absolute figures are not comparable across runs.
 
+Past about 56 generated tokens each session's decode takes a test-time step (solo, on the
+engine's compute lane): `--generate-tokens 160` measures that; with equal prompts all sessions
+step on the same token, `--stagger` spreads their prompt lengths over one mini-batch.
+
     python bench/serve.py --json                          # the default model (SmolLM2-135M, converted)
+    python bench/serve.py --json --sessions 1,16 --generate-tokens 160 --stagger
     python bench/serve.py --json --preset small --sessions 1,4,16
     python bench/serve.py --json --device cuda --sessions 1,16,64   # on a GPU machine
 
@@ -78,11 +83,13 @@ def tokens_of(tok: object, n: int, salt: int) -> list[int]:
 def engine_metrics(port: int) -> dict[str, float]:
     """The daemon's engine counters (Prometheus text), to report how many sessions each forward served."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    names = ("memoryd_engine_decode_rows_sum", "memoryd_engine_decode_rows_count", "memoryd_engine_ticks_total")
+    names = ("memoryd_engine_decode_rows_sum", "memoryd_engine_decode_rows_count")
     return {n: float(line.split()[-1]) for line in text.splitlines() for n in names if line.startswith(n + " ")}
 
 
-async def one_level(address: str, n: int, tok: object, metrics_port: int, generate_tokens: int) -> dict:
+async def one_level(address: str, n: int, tok: object, metrics_port: int, generate_tokens: int, spread: int) -> dict:
+    """One level of n sessions; with `spread`, session i's prompt is i * spread // n tokens longer,
+    so the sessions' test-time steps fall on different tokens instead of all at once."""
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.MemoryServiceStub(ch)
         ids = [f"serve-{n}-{i}-{time.time_ns()}" for i in range(n)]
@@ -90,7 +97,7 @@ async def one_level(address: str, n: int, tok: object, metrics_port: int, genera
             await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
         await asyncio.gather(
             *(
-                stub.Append(pb.AppendRequest(session_id=s, tokens=tokens_of(tok, PROMPT_TOKENS, i)))
+                stub.Append(pb.AppendRequest(session_id=s, tokens=tokens_of(tok, PROMPT_TOKENS + i * spread // n, i)))
                 for i, s in enumerate(ids)
             )
         )
@@ -157,6 +164,12 @@ def main() -> int:
         default=GENERATE_TOKENS,
         help="tokens each session generates (past about 64 - 8 a session's decode takes a test-time step)",
     )
+    p.add_argument(
+        "--stagger",
+        action="store_true",
+        help="spread the prompts' lengths over one mini-batch, so that the sessions' test-time steps during "
+        "generation do not all fall on the same token (as they do with equal prompts)",
+    )
     p.add_argument("--tick-tokens", type=int, default=0, help="the daemon's --tick-tokens (0: its default)")
     args = p.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
@@ -192,8 +205,13 @@ def main() -> int:
             "sessions": {},
         }
         for n in tqdm(levels, desc="levels", file=sys.stderr):
-            out["sessions"][str(n)] = asyncio.run(one_level(address, n, tok, metrics_port, args.generate_tokens))
+            out["sessions"][str(n)] = asyncio.run(
+                one_level(
+                    address, n, tok, metrics_port, args.generate_tokens, info.mini_batch_size if args.stagger else 0
+                )
+            )
         out["generate_tokens"] = args.generate_tokens
+        out["stagger"] = args.stagger
         out["bandwidth_ceiling"] = ceiling(need, levels, PROMPT_TOKENS + args.generate_tokens // 2)
         if 1 in levels:
             base = out["sessions"]["1"]["generate_tok_s"]

@@ -35,10 +35,11 @@ def serve_metrics(port: int, host: str) -> int:
     return server.server_port
 
 
-ENGINE_TICKS = Counter("memoryd_engine_ticks_total", "engine ticks (one plan run by the worker)")
+ENGINE_TICKS = Counter("memoryd_engine_ticks_total", "engine ticks (one plan run by a lane)", ["lane"])
 ENGINE_TICK_SECONDS = Histogram(
     "memoryd_engine_tick_seconds",
-    "time the worker spends on one tick's plan",
+    "time a lane (decode: the batched forward; compute: solo work, test-time steps) spends on one plan",
+    ["lane"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 ENGINE_DECODE_ROWS = Histogram(

@@ -94,6 +94,14 @@ def steps_on_append(state: StreamState, n: int = 1) -> bool:
     return n >= tokens_to_step(state)
 
 
+def runs_solo(state: StreamState, token: int | None) -> bool:
+    """Whether `decode` reads `token` into `state` on its own rather than in the batch: the token
+    takes a test-time step, or the state's pending tokens lack their provisional activations
+    (a state just loaded from a snapshot).  That is solo compute, a mini-batch's worth; a server
+    can run it beside the batch (memoryd's engine gives it its own lane)."""
+    return token is not None and (steps_on_append(state) or not state.refreshed)
+
+
 @torch.no_grad()
 def decode(states: Sequence[StreamState], tokens: Sequence[int | None]) -> torch.Tensor:
     """Append tokens[i] to states[i] (distinct states of one model; None: read nothing, as the
@@ -117,7 +125,7 @@ def decode(states: Sequence[StreamState], tokens: Sequence[int | None]) -> torch
             raise ValueError("decode batches states of one model only")
         if t is None:
             continue
-        if steps_on_append(s) or not s.refreshed:
+        if runs_solo(s, t):
             s.append([int(t)])
         else:
             rows.append((s, int(t)))

@@ -9,6 +9,7 @@ recovers which absolute position each cached key has.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,7 +92,7 @@ class KVBuffer:
     buffer first.  Slots a holder can see are therefore never written again.
     """
 
-    __slots__ = ("capacity", "k", "used", "v")
+    __slots__ = ("capacity", "k", "lock", "used", "v")
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
         n = k.shape[2]
@@ -101,6 +102,18 @@ class KVBuffer:
         self.v = v.new_empty(shape)
         self.k[:, :, :n], self.v[:, :, :n] = k, v
         self.used = n
+        self.lock = threading.Lock()
+        """Makes claiming the tail one step: forks may extend from two threads at once (the
+        engine's decode and compute lanes), and two holders of the same length must not both
+        see themselves as the owner of the next slot."""
+
+    def claim(self, n: int, m: int) -> bool:
+        """Take slots [n, n + m) for a holder of length n, if it owns the tail and they fit."""
+        with self.lock:
+            if self.used != n or n + m > self.capacity:
+                return False
+            self.used = n + m
+            return True
 
 
 @dataclass(frozen=True)
@@ -123,11 +136,11 @@ class LiveKV:
         """Append k, v [1, Hkv, m, hd]: in place when this holder owns the tail, else into a copy."""
         n, m = self.length, k.shape[2]
         buf = self.buf
-        if buf.used != n or n + m > buf.capacity:
+        if not buf.claim(n, m):
             old_k, old_v = self.keys()
             buf = KVBuffer(old_k, old_v, max(n + m, buf.capacity))
+            buf.used = n + m  # private until returned: nobody else can claim it
         buf.k[:, :, n : n + m], buf.v[:, :, n : n + m] = k, v
-        buf.used = n + m
         return LiveKV(buf, n + m)
 
     def nbytes(self) -> int:

@@ -1,11 +1,15 @@
 """The engine loop: schedule, execute, update; and the `submit` a session awaits.
 
-One asyncio task runs the loop.  Each tick it asks the scheduler for a plan over
-everything waiting, hands the plan to the worker thread (the event loop stays free
-while the model runs; work submitted meanwhile joins the next tick), then routes
-each outcome to the future of the call that submitted it.  An append with tokens
-left stays queued with its progress; a call that was cancelled (a client went
-away) is dropped from the queue, and a result for it is discarded.
+One asyncio task runs the loop; two worker threads run the lanes (memoryd/engine/scheduler.py):
+the decode lane's batched forward, and the compute lane's solo work (test-time steps).
+Whenever a lane is free the loop asks the scheduler for a plan over everything waiting
+that is not already running, hands each free lane its part (the event loop stays free
+while the model runs; work submitted meanwhile joins the next plan), and when a lane
+finishes routes each outcome to the future of the call that submitted it.  So a 64K-token
+append, or a session's test-time step, runs beside the other sessions' decoding instead of
+between their tokens.  An append with tokens left stays queued with its progress; a call
+that was cancelled (a client went away) is dropped from the queue, and a result for it is
+discarded.
 """
 
 from __future__ import annotations
@@ -19,11 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from memoryd import metrics
-from memoryd.engine.scheduler import Budget, Plan, schedule
-from memoryd.engine.work import Append, Rebuild, Result, State, Ticket, Work
+from memoryd.engine.scheduler import LANES, Budget, Lane, Plan, schedule
+from memoryd.engine.work import Append, Decode, Rebuild, Result, State, Ticket, Work
 from memoryd.engine.worker import Outcome, execute
 from model import StreamState, digest_of
-from model.batch import counts_at, tokens_to_step
+from model.batch import counts_at, runs_solo, tokens_to_step
 
 log = logging.getLogger("memoryd.engine")
 
@@ -42,9 +46,10 @@ class Engine:
         self._futures: dict[int, asyncio.Future[Result]] = {}
         self._seq = itertools.count()
         self._wake = asyncio.Event()
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="memoryd-worker")
+        self._lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"memoryd-{lane}") for lane in LANES}
         self._task: asyncio.Task[None] | None = None
         self.ticks = 0
+        """Lane runs so far (both lanes)."""
 
     # -- what sessions call ----------------------------------------------------------------------
 
@@ -81,7 +86,8 @@ class Engine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._thread.shutdown(wait=True)
+        for pool in self._lanes.values():
+            pool.shutdown(wait=True)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -100,41 +106,60 @@ class Engine:
         t = Ticket(work, next(self._seq), step_every=self.model.cfg.mini_batch_size)
         if isinstance(work, Append):
             t.cost, t.to_step = len(work.tokens), tokens_to_step(work.state)
+        elif isinstance(work, Decode) and runs_solo(work.state, work.token):
+            t.solo, t.cost = True, self.model.cfg.mini_batch_size
         elif isinstance(work, Rebuild):
             t.cost = 1 + sum(len(p) for p in work.pieces)
         return t
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        busy: dict[asyncio.Future[list[Outcome]], tuple[Lane, Plan, float]] = {}
         while True:
-            await self._wake.wait()
+            if not busy and not self._waiting:
+                await self._wake.wait()
+            # Let the calls whose results the last run delivered submit their next item (a
+            # generation streams its token, then asks for the next one) so they join this plan
+            # instead of the one after: a few passes of the event loop, no timer.
+            for _ in range(4):
+                await asyncio.sleep(0)
             self._wake.clear()
-            while self._waiting:
-                # Let the calls whose results the last tick delivered submit their next item (a
-                # generation streams its token, then asks for the next one) so they join this tick
-                # instead of the one after: a few passes of the event loop, no timer.
-                for _ in range(4):
-                    await asyncio.sleep(0)
-                plan = schedule(self._waiting, self.budget)
-                if not plan:
-                    break
-                for t in _tickets(plan):
-                    t.served = self.ticks
-                t0 = time.perf_counter()
+            free = [lane for lane in LANES if all(lane != v[0] for v in busy.values())]
+            plan = schedule([t for t in self._waiting if not t.running], self.budget, free)
+            for lane in free:
+                part = plan.lane(lane)
+                if not part:
+                    continue
+                for t in part.tickets():
+                    t.served, t.running = self.ticks, True
+                fut = loop.run_in_executor(self._lanes[lane], execute, self.model, part)
+                busy[fut] = (lane, part, time.perf_counter())
+            if not busy:  # nothing could run (the scheduler always plans something for free lanes)
+                await self._wake.wait()
+                continue
+            wake = loop.create_task(self._wake.wait())
+            done, _ = await asyncio.wait([*busy, wake], return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
+            for fut in done:
+                if fut is wake:
+                    continue
+                lane, part, t0 = busy.pop(fut)
                 try:
-                    outcomes = await loop.run_in_executor(self._thread, execute, self.model, plan)
-                    self._update(plan, outcomes, time.perf_counter() - t0)
+                    outcomes = fut.result()
                 except Exception as e:  # a bug fails this plan's calls, never the engine
-                    log.exception("the engine failed on a plan")
-                    self._update(plan, [Outcome(t, error=e) for t in _tickets(plan)], time.perf_counter() - t0)
+                    log.exception("the engine's %s lane failed on a plan", lane)
+                    outcomes = [Outcome(t, error=e) for t in part.tickets()]
+                self._update(lane, part, outcomes, time.perf_counter() - t0)
 
-    def _update(self, plan: Plan, outcomes: list[Outcome], seconds: float) -> None:
+    def _update(self, lane: Lane, plan: Plan, outcomes: list[Outcome], seconds: float) -> None:
         self.ticks += 1
-        metrics.ENGINE_TICKS.inc()
-        metrics.ENGINE_TICK_SECONDS.observe(seconds)
+        metrics.ENGINE_TICKS.labels(lane).inc()
+        metrics.ENGINE_TICK_SECONDS.labels(lane).observe(seconds)
         metrics.ENGINE_TICK_TOKENS.observe(plan.tokens)
         if plan.decodes:
             metrics.ENGINE_DECODE_ROWS.observe(len(plan.decodes))
+        for t in plan.tickets():
+            t.running = False
         for o in outcomes:
             if o.result is None and o.error is None:
                 continue  # an append with tokens left: stays queued
@@ -148,7 +173,3 @@ class Engine:
             else:
                 fut.set_result(o.result)
         metrics.ENGINE_WAITING.set(len(self._waiting))
-
-
-def _tickets(plan: Plan) -> list[Ticket]:
-    return [*plan.decodes, *(t for t, _ in plan.chunks), *plan.others]

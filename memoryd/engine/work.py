@@ -127,7 +127,11 @@ class Ticket:
     """Tokens an append must still read before its state's next test-time step."""
     step_every: int = 1
     """Tokens between test-time steps (the model's mini-batch size)."""
+    solo: bool = False
+    """A decode whose token takes a test-time step (`model.batch.runs_solo`): the compute lane's."""
     served: int = -1
     """Last tick that ran part of it (-1: never): the least recently served go first."""
+    running: bool = False
+    """On a lane now: not planned again until its outcome is back."""
     progress: Any = field(default=None, repr=False)
     """The worker's partial result (an append's state and steps so far)."""

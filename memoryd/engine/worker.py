@@ -1,11 +1,12 @@
-"""The worker: runs a plan on the device.  The only code in memoryd that touches tensors.
+"""The worker: runs one lane's plan on the device.  The only code in memoryd that touches tensors.
 
-`execute` is called on the engine's single worker thread, one plan at a time, so the
-device has one owner and no two calls race for it.  Decodes run as one batched
-forward (`model.batch.decode`) and one batched sampling pass; appends, rebuilds,
-imports and exports run per item, each on exactly the shapes a single session would
-use, so a session's persisted state is bit-exact with a solo replay of its log (see
-model/batch.py for what is batched and why).
+`execute` is called on a lane's worker thread (memoryd/engine/core.py), one plan per lane
+at a time.  The two lanes never hold the same session's state at once (a session has one
+item in flight); what forks share is immutable, or claimed under a lock (`model.cache.KVBuffer`).
+Decodes run as one batched forward (`model.batch.decode`) and one batched sampling pass;
+solo decodes, appends, rebuilds, imports and exports run per item, each on exactly the
+shapes a single session would use, so a session's persisted state is bit-exact with a solo
+replay of its log (see model/batch.py for what is batched and why).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def execute(model: torch.nn.Module, plan: Plan) -> list[Outcome]:
     out: list[Outcome] = []
     if plan.decodes:
         out += _decodes(plan.decodes)
+    for ticket in plan.solo:  # each alone: its token takes a test-time step
+        out += _decodes([ticket])
     for ticket, n in plan.chunks:
         out.append(_guard(ticket, lambda t=ticket, n=n: _append(t, n)))
     for ticket in plan.others:
