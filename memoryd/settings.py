@@ -98,8 +98,9 @@ class Settings(BaseSettings):
     tick_tokens: int = Field(
         512,
         ge=1,
-        description="tokens of model work per engine tick (decodes, append pieces, replays); long appends are cut "
-        "at mini-batch boundaries to fit, so one long append delays other sessions by at most one tick",
+        description="tokens of solo model work per compute-lane run (append pieces, replays, test-time steps); long "
+        "appends are cut at mini-batch boundaries to fit, so one long append holds others' solo work back by at most "
+        "one run (decoding runs on its own lane meanwhile)",
     )
     batch_sessions: int = Field(64, ge=1, description="sessions decoded together in one batched forward")
     torch_threads: int = Field(
