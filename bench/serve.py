@@ -21,7 +21,7 @@ step on the same token, `--stagger` spreads their prompt lengths over one mini-b
     python bench/serve.py --json                          # the default model (SmolLM2-135M, converted)
     python bench/serve.py --json --sessions 1,16 --generate-tokens 160 --stagger
     python bench/serve.py --json --preset small --sessions 1,4,16
-    python bench/serve.py --json --device cuda --sessions 1,16,64   # on a GPU machine
+    python bench/serve.py --json --device cuda --dtype bfloat16 --sessions 1,16,64   # on a GPU machine
 
 It measures and prints; it asserts nothing.
 """
@@ -157,6 +157,7 @@ def main() -> int:
     p.add_argument("--preset", help="serve a random model of this preset instead (quick runs)")
     p.add_argument("--sessions", default="1,4,16", help="concurrent sessions per level")
     p.add_argument("--device", default="cpu", help="the daemon's --device (cuda on a GPU machine)")
+    p.add_argument("--dtype", default="float32", help="the daemon's --dtype (bfloat16 on a GPU machine)")
     p.add_argument("--torch-threads", type=int, default=1, help="the daemon's torch threads")
     p.add_argument(
         "--generate-tokens",
@@ -184,7 +185,16 @@ def main() -> int:
             save_checkpoint(init_model(preset(args.preset), seed=0), ckpt)
         redis_proc, redis_port = start_redis(work)
         metrics_port = free_port()
-        extra = ["--device", args.device, "--batch-sessions", str(max(levels)), "--metrics-port", str(metrics_port)]
+        extra = [
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--batch-sessions",
+            str(max(levels)),
+            "--metrics-port",
+            str(metrics_port),
+        ]
         if args.tick_tokens:
             extra += ["--tick-tokens", str(args.tick_tokens)]
         data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
@@ -193,9 +203,11 @@ def main() -> int:
         cfg, path = served_config(ckpt, data_dir, info.name)
         tok = load_tokenizer(cfg, path)
         served = {"checkpoint": ckpt} if ckpt is not None else {"data_dir": data_dir}  # the daemon's own rule
+        served["dtype"] = args.dtype
         need = decode_bytes(load_model(load_settings(served), "cpu")[0], PROMPT_TOKENS + args.generate_tokens // 2)
         out = {
             "device": args.device,
+            "dtype": args.dtype,
             "model": {
                 "name": info.name,
                 "digest": info.digest,

@@ -194,5 +194,5 @@ def apply_adapter(model: TTTModel, path: Path) -> TTTModel:
     with torch.no_grad():
         for name, t in tensors.items():
             own[name].copy_(t.to(own[name].dtype))
-    model.digest = compute_digest(model.cfg, weights_bytes(model))
+    model.digest = compute_digest(model.cfg, weights_bytes(model), model.embed.weight.dtype)
     return model

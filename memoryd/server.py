@@ -74,10 +74,11 @@ def load_model(s: Settings, device: str) -> tuple[TTTModel, Path, str, str]:
     `--checkpoint` is served as it is; without it, the default model (converted on
     first start, see `memoryd.default_model`) with its shipped adapter, if any.
     """
+    dtype = getattr(torch, s.dtype)
     if s.checkpoint is not None:
-        return load_checkpoint(s.checkpoint, device=device), s.checkpoint, s.checkpoint.resolve().name, ""
+        return load_checkpoint(s.checkpoint, device, dtype), s.checkpoint, s.checkpoint.resolve().name, ""
     default = default_checkpoint(s.data_dir)
-    model = load_checkpoint(default.path, device=device)
+    model = load_checkpoint(default.path, device, dtype)
     adapter = adapter_path(default.name) if default.pretrained else None
     if adapter is None:
         return model, default.path, default.name, ""
@@ -130,7 +131,7 @@ async def serve(s: Settings) -> None:
     model, ckpt, name, adapter = await asyncio.to_thread(load_model, s, device)
     tok = load_tokenizer(model.cfg, ckpt)
     chat = chat_format_for(model.cfg, ckpt, tok)
-    event = {"event": "model", "checkpoint": str(ckpt), "device": device, "digest": digest_of(model)}
+    event = {"event": "model", "checkpoint": str(ckpt), "device": device, "dtype": s.dtype, "digest": digest_of(model)}
     event |= {"adapter": adapter, "chat": _chat_note(chat)}
     log.info(json.dumps(event))
 

@@ -13,7 +13,7 @@ import socket
 import uuid
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
@@ -59,6 +59,11 @@ class Settings(BaseSettings):
         None, description="model checkpoint dir (default: SmolLM2-135M-Instruct, converted once into data_dir)"
     )
     device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the served weights (fast weights and logits stay float32); bfloat16 halves the bytes "
+        "a decode reads on a GPU. It is part of the model digest: sessions are bound to it",
+    )
     redis_url: str | None = Field(
         None,
         description="redis://host:port/db, or redis+cluster://host:port,host:port for a Redis Cluster "

@@ -36,10 +36,19 @@ def _canonical_config(cfg: ModelConfig) -> bytes:
     return json.dumps(cfg.to_json_dict(), sort_keys=True, separators=(",", ":")).encode()
 
 
-def compute_digest(cfg: ModelConfig, weights: bytes) -> str:
+def compute_digest(cfg: ModelConfig, weights: bytes, dtype: torch.dtype = torch.float32) -> str:
+    """What names a model for its sessions: config, weight bytes and the dtype it computes in.
+
+    A session's state is only reproducible by replaying its log with the same numerics, so a
+    checkpoint served in bfloat16 is another model than the same checkpoint in float32 (its
+    sessions are refused, not read with other rounding).  float32, the default, adds nothing:
+    digests from before the dtype counted stay valid.
+    """
     h = hashlib.sha256()
     h.update(_canonical_config(cfg))
     h.update(weights)
+    if dtype != torch.float32:
+        h.update(f"|compute dtype {dtype}".encode())
     return "sha256:" + h.hexdigest()
 
 
@@ -52,7 +61,7 @@ def digest_of(model: TTTModel) -> str:
     """The model's digest: as loaded (from the files) or computed from its weights."""
     digest = getattr(model, "digest", None)
     if digest is None:
-        digest = compute_digest(model.cfg, weights_bytes(model))
+        digest = compute_digest(model.cfg, weights_bytes(model), model.embed.weight.dtype)
         model.digest = digest
     return digest
 
@@ -126,7 +135,7 @@ def load_checkpoint(
     model.load_state_dict(tensors)
     model = model.to(dtype=dtype)
     model.requires_grad_(False).eval()
-    model.digest = compute_digest(cfg, data)
+    model.digest = compute_digest(cfg, data, dtype)
     model.source = str(path)
     return model
 

@@ -290,3 +290,43 @@ def test_adapter_loads_fast_weights_only(tmp_path: Path, tiny_checkpoint: Path) 
         safetensors.torch.save_file(tensors, str(path))
         with pytest.raises(CheckpointError, match="does not fit"):
             apply_adapter(load_checkpoint(tiny_checkpoint), path)
+
+
+def test_bfloat16_serves_another_model_exactly(tmp_path: Path, tiny_checkpoint: Path, redis_server) -> None:  # noqa: F811
+    """`--dtype bfloat16` serves the checkpoint in bfloat16: its digest names another model than float32's
+    (a session is bound to the numerics that made it, so a float32 session is refused there), and its
+    sessions are bit-exact with an in-process bfloat16 replay of their log."""
+    import torch
+
+    from model import load_checkpoint
+
+    f32 = Daemon(tmp_path / "f32", tiny_checkpoint, redis_server.url)
+    f32.start()
+    try:
+        f32.stub().CreateSession(pb.CreateSessionRequest(session_id="made-in-f32"))
+        f32.stub().Append(pb.AppendRequest(session_id="made-in-f32", tokens=[5, 6, 7]))
+        digest32 = f32.stub().GetModel(pb.GetModelRequest()).digest
+    finally:
+        f32.close()  # its leases go with it
+    b16 = Daemon(tmp_path / "b16", tiny_checkpoint, redis_server.url, "--dtype", "bfloat16")
+    b16.start()
+    try:
+        stub = b16.stub()
+        assert stub.GetModel(pb.GetModelRequest()).digest != digest32
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Append(pb.AppendRequest(session_id="made-in-f32", tokens=[8]), timeout=30)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "belongs to model" in e.value.details()
+        rng = random.Random(16)
+        pieces = [[rng.randrange(256) for _ in range(rng.randint(5, 40))] for _ in range(4)]
+        stub.CreateSession(pb.CreateSessionRequest(session_id="b"))
+        for p in pieces:
+            stub.Append(pb.AppendRequest(session_id="b", tokens=p))
+        req = pb.GenerateRequest(session_id="b", max_tokens=5, temperature=0.0, commit=True)
+        out = [t for r in stub.Generate(req, timeout=60) for t in r.tokens]
+        model16 = load_checkpoint(tiny_checkpoint, dtype=torch.bfloat16)
+        got = state_tensors(model16, export_bytes(stub, "b"))
+        assert got["pending.tokens"].numel() > 0 and all(v.dtype != torch.float32 for k, v in got.items() if "kv" in k)
+        committed = out[:-1] if out and out[-1] == model16.cfg.eos_token_id else out
+        assert_same_state(got, reference_state(model16, [*pieces, committed]))
+    finally:
+        b16.close()
