@@ -46,6 +46,6 @@ ENGINE_DECODE_ROWS = Histogram(
     "memoryd_engine_decode_rows", "sessions decoded together in one batched forward", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
 ENGINE_TICK_TOKENS = Histogram(
-    "memoryd_engine_tick_tokens", "tokens of model work planned per tick", buckets=(1, 8, 32, 128, 512, 2048, 8192)
+    "memoryd_engine_tick_tokens", "tokens of model work in one lane's plan", buckets=(1, 8, 32, 128, 512, 2048, 8192)
 )
 ENGINE_WAITING = Gauge("memoryd_engine_waiting", "work items queued for the engine")

@@ -33,7 +33,7 @@ log = logging.getLogger("memoryd.engine")
 
 
 class Engine:
-    """Owns the model, the queue of work, and the worker thread."""
+    """Owns the model, the queue of work, and the lanes' worker threads."""
 
     def __init__(self, model: Any, budget: Budget) -> None:
         self.model = model
