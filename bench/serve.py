@@ -56,8 +56,6 @@ from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
 from model import init_model, preset, save_checkpoint  # noqa: E402
 from model.batch import DecodeBytes, decode_bytes  # noqa: E402
-from model.checkpoint import read_config  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256  # the issue's shape; --generate-tokens changes the 32
@@ -200,11 +198,12 @@ def main() -> int:
         data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
         daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads, *extra, data_dir=data_dir)
         info = asyncio.run(model_info(address))
-        cfg, path = served_config(ckpt, data_dir, info.name)
-        tok = load_tokenizer(cfg, path)
-        served = {"checkpoint": ckpt} if ckpt is not None else {"data_dir": data_dir}  # the daemon's own rule
-        served["dtype"] = args.dtype
-        need = decode_bytes(load_model(load_settings(served), "cpu")[0], PROMPT_TOKENS + args.generate_tokens // 2)
+        context = PROMPT_TOKENS + args.generate_tokens // 2  # mid-point of the generate phase
+        served = {"checkpoint": ckpt} if ckpt is not None else {"data_dir": data_dir}
+        model, path, _, _ = load_model(load_settings(served | {"dtype": args.dtype}), "cpu")  # the daemon's own rule
+        tok = load_tokenizer(model.cfg, path)
+        need = decode_bytes(model, context)
+        del model  # only its shapes were needed
         out = {
             "device": args.device,
             "dtype": args.dtype,
@@ -224,7 +223,7 @@ def main() -> int:
             )
         out["generate_tokens"] = args.generate_tokens
         out["stagger"] = args.stagger
-        out["bandwidth_ceiling"] = ceiling(need, levels, PROMPT_TOKENS + args.generate_tokens // 2)
+        out["bandwidth_ceiling"] = ceiling(need, levels, context)
         if 1 in levels:
             base = out["sessions"]["1"]["generate_tok_s"]
             out["generate_speedup"] = {
@@ -251,16 +250,10 @@ async def model_info(address: str) -> pb.ModelInfo:
         return await pb_grpc.MemoryServiceStub(ch).GetModel(pb.GetModelRequest())
 
 
-def served_config(ckpt: Path | None, data_dir: Path | None, name: str) -> tuple[ModelConfig, Path]:
-    """The served model's config and checkpoint directory (config only, no weights)."""
-    path = ckpt if ckpt is not None else data_dir / "models" / name  # type: ignore[operator]
-    return read_config(path), path
-
-
 def ceiling(need: DecodeBytes, levels: list[int], context: int) -> dict:
     """What batching n sessions can buy at best on a bandwidth-bound machine
-    (`model.batch.DecodeBytes.ceiling`), at the mid-point of the generate phase's context:
-    the generate speedup over 1 session is measured against this."""
+    (`model.batch.DecodeBytes.ceiling`), at `context`: the generate speedup over 1 session is
+    measured against this."""
     return {
         "context": context,
         "bytes_shared_per_token": need.shared,
