@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import redis
 
-from memoryd.redis_embed import find_redis_server
+from memoryd.store.redis_embed import find_redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

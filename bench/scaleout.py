@@ -47,12 +47,12 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 from harness import start_daemon, start_redis  # noqa: E402
 from memoryd_sdk import AsyncMemoryClient, RetryPolicy  # noqa: E402
-from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
+from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from memoryd.redis_client import connect  # noqa: E402
-from memoryd.store import Store  # noqa: E402
+from memoryd.store.redis_client import connect  # noqa: E402
+from memoryd.store.store import Store  # noqa: E402
 from model import StreamState, init_model, preset, save_checkpoint  # noqa: E402
 from model.snapshot import state_from_bytes  # noqa: E402
 

@@ -48,8 +48,8 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
 
 import grpc  # noqa: E402
 from harness import free_port, pct, start_daemon, start_redis, stop_all  # noqa: E402
-from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
+from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from memoryd.server import load_model  # noqa: E402

@@ -36,10 +36,10 @@ import grpc  # noqa: E402
 import redis.asyncio as aioredis  # noqa: E402
 import torch  # noqa: E402
 from harness import pct, start_daemon, start_redis, stop_all  # noqa: E402
-from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
+from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 
-from memoryd.store import Store  # noqa: E402
+from memoryd.store.store import Store  # noqa: E402
 from model import StreamState, digest_of, init_model, load_checkpoint, preset, save_checkpoint  # noqa: E402
 from model.snapshot import state_from_bytes, state_to_bytes  # noqa: E402
 

@@ -33,8 +33,8 @@ from cluster_fixtures import LocalCluster  # noqa: E402
 from service_fixtures import RedisServer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from memoryd.redis_client import connect  # noqa: E402
-from memoryd.store import Store  # noqa: E402
+from memoryd.store.redis_client import connect  # noqa: E402
+from memoryd.store.store import Store  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:

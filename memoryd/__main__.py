@@ -2,6 +2,6 @@
 
 import sys
 
-from memoryd.cli import main
+from memoryd.cli.main import main
 
 sys.exit(main())

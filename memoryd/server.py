@@ -21,23 +21,23 @@ from typing import Any
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 
-from memoryd import reflection
-from memoryd.auth import Auth
-from memoryd.chat import ChatFormat, chat_format_for
+from memoryd.api import reflection
+from memoryd.api.auth import Auth
+from memoryd.api.service import MemoryServicer, add_to_server
 from memoryd.default_model import adapter_path, apply_adapter, default_checkpoint
 from memoryd.engine.core import Engine
 from memoryd.engine.scheduler import Budget
-from memoryd.leases import redis_errors
 from memoryd.metrics import serve_metrics
-from memoryd.redis_client import connect
-from memoryd.redis_embed import EmbeddedRedis
-from memoryd.routing import Router, advertised_address, publish_forever, withdraw_address
-from memoryd.service import MemoryServicer, add_to_server
-from memoryd.sessions import Sessions
+from memoryd.sessions.calls import Sessions
+from memoryd.sessions.chat import ChatFormat, chat_format_for
+from memoryd.sessions.leases import redis_errors
+from memoryd.sessions.routing import Router, advertised_address, publish_forever, withdraw_address
 from memoryd.settings import Settings
-from memoryd.store import Store, sweep_forever
+from memoryd.store.redis_client import connect
+from memoryd.store.redis_embed import EmbeddedRedis
+from memoryd.store.store import Store, sweep_forever
 from model import TTTModel, digest_of, load_checkpoint
 from model.tokenizer import load_tokenizer
 
@@ -170,7 +170,7 @@ async def serve(s: Settings) -> None:
     await server.start()
     http = None
     if s.http_listen:  # the OpenAI-compatible gateway, in this process, speaking gRPC to this daemon
-        from memoryd.openai_http import local_target, start_http
+        from memoryd.api.openai_http import local_target, start_http
 
         http = await start_http(s.http_listen, local_target(s.listen, port), s.tls_cert)
     metrics_port = serve_metrics(s.metrics_port, s.metrics_host)

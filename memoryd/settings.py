@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
 
-from memoryd.redis_client import check_url
+from memoryd.store.redis_client import check_url
 
 _PROCESS_NONCE = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 """Tells apart daemons that listen on port 0 on one host (pid alone repeats across containers)."""
@@ -51,7 +51,7 @@ class Settings(BaseSettings):
 
     listen: str = Field("127.0.0.1:50051", description="gRPC listen address host:port (port 0: any free port)")
     http_listen: str | None = Field(
-        None, description="OpenAI-compatible HTTP endpoint host:port (off when unset; memoryd/openai_http.py)"
+        None, description="OpenAI-compatible HTTP endpoint host:port (off when unset; memoryd/api/openai_http.py)"
     )
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus HTTP port (0: off)")
     metrics_host: str = Field("127.0.0.1", description="Prometheus HTTP bind address")

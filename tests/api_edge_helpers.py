@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from service_fixtures import ROOT, auth_md
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]

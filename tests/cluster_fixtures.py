@@ -20,7 +20,7 @@ import redis
 from redis.cluster import RedisCluster as SyncCluster
 from service_fixtures import RedisServer, free_port
 
-from memoryd.redis_embed import find_redis_server
+from memoryd.store.redis_embed import find_redis_server
 
 
 def cluster_port() -> int:

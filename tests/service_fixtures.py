@@ -25,10 +25,10 @@ for p in (ROOT, ROOT / "sdk"):  # run from a bare checkout too (no pip install -
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-from memoryd_sdk._proto import memoryd_pb2 as pb  # noqa: E402
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
+from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 
-from memoryd.redis_embed import find_redis_server  # noqa: E402
+from memoryd.store.redis_embed import find_redis_server  # noqa: E402
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from api_edge_helpers import (
     rpc_error,
     status_of,
 )
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from service_fixtures import (  # noqa: F401 (fixtures)
     Daemon,
     RedisServer,
@@ -251,7 +251,7 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
                 field,
                 e.details(),
             )
-    from memoryd.chat import ROLE_RE
+    from memoryd.sessions.chat import ROLE_RE
 
     assert ROLE_RE.match("r" * lim.max_role_chars) and not ROLE_RE.match("r" * (lim.max_role_chars + 1))
     # text: the character limit is checked before encoding; at the limit, the token limit decides
@@ -504,7 +504,7 @@ def test_sessions_of_another_model(stub, foreign: Daemon) -> None:
 
 
 def _reflect(channel: grpc.Channel, requests: list) -> list:
-    from memoryd.reflection import v1_messages
+    from memoryd.api.reflection import v1_messages
 
     Req, Resp = v1_messages()
     call = channel.stream_stream(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from service_fixtures import Daemon, RedisServer, tiny_checkpoint  # noqa: F401 (fixture)
 
 TIMEOUT = 3.0

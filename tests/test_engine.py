@@ -12,7 +12,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from service_fixtures import (  # noqa: F401 (fixtures)
     ROOT,
     Daemon,
@@ -197,7 +197,8 @@ def test_a_decode_never_waits_for_a_long_append_in_the_engine(tiny_model) -> Non
 def test_middle_layer_does_not_import_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "import memoryd.sessions, memoryd.ordering, memoryd.residency, memoryd.leases, memoryd.output\n"
+        "import memoryd.sessions.calls, memoryd.sessions.ordering, memoryd.sessions.residency\n"
+        "import memoryd.sessions.leases, memoryd.sessions.output\n"
         "import memoryd.engine.scheduler, memoryd.engine.work\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

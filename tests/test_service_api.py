@@ -18,7 +18,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from service_fixtures import (  # noqa: F401 (fixtures)
     ROOT,
     Daemon,
@@ -558,7 +558,7 @@ def test_stubs_regenerate_identically(tmp_path: Path) -> None:
 def test_stubs_import_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from memoryd_sdk._proto import memoryd_pb2, memoryd_pb2_grpc\n"
+        "from memoryd_sdk.proto import memoryd_pb2, memoryd_pb2_grpc\n"
         "assert memoryd_pb2_grpc.MemoryServiceStub and 'torch' not in [m for m in sys.modules if sys.modules[m]]\n"
     )
     env = child_env()

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from memoryd_sdk import MemoryClient
-from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk.chat import ServerTemplate
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.types import FinishReason
 from service_fixtures import (  # noqa: F401 (fixtures)
     Daemon,
@@ -37,7 +37,7 @@ CONVO = [("system", "Be brief."), ("user", "Where is the key?"), ("assistant", "
 
 
 def render(messages: list[tuple[str, str]], add_generation_prompt: bool = False) -> str:
-    """The template rendered as transformers would (independent of memoryd.chat)."""
+    """The template rendered as transformers would (independent of memoryd.sessions.chat)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     msgs = [{"role": r, "content": c} for r, c in messages]
     return env.from_string(PLAIN).render(messages=msgs, add_generation_prompt=add_generation_prompt)
@@ -320,7 +320,7 @@ async def test_async_sdk_chat_with_the_servers_template(chat_daemon: Daemon) -> 
 
 def test_templates_that_cannot_stream_or_escape_are_reported() -> None:
     """In-process: the load-time check names what is wrong, and the sandbox stops attribute tricks."""
-    from memoryd.chat import ChatFormat, Message, TemplateError
+    from memoryd.sessions.chat import ChatFormat, Message, TemplateError
 
     assert ChatFormat(PLAIN).problem is None
     counts = "{{ messages|length }}:{% for m in messages %}{{ m.content }};{% endfor %}"  # rewrites its start

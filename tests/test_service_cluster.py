@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cluster_fixtures import LocalCluster
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from service_fixtures import (  # noqa: F401 (fixtures)
     Daemon,
     assert_same_state,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from memoryd_sdk._proto import memoryd_pb2 as pb
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+from memoryd_sdk.proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from service_fixtures import (  # noqa: F401 (fixtures)
     Daemon,
     RedisServer,

@@ -22,15 +22,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from memoryd_sdk import MemoryClient
-from memoryd_sdk._proto import memoryd_pb2 as pb
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.chat import ServerTemplate
+from memoryd_sdk.proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.types import FinishReason
 from safetensors import safe_open
 from service_fixtures import child_env, free_port
 
-from memoryd.chat import ChatFormat, Message, TemplateError, special_tokens
 from memoryd.default_model import DEFAULT_INNER_LR, DEFAULT_MINI_BATCH, DEFAULT_NAME, DEFAULT_WINDOW
+from memoryd.sessions.chat import ChatFormat, Message, TemplateError, special_tokens
 from model.checkpoint import read_config
 from model.gguf_source import find_smollm2_gguf
 from model.tokenizer import load_tokenizer
@@ -108,7 +108,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NoFlags]:
 
 
 def render(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-    """As transformers renders a chat template (independent of memoryd.chat)."""
+    """As transformers renders a chat template (independent of memoryd.sessions.chat)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 

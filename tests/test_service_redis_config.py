@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from redis.asyncio.cluster import RedisCluster
 from service_fixtures import child_env
 
-from memoryd.redis_client import connect, is_cluster_url, parse_cluster_url
 from memoryd.settings import load_settings
+from memoryd.store.redis_client import connect, is_cluster_url, parse_cluster_url
 
 
 def test_cluster_urls() -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 import grpc
 import pytest
 from memoryd_sdk import AsyncMemoryClient, MemoryClient
-from memoryd_sdk._proto import memoryd_pb2 as pb
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+from memoryd_sdk.proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.routing import SESSION_KEY, rendezvous
 from service_fixtures import (  # noqa: F401 (fixtures)
     Daemon,
@@ -215,7 +215,7 @@ def test_advertised_address() -> None:
     """The port actually bound (listen on port 0), a wildcard host named, an explicit setting as it is."""
     import socket
 
-    from memoryd.routing import advertised_address
+    from memoryd.sessions.routing import advertised_address
     from memoryd.settings import Settings
 
     assert advertised_address("127.0.0.1:0", 43210, None) == "127.0.0.1:43210"

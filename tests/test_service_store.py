@@ -16,8 +16,8 @@ from cluster_fixtures import LocalCluster
 from service_fixtures import RedisServer, redis_server  # noqa: F401 (fixture)
 
 from memoryd.errors import DataLoss
-from memoryd.redis_client import connect
-from memoryd.store import SCRIPTS, ReplicaTimeout, Store
+from memoryd.store.redis_client import connect
+from memoryd.store.store import SCRIPTS, ReplicaTimeout, Store
 
 BACKENDS = ["single", "cluster"]
 

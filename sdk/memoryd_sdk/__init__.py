@@ -13,7 +13,7 @@ run on a private loop thread by `blocking`), `errors` (one exception per status)
 (results), `retry`, `connection` (channels, TLS, tokens), `chat` (turn formats: the model's,
 or plain text), `export_file` (an export as a file), `requests` (building the proto
 requests), `iterators`, and `langchain` (a LangChain chat model; the `langchain` extra).
-The generated stubs live in `memoryd_sdk._proto` (regenerate with scripts/gen_proto.sh).
+The generated stubs live in `memoryd_sdk.proto` (regenerate with scripts/gen_proto.sh).
 """
 
 from memoryd_sdk.aio import AsyncMemoryClient

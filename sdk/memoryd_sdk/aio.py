@@ -32,7 +32,6 @@ from typing import IO, Any
 
 import grpc
 
-from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk.aio_generation import AsyncGenerateStream
 from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.chat import ChatTemplate
@@ -40,6 +39,7 @@ from memoryd_sdk.connection import TLS, auth_metadata
 from memoryd_sdk.errors import AlreadyExists, MemorydError, NotFound, OffsetConflict, from_rpc_error
 from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, read_header, write_header
 from memoryd_sdk.iterators import aiter_of
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.requests import (
     Content,
     Extras,

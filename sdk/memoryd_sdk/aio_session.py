@@ -20,12 +20,12 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
-from memoryd_sdk._proto import memoryd_pb2 as pb
 from memoryd_sdk.aio_generation import AsyncGenerateStream
 from memoryd_sdk.chat import DEFAULT_TEMPLATE, SERVER_TEMPLATE, ChatTemplate, ServerTemplate, turn_text
 from memoryd_sdk.errors import OffsetConflict, Unimplemented
 from memoryd_sdk.export_file import Dest
 from memoryd_sdk.iterators import aiter_of
+from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.requests import (
     Content,
     Extras,

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 
 MAGIC = b"MEMORYD-EXPORT/1\n"
 READ_CHUNK = 1 << 20

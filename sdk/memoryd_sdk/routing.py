@@ -31,8 +31,8 @@ from typing import Any
 
 import grpc
 
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.connection import TLS, aio_channel
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 
 HOLDER_KEY = "memoryd-holder"
 SESSION_KEY = "memoryd-session-id"

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 
 
 class FinishReason(enum.Enum):

@@ -33,14 +33,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 
 from memoryd import metrics
 from memoryd.errors import ServiceError, Unavailable
-from memoryd.leases import redis_errors
-from memoryd.store import Store
+from memoryd.sessions.leases import redis_errors
+from memoryd.store.store import Store
 
-log = logging.getLogger("memoryd.routing")
+log = logging.getLogger("memoryd.sessions.routing")
 
 HOLDER_KEY = "memoryd-holder"
 """Trailing metadata: the address of the daemon that holds the session."""

@@ -87,7 +87,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memoryd.errors import DataLoss
-from memoryd.redis_client import UNAVAILABLE_ERRORS
+from memoryd.store.redis_client import UNAVAILABLE_ERRORS
 
 SNAPSHOT_FORMAT = "memoryd-session-state/1"
 WINDOW_SECONDS = 30.0

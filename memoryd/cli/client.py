@@ -58,7 +58,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.cmd == "http":
-        from memoryd.openai_http import run_standalone
+        from memoryd.api.openai_http import run_standalone
 
         try:
             asyncio.run(run_standalone(args.listen, args.daemon, args.tls_ca))

@@ -14,13 +14,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 from memoryd import metrics
-from memoryd.ordering import Key
-from memoryd.redis_client import UNAVAILABLE_ERRORS
-from memoryd.residency import Residency
+from memoryd.sessions.ordering import Key
+from memoryd.sessions.residency import Residency
 from memoryd.settings import Settings
-from memoryd.store import Store
+from memoryd.store.redis_client import UNAVAILABLE_ERRORS
+from memoryd.store.store import Store
 
-log = logging.getLogger("memoryd.leases")
+log = logging.getLogger("memoryd.sessions.leases")
 
 
 def redis_errors() -> tuple[type[BaseException], ...]:

@@ -7,13 +7,13 @@ GetModel sends, so a limit a check uses has to be a field of it.
 
 from __future__ import annotations
 
-from memoryd_sdk._proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2 as pb
 
 from memoryd.settings import Settings
 
 MAX_SESSION_ID_CHARS = 128
 MAX_APPEND_ID_CHARS = 128
-MAX_ROLE_CHARS = 64  # memoryd.chat.ROLE_RE
+MAX_ROLE_CHARS = 64  # memoryd.sessions.chat.ROLE_RE
 MAX_META_ENTRIES, MAX_META_KEY_CHARS, MAX_META_VALUE_CHARS = 64, 128, 4096
 MAX_STOP_STRINGS, MAX_STOP_STRING_CHARS, MAX_STOP_TOKENS = 16, 256, 64
 MAX_TEMPERATURE = 100.0

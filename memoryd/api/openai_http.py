@@ -43,7 +43,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from memoryd.openai_request import ChatRequest, RequestError, parse_chat_request
+from memoryd.api.openai_request import ChatRequest, RequestError, parse_chat_request
 
 log = logging.getLogger("memoryd.http")
 

@@ -31,14 +31,12 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 from google.protobuf.timestamp_pb2 import Timestamp
-from memoryd_sdk._proto import memoryd_pb2 as pb
-from memoryd_sdk._proto import memoryd_pb2_grpc as pb_grpc
+from memoryd_sdk.proto import memoryd_pb2 as pb
+from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 
 from memoryd import metrics
-from memoryd.auth import Auth
-from memoryd.chat import Message, TemplateError
-from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
-from memoryd.limits import (
+from memoryd.api.auth import Auth
+from memoryd.api.limits import (
     MAX_APPEND_ID_CHARS,
     MAX_META_ENTRIES,
     MAX_META_KEY_CHARS,
@@ -46,10 +44,12 @@ from memoryd.limits import (
     MAX_SESSION_ID_CHARS,
     server_limits,
 )
-from memoryd.routing import Router
-from memoryd.sessions import Content, GenParams, Info, Sessions
+from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
+from memoryd.sessions.calls import Content, GenParams, Info, Sessions
+from memoryd.sessions.chat import Message, TemplateError
+from memoryd.sessions.routing import Router
 from memoryd.settings import Settings
-from memoryd.store import SNAPSHOT_FORMAT
+from memoryd.store.store import SNAPSHOT_FORMAT
 
 log = logging.getLogger("memoryd.calls")
 
@@ -73,7 +73,7 @@ def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: floa
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
-    trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/routing.py)
+    trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/sessions/routing.py)
     if e.offset is not None and not any(k == "memoryd-offset" for k, _ in trailers):
         trailers += (("memoryd-offset", str(e.offset)),)
     if trailers:

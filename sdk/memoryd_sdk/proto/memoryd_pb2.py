@@ -29,7 +29,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18memoryd/v1/mem
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memoryd_sdk._proto.memoryd_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'memoryd_sdk.proto.memoryd_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SESSION_METADATAENTRY']._loaded_options = None

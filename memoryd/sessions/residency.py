@@ -3,7 +3,7 @@
 An LRU ordered by use and bounded by bytes: when the hot states together pass the
 budget, the least recently used are the ones to write out and drop (their next call
 brings them back from Redis).  This module only keeps the table and picks victims;
-writing a state out is the durability protocol's job (memoryd/sessions.py).
+writing a state out is the durability protocol's job (memoryd/sessions/calls.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memoryd import metrics
-from memoryd.ordering import Key
+from memoryd.sessions.ordering import Key
 
 
 @dataclass

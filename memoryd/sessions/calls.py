@@ -49,21 +49,21 @@ from memoryd.errors import (
     ServiceError,
     Unavailable,
 )
-from memoryd.leases import maintain_forever, redis_errors
-from memoryd.ordering import Key, SessionLocks
-from memoryd.output import GenEvent, GenParams, StopText, kept_output, record, replayed
-from memoryd.residency import Hot, Residency
-from memoryd.routing import Moved, address_of
+from memoryd.sessions.leases import maintain_forever, redis_errors
+from memoryd.sessions.ordering import Key, SessionLocks
+from memoryd.sessions.output import GenEvent, GenParams, StopText, kept_output, record, replayed
+from memoryd.sessions.residency import Hot, Residency
+from memoryd.sessions.routing import Moved, address_of
 from memoryd.settings import Settings
-from memoryd.store import AppendResult, Head, LeaseResult, Store, tokens_hash
+from memoryd.store.store import AppendResult, Head, LeaseResult, Store, tokens_hash
 
 if TYPE_CHECKING:
-    from memoryd.chat import ChatFormat
     from memoryd.engine.core import Engine
+    from memoryd.sessions.chat import ChatFormat
 
 __all__ = ["AppendOutcome", "GenEvent", "GenParams", "Info", "Sessions"]
 
-log = logging.getLogger("memoryd.sessions")
+log = logging.getLogger("memoryd.sessions.calls")
 Content = list[int] | Callable[[int], list[int]]
 """Token ids, or a function of the offset they will land at (chat messages render differently at 0)."""
 
@@ -213,7 +213,7 @@ class Sessions:
         return hot
 
     async def _elsewhere(self, key: Key, lease: LeaseResult) -> Moved:
-        """Where the session is served (memoryd/routing.py forwards the call there).
+        """Where the session is served (memoryd/sessions/routing.py forwards the call there).
 
         A holder that published no address (an older daemon) is asked to hand the session
         over instead, as before routing existed.
@@ -276,7 +276,7 @@ class Sessions:
             await self._evict(key)
 
     async def maintain_forever(self) -> None:
-        """Leases renewed, handovers served, TTLs refreshed (memoryd/leases.py)."""
+        """Leases renewed, handovers served, TTLs refreshed (memoryd/sessions/leases.py)."""
         await maintain_forever(self.hot, self.store, self.owner, self.s, self._evict)
 
     async def flush(self) -> None:

@@ -2,7 +2,7 @@
 
 Also the commands for people against a running daemon (`memoryd_sdk` only, no torch):
 `memoryd sessions ls|show|rm|export|import`, `memoryd chat [SESSION]` and `memoryd http`
-(the OpenAI-compatible gateway alone); see `memoryd/cli_client.py`.
+(the OpenAI-compatible gateway alone); see `memoryd/cli/client.py`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import sys
 
 from pydantic import ValidationError
 
-from memoryd.redis_embed import RedisNotFound
 from memoryd.settings import Settings, load_settings
+from memoryd.store.redis_embed import RedisNotFound
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from memoryd.cli_client import add_commands
+    from memoryd.cli.client import add_commands
 
     p = argparse.ArgumentParser(prog="memoryd", description="Long-context memory sessions for AI agents over gRPC.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd != "serve":
-        from memoryd.cli_client import run
+        from memoryd.cli.client import run
 
         return run(args)
     overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}

@@ -1,0 +1,1 @@
+"""The middle layer: the calls and their durability protocol; ordering, residency, leases, output policy."""
