@@ -17,6 +17,17 @@ TTT_STEPS = Counter("memoryd_ttt_steps_total", "test-time training steps (full m
 SESSIONS_HOT = Gauge("memoryd_sessions_hot", "sessions whose state is on the device")
 SESSIONS_STORED = Gauge("memoryd_sessions_stored", "sessions stored in Redis (all tenants)")
 HOT_BYTES = Gauge("memoryd_hot_state_bytes", "bytes of session state on the device")
+CHARGED_BYTES = Gauge(
+    "memoryd_budget_charged_bytes",
+    "bytes the memory budget counts: hot states, the working copies of calls in progress, loads under way",
+)
+SESSIONS_PINNED = Gauge("memoryd_sessions_pinned", "sessions a call is working on or waiting for (never evicted)")
+RSS_BYTES = Gauge("memoryd_process_rss_bytes", "resident set size of the daemon process (/proc/self/statm)")
+REFUSED = Counter(
+    "memoryd_refused_total", "calls refused early with RESOURCE_EXHAUSTED (queue limit, or deadline)", ["reason"]
+)
+BACKLOG_TOKENS = Gauge("memoryd_backlog_tokens", "tokens of model work the calls in progress still bring")
+DROPPED = Counter("memoryd_dropped_work_total", "queued work dropped because its caller left or its deadline passed")
 SNAPSHOTS = Counter("memoryd_snapshots_total", "snapshots written", ["reason"])
 SNAPSHOT_BYTES = Counter("memoryd_snapshot_bytes_total", "bytes of snapshots written to Redis")
 SNAPSHOT_SECONDS = Histogram("memoryd_snapshot_seconds", "time to serialize, write and publish a snapshot")

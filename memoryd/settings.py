@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     memory_budget: int = Field(2 * 1024**3, gt=0, description="bytes of hot session state kept on the device")
     snapshot_interval: int = Field(16, ge=1, description="write a snapshot every N test-time steps (mini-batches)")
     ttl_seconds: int = Field(7 * 86400, ge=0, description="idle sessions expire after this (0: never)")
-    lease_seconds: float = Field(30.0, gt=0, description="a daemon's hold on a session, renewed while hot")
+    lease_seconds: float = Field(
+        30.0, gt=0, description="a daemon's hold on a session, renewed while it is hot or being loaded"
+    )
     instance_id: str = Field(
         "", description="this daemon's name in leases (default: host:listen, plus a per-process suffix for port 0)"
     )
@@ -106,6 +108,13 @@ class Settings(BaseSettings):
         description="tokens of solo model work per compute-lane run (append pieces, replays, test-time steps); long "
         "appends are cut at mini-batch boundaries to fit, so one long append holds others' solo work back by at most "
         "one run (decoding runs on its own lane meanwhile)",
+    )
+    max_queued_tokens: int = Field(
+        0,
+        ge=0,
+        description="refuse a call at once with RESOURCE_EXHAUSTED (and a retry hint) when the tokens of model work "
+        "queued ahead of it (appends, prompts, replays of sessions to load) would pass this (0: no limit; calls are "
+        "still refused when the work ahead would outlast their deadline)",
     )
     batch_sessions: int = Field(64, ge=1, description="sessions decoded together in one batched forward")
     torch_threads: int = Field(

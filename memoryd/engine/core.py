@@ -9,7 +9,9 @@ finishes routes each outcome to the future of the call that submitted it.  So a 
 append, or a session's test-time step, runs beside the other sessions' decoding instead of
 between their tokens.  An append with tokens left stays queued with its progress; a call
 that was cancelled (a client went away) is dropped from the queue, and a result for it is
-discarded.
+discarded; so is an item submitted with a deadline that passes before it runs (its call
+fails with DEADLINE_EXCEEDED: nobody will use the result).  Work that is safe to finish
+(a rebuild, an append with an append_id) is submitted without one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from memoryd import metrics
 from memoryd.engine.scheduler import LANES, Budget, Lane, Plan, schedule
 from memoryd.engine.work import Append, Decode, Rebuild, Result, State, Ticket, Work
 from memoryd.engine.worker import Outcome, execute
+from memoryd.errors import DeadlineExceeded
 from model import StreamState, digest_of
 from model.batch import counts_at, runs_solo, tokens_to_step
 
@@ -50,15 +53,22 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self.ticks = 0
         """Lane runs so far (both lanes)."""
+        self.seconds_per_token = 0.0
+        """The compute lane's recent seconds per token of solo work (a moving average; 0: not measured
+        yet): what admission (memoryd/sessions/admission.py) prices queued work at."""
 
     # -- what sessions call ----------------------------------------------------------------------
 
-    async def submit(self, work: Work) -> Result:
-        """Queue one item and wait for its result (raises what the worker raised, for bugs only)."""
+    async def submit(self, work: Work, deadline: float | None = None) -> Result:
+        """Queue one item and wait for its result (raises what the worker raised, for bugs only).
+
+        `deadline` (time.monotonic()): if it passes before the item runs, the item is dropped and
+        this raises DeadlineExceeded."""
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="memoryd-engine")
             self._task.add_done_callback(self._stopped)
         ticket = self._ticket(work)
+        ticket.deadline = deadline
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._futures[ticket.seq] = fut
         self._waiting.append(ticket)
@@ -69,8 +79,9 @@ class Engine:
         finally:
             if not fut.done() or fut.cancelled():  # the caller went away: stop its work
                 self._futures.pop(ticket.seq, None)
-                with contextlib.suppress(ValueError):
+                if ticket in self._waiting:
                     self._waiting.remove(ticket)
+                    metrics.DROPPED.inc()
 
     def counts_at(self, offset: int) -> tuple[int, int]:
         """(test-time steps, pending tokens) of a session at `offset` (the model's rule)."""
@@ -124,6 +135,7 @@ class Engine:
             for _ in range(4):
                 await asyncio.sleep(0)
             self._wake.clear()
+            self._drop_expired()
             free = [lane for lane in LANES if all(lane != v[0] for v in busy.values())]
             plan = schedule([t for t in self._waiting if not t.running], self.budget, free)
             for lane in free:
@@ -131,7 +143,7 @@ class Engine:
                 if not part:
                     continue
                 for t in part.tickets():
-                    t.served, t.running = self.ticks, True
+                    t.running = True
                 fut = loop.run_in_executor(self._lanes[lane], execute, self.model, part)
                 busy[fut] = (lane, part, time.perf_counter())
             if not busy:  # nothing could run (the scheduler always plans something for free lanes)
@@ -151,8 +163,23 @@ class Engine:
                     outcomes = [Outcome(t, error=e) for t in part.tickets()]
                 self._update(lane, part, outcomes, time.perf_counter() - t0)
 
+    def _drop_expired(self) -> None:
+        """Items whose deadline has passed and that have not started: nobody will use their result."""
+        now = time.monotonic()
+        for t in [t for t in self._waiting if t.deadline is not None and t.deadline <= now and not t.running]:
+            self._waiting.remove(t)
+            metrics.DROPPED.inc()
+            fut = self._futures.pop(t.seq, None)
+            if fut is not None and not fut.done():
+                why = "the call's deadline passed while its work was queued: it did not run"
+                fut.set_exception(DeadlineExceeded(why))
+        metrics.ENGINE_WAITING.set(len(self._waiting))
+
     def _update(self, lane: Lane, plan: Plan, outcomes: list[Outcome], seconds: float) -> None:
         self.ticks += 1
+        if lane == "compute" and plan.chunks and not plan.others:  # a load's snapshot read is not per token
+            rate = seconds / plan.compute_tokens
+            self.seconds_per_token = rate if not self.seconds_per_token else 0.8 * self.seconds_per_token + 0.2 * rate
         metrics.ENGINE_TICKS.labels(lane).inc()
         metrics.ENGINE_TICK_SECONDS.labels(lane).observe(seconds)
         metrics.ENGINE_TICK_TOKENS.observe(plan.tokens)
@@ -162,7 +189,8 @@ class Engine:
             t.running = False
         for o in outcomes:
             if o.result is None and o.error is None:
-                continue  # an append with tokens left: stays queued
+                o.ticket.age = next(self._seq)  # an append with tokens left: back of the queue
+                continue
             if o.ticket in self._waiting:
                 self._waiting.remove(o.ticket)
             fut = self._futures.pop(o.ticket.seq, None)

@@ -129,8 +129,16 @@ class Ticket:
     """Tokens between test-time steps (the model's mini-batch size)."""
     solo: bool = False
     """A decode whose token takes a test-time step (`model.batch.runs_solo`): the compute lane's."""
-    served: int = -1
-    """Last tick that ran part of it (-1: never): the least recently served go first."""
+    age: int = -1
+    """Its place in the compute lane's queue: `seq` at arrival; an append cut into pieces is given
+    a new one (the back of the queue) each time a piece has run (-1: `seq`)."""
+    deadline: float | None = None
+    """time.monotonic() past which nobody will use the result (None: run it whatever happens)."""
+
+    def __post_init__(self) -> None:
+        if self.age < 0:
+            self.age = self.seq
+
     running: bool = False
     """On a lane now: not planned again until its outcome is back."""
     progress: Any = field(default=None, repr=False)

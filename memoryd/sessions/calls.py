@@ -8,6 +8,15 @@ by the lease) and only then swaps the copy in: a failure anywhere leaves the hot
 state exactly as it was.  Snapshots are written every `snapshot_interval` steps and
 on eviction; what to stream and commit of a generation is `output`'s policy.
 
+Under load (issue 20): a call pins its session from arrival to end, so a session loaded
+for a call is not evicted before that call has run; a load waits, in arrival order, for
+room in the byte budget (`residency`); a call is refused early when the work queued ahead
+of it is over the limit or would outlast its deadline (`admission`).  Work nobody will use
+once its caller has left (an append without append_id, a dry-run generation) is submitted
+with the call's deadline and dropped when it passes; work that is safe to finish is
+finished: a load runs to the end and stays hot for the retry, and an append with an
+append_id is recorded, so its retry is answered as a duplicate.
+
 No torch here: states are opaque handles that only the engine's worker reads.
 """
 
@@ -49,6 +58,7 @@ from memoryd.errors import (
     ServiceError,
     Unavailable,
 )
+from memoryd.sessions.admission import Backlog, deadline
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
 from memoryd.sessions.output import GenEvent, GenParams, StopText, kept_output, record, replayed
@@ -116,6 +126,15 @@ class Sessions:
         """When a call holding the session's lock last failed UNAVAILABLE (cleared by a call that succeeds)."""
         self._bg: set[asyncio.Task] = set()
         self.owner = settings.daemon_id
+        self._loads: dict[Key, asyncio.Task[Hot]] = {}
+        """Loads under way: a retry of a call that left joins its load instead of starting another."""
+        self._admit = asyncio.Lock()
+        """Loads wait for room in the budget one at a time, in arrival order (asyncio.Lock is FIFO)."""
+        self._state_bytes = engine.fresh_bytes
+        """The largest state seen so far: what a load reserves (twice: snapshot bytes and the state)."""
+        self.backlog = Backlog(settings.max_queued_tokens, lambda: engine.seconds_per_token)
+        self._replay_estimate = settings.snapshot_interval * engine.model.cfg.mini_batch_size // 2 + 1
+        """Tokens a load replays on average (half a snapshot interval): what admission prices a load at."""
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -128,16 +147,32 @@ class Sessions:
         another Redis timeout to its answer, and a queue of calls would each add one. What it can do
         without Redis (a generation on a hot session, not committed) it still does."""
         since = time.monotonic()
-        async with self.lock(key):
-            _waited.set((key, since))
-            try:
-                yield
-            except Unavailable:
-                self._unavailable_at[key] = time.monotonic()
-                raise
-            finally:
-                _waited.set(None)
-            self._unavailable_at.pop(key, None)
+        self.hot.pin(key)  # from arrival: not evicted while this call waits for it or works on it
+        try:
+            async with self.lock(key):
+                _waited.set((key, since))
+                try:
+                    yield
+                except Unavailable:
+                    self._unavailable_at[key] = time.monotonic()
+                    raise
+                finally:
+                    _waited.set(None)
+                self._unavailable_at.pop(key, None)
+        finally:
+            self.hot.unpin(key)
+
+    def _cost(self, key: Key, tokens: int) -> int:
+        """Tokens of model work a call on `key` brings: its own, and the replay if its session is cold."""
+        return tokens + (0 if self.hot.peek(key) is not None or key in self._loads else self._replay_estimate)
+
+    async def _finish_anyway(self, coro: Any) -> Any:
+        """Run `coro` to the end even if this call is cancelled (its caller left): work safe to finish."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
 
     def _spawn(self, coro: Any) -> None:
         ctx = contextvars.copy_context()
@@ -163,9 +198,12 @@ class Sessions:
                 self.hot.drop(key)
             raise Unavailable(f"Redis is unavailable ({type(e).__name__}: {e}); retry the call") from e
 
-    async def _compute(self, work: Any) -> Any:
-        """The engine's result, or the model's refusal as the status it means."""
-        res = await self.engine.submit(work)
+    async def _compute(self, work: Any, droppable: bool = False) -> Any:
+        """The engine's result, or the model's refusal as the status it means.
+
+        `droppable`: nobody will use the result once the call's deadline has passed, so the engine drops
+        the work then (DEADLINE_EXCEEDED) instead of running it."""
+        res = await self.engine.submit(work, deadline() if droppable else None)
         if isinstance(res, Refused):
             if res.reason == "input":
                 raise InvalidArgument(res.message)
@@ -177,16 +215,51 @@ class Sessions:
     # -- loading -----------------------------------------------------------------------------
 
     async def _load(self, key: Key) -> Hot:
-        """The hot session (loading it from Redis if needed); caller holds the session's lock."""
+        """The hot session (loading it from Redis if needed); caller holds the session's lock.
+
+        The load runs as its own task: if the caller leaves, it still completes and the session
+        stays hot for the retry, which joins a load still under way instead of starting another."""
         hot = self.hot.use(key)
         if hot is not None:
             return hot
+        task = self._loads.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load_now(key))
+            self._loads[key] = task
+            task.add_done_callback(lambda _: self._loads.pop(key, None))
+            task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _room(self, key: Key) -> None:
+        """Reserve budget for loading `key`: evict unpinned sessions, or wait for pins to go (FIFO)."""
+        need = 2 * self._state_bytes
+        async with self._admit:
+            while not self.hot.fits(need):
+                victims = self.hot.victims(extra=need)
+                if not victims:
+                    await self.hot.wait_freed()
+                for victim in victims:
+                    await self._evict(victim)
+            self.hot.reserve(key, need)
+
+    async def _load_now(self, key: Key) -> Hot:
+        self.hot.pin(key)
+        try:
+            await self._room(key)
+            return await self._read_and_build(key)
+        finally:
+            self.hot.loading(key, False)
+            self.hot.unreserve(key)
+            self.hot.unpin(key)
+
+    async def _read_and_build(self, key: Key) -> Hot:
         tenant, sid = key
         async with self._redis():
             head = await self.store.head(tenant, sid)
             if head is not None and head.digest != self.digest:  # before the lease: never take another model's
                 raise ForeignSession(head, self.digest)
             lease = await self.store.acquire_lease(tenant, sid, self.owner, self.s.lease_seconds)
+            self.hot.loading(key, lease.fence is not None)
             if lease.missing:
                 raise NotFound(f"session {sid!r} does not exist")
             if lease.fence is None:
@@ -208,6 +281,7 @@ class Sessions:
         snap_steps = self.engine.counts_at(head.snap_off)[0] if head.snap else 0
         hot = Hot(state=built.state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
         hot.set_state(built.state)
+        self._state_bytes = max(self._state_bytes, hot.nbytes)
         self.hot.put(key, hot)
         self._spawn(self._enforce_budget(key))
         return hot
@@ -255,13 +329,16 @@ class Sessions:
         except ServiceError as e:
             log.warning("snapshot of %s failed: %s", key, e.message)
 
-    async def _evict(self, key: Key) -> None:
+    async def _evict(self, key: Key, force: bool = False) -> None:
+        """Snapshot, drop and release a hot session; one a call has pinned meanwhile stays (unless `force`)."""
         async with self.lock(key):
             hot = self.hot.peek(key)
-            if hot is None:
+            if hot is None or (self.hot.pinned(key) and not force):
                 return
             try:
                 await self._snapshot(key, hot, "eviction")
+                if self.hot.pinned(key) and not force:  # a call arrived during the snapshot: keep it hot
+                    return
                 async with self._redis():
                     await self.store.renew_leases([key], self.owner, 0)
             except ServiceError as e:
@@ -270,6 +347,7 @@ class Sessions:
             metrics.EVICTIONS.inc()
 
     async def _enforce_budget(self, keep: Key) -> None:
+        """States grow (a window fills): evict unpinned sessions until the charge fits again."""
         for key in self.hot.victims(keep):
             if not self.hot.over_budget():
                 break
@@ -284,7 +362,7 @@ class Sessions:
         for task in list(self._bg):
             task.cancel()
         for key in self.hot.resident():
-            await self._evict(key)
+            await self._evict(key, force=True)
         await self.engine.close()
 
     # -- calls -------------------------------------------------------------------------------
@@ -312,6 +390,11 @@ class Sessions:
 
     async def get(self, tenant: str, sid: str) -> Info:
         key = (tenant, sid)
+        with self.backlog.admitted(self._cost(key, 0)):
+            return await self._get(key)
+
+    async def _get(self, key: Key) -> Info:
+        tenant, sid = key
         async with self._held(key):
             try:
                 hot = await self._load(key)
@@ -432,7 +515,16 @@ class Sessions:
     async def append(
         self, tenant: str, sid: str, content: Content, expected: int | None, append_id: str
     ) -> AppendOutcome:
+        """With an append_id the append is safe to finish: it runs to the end even if its caller leaves
+        (the retry then finds it recorded); without one, nobody could tell it landed, so its work is
+        dropped once the caller's deadline passes."""
         key = (tenant, sid)
+        with self.backlog.admitted(self._cost(key, len(content) if isinstance(content, list) else 0)):
+            if append_id:
+                return await self._finish_anyway(self._append(key, content, expected, append_id))
+            return await self._append(key, content, expected, append_id)
+
+    async def _append(self, key: Key, content: Content, expected: int | None, append_id: str) -> AppendOutcome:
         async with self._held(key):
             hot = await self._load(key)
             dup = await self._find_duplicate(key, append_id)
@@ -447,7 +539,7 @@ class Sessions:
             self._check_expected(hot, expected)
             tokens = tokens_at(content, hot.state.position)
             try:
-                done: Appended = await self._compute(Append(hot.state, tokens))
+                done: Appended = await self._compute(Append(hot.state, tokens), droppable=not append_id)
             except InvalidArgument as e:
                 raise InvalidArgument(e.message, offset=hot.state.position) from e
             res = await self._commit(key, hot, done.state, [tokens], append_id)
@@ -467,8 +559,18 @@ class Sessions:
         expected: int | None,
         append_id: str,
     ) -> AsyncIterator[GenEvent]:
-        """Sample on a copy; stream tokens and text; with commit, log prompt + output and swap the copy in."""
+        """Sample on a copy; stream tokens and text; with commit, log prompt + output and swap the copy in.
+
+        A dry run (no commit) is dropped once its caller's deadline passes: nobody will use it."""
         key = (tenant, sid)
+        cost = 1 + (len(prompt) if isinstance(prompt, list) else 0)
+        with self.backlog.admitted(self._cost(key, cost)):
+            async for event in self._generate(key, prompt, p, commit, expected, append_id):
+                yield event
+
+    async def _generate(
+        self, key: Key, prompt: Content, p: GenParams, commit: bool, expected: int | None, append_id: str
+    ) -> AsyncIterator[GenEvent]:
         async with self._held(key):
             hot = await self._load(key)
             if commit and append_id:
@@ -481,7 +583,7 @@ class Sessions:
             pieces: list[list[int]] = []
             after_prompt = hot.state
             if prompt_ids:
-                after_prompt = (await self._compute(Append(hot.state, prompt_ids))).state
+                after_prompt = (await self._compute(Append(hot.state, prompt_ids), droppable=not commit)).state
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
@@ -497,7 +599,8 @@ class Sessions:
             # The next token is asked for before this one is streamed to the client, so the engine's
             # next tick overlaps the network writes of this one (all sessions' decodes join it).
             def ask(prev: int | None) -> asyncio.Future[Sampled]:
-                return asyncio.ensure_future(self._compute(Decode(work, prev, sampling, rng.random())))
+                decode = Decode(work, prev, sampling, rng.random())
+                return asyncio.ensure_future(self._compute(decode, droppable=not commit))
 
             nxt = ask(None) if p.max_tokens > 0 else None
             try:
@@ -609,3 +712,12 @@ class Sessions:
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after the import; retry")
         return Info(head, state.pending_count, state.steps, state.nbytes(), False)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A task whose caller left: its outcome is nobody's, but a bug in it is logged."""
+    if task.cancelled():
+        return
+    e = task.exception()
+    if e is not None and not isinstance(e, ServiceError):
+        log.error("work finished for a caller that left failed", exc_info=e)

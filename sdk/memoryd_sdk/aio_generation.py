@@ -9,13 +9,14 @@ block early) cancels the gRPC call itself, not just the Python loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from memoryd_sdk.errors import Cancelled, from_rpc_error
-from memoryd_sdk.retry import Attempt, RetryPolicy, _should_retry
+from memoryd_sdk.retry import Attempt, RetryPolicy, retry_delay
 from memoryd_sdk.types import GenerateChunk, GenerateResult
 
 
@@ -44,7 +45,7 @@ class AsyncGenerateStream:
         """The whole generation, set once the last message has arrived."""
 
     async def _run(self) -> AsyncIterator[GenerateChunk]:
-        attempt = 1
+        attempt, started = 1, time.monotonic()
         while True:
             if self._cancelled:
                 return
@@ -75,9 +76,10 @@ class AsyncGenerateStream:
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                     return
                 err = from_rpc_error(e)
-                if got_any or not _should_retry(err, attempt, self._policy, "Generate"):
+                delay = None if got_any else retry_delay(err, attempt, self._policy, "Generate", started)
+                if delay is None:
                     raise err from e
-            await asyncio.sleep(self._policy.backoff(attempt))
+            await asyncio.sleep(delay)
             attempt += 1
 
     def chunks(self) -> AsyncIterator[GenerateChunk]:
