@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from memoryd.allocator import rss_bytes
+
 CALLS = Counter("memoryd_calls_total", "gRPC calls by method and status code", ["method", "code"])
 CALL_SECONDS = Histogram(
     "memoryd_call_seconds",
@@ -23,6 +25,7 @@ CHARGED_BYTES = Gauge(
 )
 SESSIONS_PINNED = Gauge("memoryd_sessions_pinned", "sessions a call is working on or waiting for (never evicted)")
 RSS_BYTES = Gauge("memoryd_process_rss_bytes", "resident set size of the daemon process (/proc/self/statm)")
+RSS_BYTES.set_function(rss_bytes)
 REFUSED = Counter(
     "memoryd_refused_total", "calls refused early with RESOURCE_EXHAUSTED (queue limit, or deadline)", ["reason"]
 )

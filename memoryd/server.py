@@ -23,6 +23,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from memoryd_sdk.proto import memoryd_pb2 as pb
 
+from memoryd import allocator
 from memoryd.api import reflection
 from memoryd.api.auth import Auth
 from memoryd.api.service import MemoryServicer, add_to_server
@@ -123,6 +124,9 @@ def _credentials(s: Settings) -> grpc.ServerCredentials | None:
 
 
 async def serve(s: Settings) -> None:
+    malloc = allocator.configure(s.malloc_arena_max, s.malloc_mmap_threshold)
+    if malloc:
+        log.info(json.dumps({"event": "allocator", **malloc}))
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     auth = Auth.from_settings(s.auth_tokens_file, s.auth_tokens)

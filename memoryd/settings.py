@@ -117,6 +117,18 @@ class Settings(BaseSettings):
         "still refused when the work ahead would outlast their deadline)",
     )
     batch_sessions: int = Field(64, ge=1, description="sessions decoded together in one batched forward")
+    malloc_arena_max: int = Field(
+        0,
+        ge=0,
+        description="glibc malloc arenas (mallopt M_ARENA_MAX; 0: glibc's default, 8 per core): fewer arenas hold "
+        "less freed memory (memoryd/allocator.py, docs/service.md Memory)",
+    )
+    malloc_mmap_threshold: int = Field(
+        0,
+        ge=0,
+        description="allocations at least this big are mmapped and go back to the system when freed (mallopt "
+        "M_MMAP_THRESHOLD; 0: glibc's default, which rises after the first large free)",
+    )
     torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads (0: torch's default; more than 1 only on a dedicated machine)"
     )
@@ -124,7 +136,14 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight calls get on SIGTERM")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
 
-    @field_validator("memory_budget", "max_message_bytes", "max_import_bytes", "snapshot_chunk_bytes", mode="before")
+    @field_validator(
+        "memory_budget",
+        "max_message_bytes",
+        "max_import_bytes",
+        "snapshot_chunk_bytes",
+        "malloc_mmap_threshold",
+        mode="before",
+    )
     @classmethod
     def _bytes(cls, v: Any) -> int:
         return parse_bytes(v)

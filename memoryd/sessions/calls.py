@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from memoryd import metrics
+from memoryd import allocator, metrics
 from memoryd.engine.work import (
     Append,
     Appended,
@@ -349,6 +349,7 @@ class Sessions:
                 log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
             self.hot.drop(key)
             metrics.EVICTIONS.inc()
+        allocator.trim()  # the state's memory back to the system, not kept by the allocator
 
     async def _enforce_budget(self, keep: Key) -> None:
         """States grow (a window fills): evict unpinned sessions until the charge fits again."""
