@@ -114,7 +114,7 @@ def main() -> None:
     data_dir = None if args.small else default_data_dir()
     daemon = None
     try:
-        daemon, address = start_daemon(work, ckpt, port, 1, data_dir=data_dir)
+        daemon, address = start_daemon(work, ckpt, port, 1, "--log-level", "INFO", data_dir=data_dir)
         model, *_ = load_model(load_settings({"checkpoint": ckpt, "data_dir": data_dir or work}), "cpu")
         vocab = model.cfg.vocab_size
         with grpc.insecure_channel(address) as ch:
@@ -122,13 +122,14 @@ def main() -> None:
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(30)
         t0 = time.perf_counter()
-        daemon, address = start_daemon(work, ckpt, port, 1, data_dir=data_dir, address=address)
+        daemon, address = start_daemon(work, ckpt, port, 1, "--log-level", "INFO", data_dir=data_dir, address=address)
         restart = time.perf_counter() - t0
         with grpc.insecure_channel(address) as ch:
             t0 = time.perf_counter()
             info = pb_grpc.MemoryServiceStub(ch).GetSession(pb.GetSessionRequest(session_id="reload"), timeout=600)
             load = time.perf_counter() - t0
         assert info.offset == offset and info.hot
+        loaded = [json.loads(x) for x in (work / "memoryd.log").read_text().splitlines() if '"event": "loaded"' in x]
         ref = asyncio.run(reference(url, model, "reload"))
         base = ref["read_seconds"] + ref["tail_append_seconds"]
         out = {
@@ -137,6 +138,7 @@ def main() -> None:
             "load_seconds": round(load, 3),
             "reference_seconds": round(base, 3),
             "ratio": round(load / base, 2),
+            "daemon_load": {k: loaded[-1][k] for k in ("read_s", "wait_s", "build_s", "replayed")},
             **ref,
             "piece_by_piece_ratio": round((ref["read_seconds"] + ref["piece_by_piece_replay_seconds"]) / base, 2),
         }

@@ -35,6 +35,11 @@ SNAPSHOTS = Counter("memoryd_snapshots_total", "snapshots written", ["reason"])
 SNAPSHOT_BYTES = Counter("memoryd_snapshot_bytes_total", "bytes of snapshots written to Redis")
 SNAPSHOT_SECONDS = Histogram("memoryd_snapshot_seconds", "time to serialize, write and publish a snapshot")
 LOADS = Counter("memoryd_session_loads_total", "sessions brought back from Redis (snapshot + log replay)")
+LOAD_SECONDS = Histogram(
+    "memoryd_session_load_seconds",
+    "time to load a session: Redis reads, the wait for the compute lane, snapshot deserialize and replay",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 REPLAYED_TOKENS = Counter("memoryd_replayed_tokens_total", "log tokens replayed while loading sessions")
 EVICTIONS = Counter("memoryd_evictions_total", "hot sessions written out and dropped for the byte budget")
 FORWARDED = Counter("memoryd_forwarded_calls_total", "calls forwarded to the daemon holding their session", ["method"])

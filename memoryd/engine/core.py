@@ -56,6 +56,8 @@ class Engine:
         self.seconds_per_token = 0.0
         """The compute lane's recent seconds per token of solo work (a moving average; 0: not measured
         yet): what admission (memoryd/sessions/admission.py) prices queued work at."""
+        self.seconds_per_item = 0.0
+        """The same for a rebuild, import or export (a session's load, or its snapshot on eviction)."""
 
     # -- what sessions call ----------------------------------------------------------------------
 
@@ -178,8 +180,9 @@ class Engine:
     def _update(self, lane: Lane, plan: Plan, outcomes: list[Outcome], seconds: float) -> None:
         self.ticks += 1
         if lane == "compute" and plan.chunks and not plan.others:  # a load's snapshot read is not per token
-            rate = seconds / plan.compute_tokens
-            self.seconds_per_token = rate if not self.seconds_per_token else 0.8 * self.seconds_per_token + 0.2 * rate
+            self.seconds_per_token = _average(self.seconds_per_token, seconds / plan.compute_tokens)
+        elif lane == "compute" and plan.others and not plan.chunks and not plan.solo:
+            self.seconds_per_item = _average(self.seconds_per_item, seconds / len(plan.others))
         metrics.ENGINE_TICKS.labels(lane).inc()
         metrics.ENGINE_TICK_SECONDS.labels(lane).observe(seconds)
         metrics.ENGINE_TICK_TOKENS.observe(plan.tokens)
@@ -201,3 +204,8 @@ class Engine:
             else:
                 fut.set_result(o.result)
         metrics.ENGINE_WAITING.set(len(self._waiting))
+
+
+def _average(old: float, new: float) -> float:
+    """A moving average that follows the last few runs (0: none yet)."""
+    return new if not old else 0.8 * old + 0.2 * new

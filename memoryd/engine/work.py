@@ -94,6 +94,8 @@ class Built:
     state: State
     replayed: int = 0
     """Log tokens read on top of the snapshot."""
+    seconds: float = 0.0
+    """The worker's time on it (deserializing the snapshot and replaying), not the wait for the lane."""
 
 
 @dataclass

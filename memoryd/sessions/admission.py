@@ -4,13 +4,15 @@ A call's deadline (the gRPC deadline the edge read, as a `time.monotonic()` inst
 kept in a context variable for everything the call does below the edge: the engine drops
 queued work nobody will use once it has passed (`Engine.submit(..., deadline=)`).
 
-`Backlog` counts the tokens of model work the calls in progress still bring (appends,
-prompts, replays of sessions to load), and refuses a new call with RESOURCE_EXHAUSTED and
-a retry hint (`errors.Overloaded`) before it queues anything when
-- the backlog ahead of it is over the configured limit (`max_queued_tokens`), or
-- the backlog ahead of it would take longer than the time left before its deadline, at the
-  compute lane's measured rate (seconds per token of solo work, `Engine.seconds_per_token`).
-The hint is the time the backlog ahead takes to drain at that rate.  The call's own work
+`Backlog` counts the work the calls in progress still bring: tokens of model work (appends,
+prompts) and loads of cold sessions (a snapshot read and a replay each), and refuses a new
+call with RESOURCE_EXHAUSTED and a retry hint (`errors.Overloaded`) before it queues
+anything when
+- the tokens ahead of it are over the configured limit (`max_queued_tokens`), or
+- the work ahead of it would take longer than the time left before its deadline, priced at
+  the compute lane's measured rates (`Engine.seconds_per_token` for appended tokens,
+  `Engine.seconds_per_item` for a load).
+The hint is the time the work ahead takes to drain at those rates.  The call's own work
 never refuses it: a long append with a long enough deadline is the caller's to make.
 """
 
@@ -38,42 +40,51 @@ def deadline() -> float | None:
 
 
 class Backlog:
-    def __init__(self, limit_tokens: int, seconds_per_token: Callable[[], float]) -> None:
+    def __init__(
+        self, limit_tokens: int, seconds_per_token: Callable[[], float], seconds_per_load: Callable[[], float]
+    ) -> None:
         self.limit = limit_tokens
         """0: no limit."""
-        self.rate = seconds_per_token
+        self.per_token, self.per_load = seconds_per_token, seconds_per_load
         self.tokens = 0
         """Tokens of model work the admitted calls still bring."""
+        self.loads = 0
+        """Cold sessions the admitted calls still have to load."""
 
-    def check(self, cost: int) -> None:
+    def drain(self) -> float:
+        """Seconds the work ahead takes at the measured rates (0 until they are measured)."""
+        return self.tokens * self.per_token() + self.loads * self.per_load()
+
+    def check(self, tokens: int) -> None:
         """Refuse (Overloaded) if the work ahead is over the limit or past this call's deadline."""
-        ahead, rate = self.tokens, self.rate()
-        drain = ahead * rate
-        if self.limit and ahead and ahead + cost > self.limit:
+        ahead, drain = self.tokens, self.drain()
+        if self.limit and ahead and ahead + tokens > self.limit:
             metrics.REFUSED.labels("queue_limit").inc()
             raise Overloaded(
-                f"the daemon's queue holds {ahead} tokens of work and this call brings {cost} more, over its limit "
+                f"the daemon's queue holds {ahead} tokens of work and this call brings {tokens} more, over its limit "
                 f"of {self.limit} (max_queued_tokens): retry in about {drain:.1f} s",
                 retry_after=max(drain, 0.1),
             )
         end = deadline()
-        if end is not None and rate > 0 and ahead and time.monotonic() + drain > end:
+        if end is not None and drain > 0 and time.monotonic() + drain > end:
             metrics.REFUSED.labels("deadline").inc()
             raise Overloaded(
-                f"the {ahead} tokens of work queued ahead of this call take about {drain:.1f} s, past its deadline "
-                f"(in {max(0.0, end - time.monotonic()):.1f} s): retry in about {drain:.1f} s, or with a longer "
-                "deadline",
+                f"the work queued ahead of this call ({ahead} tokens, {self.loads} sessions to load) takes about "
+                f"{drain:.1f} s, past its deadline (in {max(0.0, end - time.monotonic()):.1f} s): retry in about "
+                f"{drain:.1f} s, or with a longer deadline",
                 retry_after=drain,
             )
 
     @contextlib.contextmanager
-    def admitted(self, cost: int) -> Iterator[None]:
+    def admitted(self, tokens: int, load: bool) -> Iterator[None]:
         """Checked, then counted in the backlog until the call ends."""
-        self.check(cost)
-        self.tokens += cost
+        self.check(tokens)
+        self.tokens += tokens
+        self.loads += load
         metrics.BACKLOG_TOKENS.set(self.tokens)
         try:
             yield
         finally:
-            self.tokens -= cost
+            self.tokens -= tokens
+            self.loads -= load
             metrics.BACKLOG_TOKENS.set(self.tokens)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import random
 import time
@@ -134,9 +135,9 @@ class Sessions:
         """Loads wait for room in the budget one at a time, in arrival order (asyncio.Lock is FIFO)."""
         self._state_bytes = engine.fresh_bytes
         """The largest state seen so far: what a load reserves (twice: snapshot bytes and the state)."""
-        self.backlog = Backlog(settings.max_queued_tokens, lambda: engine.seconds_per_token)
-        self._replay_estimate = settings.snapshot_interval * engine.model.cfg.mini_batch_size // 2 + 1
-        """Tokens a load replays on average (half a snapshot interval): what admission prices a load at."""
+        self.backlog = Backlog(
+            settings.max_queued_tokens, lambda: engine.seconds_per_token, lambda: engine.seconds_per_item
+        )
         self.recalls: RecallIndexes = recall_indexes(store, tokenizer, chat, settings.ttl_seconds)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -165,9 +166,9 @@ class Sessions:
         finally:
             self.hot.unpin(key)
 
-    def _cost(self, key: Key, tokens: int) -> int:
-        """Tokens of model work a call on `key` brings: its own, and the replay if its session is cold."""
-        return tokens + (0 if self.hot.peek(key) is not None or key in self._loads else self._replay_estimate)
+    def _admitted(self, key: Key, tokens: int) -> contextlib.AbstractContextManager[None]:
+        """The call counted in the backlog (or refused early): its tokens, and a load if its session is cold."""
+        return self.backlog.admitted(tokens, self.hot.peek(key) is None and key not in self._loads)
 
     async def _finish_anyway(self, coro: Any) -> Any:
         """Run `coro` to the end even if this call is cancelled (its caller left): work safe to finish."""
@@ -257,6 +258,7 @@ class Sessions:
 
     async def _read_and_build(self, key: Key) -> Hot:
         tenant, sid = key
+        t0 = time.perf_counter()
         async with self._redis():
             head = await self.store.head(tenant, sid)
             if head is not None and head.digest != self.digest:  # before the lease: never take another model's
@@ -277,8 +279,18 @@ class Sessions:
             pieces = await self.store.read_log(tenant, sid, head.snap_off, head.offset)
             await self.store.touch(tenant, sid)
             await self.recalls.loaded(key, head, pieces)
+        t1 = time.perf_counter()
         built: Built = await self._compute(Rebuild(data, pieces))
+        t2 = time.perf_counter()
         metrics.LOADS.inc()
+        metrics.LOAD_SECONDS.observe(t2 - t0)
+        event = {"event": "loaded", "session": sid, "replayed": built.replayed, "snapshot_bytes": len(data or b"")}
+        event |= {
+            "read_s": round(t1 - t0, 3),
+            "build_s": round(built.seconds, 3),
+            "wait_s": round(t2 - t1 - built.seconds, 3),
+        }
+        log.info(json.dumps(event))
         metrics.REPLAYED_TOKENS.inc(built.replayed)
         if built.state.position != head.offset:
             raise DataLoss(f"session {sid!r}: rebuilt state is at {built.state.position}, the head says {head.offset}")
@@ -395,7 +407,7 @@ class Sessions:
 
     async def get(self, tenant: str, sid: str) -> Info:
         key = (tenant, sid)
-        with self.backlog.admitted(self._cost(key, 0)):
+        with self._admitted(key, 0):
             return await self._get(key)
 
     async def _get(self, key: Key) -> Info:
@@ -532,7 +544,7 @@ class Sessions:
         (the retry then finds it recorded); without one, nobody could tell it landed, so its work is
         dropped once the caller's deadline passes."""
         key = (tenant, sid)
-        with self.backlog.admitted(self._cost(key, len(content) if isinstance(content, list) else 0)):
+        with self._admitted(key, len(content) if isinstance(content, list) else 0):
             if append_id:
                 return await self._finish_anyway(self._append(key, content, expected, append_id))
             return await self._append(key, content, expected, append_id)
@@ -577,7 +589,7 @@ class Sessions:
         A dry run (no commit) is dropped once its caller's deadline passes: nobody will use it."""
         key = (tenant, sid)
         cost = 1 + (len(prompt) if isinstance(prompt, list) else 0)
-        with self.backlog.admitted(self._cost(key, cost)):
+        with self._admitted(key, cost):
             async for event in self._generate(key, prompt, p, commit, expected, append_id):
                 yield event
 

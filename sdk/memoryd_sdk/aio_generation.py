@@ -9,7 +9,6 @@ block early) cancels the gRPC call itself, not just the Python loop.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -45,7 +44,7 @@ class AsyncGenerateStream:
         """The whole generation, set once the last message has arrived."""
 
     async def _run(self) -> AsyncIterator[GenerateChunk]:
-        attempt, started = 1, time.monotonic()
+        attempt = 1
         while True:
             if self._cancelled:
                 return
@@ -76,7 +75,7 @@ class AsyncGenerateStream:
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                     return
                 err = from_rpc_error(e)
-                delay = None if got_any else retry_delay(err, attempt, self._policy, "Generate", started)
+                delay = None if got_any else retry_delay(err, attempt, self._policy, "Generate")
                 if delay is None:
                     raise err from e
             await asyncio.sleep(delay)

@@ -10,11 +10,11 @@ daemon sent a retry hint (`memoryd-retry-after-ms`: it refused the call for its 
 for its size; nothing changed), after waiting that long.  Everything else is raised at
 once: retrying an INVALID_ARGUMENT or an ABORTED would only repeat the failure.
 
-How long: UNAVAILABLE is retried with backoff for `unavailable_seconds` (30 s) in all
-(the default 12 tries with backoff capped at 5 s span about that), long enough to ride
-out a daemon restart (about 7 s with the default model) or a Redis failover;
-DEADLINE_EXCEEDED `deadline_attempts` tries (each waits a whole deadline); RESOURCE_EXHAUSTED
-with a hint up to `max_attempts` tries.
+How long: UNAVAILABLE `max_attempts` tries: the default 12, with backoff from 0.1 s
+doubling to 5 s, span about 30 s (25-31 s with jitter), long enough to ride out a daemon
+restart (about 7 s with the default model) or a Redis failover; DEADLINE_EXCEEDED
+`deadline_attempts` tries (each waits a whole deadline); RESOURCE_EXHAUSTED with a hint up
+to `max_attempts` tries, each after the hinted wait.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -44,14 +43,11 @@ class RetryPolicy:
     """
 
     max_attempts: int = 12
-    """Tries of a call in all (whatever failed)."""
+    """Tries of a call in all (whatever failed); 12 spans about 30 s of UNAVAILABLE with the default backoff."""
     initial_backoff: float = 0.1
     max_backoff: float = 5.0
     multiplier: float = 2.0
     jitter: float = 0.2
-    unavailable_seconds: float = 30.0
-    """UNAVAILABLE is retried until this many seconds have passed since the first try (a daemon
-    restart takes about 7 s; a Redis failover a few), whatever `max_attempts` says."""
     deadline_attempts: int = 3
     """Tries of a call that keeps failing DEADLINE_EXCEEDED (within `max_attempts`)."""
     max_retry_after: float = 60.0
@@ -76,14 +72,12 @@ class Attempt:
         return self.number > 1
 
 
-def retry_delay(err: MemorydError, attempt: int, policy: RetryPolicy, what: str, started: float) -> float | None:
+def retry_delay(err: MemorydError, attempt: int, policy: RetryPolicy, what: str) -> float | None:
     """Seconds to wait before trying again, or None: raise `err` (see the module docstring)."""
     if attempt >= policy.max_attempts:
         return None
     backoff = policy.backoff(attempt)
     if err.code == grpc.StatusCode.UNAVAILABLE:
-        if time.monotonic() - started + backoff > policy.unavailable_seconds:
-            return None
         delay = backoff
     elif err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and err.retry_after is not None:
         if err.retry_after > policy.max_retry_after:
@@ -99,13 +93,13 @@ def retry_delay(err: MemorydError, attempt: int, policy: RetryPolicy, what: str,
 
 async def call_with_retry_async(fn: Callable[[Attempt], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
     """Run `fn` until it succeeds, raises a non-retryable error, or retries run out; grpc errors become typed."""
-    attempt, started = 1, time.monotonic()
+    attempt = 1
     while True:
         try:
             return await fn(Attempt(attempt))
         except grpc.RpcError as e:
             err = from_rpc_error(e)
-            delay = retry_delay(err, attempt, policy, what, started)
+            delay = retry_delay(err, attempt, policy, what)
             if delay is None:
                 raise err from e
         await asyncio.sleep(delay)
