@@ -49,7 +49,7 @@ from memoryd.sessions.calls import Content, GenParams, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
 from memoryd.sessions.routing import Router
 from memoryd.settings import Settings
-from memoryd.store.store import SNAPSHOT_FORMAT
+from memoryd.store.snapshots import SNAPSHOT_FORMAT
 
 log = logging.getLogger("memoryd.calls")
 

@@ -53,9 +53,13 @@ from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
 from memoryd.sessions.output import GenEvent, GenParams, StopText, kept_output, record, replayed
 from memoryd.sessions.residency import Hot, Residency
-from memoryd.sessions.routing import Moved, address_of
+from memoryd.sessions.routing import Moved
 from memoryd.settings import Settings
-from memoryd.store.store import AppendResult, Head, LeaseResult, Store, tokens_hash
+from memoryd.store import heads, leases, snapshots, tokenlog
+from memoryd.store.db import Store
+from memoryd.store.heads import Head
+from memoryd.store.leases import LeaseResult
+from memoryd.store.tokenlog import AppendResult, tokens_hash
 
 if TYPE_CHECKING:
     from memoryd.engine.core import Engine
@@ -183,23 +187,23 @@ class Sessions:
             return hot
         tenant, sid = key
         async with self._redis():
-            head = await self.store.head(tenant, sid)
+            head = await heads.read(self.store, tenant, sid)
             if head is not None and head.digest != self.digest:  # before the lease: never take another model's
                 raise ForeignSession(head, self.digest)
-            lease = await self.store.acquire_lease(tenant, sid, self.owner, self.s.lease_seconds)
+            lease = await leases.acquire(self.store, tenant, sid, self.owner, self.s.lease_seconds)
             if lease.missing:
                 raise NotFound(f"session {sid!r} does not exist")
             if lease.fence is None:
                 raise await self._elsewhere(key, lease)
-            head = await self.store.head(tenant, sid)
+            head = await heads.read(self.store, tenant, sid)
             if head is None:
                 raise NotFound(f"session {sid!r} does not exist")
             if head.digest != self.digest:  # replaced by another model's session since the first look
-                await self.store.renew_leases([key], self.owner, 0)
+                await leases.renew(self.store, [key], self.owner, 0)
                 raise ForeignSession(head, self.digest)
-            data = await self.store.read_snapshot(head.snap) if head.snap else None
-            pieces = await self.store.read_log(tenant, sid, head.snap_off, head.offset)
-            await self.store.touch(tenant, sid)
+            data = await snapshots.read(self.store, head.snap) if head.snap else None
+            pieces = await tokenlog.read(self.store, tenant, sid, head.snap_off, head.offset)
+            await heads.touch(self.store, tenant, sid)
         built: Built = await self._compute(Rebuild(data, pieces))
         metrics.LOADS.inc()
         metrics.REPLAYED_TOKENS.inc(built.replayed)
@@ -218,9 +222,9 @@ class Sessions:
         A holder that published no address (an older daemon) is asked to hand the session
         over instead, as before routing existed.
         """
-        address = await address_of(self.store, lease.holder)
+        address = await leases.address_of(self.store, lease.holder)
         if address is None:
-            await self.store.request_handoff(*key)
+            await leases.request_handoff(self.store, *key)
         return Moved(key[1], lease.holder, address, lease.ttl_ms)
 
     # -- snapshots and eviction --------------------------------------------------------------
@@ -234,10 +238,10 @@ class Sessions:
         data = (await self._compute(Export(state))).data
         tenant, sid = key
         async with self._redis():
-            snap = await self.store.write_snapshot(data, self.digest, state.position)
-            code = await self.store.publish_snapshot(tenant, sid, hot.fence, hot.gen, snap, state.position)
+            snap = await snapshots.write(self.store, data, self.digest, state.position)
+            code = await snapshots.publish(self.store, tenant, sid, hot.fence, hot.gen, snap, state.position)
             if code != 1:
-                await self.store.drop_snapshot(snap)
+                await snapshots.drop(self.store, snap)
         if code == 1:
             hot.snap_pos, hot.snap_steps = state.position, state.steps
             metrics.SNAPSHOTS.labels(reason).inc()
@@ -263,7 +267,7 @@ class Sessions:
             try:
                 await self._snapshot(key, hot, "eviction")
                 async with self._redis():
-                    await self.store.renew_leases([key], self.owner, 0)
+                    await leases.renew(self.store, [key], self.owner, 0)
             except ServiceError as e:
                 log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
             self.hot.drop(key)
@@ -291,12 +295,12 @@ class Sessions:
 
     async def create(self, tenant: str, sid: str, metadata: dict[str, str]) -> Info:
         async with self._redis():
-            code = await self.store.create(tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant)
+            code = await heads.create(self.store, tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant)
             if code == -1:
                 raise AlreadyExists(f"session {sid!r} already exists")
             if code == -2:
                 raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
-            head = await self.store.head(tenant, sid)
+            head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after it was created (TTL 0?); retry")
         return Info(head=head, pending=0, steps=0, state_bytes=self.engine.fresh_bytes, hot=False)
@@ -318,24 +322,24 @@ class Sessions:
             except ForeignSession as e:
                 return self._info(e.head, None)
             async with self._redis():
-                head = await self.store.head(tenant, sid)
+                head = await heads.read(self.store, tenant, sid)
         if head is None:  # expired or deleted under us: let go of it, lease included
             self.hot.drop(key)
             async with self._redis():
-                await self.store.renew_leases([key], self.owner, 0)
+                await leases.renew(self.store, [key], self.owner, 0)
             raise NotFound(f"session {sid!r} does not exist")
         return self._info(head, hot)
 
     async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
         async with self._redis():
-            heads, nxt = await self.store.list(tenant, after, limit)
-        return [self._info(h, self.hot.peek((tenant, h.session_id))) for h in heads], nxt
+            found, nxt = await heads.list_page(self.store, tenant, after, limit)
+        return [self._info(h, self.hot.peek((tenant, h.session_id))) for h in found], nxt
 
     async def delete(self, tenant: str, sid: str) -> int:
         key = (tenant, sid)
         async with self._held(key):
             async with self._redis(key):
-                code, offset = await self.store.delete(tenant, sid)
+                code, offset = await heads.delete(self.store, tenant, sid)
             self.hot.drop(key)
         self.lock.forget(key)
         self._unavailable_at.pop(key, None)
@@ -348,13 +352,13 @@ class Sessions:
         async with self._held(key):
             hot = await self._load(key)
             async with self._redis(key):
-                code, offset = await self.store.reset(tenant, sid, hot.fence, expected)
+                code, offset = await heads.reset(self.store, tenant, sid, hot.fence, expected)
             self._check_code(key, code, offset)
             hot.set_state((await self._compute(Rebuild(None, []))).state)
             hot.gen, hot.snap_pos, hot.snap_steps = hot.gen + 1, 0, 0
             self.hot.changed()
             async with self._redis():
-                head = await self.store.head(tenant, sid)
+                head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
         return self._info(head, hot)
@@ -375,11 +379,11 @@ class Sessions:
     ) -> Info:
         async with self._redis():
             limit = self.s.max_sessions_per_tenant
-            code, offset = await self.store.fork(tenant, src, dst, metadata, expected, limit, self.digest)
+            code, offset = await heads.fork(self.store, tenant, src, dst, metadata, expected, limit, self.digest)
             if code == -1:
                 raise NotFound(f"session {src!r} does not exist")
             if code == -5:
-                head = await self.store.head(tenant, src)
+                head = await heads.read(self.store, tenant, src)
                 raise ForeignSession(head, self.digest) if head else NotFound(f"session {src!r} does not exist")
             if code == -2:
                 raise AlreadyExists(f"session {dst!r} already exists")
@@ -387,7 +391,7 @@ class Sessions:
                 raise Aborted(f"expected offset differs: session {src!r} is at offset {offset}", offset=offset)
             if code == -4:
                 raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
-            head = await self.store.head(tenant, dst)
+            head = await heads.read(self.store, tenant, dst)
         if head is None:
             raise NotFound(f"session {dst!r} vanished right after the fork; retry")
         return self._info(head, None)
@@ -396,7 +400,7 @@ class Sessions:
         if not append_id:
             return None
         async with self._redis():
-            return await self.store.find_append(*key, append_id)
+            return await tokenlog.find_append(self.store, *key, append_id)
 
     async def _commit(
         self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
@@ -404,7 +408,9 @@ class Sessions:
         """Make pieces durable (CAS on the offset), then swap `new` in."""
         tenant, sid = key
         async with self._redis(key):
-            res = await self.store.append(tenant, sid, hot.fence, hot.state.position, pieces, append_id, record)
+            res = await tokenlog.append(
+                self.store, tenant, sid, hot.fence, hot.state.position, pieces, append_id, record
+            )
         if res.status == "ok":
             hot.set_state(new)
             self.hot.put(key, hot)
@@ -555,7 +561,7 @@ class Sessions:
                 return e.head, await self._stored_state(e.head)
             exported: Exported = await self._compute(Export(hot.state))
             async with self._redis():
-                head = await self.store.head(tenant, sid)
+                head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
         return head, exported.data
@@ -570,9 +576,9 @@ class Sessions:
             )
         async with self._redis():
             try:
-                return await self.store.read_snapshot(head.snap)
+                return await snapshots.read(self.store, head.snap)
             except DataLoss:
-                now = await self.store.head(head.tenant, head.session_id)
+                now = await heads.read(self.store, head.tenant, head.session_id)
                 if now is None or now.snap != head.snap:  # its daemon published a newer one meanwhile
                     raise Unavailable(f"session {head.session_id!r} changed while it was exported; retry") from None
                 raise
@@ -595,13 +601,20 @@ class Sessions:
             )
         key = (tenant, sid)
         async with self._held(key), self._redis():
-            snap = await self.store.write_snapshot(data, self.digest, state.position)
-            code = await self.store.create(
-                tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant, snap=snap, offset=state.position
+            snap = await snapshots.write(self.store, data, self.digest, state.position)
+            code = await heads.create(
+                self.store,
+                tenant,
+                sid,
+                metadata,
+                self.digest,
+                self.s.max_sessions_per_tenant,
+                snap=snap,
+                offset=state.position,
             )
             if code != 1:
-                await self.store.drop_snapshot(snap)
-            head = await self.store.head(tenant, sid) if code == 1 else None
+                await snapshots.drop(self.store, snap)
+            head = await heads.read(self.store, tenant, sid) if code == 1 else None
         if code == -1:
             raise AlreadyExists(f"session {sid!r} already exists")
         if code == -2:

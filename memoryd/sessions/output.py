@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memoryd.errors import InvalidArgument
-from memoryd.store.store import AppendResult, tokens_hash
+from memoryd.store.tokenlog import AppendResult, tokens_hash
 
 
 class StopText:
