@@ -10,7 +10,12 @@ For each n in --sessions, with n client tasks in parallel (one per session):
 `generate_speedup` is generate_tok_s at n over that at 1 session; `bandwidth_ceiling` is the
 most it could be if decoding moved every byte at one bandwidth and arithmetic were free
 (the shared weights are read once per forward, each session's fast weights and cache once per
-row: `model.batch.decode_bytes`), computed from the served model's shapes.
+row: `model.batch.decode_bytes`), computed from the served model's shapes, and
+`speedup_of_ceiling` the fraction of it reached.  `in_process` is the same model decoding the
+same prompt greedily in this process (as bench/decode.py does: `state.append([t]);
+state.logits()`, the bench's torch threads = the daemon's), measured while the daemon is idle:
+`daemon_over_in_process` is one session's inter-token p50 through the daemon over that
+per-token median, the serving overhead (gRPC, the engine loop, the session layer).
 Everything is measured in one run against one daemon, so ratios between levels are
 meaningful on a noisy machine; absolute figures are not comparable across runs.
 
@@ -47,6 +52,7 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
         sys.path.insert(0, str(_p))
 
 import grpc  # noqa: E402
+import torch  # noqa: E402
 from harness import free_port, pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
@@ -54,7 +60,7 @@ from tqdm import tqdm  # noqa: E402
 
 from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
-from model import init_model, preset, save_checkpoint  # noqa: E402
+from model import StreamState, init_model, preset, save_checkpoint  # noqa: E402
 from model.batch import DecodeBytes, decode_bytes  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
@@ -203,7 +209,6 @@ def main() -> int:
         model, path, _, _ = load_model(load_settings(served | {"dtype": args.dtype}), "cpu")  # the daemon's own rule
         tok = load_tokenizer(model.cfg, path)
         need = decode_bytes(model, context)
-        del model  # only its shapes were needed
         out = {
             "device": args.device,
             "dtype": args.dtype,
@@ -221,6 +226,12 @@ def main() -> int:
                     address, n, tok, metrics_port, args.generate_tokens, info.mini_batch_size if args.stagger else 0
                 )
             )
+        if 1 in levels:
+            torch.set_num_threads(args.torch_threads)
+            out["in_process"] = in_process_decode(model, tok, args.generate_tokens)
+            ratio = out["sessions"]["1"]["inter_token_p50_ms"] / out["in_process"]["per_token_p50_ms"]
+            out["daemon_over_in_process"] = round(ratio, 3)
+        del model
         out["generate_tokens"] = args.generate_tokens
         out["stagger"] = args.stagger
         out["bandwidth_ceiling"] = ceiling(need, levels, context)
@@ -228,6 +239,10 @@ def main() -> int:
             base = out["sessions"]["1"]["generate_tok_s"]
             out["generate_speedup"] = {
                 str(n): round(out["sessions"][str(n)]["generate_tok_s"] / base, 2) for n in levels
+            }
+            out["speedup_of_ceiling"] = {
+                str(n): round(out["generate_speedup"][str(n)] / out["bandwidth_ceiling"]["speedup"][str(n)], 3)
+                for n in levels
             }
         out["env"] = {
             "cpus": os.cpu_count(),
@@ -243,6 +258,22 @@ def main() -> int:
         for n, r in out["sessions"].items():
             print(f"{n:>3} sessions: {r}")
     return 0
+
+
+@torch.no_grad()
+def in_process_decode(model: torch.nn.Module, tok: object, generate_tokens: int) -> dict:
+    """One session's greedy decode in this process: the prompt of a level's first session, then
+    `generate_tokens` tokens; the gaps between tokens, as the daemon's inter-token figures."""
+    state = StreamState.fresh(model)
+    state.append(tokens_of(tok, PROMPT_TOKENS, 0))
+    token = int(state.logits().argmax())
+    gaps = []
+    for _ in range(generate_tokens - 1):
+        t0 = time.perf_counter()
+        state.append([token])
+        token = int(state.logits().argmax())
+        gaps.append(time.perf_counter() - t0)
+    return {"per_token_p50_ms": round(statistics.median(gaps) * 1000, 1), "tokens": generate_tokens}
 
 
 async def model_info(address: str) -> pb.ModelInfo:
