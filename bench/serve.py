@@ -11,11 +11,11 @@ For each n in --sessions, with n client tasks in parallel (one per session):
 most it could be if decoding moved every byte at one bandwidth and arithmetic were free
 (the shared weights are read once per forward, each session's fast weights and cache once per
 row: `model.batch.decode_bytes`), computed from the served model's shapes, and
-`speedup_of_ceiling` the fraction of it reached.  `in_process` is the same model decoding the
-same prompt greedily in this process (as bench/decode.py does: `state.append([t]);
-state.logits()`, the bench's torch threads = the daemon's), measured while the daemon is idle:
-`daemon_over_in_process` is one session's inter-token p50 through the daemon over that
-per-token median, the serving overhead (gRPC, the engine loop, the session layer).
+`speedup_of_ceiling` the fraction of it reached.  `overhead` compares one session's inter-token
+p50 through the daemon with the same model decoding the same prompt greedily in this process
+(as bench/decode.py does: `state.append([t]); state.logits()`, the bench's torch threads = the
+daemon's), in alternating rounds so that a shared machine's load changes hit both alike:
+`daemon_over_in_process` is the serving overhead (gRPC, the engine loop, the session layer).
 Everything is measured in one run against one daemon, so ratios between levels are
 meaningful on a noisy machine; absolute figures are not comparable across runs.
 
@@ -65,6 +65,7 @@ from model.batch import DecodeBytes, decode_bytes  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256  # the issue's shape; --generate-tokens changes the 32
+ROUNDS = 3  # alternations of the daemon and the in-process decode in `overhead`
 
 TEXT = """\
 The lighthouse keeper wrote in the log every evening: the wind, the ships that passed, the
@@ -226,11 +227,8 @@ def main() -> int:
                     address, n, tok, metrics_port, args.generate_tokens, info.mini_batch_size if args.stagger else 0
                 )
             )
-        if 1 in levels:
-            torch.set_num_threads(args.torch_threads)
-            out["in_process"] = in_process_decode(model, tok, args.generate_tokens)
-            ratio = out["sessions"]["1"]["inter_token_p50_ms"] / out["in_process"]["per_token_p50_ms"]
-            out["daemon_over_in_process"] = round(ratio, 3)
+        torch.set_num_threads(args.torch_threads)
+        out["overhead"] = asyncio.run(overhead(address, model, tok, args.generate_tokens, ROUNDS))
         del model
         out["generate_tokens"] = args.generate_tokens
         out["stagger"] = args.stagger
@@ -261,19 +259,56 @@ def main() -> int:
 
 
 @torch.no_grad()
-def in_process_decode(model: torch.nn.Module, tok: object, generate_tokens: int) -> dict:
-    """One session's greedy decode in this process: the prompt of a level's first session, then
-    `generate_tokens` tokens; the gaps between tokens, as the daemon's inter-token figures."""
-    state = StreamState.fresh(model)
-    state.append(tokens_of(tok, PROMPT_TOKENS, 0))
-    token = int(state.logits().argmax())
+def in_process_gaps(state: StreamState, generate_tokens: int) -> tuple[list[float], list[int]]:
+    """Greedy decode on a fork of `state` in this process: the gaps between tokens (as the daemon's
+    inter-token figures: the first token's wait is not a gap) and the tokens."""
+    state = state.clone()
+    tokens = [int(state.logits().argmax())]
     gaps = []
     for _ in range(generate_tokens - 1):
         t0 = time.perf_counter()
-        state.append([token])
-        token = int(state.logits().argmax())
+        state.append([tokens[-1]])
+        tokens.append(int(state.logits().argmax()))
         gaps.append(time.perf_counter() - t0)
-    return {"per_token_p50_ms": round(statistics.median(gaps) * 1000, 1), "tokens": generate_tokens}
+    return gaps, tokens
+
+
+async def overhead(address: str, model: torch.nn.Module, tok: object, generate_tokens: int, rounds: int) -> dict:
+    """One session through the daemon against the same decode in this process, `rounds` times each,
+    alternating; the same prompt and greedy, so both produce the same tokens (checked)."""
+    prompt = tokens_of(tok, PROMPT_TOKENS, 0)
+    state = StreamState.fresh(model)
+    state.append(prompt)
+    daemon: list[float] = []
+    local: list[float] = []
+    same = True
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.MemoryServiceStub(ch)
+        sid = f"overhead-{time.time_ns()}"
+        await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+        await stub.Append(pb.AppendRequest(session_id=sid, tokens=prompt))
+        for _ in range(rounds):
+            req = pb.GenerateRequest(session_id=sid, max_tokens=generate_tokens, temperature=0.0)
+            got, last = [], None
+            async for r in stub.Generate(req):
+                if r.tokens:
+                    now = time.perf_counter()
+                    if last is not None:
+                        daemon.append(now - last)
+                    last = now
+                    got += r.tokens
+            gaps, mine = in_process_gaps(state, generate_tokens)
+            local += gaps
+            same = same and mine[: len(got)] == got
+        await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    d, p = statistics.median(daemon), statistics.median(local)
+    return {
+        "rounds": rounds,
+        "daemon_inter_token_p50_ms": round(d * 1000, 2),
+        "in_process_per_token_p50_ms": round(p * 1000, 2),
+        "daemon_over_in_process": round(d / p, 3),
+        "same_tokens": same,
+    }
 
 
 async def model_info(address: str) -> pb.ModelInfo:
