@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,14 +27,15 @@ from memoryd.engine.work import (
     Append,
     Appended,
     Built,
-    Decode,
     Export,
     Exported,
+    Finished,
+    Generate,
     Import,
     Rebuild,
     Refused,
-    Sampled,
-    Sampling,
+    RefusedError,
+    SamplingParams,
 )
 from memoryd.errors import (
     Aborted,
@@ -51,7 +51,7 @@ from memoryd.errors import (
 )
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
-from memoryd.sessions.output import GenEvent, GenParams, StopText, kept_output, record, replayed
+from memoryd.sessions.output import CommitRule, GenEvent, SampleText, kept_output, record, replayed
 from memoryd.sessions.recall import RecalledSpan
 from memoryd.sessions.recall.indexes import RecallIndexes, recall_indexes
 from memoryd.sessions.residency import Hot, Residency
@@ -67,9 +67,11 @@ if TYPE_CHECKING:
     from memoryd.engine.core import Engine
     from memoryd.sessions.chat import ChatFormat
 
-__all__ = ["AppendOutcome", "GenEvent", "GenParams", "Info", "Sessions"]
+__all__ = ["AppendOutcome", "CommitRule", "GenEvent", "Info", "SamplingParams", "Sessions"]
 
 log = logging.getLogger("memoryd.sessions.calls")
+KEEP_SENT = CommitRule()
+"""A commit keeps exactly the text the client was sent, and nothing after it."""
 Content = list[int] | Callable[[int], list[int]]
 """Token ids, or a function of the offset they will land at (chat messages render differently at 0)."""
 
@@ -495,12 +497,16 @@ class Sessions:
         tenant: str,
         sid: str,
         prompt: Content,
-        p: GenParams,
+        p: SamplingParams,
         commit: bool,
         expected: int | None,
         append_id: str,
+        rule: CommitRule = KEEP_SENT,
     ) -> AsyncIterator[GenEvent]:
-        """Sample on a copy; stream tokens and text; with commit, log prompt + output and swap the copy in."""
+        """Sample on forks; stream tokens and text; with commit, log prompt + output and swap the fork in.
+
+        The engine runs the generation (`Engine.generate`); this layer keeps what is not the
+        model's: text and stop strings (`SampleText`), what a commit keeps, and the commit."""
         key = (tenant, sid)
         async with self._held(key):
             hot = await self._load(key)
@@ -509,6 +515,8 @@ class Sessions:
                 if dup is not None:
                     yield replayed(append_id, dup, tokens_at(prompt, dup.start))
                     return
+            if commit and p.samples > 1:
+                raise InvalidArgument(f"n = {p.n} with commit: a commit keeps one output; ask for n = 1")
             self._check_expected(hot, expected)
             prompt_ids = tokens_at(prompt, hot.state.position)
             pieces: list[list[int]] = []
@@ -518,65 +526,52 @@ class Sessions:
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
-            work = self.engine.fork(after_prompt)
-            rng = random.Random(p.seed if p.seed is not None else random.SystemRandom().getrandbits(64))
-            sampling = Sampling(p.temperature, p.top_k, p.top_p)
-            stops = {self.tok.eos_id, *p.stop_tokens}
-            decoder, text = self.tok.stream_decoder(), StopText(p.stop)
-            out: list[int] = []
-            sent: list[str] = []
-            finish = "length"
-
-            # The next token is asked for before this one is streamed to the client, so the engine's
-            # next tick overlaps the network writes of this one (all sessions' decodes join it).
-            def ask(prev: int | None) -> asyncio.Future[Sampled]:
-                return asyncio.ensure_future(self._compute(Decode(work, prev, sampling, rng.random())))
-
-            nxt = ask(None) if p.max_tokens > 0 else None
-            try:
-                while nxt is not None:
-                    t = (await nxt).token
-                    nxt = None
-                    out.append(t)
-                    metrics.TOKENS_GENERATED.inc()
-                    if t in stops:
-                        finish, event = "stop_token", GenEvent([t], "")
-                    else:
-                        delta = text.push(decoder.push(t))
-                        sent.append(delta)
-                        event = GenEvent([t], delta)
-                        if text.stopped:
-                            finish = "stop_string"
-                    if finish == "length" and len(out) < p.max_tokens:
-                        nxt = ask(t)
-                    yield event
-            finally:
-                if nxt is not None:  # the client went away: its generation is not committed
-                    nxt.cancel()
-            tail = ""
-            if not text.stopped:  # bytes the stream decoder still holds (an unfinished character)
-                full = self.tok.decode([t for t in out if t not in stops])
-                if full.startswith(text.text):
-                    tail = text.push(full[len(text.text) :])
-            tail += text.flush()
-            sent.append(tail)
+            request = Generate(after_prompt, p, frozenset({self.tok.eos_id, *p.stop_tokens}), tuple(prompt_ids))
+            outs = [SampleText(self.tok, p.stop, request.stop_ids) for _ in range(p.samples)]
+            ends: dict[int, Finished] = {}
+            async with self.engine.generate(request) as gen:
+                try:
+                    async for item in gen:
+                        if isinstance(item, Finished):
+                            ends[item.sample] = item
+                        elif not outs[item.sample].finish:  # else: drawn after a stop string ended it
+                            o = outs[item.sample]
+                            metrics.TOKENS_GENERATED.inc()
+                            delta = o.push(item.token)
+                            if o.finish == "stop_string":
+                                gen.stop(item.sample)
+                            lp = [item.logprob] if item.logprob is not None else []
+                            yield GenEvent([item.token], delta, sample=item.sample, logprobs=lp)
+                        if not commit and all(o.finish or i in ends for i, o in enumerate(outs)):
+                            break  # nothing more to send, and no state to keep
+                except RefusedError as e:
+                    raise InvalidArgument(e.refused.message) from e
+            tails = [o.end() for o in outs]
+            if len(outs) > 1:  # each sample's end, then one last message
+                for i, (o, tail) in enumerate(zip(outs, tails, strict=True)):
+                    yield GenEvent([], tail, False, o.finish, 0, len(o.out), sample=i)
             offset, committed = hot.state.position, 0
             if commit:
-                kept = kept_output(self.tok, out, finish, text, p.commit_stop)
-                rest = kept[len(out) - 1 :] if kept[: len(out) - 1] == out[:-1] else None
-                if rest is not None:  # `work` has read out[:-1], which kept begins with: read the rest
-                    pieces += [[t] for t in out[:-1]]
-                    state, last = work, rest + p.suffix
-                else:  # kept diverges from what `work` read (a stop string cut inside a token)
-                    state, last = after_prompt, kept + p.suffix
+                o, end = outs[0], ends[0]
+                kept = kept_output(self.tok, o.out, o.finish, o.text, rule.stop)
+                read = o.out[: end.read] if end.read <= len(o.out) else None
+                if read is not None and kept[: len(read)] == read:  # the fork has read a prefix of kept: the rest
+                    pieces += [[t] for t in read]
+                    state, last = end.state, kept[len(read) :] + list(rule.suffix)
+                else:  # kept diverges from what the fork read (a stop string cut inside a token)
+                    state, last = after_prompt, kept + list(rule.suffix)
                 if last:
                     state = (await self._compute(Append(state, last))).state
                     pieces.append(last)
-                rec = record(prompt_ids, out, "".join(sent), finish)
+                rec = record(prompt_ids, o.out, "".join(o.sent), o.finish)
                 res_c = await self._commit(key, hot, state, pieces, append_id, rec)
                 offset, committed = res_c.offset, res_c.offset - res_c.start
                 metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
-            yield GenEvent([], tail, True, finish, offset, len(out), False, committed)
+            last_text = tails[0] if len(outs) == 1 else ""
+            generated = sum(len(o.out) for o in outs)
+            yield GenEvent(
+                [], last_text, True, outs[0].finish, offset, generated, False, committed, prompt=len(prompt_ids)
+            )
 
     async def recall(self, key: Key, query: str, k: int) -> list[RecalledSpan]:
         """The k spans of the session's log most relevant to `query`, most relevant first (memoryd/sessions/recall)."""
