@@ -1092,6 +1092,15 @@ class Store:
             raise DataLoss(f"snapshot {snap}: bytes do not match the manifest")
         return data
 
+    async def stored_bytes(self, head: Head) -> int:
+        """Bytes a session holds here: its newest snapshot (the manifest's size: the chunks' bytes) plus its
+        token log (MEMORY USAGE, Redis's own count, overhead included). Two reads; no key is scanned."""
+        log = int(await self.r.memory_usage(self._k(head.tenant, head.session_id, "log")) or 0)
+        if not head.snap:
+            return log
+        m = await self.r.get(self.snap_key(head.snap, "m"))
+        return log + (int(json.loads(m)["size"]) if m is not None else 0)
+
     async def bytes_used(self, pattern: str) -> int:
         """Sum of MEMORY USAGE over keys matching `pattern` (for tests and the benchmark)."""
         total = 0
