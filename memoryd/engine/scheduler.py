@@ -2,15 +2,16 @@
 
 Two lanes run at once, each on its own worker thread (memoryd/engine/core.py):
 - the **decode lane** runs one batched forward: one token for each of up to `rows`
-  generating sessions, oldest first.  It is bound by memory reads and takes a few hundred
+  generating samples (a generation lives in the engine until it finishes, and each of its
+  samples joins every forward), least recently served first.  It is bound by memory reads and takes a few hundred
   milliseconds on a CPU, so generation latency does not depend on what else is queued;
 - the **compute lane** runs solo work, which is where test-time steps happen and which is
-  bound by arithmetic: decodes whose token completes a mini-batch (`Ticket.solo`), then
+  bound by arithmetic: samples whose token completes a mini-batch (`Ticket.solo`), then
   appends, rebuilds, imports and exports in one queue by age, under a token budget per run.
 
 Compute-lane policy, in order:
-1. Solo decodes first, oldest first: each holds up a generation (one mini-batch each, and a
-   session has at most one in flight, so they are bounded by the sessions generating).
+1. Solo samples first, least recently served first: each holds up a generation (one
+   mini-batch each, and a sample has at most one in flight).
 2. Everything else in one queue ordered by `Ticket.age`: its arrival, or for an append cut
    into pieces, the moment its last piece ran (it goes to the back of the queue, round
    robin).  Items are taken in that order while the budget lasts; appends are cut at the
@@ -18,10 +19,10 @@ Compute-lane policy, in order:
    is recomputed by the step, so cutting elsewhere would waste work); the first item that
    does not fit ends the plan.  So rebuilds (loading an evicted session: the log tokens it
    replays, bounded by the snapshot interval) and appends share the lane by age and neither
-   class starves the other, and the wait of an item is bounded by the work queued ahead of
-   it (at most one budget's piece of each item ahead), never by arrivals after it.  One
-   64K-token append runs a budget's worth per turn and everyone else's work takes its turn.
-3. No starvation: the oldest item always gets one piece per run, even when solo decodes have
+   class starves the other (issue 20), and the wait of an item is bounded by the work queued
+   ahead of it (at most one budget's piece of each item ahead), never by arrivals after it.
+   One 64K-token append runs a budget's worth per turn and everyone else's work takes its turn.
+3. No starvation: the oldest item always gets one piece per run, even when solo samples have
    used the budget; so a run may go over budget by at most one mini-batch or one rebuild.
 Each lane is planned only when it is free; work for a busy lane waits for the next plan.
 """
@@ -32,7 +33,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from memoryd.engine.work import Append, Decode, Ticket
+from memoryd.engine.work import Append, Sample, Ticket
 
 Lane = Literal["decode", "compute"]
 LANES: tuple[Lane, ...] = ("decode", "compute")
@@ -43,7 +44,7 @@ class Budget:
     tokens: int
     """Tokens of solo work per compute-lane run (appended, replayed, stepped)."""
     rows: int
-    """Sessions decoded in one batched forward."""
+    """Samples decoded in one batched forward (a generation of n samples takes n rows)."""
 
 
 @dataclass
@@ -91,7 +92,7 @@ def cut(ticket: Ticket, room: int) -> int:
 def schedule(waiting: Sequence[Ticket], budget: Budget, lanes: Collection[Lane] = LANES) -> Plan:
     """A plan for the free `lanes` over the `waiting` tickets (none of them running)."""
     plan = Plan()
-    decodes = sorted((t for t in waiting if isinstance(t.work, Decode)), key=lambda t: t.seq)
+    decodes = sorted((t for t in waiting if isinstance(t.work, Sample)), key=lambda t: (t.served, t.seq))
     if "decode" in lanes:
         plan.decodes = [t for t in decodes if not t.solo][: budget.rows]
     if "compute" not in lanes:
@@ -102,7 +103,7 @@ def schedule(waiting: Sequence[Ticket], budget: Budget, lanes: Collection[Lane] 
             break
         plan.solo.append(t)
         used += t.cost
-    queue = sorted((t for t in waiting if not isinstance(t.work, Decode)), key=lambda t: t.age)
+    queue = sorted((t for t in waiting if not isinstance(t.work, Sample)), key=lambda t: t.age)
     for i, t in enumerate(queue):
         first = i == 0  # the oldest always moves
         if isinstance(t.work, Append):
