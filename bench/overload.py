@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--model", choices=["small", "default"], default="small")
     ap.add_argument("--verify", type=int, default=2, help="sessions whose state is checked against a solo replay")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra `memoryd serve` flag (repeatable)")
+    ap.add_argument("--keep-log", type=Path, default=None, help="copy the daemon's log here at the end")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -262,7 +263,12 @@ def main() -> None:
             },
         }
     finally:
-        stop_all(daemon, redis_proc, work)
+        if daemon is not None:
+            daemon.send_signal(2)
+            daemon.wait(60)
+        if args.keep_log is not None and (work / "memoryd.log").exists():
+            args.keep_log.write_bytes((work / "memoryd.log").read_bytes())
+        stop_all(None, redis_proc, work)
     print(json.dumps(out, indent=None if args.json else 2))
 
 

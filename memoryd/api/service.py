@@ -67,7 +67,9 @@ def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: floa
 def _left(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """Why a call was cancelled under its handler: its deadline passed, or its client went away."""
     left = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
+    # A client whose deadline passes cancels the call itself, which may arrive just before the
+    # server's own timer fires: within a second of the deadline, it is the deadline.
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 1.0 else grpc.StatusCode.CANCELLED
 
 
 def _read_deadline(context: grpc.aio.ServicerContext) -> None:

@@ -10,8 +10,9 @@ call with RESOURCE_EXHAUSTED and a retry hint (`errors.Overloaded`) before it qu
 anything when
 - the tokens ahead of it are over the configured limit (`max_queued_tokens`), or
 - the work ahead of it would take longer than the time left before its deadline, priced at
-  the compute lane's measured rates (`Engine.seconds_per_token` for appended tokens,
-  `Engine.seconds_per_item` for a load).
+  measured rates (`Engine.seconds_per_token` for appended tokens; for a session to load,
+  the recent time of a load plus the eviction that makes room for it: loads make room one
+  at a time).
 The hint is the time the work ahead takes to drain at those rates.  The call's own work
 never refuses it: a long append with a long enough deadline is the caller's to make.
 """

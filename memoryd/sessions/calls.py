@@ -144,8 +144,13 @@ class Sessions:
         """Loads wait for room in the budget one at a time, in arrival order (asyncio.Lock is FIFO)."""
         self._state_bytes = engine.fresh_bytes
         """The largest state seen so far: what a load reserves (twice: snapshot bytes and the state)."""
+        self._load_seconds = self._evict_seconds = 0.0
+        """How long a load takes (Redis reads, deserialize, replay) and an eviction to make room for it, lately:
+        loads make room one at a time, so admission prices each cold session ahead at their sum."""
         self.backlog = Backlog(
-            settings.max_queued_tokens, lambda: engine.seconds_per_token, lambda: engine.seconds_per_item
+            settings.max_queued_tokens,
+            lambda: engine.seconds_per_token,
+            lambda: self._load_seconds + self._evict_seconds,
         )
         self.recalls: RecallIndexes = recall_indexes(store, tokenizer, chat, settings.ttl_seconds)
 
@@ -252,7 +257,9 @@ class Sessions:
                 if not victims:
                     await self.hot.wait_freed()
                 for victim in victims:
+                    t0 = time.perf_counter()
                     await self._evict(victim)
+                    self._evict_seconds = _average(self._evict_seconds, time.perf_counter() - t0)
             self.hot.reserve(key, need)
 
     async def _load_now(self, key: Key) -> Hot:
@@ -301,6 +308,7 @@ class Sessions:
             "wait_s": round(t2 - t1 - built.seconds, 3),
         }
         log.info(json.dumps(event))
+        self._load_seconds = _average(self._load_seconds, t1 - t0 + built.seconds)
         metrics.REPLAYED_TOKENS.inc(built.replayed)
         if built.state.position != head.offset:
             raise DataLoss(f"session {sid!r}: rebuilt state is at {built.state.position}, the head says {head.offset}")
@@ -783,3 +791,8 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     e = task.exception()
     if e is not None and not isinstance(e, ServiceError):
         log.error("work finished for a caller that left failed", exc_info=e)
+
+
+def _average(old: float, new: float) -> float:
+    """A moving average that follows the last few (0: none yet)."""
+    return new if not old else 0.8 * old + 0.2 * new
