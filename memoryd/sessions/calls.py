@@ -142,8 +142,10 @@ class Sessions:
         """Loads under way: a retry of a call that left joins its load instead of starting another."""
         self._admit = asyncio.Lock()
         """Loads wait for room in the budget one at a time, in arrival order (asyncio.Lock is FIFO)."""
-        self._state_bytes = engine.fresh_bytes
-        """The largest state seen so far: what a load reserves (twice: snapshot bytes and the state)."""
+        self._state_bytes = engine.full_bytes
+        """A full state's bytes (or a larger one seen): a load reserves twice that (the snapshot's bytes
+        and the state built from them), and a call in progress is charged it for its working copy."""
+        self.hot.copy_bytes = self._state_bytes
         self._load_seconds = self._evict_seconds = 0.0
         """How long a load takes (Redis reads, deserialize, replay) and an eviction to make room for it, lately:
         loads make room one at a time, so admission prices each cold session ahead at their sum."""
@@ -315,7 +317,7 @@ class Sessions:
         snap_steps = self.engine.counts_at(head.snap_off)[0] if head.snap else 0
         hot = Hot(state=built.state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
         hot.set_state(built.state)
-        self._state_bytes = max(self._state_bytes, hot.nbytes)
+        self._state_bytes = self.hot.copy_bytes = max(self._state_bytes, hot.nbytes)
         self.hot.put(key, hot)
         self._spawn(self._enforce_budget(key))
         return hot
