@@ -124,7 +124,8 @@ def test_deadlines_drop_what_nobody_uses_and_finish_what_is_safe(daemon_factory)
     stub = d.stub()
     create(stub, "block", 0)
     start = create(stub, "b", 0)
-    assert stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=30).hot
+    for sid in ("b", "block"):  # both hot: nothing ahead of B's calls is priced yet
+        assert stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=30).hot
     t, out = blocker(stub, "block")
     time.sleep(0.5)  # the long append runs; B's work queues behind it
     for call in (

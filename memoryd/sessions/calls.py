@@ -374,14 +374,17 @@ class Sessions:
                 return
             try:
                 await self._snapshot(key, hot, "eviction")
-                if self.hot.pinned(key) and not force:  # a call arrived during the snapshot: keep it hot
-                    return
+            except ServiceError as e:
+                log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
+            if self.hot.pinned(key) and not force:  # a call arrived during the snapshot: keep it hot
+                return
+            self.hot.drop(key)  # before the release: a renewal on its way then sees it is not ours to keep
+            metrics.EVICTIONS.inc()
+            try:
                 async with self._redis():
                     await leases.renew(self.store, [key], self.owner, 0)
             except ServiceError as e:
-                log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
-            self.hot.drop(key)
-            metrics.EVICTIONS.inc()
+                log.warning("releasing the lease of %s failed (it expires on its own): %s", key, e.message)
         allocator.trim()  # the state's memory back to the system, not kept by the allocator
 
     async def _enforce_budget(self, keep: Key) -> None:
