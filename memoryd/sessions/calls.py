@@ -96,6 +96,9 @@ class Info:
     steps: int
     state_bytes: int
     hot: bool
+    stored_bytes: int = 0
+    """Bytes in Redis: the newest snapshot plus the token log after it (`Store.stored_bytes`); `get` and `list`
+    fill it in, loaded or not."""
 
 
 @dataclass
@@ -329,7 +332,7 @@ class Sessions:
             try:
                 hot = await self._load(key)
             except ForeignSession as e:
-                return self._info(e.head, None)
+                return (await self._stored([self._info(e.head, None)]))[0]
             async with self._redis():
                 head = await heads.read(self.store, tenant, sid)
         if head is None:  # expired or deleted under us: let go of it, lease included
@@ -337,12 +340,21 @@ class Sessions:
             async with self._redis():
                 await leases.renew(self.store, [key], self.owner, 0)
             raise NotFound(f"session {sid!r} does not exist")
-        return self._info(head, hot)
+        return (await self._stored([self._info(head, hot)]))[0]
 
     async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
         async with self._redis():
             found, nxt = await heads.list_page(self.store, tenant, after, limit)
-        return [self._info(h, self.hot.peek((tenant, h.session_id))) for h in found], nxt
+        infos = [self._info(h, self.hot.peek((tenant, h.session_id))) for h in found]
+        return await self._stored(infos), nxt
+
+    async def _stored(self, infos: list[Info]) -> list[Info]:
+        """`infos` with their bytes in Redis filled in (sessions not loaded have them too)."""
+        async with self._redis():
+            sizes = await asyncio.gather(*(heads.stored_bytes(self.store, i.head) for i in infos))
+        for info, n in zip(infos, sizes, strict=True):
+            info.stored_bytes = n
+        return infos
 
     async def delete(self, tenant: str, sid: str) -> int:
         key = (tenant, sid)

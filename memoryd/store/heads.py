@@ -193,6 +193,16 @@ async def read(st: Store, tenant: str, sid: str) -> Head | None:
         raise DataLoss(f"session {sid}: stored head is malformed ({e})") from e
 
 
+async def stored_bytes(st: Store, head: Head) -> int:
+    """Bytes a session holds here: its newest snapshot (the manifest's size: the chunks' bytes) plus its
+    token log (MEMORY USAGE, Redis's own count, overhead included). Two reads; no key is scanned."""
+    log = int(await st.r.memory_usage(st.keys.log(head.tenant, head.session_id)) or 0)
+    if not head.snap:
+        return log
+    m = await st.r.get(st.keys.snap(head.snap, "m"))
+    return log + (int(json.loads(m)["size"]) if m is not None else 0)
+
+
 async def fork(
     st: Store,
     tenant: str,
