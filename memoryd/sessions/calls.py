@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from memoryd import metrics
+from memoryd.engine.handle import StateHandle
 from memoryd.engine.work import (
     Append,
     Appended,
@@ -35,7 +36,9 @@ from memoryd.engine.work import (
     Rebuild,
     Refused,
     RefusedError,
+    Result,
     SamplingParams,
+    Work,
 )
 from memoryd.errors import (
     Aborted,
@@ -175,7 +178,7 @@ class Sessions:
                 self.hot.drop(key)
             raise Unavailable(f"Redis is unavailable ({type(e).__name__}: {e}); retry the call") from e
 
-    async def _compute(self, work: Any) -> Any:
+    async def _compute(self, work: Work) -> Result:
         """The engine's result, or the model's refusal as the status it means."""
         res = await self.engine.submit(work)
         if isinstance(res, Refused):
@@ -228,7 +231,7 @@ class Sessions:
         return hot
 
     async def _elsewhere(self, key: Key, lease: HeldElsewhere) -> Moved:
-        """Where the session is served (memoryd/sessions/routing.py forwards the call there).
+        """Where the session is served (memoryd/api/forward.py forwards the call there).
 
         A holder that published no address (an older daemon) is asked to hand the session
         over instead, as before routing existed.
@@ -439,7 +442,7 @@ class Sessions:
             return await tokenlog.find_append(self.store, *key, append_id)
 
     async def _commit(
-        self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
+        self, key: Key, hot: Hot, new: StateHandle, pieces: list[list[int]], append_id: str, record: str = ""
     ) -> Logged:
         """Make pieces durable (CAS on the offset), then swap `new` in (unless an earlier call with the same
         append id logged them: then the duplicate's offsets come back, and the hot copy is reloaded)."""
