@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from cluster_fixtures import LocalCluster, redis_cluster  # noqa: F401 (fixture)
 from service_fixtures import RedisServer, tiny_checkpoint, tiny_model  # noqa: F401 (fixtures)
 
 from memoryd.engine.core import Engine
@@ -239,3 +240,32 @@ async def test_a_stale_tip_of_a_deleted_session_is_not_reused(harness: Harness) 
     await d.append(*key, text_tokens(FILLER), None, "")
     assert not found(await recalled(d, key, QUERIES["vault"], k=8), "vault")
     await asyncio.sleep(0)
+
+
+async def test_on_a_redis_cluster_with_sessions_on_other_slots(
+    redis_cluster: LocalCluster,  # noqa: F811
+    tiny_model: object,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The recall keys of a tenant share one slot; its sessions' keys are spread over the masters."""
+    s = Settings(instance_id="recall-cluster", snapshot_interval=1, data_dir=tmp_path / "data", metrics_port=0)
+    h = Harness(redis_cluster.url, tiny_model, s)
+    try:
+        d = h.start()
+        await d.create("tc", "a", {})
+        await fill(d, "tc", "a", ["vault", "sister"], filler_each=2)
+        await d.fork("tc", "a", "b", None, None)
+        await fill(d, "tc", "b", ["flight"], filler_each=1)
+        want = {f: await recalled(d, ("tc", "b"), QUERIES[f]) for f in ("vault", "sister", "flight")}
+        assert all(found(v[:1], f) for f, v in want.items())
+        await h.crash(d)
+        d2 = h.start()
+        assert {f: await recalled(d2, ("tc", "b"), QUERIES[f]) for f in want} == want
+        assert not found(await recalled(d2, ("tc", "a"), QUERIES["flight"], k=8), "flight")
+        for sid in "ab":
+            await d2.delete("tc", sid)
+        assert await d2.store.r.hlen("md:rx:{tc}:rc") == 0
+    finally:
+        for d in h.daemons:
+            await d.engine.close()
+            await d.store.r.aclose()

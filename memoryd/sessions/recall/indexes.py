@@ -15,6 +15,7 @@ incarnation is dropped before anything is written.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memoryd.sessions.recall")
 
+MAX_SESSIONS = 1 << 16
+"""Loaded sessions whose incarnation is remembered (least recently loaded first to go: a commit to one
+that was forgotten reloads it, which remembers it again)."""
 MAX_INDEX_BYTES = 256 << 20
 """Memory for the indexes of this daemon's sessions (least recently used ones are dropped past it:
 each is rebuilt from Redis when recalled from again). About 20 KB per 1,000 tokens of log."""
@@ -84,7 +88,9 @@ class RecallIndexes:
         self.max_bytes = max_bytes
         self._cached: OrderedDict[Key, _Cached] = OrderedDict()
         self._bytes = 0
-        self._created: dict[Key, float] = {}
+        self._created: OrderedDict[Key, float] = OrderedDict()
+        self._touched: dict[Key, float] = {}
+        """When each session's recall keys last had their TTL refreshed (monotonic seconds)."""
         """Each loaded session's head `created`: with the hot state's `gen`, its incarnation."""
 
     def _inc(self, key: Key, gen: int) -> str | None:
@@ -114,12 +120,17 @@ class RecallIndexes:
         tokens unless a snapshot trimmed them since (then the recall log has a gap there)."""
         tenant, sid = key
         self._created[key] = head.created
+        self._created.move_to_end(key)
+        if len(self._created) > MAX_SESSIONS:
+            old, _ = self._created.popitem(last=False)
+            self._touched.pop(old, None)
         inc = incarnation(head)
         tip = await self.pages.tip(tenant, sid)
         if tip is not None and tip.inc != inc:
             await self.pages.drop(tenant, sid)
             tip = None
         end = tip.end if tip is not None else None
+        await self._touch(key)
         if end is not None and end >= head.offset:
             return
         start, tokens = head.snap_off, [t for p in pieces for t in p]
@@ -130,6 +141,12 @@ class RecallIndexes:
         if start > (end or 0):
             log.warning("session %s: tokens [%d, %d) are gone from the log: not recallable", key, end or 0, start)
         await self.pages.append(tenant, sid, inc, start, tokens, gap=True)
+
+    async def _touch(self, key: Key) -> None:
+        """The recall keys' TTLs (twice the session's) refreshed on load and then at least every quarter
+        of the session TTL while it is in use, as the session's own keys are."""
+        self._touched[key] = time.monotonic()
+        await self.pages.touch(*key)
 
     async def appended(self, key: Key, gen: int, start: int, pieces: list[list[int]]) -> bool:
         """Committed pieces at `start`: copied to the recall log, added to the index if it is in memory.
@@ -147,6 +164,11 @@ class RecallIndexes:
         if end < 0:
             self._forget(key)
             return False
+        if self.pages.ttl and time.monotonic() - self._touched.get(key, 0.0) > self.pages.ttl / 8:
+            try:
+                await self._touch(key)
+            except UNAVAILABLE_ERRORS as e:
+                log.warning("session %s: refreshing the recall log's TTL failed (%s)", key, e)
         c = self._cached.get(key)
         if c is not None:
             if c.inc == inc and c.index.end == start:
@@ -170,6 +192,7 @@ class RecallIndexes:
         self._forget(key)
         if deleted:
             self._created.pop(key, None)
+            self._touched.pop(key, None)
         try:
             await self.pages.drop(*key)
         except UNAVAILABLE_ERRORS as e:  # what is left belongs to an old incarnation: dropped when next seen
