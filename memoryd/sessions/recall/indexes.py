@@ -1,11 +1,13 @@
 """The recall indexes of one daemon's sessions, kept in step with their logs.
 
-Where things live (measured in bench/recall_index.py): the tokens in Redis (`pages`, a
-copy the snapshots never trim, about 4 bytes per token), the index in this daemon's
-memory, built from them the first time a session is recalled from and then grown by
-every commit. An index is a few times smaller than the tokens' text and rebuilt in tens
-of milliseconds for 64K tokens, so storing it in Redis would cost more bytes and every
-append a second write for nothing a rebuild does not give back.
+Where things live (measured by bench/recall_index.py and bench/recall_cost.py): the tokens
+in Redis (`pages`, a copy the snapshots never trim, about 4 KB per 1,000 tokens), the index
+in this daemon's memory (about 7.3 KB per 1,000 tokens), built from the tokens the first time
+a session is recalled from (about half a second for 64K tokens on one core) and grown by
+every commit after that. Keeping the index in Redis instead would store about twice the
+bytes, add its postings to every append's write and still need the tokens for span text;
+a fork could not share it either (its postings of [0, X) are not a prefix of anything
+stored). So Redis keeps what cannot be recomputed, and the daemon what can.
 
 Each session incarnation (its head's `created` and `gen`: a reset, or a delete and a new
 session with the same id, is a new one) owns its recall log; a tip left by another
@@ -39,7 +41,7 @@ MAX_SESSIONS = 1 << 16
 that was forgotten reloads it, which remembers it again)."""
 MAX_INDEX_BYTES = 256 << 20
 """Memory for the indexes of this daemon's sessions (least recently used ones are dropped past it:
-each is rebuilt from Redis when recalled from again). About 20 KB per 1,000 tokens of log."""
+each is rebuilt from Redis when recalled from again): about 35,000 sessions of 1,000 tokens."""
 
 
 class Decoder(Protocol):
