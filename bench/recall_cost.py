@@ -51,8 +51,10 @@ from memoryd.sessions.calls import Sessions  # noqa: E402
 from memoryd.sessions.chat import Message, chat_format_for  # noqa: E402
 from memoryd.sessions.recall.indexes import RecallIndexes  # noqa: E402
 from memoryd.settings import Settings, default_data_dir  # noqa: E402
+from memoryd.store import heads  # noqa: E402
+from memoryd.store.db import Store  # noqa: E402
+from memoryd.store.heads import Head  # noqa: E402
 from memoryd.store.redis_client import connect  # noqa: E402
-from memoryd.store.store import Head, Store  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -160,8 +162,8 @@ async def long_session(a: argparse.Namespace, store: Store, real: RecallIndexes,
     """A `--long-tokens` session written through the recall hooks alone (see the module doc)."""
     rx = RecallIndexes(real.pages, real.decode, real.shape)
     key = ("bench", "long")
-    await store.create(*key, {}, "bench", 0)
-    head = await store.head(*key)
+    await heads.create(store, *key, {}, "bench")
+    head = await heads.read(store, *key)
     assert head is not None
     await rx.loaded(key, head, [])
     rng, corpus = random.Random(a.seed + 1), corpus_lines()

@@ -38,7 +38,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from memoryd.store.store import ReplicaTimeout, Store
+from memoryd.store.db import ReplicaTimeout, Store
 
 PAGE_TOKENS = 4096
 """Tokens per sealed page (16 KiB): a 64K-token session reads its chain in 16 steps, and a tail
