@@ -21,8 +21,10 @@ from service_fixtures import RedisServer, tiny_checkpoint, tiny_model  # noqa: F
 
 from memoryd.engine.core import Engine
 from memoryd.engine.scheduler import Budget
-from memoryd.errors import NotFound
+from memoryd.errors import InvalidArgument, NotFound
 from memoryd.sessions.calls import Sessions
+from memoryd.sessions.recall import transfer
+from memoryd.sessions.recall.pages import Run
 from memoryd.settings import Settings
 from memoryd.store import heads
 from memoryd.store.db import Store
@@ -270,3 +272,41 @@ async def test_on_a_redis_cluster_with_sessions_on_other_slots(
         for d in h.daemons:
             await d.engine.close()
             await d.store.r.aclose()
+
+
+async def test_import_rebuilds_it_from_the_exports_recall_log(harness: Harness) -> None:
+    d = harness.start()
+    src = ("t1", "src")
+    await d.create(*src, {})
+    await fill(d, *src, ["vault", "invoice"])
+    want = {f: await recalled(d, src, QUERIES[f]) for f in ("vault", "invoice")}
+    head, data = await d.export(*src)
+    log = await d.export_recall(head)
+    assert log.startswith(transfer.MAGIC) and len(log) > 4 * head.offset  # every token, 4 bytes each
+
+    bad = {
+        b"not a recall log": "does not start with",
+        log[:-2]: "bytes follow",
+        transfer.encode([Run(head.offset - 2, [65, 66, 67])]): "past the state's offset",
+        transfer.encode([Run(0, [65, 999])]): "outside the vocabulary",
+        transfer.encode([Run(10, [65, 66]), Run(11, [67])]): "overlaps",
+    }
+    for raw, why in bad.items():
+        with pytest.raises(InvalidArgument, match=why):
+            await d.import_("t2", "copy", {}, data, head.offset, raw)
+        with pytest.raises(NotFound):  # nothing was created
+            await d.get("t2", "copy")
+    with pytest.raises(InvalidArgument, match="offset"):
+        await d.import_("t2", "copy", {}, data, None, log)
+
+    await d.import_("t2", "copy", {}, data, head.offset, log)
+    assert {f: await recalled(d, ("t2", "copy"), QUERIES[f]) for f in want} == want
+    await fill(d, "t2", "copy", ["flight"], filler_each=1)  # and it grows from there
+    grown = {f: await recalled(d, ("t2", "copy"), QUERIES[f]) for f in ("vault", "invoice", "flight")}
+    assert all(found(v[:1], f) for f, v in grown.items())
+    await harness.crash(d)
+    d2 = harness.start()
+    assert {f: await recalled(d2, ("t2", "copy"), QUERIES[f]) for f in grown} == grown
+
+    await d2.import_("t2", "bare", {}, data, head.offset)  # an export without its recall log: no history to recall
+    assert await recalled(d2, ("t2", "bare"), QUERIES["vault"], k=8) == []

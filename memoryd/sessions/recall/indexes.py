@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from memoryd.sessions.ordering import Key
-from memoryd.sessions.recall import RecalledSpan
+from memoryd.sessions.recall import RecalledSpan, transfer
 from memoryd.sessions.recall.index import SpanIndex
-from memoryd.sessions.recall.pages import Pages
+from memoryd.sessions.recall.pages import Pages, Run
 from memoryd.sessions.recall.spans import Shape
 from memoryd.store.db import Store
 from memoryd.store.heads import Head
@@ -201,8 +201,20 @@ class RecallIndexes:
         except UNAVAILABLE_ERRORS as e:  # what is left belongs to an old incarnation: dropped when next seen
             log.warning("session %s: dropping the recall log failed (%s)", key, e)
 
-    def unloaded(self, key: Key) -> None:
-        self._created.pop(key, None)
+    async def exported(self, head: Head) -> bytes:
+        """The recall log below the head's offset (`transfer` bytes), for an export of that head's state."""
+        got = await self.pages.read(head.tenant, head.session_id, head.offset)
+        if got is None or got[0] != incarnation(head):
+            return transfer.encode([])
+        return transfer.encode(got[1])
+
+    async def imported(self, key: Key, head: Head, runs: list[Run]) -> None:
+        """A session just imported (head at the state's offset): its recall log from the export's."""
+        self._created[key] = head.created
+        inc = incarnation(head)
+        await self.pages.drop(*key)  # a leftover of an earlier session with this id
+        for run in runs:
+            await self.pages.append(*key, inc, run.start, run.tokens, gap=True)
 
     # -- recall --------------------------------------------------------------------------------
 
