@@ -52,6 +52,7 @@ from memoryd.errors import (
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
 from memoryd.sessions.output import GenEvent, GenParams, StopText, kept_output, record, replayed
+from memoryd.sessions.recall_prompt import NOTHING, RecallAsk, RecallContext, recall_context
 from memoryd.sessions.residency import Hot, Residency
 from memoryd.sessions.routing import Moved, address_of
 from memoryd.settings import Settings
@@ -466,8 +467,11 @@ class Sessions:
         commit: bool,
         expected: int | None,
         append_id: str,
+        recall: RecallAsk | None = None,
     ) -> AsyncIterator[GenEvent]:
-        """Sample on a copy; stream tokens and text; with commit, log prompt + output and swap the copy in."""
+        """Sample on a copy; stream tokens and text; with commit, log prompt + output and swap the copy in.
+
+        `recall`: recalled context is read before the prompt into the copy only (`_recall_context`)."""
         key = (tenant, sid)
         async with self._held(key):
             hot = await self._load(key)
@@ -478,10 +482,12 @@ class Sessions:
                     return
             self._check_expected(hot, expected)
             prompt_ids = tokens_at(prompt, hot.state.position)
+            ctx = await self._recall_context(key, hot, recall, prompt_ids, p.max_tokens) if recall else NOTHING
             pieces: list[list[int]] = []
             after_prompt = hot.state
+            if prompt_ids or ctx.tokens:  # recalled context goes into this generation's copy only
+                after_prompt = (await self._compute(Append(hot.state, [*ctx.tokens, *prompt_ids]))).state
             if prompt_ids:
-                after_prompt = (await self._compute(Append(hot.state, prompt_ids))).state
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
@@ -531,11 +537,13 @@ class Sessions:
             if commit:
                 kept = kept_output(self.tok, out, finish, text, p.commit_stop)
                 rest = kept[len(out) - 1 :] if kept[: len(out) - 1] == out[:-1] else None
-                if rest is not None:  # `work` has read out[:-1], which kept begins with: read the rest
+                if rest is not None and not ctx.tokens:  # `work` has read out[:-1], which kept begins with
                     pieces += [[t] for t in out[:-1]]
                     state, last = work, rest + p.suffix
-                else:  # kept diverges from what `work` read (a stop string cut inside a token)
+                else:  # kept diverges from what `work` read (a stop string cut inside a token, or recalled context)
                     state, last = after_prompt, kept + p.suffix
+                    if ctx.tokens:  # the session reads the prompt and the reply, never the recalled context
+                        state = (await self._compute(Append(hot.state, prompt_ids))).state if prompt_ids else hot.state
                 if last:
                     state = (await self._compute(Append(state, last))).state
                     pieces.append(last)
@@ -543,7 +551,30 @@ class Sessions:
                 res_c = await self._commit(key, hot, state, pieces, append_id, rec)
                 offset, committed = res_c.offset, res_c.offset - res_c.start
                 metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
-            yield GenEvent([], tail, True, finish, offset, len(out), False, committed)
+            yield GenEvent([], tail, True, finish, offset, len(out), False, committed, ctx)
+
+    async def _recall_context(
+        self, key: Key, hot: Hot, ask: RecallAsk, prompt_ids: list[int], max_tokens: int
+    ) -> RecallContext:
+        """The recalled context of one generation (once per call, before its first token; the caller holds
+        the session's lock): the index's spans for the query, framed and fitted by `recall_prompt`."""
+        if not ask.query.strip() or hot.state.position == 0:
+            return NOTHING
+        t0 = time.perf_counter()
+        spans = await self.recall(key, ask.query, ask.k)
+        metrics.RECALL_SECONDS.labels("Generate").observe(time.perf_counter() - t0)
+        ctx = recall_context(
+            spans,
+            position=hot.state.position,
+            window=self.model.cfg.window_size or 0,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=max_tokens,
+            budget=ask.budget,
+            chat=self.chat,
+            tok=self.tok,
+        )
+        metrics.RECALLED_TOKENS.inc(len(ctx.tokens))
+        return ctx
 
     async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
         """The session's head and its whole state as snapshot bytes (safetensors)."""

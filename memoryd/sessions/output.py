@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memoryd.errors import InvalidArgument
+from memoryd.sessions.recall_prompt import NOTHING, RecallContext
 from memoryd.store.store import AppendResult, tokens_hash
 
 
@@ -83,6 +84,8 @@ class GenEvent:
     generated: int = 0
     duplicate: bool = False
     committed: int = 0
+    recalled: RecallContext = NOTHING
+    """With recall: the context placed before the prompt (never committed)."""
 
 
 def kept_output(tok: Any, out: list[int], finish: str, text: StopText, commit_stop: bool) -> list[int]:

@@ -50,6 +50,8 @@ from memoryd_sdk.types import (
     GenerateChunk,
     GenerateResult,
     ModelInfo,
+    RecalledSpan,
+    RecallOptions,
     SessionInfo,
 )
 
@@ -83,6 +85,8 @@ __all__ = [
     "OffsetConflict",
     "PermissionDenied",
     "PlainTemplate",
+    "RecallOptions",
+    "RecalledSpan",
     "ResourceExhausted",
     "RetryPolicy",
     "ServerTemplate",
