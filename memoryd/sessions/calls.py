@@ -561,7 +561,8 @@ class Sessions:
         if not ask.query.strip() or hot.state.position == 0:
             return NOTHING
         t0 = time.perf_counter()
-        spans = await self.recall(key, ask.query, ask.k)
+        async with self._redis():  # the index itself (`recall` would take the lock this call holds)
+            spans = await self.recalls.recall(key, hot.gen, hot.state.position, ask.query, ask.k)
         metrics.RECALL_SECONDS.labels("Generate").observe(time.perf_counter() - t0)
         ctx = recall_context(
             spans,
