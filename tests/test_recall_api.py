@@ -182,8 +182,8 @@ def test_recall_finds_the_fact_out_of_the_window(client: MemoryClient, daemon: D
     assert 1 <= len(spans) <= 3
     assert [s.score for s in spans] == sorted((s.score for s in spans), reverse=True)  # most relevant first
     top = spans[0]  # a turn, or a window of one (this byte-level model has no turn token)
-    assert "4417" in top.text and top.start_offset < h.fact_start + len(turn("user", FACT)) and top.end_offset > h.fact_start
-    assert top.end_offset <= h.session.offset
+    fact_end = h.fact_start + len(turn("user", FACT))
+    assert "4417" in top.text and top.start_offset < fact_end and h.fact_start < top.end_offset <= h.session.offset
     log = h.text.encode()
     for s in spans:  # exact text of the log at its offsets
         assert s.text == log[s.start_offset : s.end_offset].decode()
@@ -312,8 +312,12 @@ def test_generate_without_the_field_is_unchanged(client: MemoryClient, daemon: D
 def test_recall_options_and_an_empty_session(client: MemoryClient) -> None:
     """k and the budget are honoured; a session with nothing to recall generates as without recall."""
     h = history(client)
-    r = h.session.reply([("user", QUESTION)], max_tokens=4, commit=False, recall=RecallOptions(k=1, budget_tokens=80))
-    assert len(r.generation.recalled_spans) <= 1 and 0 < r.generation.recalled_tokens <= 80
+    one = RecallOptions(k=1, budget_tokens=160)  # a 96-token window of this turnless log and its framing fit
+    r = h.session.reply([("user", QUESTION)], max_tokens=4, commit=False, recall=one)
+    assert len(r.generation.recalled_spans) == 1 and 0 < r.generation.recalled_tokens <= 160
+    small = RecallOptions(k=8, budget_tokens=100)  # no span fits with the turn's framing: none is cut to fit
+    r = h.session.reply([("user", QUESTION)], max_tokens=4, commit=False, recall=small)
+    assert r.generation.recalled_spans == () and r.generation.recalled_tokens == 0
     fresh = client.create_session()
     first = fresh.chat("Hello there", max_tokens=4)
     assert first.generation.recalled_tokens == 0
