@@ -17,14 +17,16 @@ session), three ways:
 - `answered_oracle`: recall off, the fact's own turn placed right before the question
   (the reader's ceiling: what this small model answers when the fact is in front of it).
 
-A reply counts as answered when it contains the fact's value (case-insensitive; a date
-by its day and month in either order).  `hit_rate`: the share of facts whose turn is
-among the `k` spans `Session.recall(question, k)` returns (a span overlapping the turn's
-offsets).  `ttft_ms_*`: time to the first streamed message of the reply (the retrieval
-and the recalled context's prefill are in it); `decode_ms_per_token_*`: the gaps between
-later tokens, side by side; `recall_p95_ms`: the `Session.recall` calls' p95 (client-side,
-gRPC included).  One JSON line per depth (`--json`); it measures and prints, it asserts
-nothing.  Building a 64K-token session on a 2-core CPU takes 10+ minutes (tqdm shows it).
+A reply counts as answered when it contains the fact's value (case-insensitive, as a whole
+word; a person by their surname; a date by its day and month in either order, "25th of
+July").  `hit_rate`: the share of facts whose turn is among the `k` spans
+`Session.recall(question, k)` returns (a span overlapping the turn's offsets; the query is
+the question as the reply's recall searches for it).  `ttft_ms_*`: time to the first
+streamed message of the reply (the retrieval and the recalled context's prefill are in it);
+`decode_ms_per_token_*`: the gaps between later tokens, side by side; `recall_p95_ms`: the
+`Session.recall` calls' p95 (client-side, gRPC included).  One JSON line per depth
+(`--json`); it measures and prints, it asserts nothing.  Building a 64K-token session on a
+2-core CPU takes 10+ minutes (tqdm shows it).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class Fact:
     question: str
     answer: str
     accept: tuple[str, ...]
-    """Strings any one of which in a reply counts as the answer (lower case)."""
+    """Regular expressions any one of which found in the lower-cased reply counts as the answer."""
     depth: int = 0
     """Nominal depth (the --depths entry it belongs to)."""
     start: int = 0
@@ -107,7 +109,7 @@ def make_fact(kind: str, subject: str, rng: random.Random) -> Fact:
             f"migration_planner output: the {subject} migration must copy exactly {n} records per shard.",
             f"How many records per shard does the {subject} migration need to move?",
             str(n),
-            (str(n), f"{n:,}"),
+            (rf"\b{n}\b", rf"\b{n:,}\b"),
         )
     if kind == "name":
         name = rng.choice(NAMES)
@@ -117,7 +119,7 @@ def make_fact(kind: str, subject: str, rng: random.Random) -> Fact:
             f"By the way, the {subject} budget was approved by {name} this morning.",
             f"Who signed off on the money for {subject}?",
             name,
-            (name.lower(), name.split()[-1].lower()),
+            (rf"\b{name.split()[-1].lower()}\b",),
         )
     if kind == "code":
         code = f"{rng.choice('BCDFGHJKLMNPQRSTVWXZ')}{rng.choice('AEIOU')}{rng.randint(2, 9)}-{rng.randint(100, 999)}"
@@ -127,7 +129,7 @@ def make_fact(kind: str, subject: str, rng: random.Random) -> Fact:
             f"vault.read('{subject.lower()}-sandbox'): access key = {code}",
             f"What is the secret for getting into the {subject} sandbox?",
             code,
-            (code.lower(),),
+            (re.escape(code.lower()),),
         )
     if kind == "date":
         day, month = rng.randint(2, 28), rng.choice(MONTHS)
@@ -137,7 +139,7 @@ def make_fact(kind: str, subject: str, rng: random.Random) -> Fact:
             f"Heads up: the {subject} release is now scheduled for {day} {month}.",
             f"On what day will {subject} ship?",
             f"{day} {month}",
-            (f"{day} {month}".lower(), f"{month} {day}".lower(), f"{month} {day}th".lower()),
+            (rf"\b{day}(st|nd|rd|th)?( of)? {month.lower()}\b", rf"\b{month.lower()} {day}(st|nd|rd|th)?\b"),
         )
     place = rng.choice(PLACES)
     return Fact(
@@ -146,7 +148,7 @@ def make_fact(kind: str, subject: str, rng: random.Random) -> Fact:
         f"Observation: the spare {subject} servers are kept in the {place} warehouse.",
         f"In which city is the backup hardware for {subject} stored?",
         place,
-        (place.lower(),),
+        (rf"\b{place.lower()}\b",),
     )
 
 
@@ -168,7 +170,7 @@ def facts_for(depths: Sequence[int], n: int, seed: int) -> list[Fact]:
 
 def answered(reply: str, fact: Fact) -> bool:
     text = re.sub(r"\s+", " ", reply.lower())
-    return any(a in text for a in fact.accept)
+    return any(re.search(a, text) for a in fact.accept)
 
 
 def filler_paragraphs(corpus: Path) -> list[str]:
