@@ -281,12 +281,16 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
             rows = [f for f in built.facts if f.depth == d]
             hits, on, off, oracle, recall_ms = 0, 0, 0, 0, []
             ttft_on, ttft_off, dec_on, dec_off, ctx = [], [], [], [], []
+            rank: list[int] = []  # where the fact's span ranked (k + 1: not in the top k)
+            other: dict[int, list[tuple[bool, float, int]]] = {b: [] for b in args.also_budgets}
             for f in tqdm(rows, desc=f"depth {d}", file=sys.stderr):
                 q = f.question + SUFFIX
                 t0 = time.perf_counter()
                 spans = await s.recall(q, k=args.k)  # the query a reply with recall searches for
                 recall_ms.append((time.perf_counter() - t0) * 1000)
-                hits += any(sp.start_offset < f.end and f.start < sp.end_offset for sp in spans)
+                found = [i for i, sp in enumerate(spans) if sp.start_offset < f.end and f.start < sp.end_offset]
+                hits += bool(found)
+                rank.append(found[0] + 1 if found else args.k + 1)
                 r_on = await ask(s, [("user", q)], opts)
                 r_off = await ask(s, [("user", q)], False)
                 r_or = await ask(s, [(f.role, f.statement), ("user", q)], False)
@@ -300,6 +304,9 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
                 dec_on += r_on.decode_ms
                 dec_off += r_off.decode_ms
                 ctx.append(r_on.recalled_tokens)
+                for b in args.also_budgets:  # the same question under a smaller (or larger) recall budget
+                    r_b = await ask(s, [("user", q)], RecallOptions(k=args.k, budget_tokens=b))
+                    other[b].append((answered(r_b.text, f), r_b.ttft_ms, r_b.recalled_tokens))
                 if args.verbose:
                     print(json.dumps({"fact": f.statement, "on": r_on.text, "off": r_off.text, "oracle": r_or.text}),
                           file=sys.stderr)  # fmt: skip
@@ -323,6 +330,15 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
                             "recalled_tokens_mean": mean([float(c) for c in ctx]),
                             "depth_tokens_mean": round(statistics.fmean(built.end - f.start for f in rows)),
                             "session_tokens": built.end,
+                            "hit_rate_at": {str(j): round(sum(r <= j for r in rank) / n, 3) for j in (1, 2, 4)},
+                            **{
+                                f"budget_{b}": {
+                                    "answered_recall_on": round(sum(a for a, _, _ in rows_b) / n, 3),
+                                    "ttft_ms_recall_on": round(statistics.median(t for _, t, _ in rows_b), 1),
+                                    "recalled_tokens_mean": mean([float(c) for _, _, c in rows_b]),
+                                }
+                                for b, rows_b in other.items()
+                            },
                         }
                     },
                 }
@@ -338,6 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--depths", default="2048,8192,32768,65536", help="tokens between a fact and its question")
     ap.add_argument("--k", type=int, default=8, help="spans recalled (and the hit rate's k)")
     ap.add_argument("--budget", type=int, default=0, help="recall budget in tokens (0: the server's default, 512)")
+    ap.add_argument(
+        "--also-budgets",
+        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+        default=[],
+        help="more budgets asked side by side (e.g. 128,256): answered share and TTFT under each",
+    )
     ap.add_argument("--facts", type=int, default=10, help="facts per depth (five kinds in turn)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
