@@ -563,7 +563,7 @@ class Sessions:
                 res_c = await self._commit(key, hot, state, pieces, append_id, rec)
                 offset, committed = res_c.offset, res_c.offset - res_c.start
                 metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
-            yield GenEvent([], tail, True, finish, offset, len(out), False, committed, ctx)
+            yield GenEvent([], tail, True, finish, offset, len(out), False, committed, recalled=ctx)
 
     async def _recall_context(
         self, key: Key, hot: Hot, ask: RecallAsk, prompt_ids: list[int], max_tokens: int
