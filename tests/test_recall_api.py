@@ -321,3 +321,54 @@ def test_recall_options_and_an_empty_session(client: MemoryClient) -> None:
     fresh = client.create_session()
     first = fresh.chat("Hello there", max_tokens=4)
     assert first.generation.recalled_tokens == 0
+
+
+# -- the placement rule itself (memoryd/sessions/recall_prompt.py) ----------------------------------
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+def test_context_rule_budget_window_order_and_markers() -> None:
+    from memoryd.sessions.chat import ChatFormat, Message
+    from memoryd.sessions.recall_prompt import HEADER, context_budget, query_of, recall_context
+    from model.tokenizer import ByteTokenizer
+
+    chat, tok = ChatFormat(PLAIN), ByteTokenizer()
+    assert context_budget(512, WINDOW, 70, 8) == WINDOW - 70 - 8  # context + prompt + the reply's start fit
+    assert context_budget(900, 1024, 70, 1000) == 1024 - 70 - 256  # a long reply: its first 256 tokens
+    assert context_budget(512, 0, 70, 8) == 512 and context_budget(512, WINDOW, 250, 8) == 0
+    position = 2000
+    spans = [  # most relevant first, as the index returns them
+        _Span(900, 950, turn("user", "The code is 4417."), 9.0),
+        _Span(100, 140, turn("assistant", "Parking is on level B2."), 5.0),
+        _Span(position - 5, position, turn("user", "recent"), 4.0),  # still in the window after the context: left out
+        _Span(300, 800, turn("tool", "x" * 480), 3.0),  # does not fit: skipped, not cut
+        _Span(1200, 1230, turn("user", "Lunch at noon."), 1.0),
+    ]
+    ctx = recall_context(
+        spans, position=position, window=WINDOW, prompt_tokens=40, max_tokens=8, budget=512, chat=chat, tok=tok
+    )
+    assert [s.start for s in ctx.spans] == [900, 100, 1200]  # by relevance
+    text = bytes(ctx.tokens).decode()
+    # special tokens and the template's closing and generation prompt are taken out ("<|user|>" is plain
+    # text for this byte-level template: it stays)
+    body = "<|user|>\nThe code is 4417.", "Parking is on level B2.", "<|user|>\nLunch at noon."
+    want = f"<|system|>\n{HEADER}\n{body[1]}\n{body[0]}\n{body[2]}<|end|>\n"  # in log order, one system turn
+    assert text == want and len(ctx.tokens) <= context_budget(512, WINDOW, 40, 8)
+    tight = recall_context(
+        spans, position=position, window=WINDOW, prompt_tokens=40, max_tokens=8, budget=75, chat=chat, tok=tok
+    )
+    assert [s.start for s in tight.spans] == [900] and len(tight.tokens) <= 75  # the others no longer fit
+    none = recall_context(
+        spans[2:3], position=position, window=WINDOW, prompt_tokens=40, max_tokens=8, budget=512, chat=chat, tok=tok
+    )
+    assert none.tokens == () and none.spans == ()
+
+    conv = [Message("system", "Be brief."), Message("user", "first?"), Message("assistant", "ok"), Message("user", "q")]
+    assert query_of(conv, "") == "q" and query_of(conv[:1], "") == "Be brief." and query_of([], "text") == "text"
