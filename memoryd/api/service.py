@@ -16,14 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import math
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,27 +34,20 @@ from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 
 from memoryd import metrics
 from memoryd.api.auth import Auth
-from memoryd.api.limits import (
-    MAX_APPEND_ID_CHARS,
-    MAX_META_ENTRIES,
-    MAX_META_KEY_CHARS,
-    MAX_META_VALUE_CHARS,
-    MAX_SESSION_ID_CHARS,
-    server_limits,
-)
+from memoryd.api.limits import sampling_limits, server_limits
+from memoryd.api.validation import check_append_id, check_metadata, check_role, check_session_id
+from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
-from memoryd.sessions.calls import Content, GenParams, Info, Sessions
+from memoryd.sessions.calls import CommitRule, Content, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
 from memoryd.sessions.recall_prompt import RecallAsk, Span, query_of
 from memoryd.sessions.routing import Router
 from memoryd.settings import Settings
-from memoryd.store.store import SNAPSHOT_FORMAT
+from memoryd.store.snapshots import SNAPSHOT_FORMAT
 
 log = logging.getLogger("memoryd.calls")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
-SESSION_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_SESSION_ID_CHARS}}}$")
-APPEND_ID_RE = re.compile(rf"^[\x21-\x7e]{{1,{MAX_APPEND_ID_CHARS}}}$")
 
 _call: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("memoryd_call")
 
@@ -192,37 +183,7 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
     return wrapper
 
 
-# -- validation -------------------------------------------------------------------------------
-
-
-def check_session_id(sid: str, field: str = "session_id", allow_empty: bool = False) -> str:
-    if not sid and allow_empty:
-        return uuid.uuid4().hex
-    if not SESSION_ID_RE.match(sid):
-        raise InvalidArgument(
-            f"{field} must be 1-{MAX_SESSION_ID_CHARS} characters from [A-Za-z0-9._:-], got {sid[:140]!r}"
-        )
-    return sid
-
-
-def check_metadata(meta: Any) -> dict[str, str]:
-    m = dict(meta)
-    if len(m) > MAX_META_ENTRIES:
-        raise InvalidArgument(f"metadata has {len(m)} entries; at most {MAX_META_ENTRIES}")
-    for k, v in m.items():
-        if not k or len(k) > MAX_META_KEY_CHARS:
-            raise InvalidArgument(f"metadata keys must be 1-{MAX_META_KEY_CHARS} characters, got {k[:140]!r}")
-        if len(v) > MAX_META_VALUE_CHARS:
-            raise InvalidArgument(f"metadata value of {k!r} has {len(v)} characters; at most {MAX_META_VALUE_CHARS}")
-    return m
-
-
-def check_append_id(aid: str) -> str:
-    if aid and not APPEND_ID_RE.match(aid):
-        raise InvalidArgument(
-            f"append_id must be 1-{MAX_APPEND_ID_CHARS} printable ASCII characters without spaces, got {aid[:140]!r}"
-        )
-    return aid
+# -- ids, metadata and roles are checked by memoryd/api/validation.py ---------------------------
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -249,6 +210,7 @@ def session_pb(info: Info) -> pb.Session:
         steps=info.steps,
         state_bytes=info.state_bytes,
         hot=info.hot,
+        stored_bytes=info.stored_bytes,
     )
 
 
@@ -270,6 +232,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.chat = sessions.chat
         self.vocab = sessions.model.cfg.vocab_size
         self.limits = server_limits(settings, self.vocab, sessions.model.cfg.window_size or 0)
+        self.sampling_limits = sampling_limits(settings, self.vocab)
         self.model_info = self._model_info(model_name, adapter)
 
     def _model_info(self, name: str, adapter: str) -> pb.ModelInfo:
@@ -286,6 +249,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             chat_template=cfg.chat_template or "",
             chat_messages=chat is not None and chat.problem is None,
             chat_problem=(chat.problem or "") if chat is not None else "",
+            chat_roles=sorted(chat.roles) if chat is not None else [],
             generation_prompt=chat.generation_prompt if chat is not None else "",
             turn_closing=chat.closing if chat is not None else "",
             window_size=cfg.window_size or 0,
@@ -341,7 +305,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             raise InvalidArgument(
                 f"{what} messages cannot be used with this model's chat template: {self.chat.problem}"
             )
-        out = [Message(m.role, m.content) for m in msgs]
+        field = "messages" if what == "append" else "prompt_messages"
+        roles = self.chat.roles
+        out = [Message(check_role(m.role, f"{field}[{i}].role", roles), m.content) for i, m in enumerate(msgs)]
         size = sum(len(m.content) for m in out)
         if size > self.limits.max_append_text_chars:
             raise ResourceExhausted(
@@ -407,35 +373,33 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             query = query_of(messages, text)[-lim.max_recall_query_chars :]
         return RecallAsk(k, budget, query)
 
-    def gen_params(self, r: pb.GenerateRequest) -> GenParams:
-        if r.max_tokens == 0:
-            raise InvalidArgument("max_tokens must be at least 1")
-        if r.max_tokens > self.s.max_generate_tokens:
-            raise ResourceExhausted(
-                f"max_tokens {r.max_tokens} is over this server's limit {self.s.max_generate_tokens}"
-            )
-        lim = self.limits
-        if not math.isfinite(r.temperature) or not 0.0 <= r.temperature <= lim.max_temperature:
-            raise InvalidArgument(
-                f"temperature must lie in [0, {lim.max_temperature:g}] (0 = greedy), got {r.temperature}"
-            )
-        if not math.isfinite(r.top_p) or not 0.0 <= r.top_p <= 1.0:
-            raise InvalidArgument(f"top_p must lie in [0, 1] (0 or 1 = off), got {r.top_p}")
-        if r.top_k > lim.max_top_k:
-            raise InvalidArgument(f"top_k {r.top_k} exceeds the vocabulary size {lim.max_top_k} (0 = off)")
-        if len(r.stop) > lim.max_stop_strings:
-            raise ResourceExhausted(f"{len(r.stop)} stop strings; at most {lim.max_stop_strings}")
-        for i, s in enumerate(r.stop):
-            if len(s) > lim.max_stop_string_chars:
-                raise ResourceExhausted(f"stop string {i} has {len(s)} characters; at most {lim.max_stop_string_chars}")
-        if any(not s for s in r.stop):
-            raise InvalidArgument("stop strings must not be empty")
-        if len(r.stop_tokens) > lim.max_stop_tokens:
-            raise ResourceExhausted(f"{len(r.stop_tokens)} stop token ids; at most {lim.max_stop_tokens}")
-        for t in r.stop_tokens:
-            if not 0 <= t < self.vocab:
-                raise InvalidArgument(f"stop token id {t} is outside the vocabulary [0, {self.vocab})")
-        seed = r.seed if r.HasField("seed") else None
+    def sampling(self, r: pb.GenerateRequest) -> SamplingParams:
+        """The request's `SamplingParams`, checked once, here.  Copied by name: every field of
+        SamplingParams is a GenerateRequest field of the same name (a new sampling parameter is a
+        proto field and a SamplingParams field; nothing here changes)."""
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(SamplingParams):
+            fd = r.DESCRIPTOR.fields_by_name[f.name]
+            v = getattr(r, f.name)
+            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+                v = tuple(sorted(v.items()))
+            elif fd.is_repeated:
+                v = tuple(v)
+            elif fd.has_presence and not r.HasField(f.name):
+                v = None
+            values[f.name] = v
+        try:
+            return SamplingParams(**values).check(self.sampling_limits)  # type: ignore[arg-type]
+        except SamplingError as e:
+            raise (ResourceExhausted if e.over_limit else InvalidArgument)(e.message) from None
+
+    def logprob_pb(self, lp: Logprob) -> pb.TokenLogprob:
+        text = self.tok.decode
+        top = [pb.TopLogprob(token=t, logprob=v, text=text([t])) for t, v in lp.top]
+        return pb.TokenLogprob(token=lp.token, logprob=lp.logprob, text=text([lp.token]), top=top)
+
+    def commit_rule(self, r: pb.GenerateRequest) -> CommitRule:
+        """What a committed generation keeps besides its output."""
         suffix: list[int] = []
         if r.commit_suffix:
             if r.add_generation_prompt:
@@ -446,17 +410,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 raise InvalidArgument("commit_stop is not for chat replies: the chat template's closing ends the turn")
             assert self.chat is not None  # checked with the prompt
             suffix = self.tok.encode(self.chat.closing) if self.chat.closing else []
-        return GenParams(
-            r.max_tokens,
-            r.temperature,
-            r.top_p,
-            r.top_k,
-            seed,
-            list(r.stop),
-            [int(t) for t in r.stop_tokens],
-            r.commit_stop,
-            suffix,
-        )
+        return CommitRule(r.commit_stop, tuple(suffix))
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -586,7 +540,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             prompt = self.rendered(msgs, "prompt", generation_prompt=r.add_generation_prompt)
         else:
             prompt = self.tokens_of(r.prompt_text, r.prompt_tokens, "prompt", allow_empty=True)
-        params = self.gen_params(r)
+        params = self.sampling(r)
+        rule = self.commit_rule(r)
         recall = self.recall_ask(r, msgs)
         aid = check_append_id(r.append_id)
         expected = r.expected_offset if r.HasField("expected_offset") else None
@@ -595,7 +550,12 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             "stop_string": pb.FINISH_REASON_STOP_STRING,
             "stop_token": pb.FINISH_REASON_STOP_TOKEN,
         }
-        async for ev in self.sessions.generate(tenant, sid, prompt, params, r.commit, expected, aid, recall=recall):
+        if r.commit and params.samples > 1:
+            raise InvalidArgument(f"n = {params.n} with commit: a commit keeps one output; ask for n = 1")
+        async for ev in self.sessions.generate(
+            tenant, sid, prompt, params, r.commit, expected, aid, rule, recall=recall
+        ):
+            logprobs = [self.logprob_pb(lp) for lp in ev.logprobs]
             if ev.done:
                 note(generated=ev.generated, finish=ev.finish, offset=ev.offset)
                 recalled = ev.recalled
@@ -612,9 +572,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     generated_tokens=ev.generated,
                     duplicate=ev.duplicate,
                     committed_tokens=ev.committed,
+                    prompt_tokens=ev.prompt,
                 )
             else:
-                yield pb.GenerateResponse(tokens=ev.tokens, text=ev.text)
+                reason = reasons.get(ev.finish, pb.FINISH_REASON_UNSPECIFIED)
+                yield pb.GenerateResponse(
+                    tokens=ev.tokens,
+                    text=ev.text,
+                    index=ev.sample,
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    generated_tokens=ev.generated,
+                )
 
     # -- recall ------------------------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from memoryd_sdk.requests import (
     Content,
     Extras,
     Message,
+    SamplingParams,
     StreamBuilder,
     append_request,
     fork_request,
@@ -53,7 +54,7 @@ from memoryd_sdk.requests import (
     new_session_id,
     recall_options,
     reset_request,
-    sampling,
+    sampling_params,
 )
 from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry_async
 from memoryd_sdk.routing import RoutedStub, Routes, Targets
@@ -349,13 +350,7 @@ class AsyncMemoryClient:
         session_id: str,
         prompt: Content | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         commit: bool = False,
         expected_offset: int | None = None,
         append_id: str | None = None,
@@ -363,8 +358,12 @@ class AsyncMemoryClient:
         commit_suffix: str = "",
         recall: bool | RecallOptions = False,
         timeout: float | None = None,
+        **sampling: object,
     ) -> AsyncGenerateStream:
         """Sample a continuation; iterate the result for text deltas as they are made.
+
+        Sampling settings: `params` (a `SamplingParams`) and/or its fields as keyword arguments
+        (`max_tokens=48, temperature=0.7`; keywords win).
 
         `commit=True` makes prompt and output part of the session once the generation
         completes (it carries an append id, so a retry lands once); `commit=False` leaves
@@ -375,7 +374,7 @@ class AsyncMemoryClient:
         req = generate_request(
             session_id,
             prompt,
-            sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed),
+            sampling_params(params, sampling),
             commit,
             expected_offset,
             append_id or new_append_id(),
@@ -392,13 +391,7 @@ class AsyncMemoryClient:
         session_id: str,
         prompt: Content | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         commit: bool = False,
         expected_offset: int | None = None,
         append_id: str | None = None,
@@ -406,6 +399,7 @@ class AsyncMemoryClient:
         commit_suffix: str = "",
         recall: bool | RecallOptions = False,
         timeout: float | None = None,
+        **sampling: object,
     ) -> GenerateResult:
         """The non-streaming form of `generate`: the whole text and token ids, with retries throughout.
 
@@ -415,7 +409,7 @@ class AsyncMemoryClient:
         req = generate_request(
             session_id,
             prompt,
-            sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed),
+            sampling_params(params, sampling),
             commit,
             expected_offset,
             append_id or new_append_id(),

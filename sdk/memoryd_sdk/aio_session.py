@@ -30,12 +30,12 @@ from memoryd_sdk.requests import (
     Content,
     Extras,
     Message,
-    Sampling,
+    SamplingParams,
     generate_request,
     is_message,
     new_append_id,
     recall_options,
-    sampling,
+    sampling_params,
 )
 from memoryd_sdk.types import (
     AppendResult,
@@ -52,6 +52,9 @@ if TYPE_CHECKING:
     from memoryd_sdk.aio import AsyncMemoryClient
 
 T = TypeVar("T")
+
+CHAT_MAX_TOKENS = 256
+"""`chat` / `reply` sample at most this many tokens unless told otherwise (a reply, not a completion)."""
 
 
 class AsyncSession:
@@ -164,19 +167,14 @@ class AsyncSession:
         self,
         prompt: Content | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         commit: bool = False,
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
         recall: bool | RecallOptions = False,
         timeout: float | None = None,
+        **sampling: object,
     ) -> AsyncGenerateStream:
         """Stream a continuation: `async for delta in session.generate(...)` yields text as it is made.
 
@@ -187,14 +185,14 @@ class AsyncSession:
         `RecallOptions`) places the session's most relevant earlier spans before the prompt
         for this generation only (see `recall`); off by default here, on for `chat`.
         """
-        settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
+        settings = sampling_params(params, sampling)
         extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall))
         return self._stream(prompt, settings, commit, append_id, extras, timeout)
 
     def _stream(
         self,
         prompt: Content | None,
-        settings: Sampling,
+        settings: SamplingParams,
         commit: bool,
         append_id: str | None,
         extras: Extras,
@@ -219,29 +217,24 @@ class AsyncSession:
         self,
         prompt: Content | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         commit: bool = False,
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
         recall: bool | RecallOptions = False,
         timeout: float | None = None,
+        **sampling: object,
     ) -> GenerateResult:
         """The non-streaming `generate`: returns the text and token ids (retried as a whole)."""
-        settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
+        settings = sampling_params(params, sampling)
         extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall))
         return await self._complete(prompt, settings, commit, append_id, extras, timeout)
 
     async def _complete(
         self,
         prompt: Content | None,
-        settings: Sampling,
+        settings: SamplingParams,
         commit: bool,
         append_id: str | None,
         extras: Extras,
@@ -349,13 +342,10 @@ class AsyncSession:
         *,
         role: str = "user",
         reply_role: str = "assistant",
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         recall: bool | RecallOptions = True,
         timeout: float | None = None,
+        **sampling: object,
     ) -> ChatReply:
         """A `role` turn with `text`, then the model's reply, committed; returns the reply.
 
@@ -372,15 +362,7 @@ class AsyncSession:
         `RecallOptions(k=..., budget_tokens=...)` tunes it.
         """
         return await self.reply(
-            [(role, text)],
-            reply_role=reply_role,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            recall=recall,
-            timeout=timeout,
+            [(role, text)], reply_role=reply_role, params=params, recall=recall, timeout=timeout, **sampling
         )
 
     async def reply(
@@ -388,26 +370,22 @@ class AsyncSession:
         messages: list[Message],
         *,
         reply_role: str = "assistant",
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         append_id: str | None = None,
         recall: bool | RecallOptions = True,
         commit: bool = True,
         timeout: float | None = None,
+        **sampling: object,
     ) -> ChatReply:
         """As `chat`, for several turns at once: the turns and the reply land in one committed generation.
 
         `append_id` makes a re-sent request land once: a retry finds the generation already
         committed and gets its original reply back (`generation.duplicate`).  `stop` adds stop
-        strings to the format's own.  Recall as in `chat` (on by default).  `commit=False` asks
-        without remembering: the session is left exactly as it was (a what-if question).
+        strings to the format's own.  Recall as in `chat` (on by default).  `commit=False` leaves the
+        session as it was (a what-if question; or `n` > 1 samples: a commit keeps one output).
         """
         prompt, extras, settings = await self._reply_request(
-            messages, reply_role, sampling(max_tokens, temperature, top_p, top_k, stop, None, seed), recall
+            messages, reply_role, sampling_params(params, sampling, max_tokens=CHAT_MAX_TOKENS), recall
         )
         gen = await self._complete(prompt, settings, commit, append_id, extras, timeout)
         return ChatReply(gen.text, gen.tokens, gen.finish_reason, gen.offset, gen)
@@ -417,27 +395,23 @@ class AsyncSession:
         messages: list[Message],
         *,
         reply_role: str = "assistant",
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         append_id: str | None = None,
         recall: bool | RecallOptions = True,
         commit: bool = True,
         timeout: float | None = None,
+        **sampling: object,
     ) -> AsyncGenerateStream:
         """As `reply`, streamed: iterate for the reply's text as it is made (committed when it completes,
         unless `commit=False`)."""
         prompt, extras, settings = await self._reply_request(
-            messages, reply_role, sampling(max_tokens, temperature, top_p, top_k, stop, None, seed), recall
+            messages, reply_role, sampling_params(params, sampling, max_tokens=CHAT_MAX_TOKENS), recall
         )
         return self._stream(prompt, settings, commit, append_id, extras, timeout)
 
     async def _reply_request(
-        self, messages: list[Message], reply_role: str, settings: Sampling, recall: bool | RecallOptions
-    ) -> tuple[Content | None, Extras, Sampling]:
+        self, messages: list[Message], reply_role: str, settings: SamplingParams, recall: bool | RecallOptions
+    ) -> tuple[Content | None, Extras, SamplingParams]:
         """Prompt, extras and sampling of a chat reply in the session's format (see `chat`)."""
         fmt = await self.chat_format()
         opts = recall_options(recall)

@@ -48,7 +48,10 @@ class SessionInfo:
     """Tokens read but waiting for their mini-batch to fill."""
     steps: int
     state_bytes: int
+    """Bytes of the session's state in the daemon's memory (0 while it is not loaded)."""
     hot: bool
+    stored_bytes: int = 0
+    """Bytes the session holds in Redis, loaded or not: its newest snapshot plus its token log since."""
 
     @classmethod
     def from_pb(cls, m: pb.Session) -> SessionInfo:
@@ -64,6 +67,7 @@ class SessionInfo:
             steps=m.steps,
             state_bytes=m.state_bytes,
             hot=m.hot,
+            stored_bytes=m.stored_bytes,
         )
 
 
@@ -119,6 +123,29 @@ class RecallOptions:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: int
+    logprob: float
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model, and the most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    text: str = ""
+    """The token decoded on its own."""
+    top: tuple[TopLogprob, ...] = ()
+    """The most likely tokens at its position, most likely first (`top_logprobs` of them)."""
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenLogprob) -> TokenLogprob:
+        return cls(m.token, m.logprob, m.text, tuple(TopLogprob(t.token, t.logprob, t.text) for t in m.top))
+
+
+@dataclass(frozen=True)
 class GenerateChunk:
     """One message of a generation stream: the text and ids made since the previous one."""
 
@@ -132,6 +159,12 @@ class GenerateChunk:
     duplicate: bool = False
     committed_tokens: int = 0
     """Last chunk of a committed generation: tokens it added to the session."""
+    index: int = 0
+    """Which sample (of `n`) the text and ids belong to."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per token, when asked for (`logprobs=True`)."""
+    prompt_tokens: int = 0
+    """Last chunk: tokens of the prompt the call read."""
     recalled_spans: tuple[RecalledSpan, ...] = ()
     """Last chunk of a generation with recall: the spans placed before its prompt (not in the session)."""
     recalled_tokens: int = 0
@@ -147,14 +180,28 @@ class GenerateChunk:
             generated_tokens=m.generated_tokens,
             duplicate=m.duplicate,
             committed_tokens=m.committed_tokens,
+            index=m.index,
+            logprobs=tuple(TokenLogprob.from_pb(x) for x in m.logprobs),
+            prompt_tokens=m.prompt_tokens,
             recalled_spans=tuple(RecalledSpan.from_pb(x) for x in m.recalled_spans),
             recalled_tokens=m.recalled_tokens,
         )
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One of a generation's `n` samples."""
+
+    index: int
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerateResult:
-    """A whole generation.
+    """A whole generation (with n > 1: sample 0's text and ids, and every sample in `samples`).
 
     For `duplicate=True` (a retried committed generation that had already landed) the
     server sends the original tokens and text again, in one message: the result is the
@@ -169,6 +216,11 @@ class GenerateResult:
     duplicate: bool = False
     committed: bool = False
     committed_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    samples: tuple[Sample, ...] = ()
+    """Every sample, in index order (one when n = 1)."""
+    prompt_tokens: int = 0
+    """Tokens of the prompt the call read."""
     recalled_spans: tuple[RecalledSpan, ...] = ()
     """With recall: the spans placed before the prompt, most relevant first (never part of the session)."""
     recalled_tokens: int = 0
@@ -177,15 +229,35 @@ class GenerateResult:
     @classmethod
     def collect(cls, chunks: list[GenerateChunk], committed: bool) -> GenerateResult:
         last = chunks[-1] if chunks else GenerateChunk("", ())
+        by_index: dict[int, list[GenerateChunk]] = {}
+        for c in chunks:
+            by_index.setdefault(c.index, []).append(c)
+        samples = []
+        for i in sorted(by_index):
+            mine = by_index[i]
+            ends = [c.finish_reason for c in mine if c.finish_reason != FinishReason.UNSPECIFIED]
+            samples.append(
+                Sample(
+                    i,
+                    "".join(c.text for c in mine),
+                    tuple(t for c in mine for t in c.tokens),
+                    ends[-1] if ends else last.finish_reason,
+                    tuple(lp for c in mine for lp in c.logprobs),
+                )
+            )
+        first = samples[0] if samples else Sample(0, "", (), last.finish_reason)
         return cls(
-            text="".join(c.text for c in chunks),
-            tokens=tuple(t for c in chunks for t in c.tokens),
+            text=first.text,
+            tokens=first.tokens,
             finish_reason=last.finish_reason,
             offset=last.offset,
             generated_tokens=last.generated_tokens,
             duplicate=last.duplicate,
             committed=committed,
             committed_tokens=last.committed_tokens,
+            logprobs=first.logprobs,
+            samples=tuple(samples),
+            prompt_tokens=last.prompt_tokens,
             recalled_spans=last.recalled_spans,
             recalled_tokens=last.recalled_tokens,
         )
@@ -247,10 +319,13 @@ class ModelInfo:
     max_generate_tokens: int
     max_message_bytes: int
     attention_sinks: int = 0
+    chat_roles: tuple[str, ...] = ()
+    """The roles a chat message may take with this model's template (empty: no template)."""
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
-        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
+        fields = {f: getattr(m, f) for f in cls.__dataclass_fields__}
+        return cls(**fields | {"chat_roles": tuple(m.chat_roles)})
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ FINISH_REASON_STOP_STRING: FinishReason
 FINISH_REASON_STOP_TOKEN: FinishReason
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "tenant", "metadata", "created_at", "last_used_at", "model_digest", "offset", "pending_tokens", "steps", "state_bytes", "hot")
+    __slots__ = ("session_id", "tenant", "metadata", "created_at", "last_used_at", "model_digest", "offset", "pending_tokens", "steps", "state_bytes", "hot", "stored_bytes")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Session(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOT_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tenant: str
     metadata: _containers.ScalarMap[str, str]
@@ -52,7 +53,8 @@ class Session(_message.Message):
     steps: int
     state_bytes: int
     hot: bool
-    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_digest: _Optional[str] = ..., offset: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., state_bytes: _Optional[int] = ..., hot: _Optional[bool] = ...) -> None: ...
+    stored_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_digest: _Optional[str] = ..., offset: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., state_bytes: _Optional[int] = ..., hot: _Optional[bool] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "metadata")
@@ -171,7 +173,14 @@ class AppendResponse(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., start_offset: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., pending_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_tokens", "commit", "expected_offset", "append_id", "prompt_messages", "add_generation_prompt", "commit_stop", "commit_suffix", "recall")
+    __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_tokens", "commit", "expected_offset", "append_id", "prompt_messages", "add_generation_prompt", "commit_stop", "commit_suffix", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs", "n", "recall")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -189,6 +198,14 @@ class GenerateRequest(_message.Message):
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMMIT_STOP_FIELD_NUMBER: _ClassVar[int]
     COMMIT_SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_text: str
@@ -207,8 +224,16 @@ class GenerateRequest(_message.Message):
     add_generation_prompt: bool
     commit_stop: bool
     commit_suffix: str
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    min_p: float
+    logit_bias: _containers.ScalarMap[int, float]
+    logprobs: bool
+    top_logprobs: int
+    n: int
     recall: RecallOptions
-    def __init__(self, session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., commit: _Optional[bool] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ..., prompt_messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., commit_stop: _Optional[bool] = ..., commit_suffix: _Optional[str] = ..., recall: _Optional[_Union[RecallOptions, _Mapping]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., commit: _Optional[bool] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ..., prompt_messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., commit_stop: _Optional[bool] = ..., commit_suffix: _Optional[str] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., min_p: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ..., recall: _Optional[_Union[RecallOptions, _Mapping]] = ...) -> None: ...
 
 class RecallOptions(_message.Message):
     __slots__ = ("k", "budget_tokens", "query")
@@ -220,8 +245,30 @@ class RecallOptions(_message.Message):
     query: str
     def __init__(self, k: _Optional[int] = ..., budget_tokens: _Optional[int] = ..., query: _Optional[str] = ...) -> None: ...
 
+class TopLogprob(_message.Message):
+    __slots__ = ("token", "logprob", "text")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    logprob: float
+    text: str
+    def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token", "logprob", "text", "top")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    logprob: float
+    text: str
+    top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., text: _Optional[str] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+
 class GenerateResponse(_message.Message):
-    __slots__ = ("tokens", "text", "done", "finish_reason", "offset", "generated_tokens", "duplicate", "committed_tokens", "recalled_spans", "recalled_tokens")
+    __slots__ = ("tokens", "text", "done", "finish_reason", "offset", "generated_tokens", "duplicate", "committed_tokens", "index", "logprobs", "prompt_tokens", "recalled_spans", "recalled_tokens")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +277,9 @@ class GenerateResponse(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RECALLED_SPANS_FIELD_NUMBER: _ClassVar[int]
     RECALLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -240,9 +290,12 @@ class GenerateResponse(_message.Message):
     generated_tokens: int
     duplicate: bool
     committed_tokens: int
+    index: int
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_tokens: int
     recalled_spans: _containers.RepeatedCompositeFieldContainer[RecalledSpan]
     recalled_tokens: int
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., offset: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., duplicate: _Optional[bool] = ..., committed_tokens: _Optional[int] = ..., recalled_spans: _Optional[_Iterable[_Union[RecalledSpan, _Mapping]]] = ..., recalled_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., offset: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., duplicate: _Optional[bool] = ..., committed_tokens: _Optional[int] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., recalled_spans: _Optional[_Iterable[_Union[RecalledSpan, _Mapping]]] = ..., recalled_tokens: _Optional[int] = ...) -> None: ...
 
 class RecallRequest(_message.Message):
     __slots__ = ("session_id", "query", "k")
@@ -277,7 +330,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes", "attention_sinks", "limits")
+    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "chat_roles", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes", "attention_sinks", "limits")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -288,6 +341,7 @@ class ModelInfo(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     CHAT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     CHAT_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    CHAT_ROLES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TURN_CLOSING_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +364,7 @@ class ModelInfo(_message.Message):
     chat_template: str
     chat_messages: bool
     chat_problem: str
+    chat_roles: _containers.RepeatedScalarFieldContainer[str]
     generation_prompt: str
     turn_closing: str
     window_size: int
@@ -322,10 +377,10 @@ class ModelInfo(_message.Message):
     max_message_bytes: int
     attention_sinks: int
     limits: ServerLimits
-    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., chat_roles: _Optional[_Iterable[str]] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_append_tokens", "max_append_text_chars", "max_generate_tokens", "max_message_bytes", "max_metadata_entries", "max_metadata_key_chars", "max_metadata_value_chars", "max_stop_strings", "max_stop_string_chars", "max_stop_tokens", "max_top_k", "max_temperature", "max_import_bytes", "max_sessions_per_tenant", "default_page_size", "max_page_size", "default_chunk_bytes", "min_chunk_bytes", "max_chunk_bytes", "max_session_id_chars", "max_append_id_chars", "max_role_chars", "max_recall_k", "default_recall_k", "max_recall_query_chars", "default_recall_budget_tokens", "max_recall_budget_tokens")
+    __slots__ = ("max_append_tokens", "max_append_text_chars", "max_generate_tokens", "max_message_bytes", "max_metadata_entries", "max_metadata_key_chars", "max_metadata_value_chars", "max_stop_strings", "max_stop_string_chars", "max_stop_tokens", "max_top_k", "max_temperature", "max_import_bytes", "max_sessions_per_tenant", "default_page_size", "max_page_size", "default_chunk_bytes", "min_chunk_bytes", "max_chunk_bytes", "max_session_id_chars", "max_append_id_chars", "max_role_chars", "max_n", "max_top_logprobs", "max_logit_bias_entries", "max_recall_k", "default_recall_k", "max_recall_query_chars", "default_recall_budget_tokens", "max_recall_budget_tokens")
     MAX_APPEND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_APPEND_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -348,6 +403,9 @@ class ServerLimits(_message.Message):
     MAX_SESSION_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_APPEND_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_ROLE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGIT_BIAS_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     MAX_RECALL_K_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_RECALL_K_FIELD_NUMBER: _ClassVar[int]
     MAX_RECALL_QUERY_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -375,12 +433,15 @@ class ServerLimits(_message.Message):
     max_session_id_chars: int
     max_append_id_chars: int
     max_role_chars: int
+    max_n: int
+    max_top_logprobs: int
+    max_logit_bias_entries: int
     max_recall_k: int
     default_recall_k: int
     max_recall_query_chars: int
     default_recall_budget_tokens: int
     max_recall_budget_tokens: int
-    def __init__(self, max_append_tokens: _Optional[int] = ..., max_append_text_chars: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_metadata_entries: _Optional[int] = ..., max_metadata_key_chars: _Optional[int] = ..., max_metadata_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_import_bytes: _Optional[int] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_page_size: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., min_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_session_id_chars: _Optional[int] = ..., max_append_id_chars: _Optional[int] = ..., max_role_chars: _Optional[int] = ..., max_recall_k: _Optional[int] = ..., default_recall_k: _Optional[int] = ..., max_recall_query_chars: _Optional[int] = ..., default_recall_budget_tokens: _Optional[int] = ..., max_recall_budget_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, max_append_tokens: _Optional[int] = ..., max_append_text_chars: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_metadata_entries: _Optional[int] = ..., max_metadata_key_chars: _Optional[int] = ..., max_metadata_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_import_bytes: _Optional[int] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_page_size: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., min_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_session_id_chars: _Optional[int] = ..., max_append_id_chars: _Optional[int] = ..., max_role_chars: _Optional[int] = ..., max_n: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_logit_bias_entries: _Optional[int] = ..., max_recall_k: _Optional[int] = ..., default_recall_k: _Optional[int] = ..., max_recall_query_chars: _Optional[int] = ..., default_recall_budget_tokens: _Optional[int] = ..., max_recall_budget_tokens: _Optional[int] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id", "chunk_bytes")
