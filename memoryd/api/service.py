@@ -42,6 +42,7 @@ from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
 from memoryd.sessions.calls import CommitRule, Content, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
+from memoryd.sessions.recall_prompt import RecallAsk, Span, query_of
 from memoryd.settings import Settings
 from memoryd.store.snapshots import SNAPSHOT_FORMAT
 
@@ -197,6 +198,10 @@ def _ts(seconds: float) -> Timestamp:
     return ts
 
 
+def span_pb(span: Span) -> pb.RecalledSpan:
+    return pb.RecalledSpan(start_offset=span.start, end_offset=span.end, text=span.text, score=span.score)
+
+
 def session_pb(info: Info) -> pb.Session:
     h = info.head
     return pb.Session(
@@ -232,7 +237,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.tok = sessions.tok
         self.chat = sessions.chat
         self.vocab = model.vocab_size
-        self.limits = server_limits(settings, self.vocab)
+        self.limits = server_limits(settings, self.vocab, model.window_size)
         self.sampling_limits = sampling_limits(settings, self.vocab)
         self.model_info = self._model_info()
 
@@ -340,6 +345,38 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             return ids
 
         return at
+
+    def recall_k(self, k: int, field: str) -> int:
+        if not 1 <= k <= self.limits.max_recall_k:
+            raise InvalidArgument(f"{field} must be 1-{self.limits.max_recall_k} (spans to return), got {k}")
+        return k
+
+    def recall_query(self, query: str, field: str) -> str:
+        if len(query) > self.limits.max_recall_query_chars:
+            raise InvalidArgument(
+                f"{field} has {len(query)} characters; at most {self.limits.max_recall_query_chars} "
+                "(ask with the question or a few key words, not a document)"
+            )
+        return query
+
+    def recall_ask(self, r: pb.GenerateRequest, messages: list[Message]) -> RecallAsk | None:
+        """GenerateRequest.recall checked (zeros are the defaults), with its query (derived from the prompt
+        when the client gave none); None when the request does not ask for recall."""
+        if not r.HasField("recall"):
+            return None
+        o, lim = r.recall, self.limits
+        k = self.recall_k(o.k or lim.default_recall_k, "recall.k")
+        budget = o.budget_tokens or lim.default_recall_budget_tokens
+        if budget > lim.max_recall_budget_tokens:
+            raise InvalidArgument(
+                f"recall.budget_tokens {budget} is over this server's limit {lim.max_recall_budget_tokens} "
+                "(recalled context must fit in the attention window; 0: the default)"
+            )
+        query = self.recall_query(o.query, "recall.query")
+        if not query.strip():
+            text = r.prompt_text or (self.tok.decode(list(r.prompt_tokens)) if len(r.prompt_tokens) else "")
+            query = query_of(messages, text)[-lim.max_recall_query_chars :]
+        return RecallAsk(k, budget, query)
 
     def sampling(self, r: pb.GenerateRequest) -> SamplingParams:
         """The request's `SamplingParams`, checked once, here.  Copied by name: every field of
@@ -498,6 +535,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         sid = check_session_id(r.session_id)
         note(session=sid, commit=r.commit)
         prompt: Content
+        msgs: list[Message] = []
         if len(r.prompt_messages) or r.add_generation_prompt:
             if r.prompt_text or len(r.prompt_tokens):
                 raise InvalidArgument(
@@ -509,6 +547,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             prompt = self.tokens_of(r.prompt_text, r.prompt_tokens, "prompt", allow_empty=True)
         params = self.sampling(r)
         rule = self.commit_rule(r)
+        recall = self.recall_ask(r, msgs)
         aid = check_append_id(r.append_id)
         expected = r.expected_offset if r.HasField("expected_offset") else None
         reasons = {
@@ -518,11 +557,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         }
         if r.commit and params.samples > 1:
             raise InvalidArgument(f"n = {params.n} with commit: a commit keeps one output; ask for n = 1")
-        async for ev in self.sessions.generate(tenant, sid, prompt, params, r.commit, expected, aid, rule):
+        async for ev in self.sessions.generate(
+            tenant, sid, prompt, params, r.commit, expected, aid, rule, recall=recall
+        ):
             logprobs = [self.logprob_pb(lp) for lp in ev.logprobs]
             if ev.done:
                 note(generated=ev.generated, finish=ev.finish, offset=ev.offset)
+                recalled = ev.recalled
+                if recall is not None:
+                    note(recalled_spans=len(recalled.spans), recalled_tokens=len(recalled.tokens))
                 yield pb.GenerateResponse(
+                    recalled_spans=[span_pb(x) for x in recalled.spans],
+                    recalled_tokens=len(recalled.tokens),
                     tokens=ev.tokens,
                     text=ev.text,
                     done=True,
@@ -543,6 +589,22 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     finish_reason=reason,
                     generated_tokens=ev.generated,
                 )
+
+    # -- recall ------------------------------------------------------------------------------
+
+    @unary
+    async def Recall(self, tenant: str, r: pb.RecallRequest, ctx: Any) -> pb.RecallResponse:
+        sid = check_session_id(r.session_id)
+        note(session=sid, k=r.k)
+        k = self.recall_k(r.k, "k")
+        query = self.recall_query(r.query, "query")
+        if not query.strip():
+            raise InvalidArgument("query is empty: give the words to look for (a question, a name, a phrase)")
+        t0 = time.perf_counter()
+        spans = await self.sessions.recall((tenant, sid), query, k)
+        metrics.RECALL_SECONDS.labels("Recall").observe(time.perf_counter() - t0)
+        note(spans=len(spans))
+        return pb.RecallResponse(spans=[span_pb(x) for x in spans])
 
     # -- model -------------------------------------------------------------------------------
 
