@@ -213,6 +213,21 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
             _generate(stub, "limits", temperature=lim.max_temperature * 1.01),
             IA,
         ),
+        "max_n": (
+            _generate(stub, "limits", n=lim.max_n, temperature=1),
+            _generate(stub, "limits", n=lim.max_n + 1, temperature=1),
+            RE,
+        ),
+        "max_top_logprobs": (
+            _generate(stub, "limits", logprobs=True, top_logprobs=lim.max_top_logprobs),
+            _generate(stub, "limits", logprobs=True, top_logprobs=lim.max_top_logprobs + 1),
+            RE,
+        ),
+        "max_logit_bias_entries": (  # the tiny vocabulary has fewer ids than the limit: all of them pass
+            _generate(stub, "limits", logit_bias={i % V: 0.5 for i in range(min(V, lim.max_logit_bias_entries))}),
+            _generate(stub, "limits", logit_bias={i: 0.5 for i in range(lim.max_logit_bias_entries + 1)}),
+            RE,
+        ),
         "max_page_size": (
             lambda: stub.ListSessions(pb.ListSessionsRequest(page_size=lim.max_page_size), metadata=L),
             lambda: stub.ListSessions(pb.ListSessionsRequest(page_size=lim.max_page_size + 1), metadata=L),

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from memoryd import metrics
+from memoryd.engine.handle import StateHandle
 from memoryd.engine.work import (
     Append,
     Appended,
@@ -35,7 +36,9 @@ from memoryd.engine.work import (
     Rebuild,
     Refused,
     RefusedError,
+    Result,
     SamplingParams,
+    Work,
 )
 from memoryd.errors import (
     Aborted,
@@ -52,8 +55,9 @@ from memoryd.errors import (
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
 from memoryd.sessions.output import CommitRule, GenEvent, SampleText, kept_output, record, replayed
-from memoryd.sessions.recall import RecalledSpan
+from memoryd.sessions.recall import RecalledSpan, transfer
 from memoryd.sessions.recall.indexes import RecallIndexes, recall_indexes
+from memoryd.sessions.recall.pages import Run
 from memoryd.sessions.residency import Hot, Residency
 from memoryd.sessions.routing import Moved
 from memoryd.settings import Settings
@@ -175,7 +179,7 @@ class Sessions:
                 self.hot.drop(key)
             raise Unavailable(f"Redis is unavailable ({type(e).__name__}: {e}); retry the call") from e
 
-    async def _compute(self, work: Any) -> Any:
+    async def _compute(self, work: Work) -> Result:
         """The engine's result, or the model's refusal as the status it means."""
         res = await self.engine.submit(work)
         if isinstance(res, Refused):
@@ -228,7 +232,7 @@ class Sessions:
         return hot
 
     async def _elsewhere(self, key: Key, lease: HeldElsewhere) -> Moved:
-        """Where the session is served (memoryd/sessions/routing.py forwards the call there).
+        """Where the session is served (memoryd/api/forward.py forwards the call there).
 
         A holder that published no address (an older daemon) is asked to hand the session
         over instead, as before routing existed.
@@ -439,7 +443,7 @@ class Sessions:
             return await tokenlog.find_append(self.store, *key, append_id)
 
     async def _commit(
-        self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
+        self, key: Key, hot: Hot, new: StateHandle, pieces: list[list[int]], append_id: str, record: str = ""
     ) -> Logged:
         """Make pieces durable (CAS on the offset), then swap `new` in (unless an earlier call with the same
         append id logged them: then the duplicate's offsets come back, and the hot copy is reloaded)."""
@@ -624,11 +628,33 @@ class Sessions:
                     raise Unavailable(f"session {head.session_id!r} changed while it was exported; retry") from None
                 raise
 
+    def _recall_runs(self, recall_log: bytes | None, offset: int | None) -> list[Run]:
+        if not recall_log:
+            return []
+        if offset is None:
+            raise InvalidArgument("recall_log needs the header's offset (the state's): send both, or neither")
+        try:
+            return transfer.decode(recall_log, offset, self.model.cfg.vocab_size)
+        except transfer.BadRecallLog as e:
+            raise InvalidArgument(f"recall_log is not a recall log of this export: {e}; send the export's own") from e
+
+    async def export_recall(self, head: Head) -> bytes:
+        """The recall log an export of `head`'s state carries (memoryd/sessions/recall/transfer.py)."""
+        async with self._redis():
+            return await self.recalls.exported(head)
+
     async def import_(
-        self, tenant: str, sid: str, metadata: dict[str, str], data: bytes, offset: int | None = None
+        self,
+        tenant: str,
+        sid: str,
+        metadata: dict[str, str],
+        data: bytes,
+        offset: int | None = None,
+        recall_log: bytes | None = None,
     ) -> Info:
         """A new session from exported bytes: validated (against `offset` too), stored as its first snapshot,
-        then published."""
+        then published; with `recall_log` (from `export_recall`), recall of its history too."""
+        runs = self._recall_runs(recall_log, offset)
         res = await self.engine.submit(Import(data))
         if isinstance(res, Refused):
             if res.reason == "foreign_model":
@@ -650,6 +676,8 @@ class Sessions:
             if not isinstance(created, Ok):
                 await snapshots.drop(self.store, snap)
             head = await heads.read(self.store, tenant, sid) if isinstance(created, Ok) else None
+            if head is not None and runs:
+                await self.recalls.imported(key, head, runs)
         self._check_created(sid, created)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after the import; retry")
