@@ -216,6 +216,17 @@ def check_metadata(meta: Any) -> dict[str, str]:
     return m
 
 
+def check_metadata_patch(meta: Any, field: str) -> dict[str, str]:
+    """Entries of an UpdateSession map: keys and values within the limits (the count is checked on the result)."""
+    m = dict(meta)
+    for k, v in m.items():
+        if not k or len(k) > MAX_META_KEY_CHARS:
+            raise InvalidArgument(f"{field} keys must be 1-{MAX_META_KEY_CHARS} characters, got {k[:140]!r}")
+        if len(v) > MAX_META_VALUE_CHARS:
+            raise InvalidArgument(f"{field} value of {k!r} has {len(v)} characters; at most {MAX_META_VALUE_CHARS}")
+    return m
+
+
 def check_append_id(aid: str) -> str:
     if aid and not APPEND_ID_RE.match(aid):
         raise InvalidArgument(
@@ -473,6 +484,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         meta = check_metadata(r.metadata) or None
         expected = r.expected_offset if r.HasField("expected_offset") else None
         return session_pb(await self.sessions.fork(tenant, src, dst, meta, expected))
+
+    @unary
+    async def UpdateSession(self, tenant: str, r: pb.UpdateSessionRequest, ctx: Any) -> pb.Session:
+        sid = check_session_id(r.session_id)
+        note(session=sid)
+        if not len(r.metadata):
+            raise InvalidArgument("metadata is empty: give the entries to set (an empty value removes one)")
+        patch = check_metadata_patch(r.metadata, "metadata")
+        expected = check_metadata_patch(r.expected_metadata, "expected_metadata")
+        return session_pb(await self.sessions.update_metadata(tenant, sid, patch, expected, MAX_META_ENTRIES))
 
     # -- append ------------------------------------------------------------------------------
 

@@ -326,6 +326,29 @@ class Sessions:
             raise NotFound(f"session {sid!r} does not exist")
         return self._info(head, hot)
 
+    async def update_metadata(
+        self, tenant: str, sid: str, patch: dict[str, str], expected: dict[str, str], max_entries: int
+    ) -> Info:
+        """Set / remove metadata entries (client data: no lease, no load; the state is not touched)."""
+        async with self._redis():
+            res = await self.store.update_metadata(tenant, sid, patch, expected, max_entries)
+            if res.outcome == "gone":
+                raise NotFound(f"session {sid!r} does not exist")
+            if res.outcome == "differs":
+                raise Aborted(
+                    f"expected_metadata[{res.key!r}] differs from the session's: nothing was changed; "
+                    "read the session again and retry"
+                )
+            if res.outcome == "too_many":
+                raise ResourceExhausted(
+                    f"the metadata would hold {res.entries} entries; at most {max_entries} "
+                    "(remove entries with empty values in the same update)"
+                )
+            head = await self.store.head(tenant, sid)
+        if head is None:
+            raise NotFound(f"session {sid!r} does not exist")
+        return self._info(head, self.hot.peek((tenant, sid)))
+
     async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
         async with self._redis():
             heads, nxt = await self.store.list(tenant, after, limit)

@@ -78,7 +78,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -352,6 +352,26 @@ for i = 1, 3 do if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', 
 return redis.call('HGET', KEYS[1], 'snap') or ''
 """
 
+# KEYS: head.  ARGV: now, patch JSON ({key: value, "" removes}), expected JSON ({key: value, "" absent}),
+# max entries.  {1, meta JSON} | {-1} gone | {-3, key} an expected entry differs | {-2, entries} over the limit
+_UPDATE_META = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local meta = cjson.decode(redis.call('HGET', KEYS[1], 'meta'))
+for k, v in pairs(cjson.decode(ARGV[3])) do
+  if (meta[k] or '') ~= v then return {-3, k} end
+end
+for k, v in pairs(cjson.decode(ARGV[2])) do
+  if v == '' then meta[k] = nil else meta[k] = v end
+end
+local n = 0
+for _ in pairs(meta) do n = n + 1 end
+if n > tonumber(ARGV[4]) then return {-2, n} end
+local out = '{}'
+if n > 0 then out = cjson.encode(meta) end
+redis.call('HSET', KEYS[1], 'meta', out, 'used', ARGV[1])
+return {1, out}
+"""
+
 SCRIPTS = {
     "journal": _JOURNAL,
     "journal_old": _JOURNAL_OLD,
@@ -373,6 +393,7 @@ SCRIPTS = {
     "lease": _LEASE,
     "renew": _RENEW,
     "touch": _TOUCH,
+    "update_meta": _UPDATE_META,
 }
 """Every Lua script, by name (the tests check that each names every key it touches in KEYS)."""
 
@@ -394,6 +415,17 @@ class Head:
     fence: int
     snap_ref: str = ""
     """This head's reference token on `snap` (see the module doc)."""
+
+
+@dataclass
+class MetaUpdate:
+    """Outcome of update_metadata: ok (with the new metadata), differs (an expected entry, `key`),
+    too_many (the result would hold `entries`), gone."""
+
+    outcome: Literal["ok", "differs", "too_many", "gone"]
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    key: str = ""
+    entries: int = 0
 
 
 @dataclass
@@ -959,6 +991,27 @@ class Store:
                 cursor = sid
         more = await self.r.zrangebylex(self._idx(tenant), f"({cursor}", "+", start=0, num=1)
         return heads, cursor if more else ""
+
+    async def update_metadata(
+        self, tenant: str, sid: str, patch: dict[str, str], expected: dict[str, str], max_entries: int
+    ) -> MetaUpdate:
+        """Set / remove metadata entries ("" removes) in one step, if every `expected` entry holds.
+
+        Not fenced: metadata is client data, not model state, so no lease is needed to change it.
+        """
+        res = await self._write(
+            "update_meta",
+            [self._k(tenant, sid, "h")],
+            [time.time(), json.dumps(patch), json.dumps(expected), max_entries],
+        )
+        code = int(res[0])
+        if code == 1:
+            return MetaUpdate("ok", metadata=json.loads(res[1]))
+        if code == -3:
+            return MetaUpdate("differs", key=res[1].decode())
+        if code == -2:
+            return MetaUpdate("too_many", entries=int(res[1]))
+        return MetaUpdate("gone")
 
     async def touch(self, tenant: str, sid: str) -> None:
         if self.ttl > 0:

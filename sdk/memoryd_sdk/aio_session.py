@@ -261,6 +261,19 @@ class AsyncSession:
             )
         return AsyncSession(self.client, info.session_id, info=info, temporary=temporary, template=self.template)
 
+    async def update_metadata(
+        self,
+        metadata: dict[str, str],
+        expected_metadata: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> SessionInfo:
+        """Set metadata entries ("" removes one), compare-and-set with `expected_metadata` (see the client's
+        `update_session`); the offset and state are untouched."""
+        info = await self.client.update_session(self.id, metadata, expected_metadata, timeout=timeout)
+        self.last_info = info  # not `offset`: an append in flight under the lock owns it
+        return info
+
     async def reset(self, *, expected_offset: int | None = None, timeout: float | None = None) -> SessionInfo:
         """Back to the initial state (offset 0); id and metadata stay."""
         async with self._lock:
@@ -366,18 +379,22 @@ class AsyncSession:
         stop: str | Iterable[str] | None = None,
         seed: int | None = None,
         append_id: str | None = None,
+        commit: bool = True,
         timeout: float | None = None,
     ) -> ChatReply:
         """As `chat`, for several turns at once: the turns and the reply land in one committed generation.
 
         `append_id` makes a re-sent request land once: a retry finds the generation already
         committed and gets its original reply back (`generation.duplicate`).  `stop` adds stop
-        strings to the format's own.
+        strings to the format's own.  `commit=False`: the reply to the turns as they would be
+        read, with the session left bit for bit as it was (a question asked of the memory).
         """
         prompt, extras, settings = await self._reply_request(
             messages, reply_role, sampling(max_tokens, temperature, top_p, top_k, stop, None, seed)
         )
-        gen = await self._complete(prompt, settings, True, append_id, extras, timeout)
+        if not commit:
+            extras = replace(extras, commit_suffix="")  # the daemon takes a suffix only with a commit
+        gen = await self._complete(prompt, settings, commit, append_id, extras, timeout)
         return ChatReply(gen.text, gen.tokens, gen.finish_reason, gen.offset, gen)
 
     async def reply_stream(
