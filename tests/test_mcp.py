@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 from memoryd_sdk import MemoryClient
 
 pytest.register_assert_rewrite("sdk_fixtures")
 from sdk_fixtures import TOKENS, auth_daemon  # noqa: E402
-from service_fixtures import Daemon, child_env, tiny_checkpoint  # noqa: E402, F401
+from service_fixtures import Daemon, child_env, free_port, tiny_checkpoint  # noqa: E402, F401
 
 FACT = "The launch code for project Bluebird is 7142."
 TOOLS = {"remember", "recall", "ask", "sessions"}
@@ -194,3 +198,41 @@ def test_recall_finds_the_fact_after_3000_tokens(mcp_daemon: Daemon, observer: M
             assert observer.get_session("mcp-recall").offset == r["offset"]  # recall changed nothing
 
     asyncio.run(go())
+
+
+def test_streamable_http_passes_each_callers_token(mcp_daemon: Daemon) -> None:
+    """`memoryd mcp --listen`: each HTTP caller's Authorization header reaches the daemon (tenants apart)."""
+    port = free_port()
+    args = [sys.executable, "-m", "memoryd", "mcp", "--daemon", mcp_daemon.address, "--listen", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen(args, env=child_env(), stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/mcp"
+
+    def caller(token: str | None) -> Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return Client(streamable_http_client(url, http_client=httpx2.AsyncClient(headers=headers, timeout=60)))
+
+    async def go() -> None:
+        deadline = time.monotonic() + 60
+        while True:  # until the server listens
+            try:
+                async with httpx2.AsyncClient() as h:
+                    await h.get(url)
+                break
+            except httpx2.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "memoryd mcp --listen did not start"
+                await asyncio.sleep(0.2)
+        async with caller(TOKENS["alice"]) as alice:
+            made = result(await alice.call_tool("remember", {"session": "mcp-http", "text": "over http"}))
+            assert made["created"] and made["offset"] == len("over http")
+            info = json.loads((await alice.read_resource("memoryd://sessions/mcp-http")).contents[0].text)
+            assert info["tenant"] == "alice" and info["offset"] == made["offset"]
+        async with caller(TOKENS["bob"]) as bob:
+            assert "does not exist" in error(await bob.call_tool("sessions", {"action": "info", "session": "mcp-http"}))
+        async with caller(None) as nobody:
+            assert "--token" in error(await nobody.call_tool("sessions", {"action": "list"}))
+
+    try:
+        asyncio.run(go())
+    finally:
+        proc.terminate()
+        proc.wait(30)
