@@ -550,7 +550,7 @@ def test_export_import_roundtrip(stub, tiny_model) -> None:  # noqa: F811
 
 def test_stubs_regenerate_identically(tmp_path: Path) -> None:
     subprocess.run(["bash", str(ROOT / "scripts" / "gen_proto.sh"), str(tmp_path)], check=True, env=child_env())
-    shipped = ROOT / "sdk" / "memoryd_sdk" / "_proto"
+    shipped = ROOT / "sdk" / "memoryd_sdk" / "proto"
     for name in ("memoryd_pb2.py", "memoryd_pb2.pyi", "memoryd_pb2_grpc.py"):
         assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), f"{name} is stale: run gen_proto.sh"
 

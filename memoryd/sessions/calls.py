@@ -52,6 +52,8 @@ from memoryd.errors import (
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
 from memoryd.sessions.output import GenEvent, GenParams, StopText, kept_output, record, replayed
+from memoryd.sessions.recall import RecalledSpan
+from memoryd.sessions.recall.indexes import RecallIndexes, recall_indexes
 from memoryd.sessions.residency import Hot, Residency
 from memoryd.sessions.routing import Moved, address_of
 from memoryd.settings import Settings
@@ -116,6 +118,7 @@ class Sessions:
         """When a call holding the session's lock last failed UNAVAILABLE (cleared by a call that succeeds)."""
         self._bg: set[asyncio.Task] = set()
         self.owner = settings.daemon_id
+        self.recalls: RecallIndexes = recall_indexes(store, tokenizer, chat, settings.ttl_seconds)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -200,6 +203,7 @@ class Sessions:
             data = await self.store.read_snapshot(head.snap) if head.snap else None
             pieces = await self.store.read_log(tenant, sid, head.snap_off, head.offset)
             await self.store.touch(tenant, sid)
+            await self.recalls.loaded(key, head, pieces)
         built: Built = await self._compute(Rebuild(data, pieces))
         metrics.LOADS.inc()
         metrics.REPLAYED_TOKENS.inc(built.replayed)
@@ -359,6 +363,8 @@ class Sessions:
         async with self._held(key):
             async with self._redis(key):
                 code, offset = await self.store.delete(tenant, sid)
+            if code == 1:
+                await self.recalls.dropped(key, deleted=True)
             self.hot.drop(key)
         self.lock.forget(key)
         self._unavailable_at.pop(key, None)
@@ -373,6 +379,7 @@ class Sessions:
             async with self._redis(key):
                 code, offset = await self.store.reset(tenant, sid, hot.fence, expected)
             self._check_code(key, code, offset)
+            await self.recalls.dropped(key, deleted=False)
             hot.set_state((await self._compute(Rebuild(None, []))).state)
             hot.gen, hot.snap_pos, hot.snap_steps = hot.gen + 1, 0, 0
             self.hot.changed()
@@ -398,6 +405,7 @@ class Sessions:
     ) -> Info:
         async with self._redis():
             limit = self.s.max_sessions_per_tenant
+            src_head = await self.store.head(tenant, src)  # its incarnation, for the recall log it shares
             code, offset = await self.store.fork(tenant, src, dst, metadata, expected, limit, self.digest)
             if code == -1:
                 raise NotFound(f"session {src!r} does not exist")
@@ -411,6 +419,8 @@ class Sessions:
             if code == -4:
                 raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
             head = await self.store.head(tenant, dst)
+            if head is not None:
+                await self.recalls.forked(tenant, src_head, head, offset)
         if head is None:
             raise NotFound(f"session {dst!r} vanished right after the fork; retry")
         return self._info(head, None)
@@ -431,6 +441,8 @@ class Sessions:
         if res.status == "ok":
             hot.set_state(new)
             self.hot.put(key, hot)
+            if not await self.recalls.appended(key, hot.gen, res.start, pieces):
+                self.hot.drop(key)  # reloading catches the recall log up from the token log
             if new.steps - hot.snap_steps >= self.s.snapshot_interval:
                 self._spawn(self._periodic_snapshot(key))
             if self.hot.over_budget():
@@ -567,6 +579,13 @@ class Sessions:
                 offset, committed = res_c.offset, res_c.offset - res_c.start
                 metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
             yield GenEvent([], tail, True, finish, offset, len(out), False, committed)
+
+    async def recall(self, key: Key, query: str, k: int) -> list[RecalledSpan]:
+        """The k spans of the session's log most relevant to `query`, most relevant first (memoryd/sessions/recall)."""
+        async with self._held(key):
+            hot = await self._load(key)
+            async with self._redis():
+                return await self.recalls.recall(key, hot.gen, hot.state.position, query, k)
 
     async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
         """The session's head and its whole state as snapshot bytes (safetensors)."""

@@ -1,0 +1,241 @@
+"""The recall index across a session's life: real redis-server (AOF), the daemon's own Sessions in process.
+
+(Through the SDK once the Recall rpc lands; the calls here are the ones the rpc makes.)
+Snapshots every mini-batch, so the session's token log is trimmed all the time and what is
+recalled can only come from the recall log. kill -9 is modelled by dropping a Sessions
+without its shutdown flush and starting another with the same daemon id, and by SIGKILL
+of redis-server (AOF fsync always) and a restart on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from service_fixtures import RedisServer, tiny_checkpoint, tiny_model  # noqa: F401 (fixtures)
+
+from memoryd.engine.core import Engine
+from memoryd.engine.scheduler import Budget
+from memoryd.errors import NotFound
+from memoryd.sessions.calls import Sessions
+from memoryd.settings import Settings
+from memoryd.store.redis_client import connect
+from memoryd.store.store import Store
+from model.tokenizer import ByteTokenizer
+
+pytestmark = pytest.mark.asyncio(loop_scope="function")
+
+FACTS = {
+    "vault": "The vault access code is QX-7731, changed on 4 May.",
+    "sister": "Margarethe, my sister, moved to Valparaiso in April.",
+    "invoice": "The invoice from Brightwater Ltd totals 4812 euros.",
+    "flight": "Flight LH 2291 to Reykjavik departs from gate B44.",
+}
+FILLER = "The agent ran the test suite again and summarised the output for the next step of the plan. "
+
+
+def text_tokens(text: str) -> list[int]:
+    return list(text.encode())
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    r = RedisServer(tmp_path / "redis")
+    r.start()
+    yield r
+    r.kill(signal.SIGTERM)
+
+
+class Harness:
+    def __init__(self, url: str, model: object, settings: Settings) -> None:
+        self.url, self.model, self.s = url, model, settings
+        self.daemons: list[Sessions] = []
+
+    def start(self) -> Sessions:
+        store = Store(connect(self.url, 5.0), ttl_seconds=self.s.ttl_seconds)
+        engine = Engine(self.model, Budget(tokens=4096, rows=4))
+        d = Sessions(engine, ByteTokenizer(), store, self.s)
+        self.daemons.append(d)
+        return d
+
+    async def crash(self, d: Sessions) -> None:
+        """kill -9: nothing flushed, nothing released; only the process's resources go."""
+        await d.engine.close()
+        await d.store.r.aclose()
+
+
+@pytest_asyncio.fixture
+async def harness(redis_server: RedisServer, tiny_model: object, tmp_path: Path) -> AsyncIterator[Harness]:  # noqa: F811
+    s = Settings(instance_id="recall-test", snapshot_interval=1, data_dir=tmp_path / "data", metrics_port=0)
+    h = Harness(redis_server.url, tiny_model, s)
+    yield h
+    for d in h.daemons:
+        for task in list(d._bg):
+            task.cancel()
+        await d.engine.close()
+        await d.store.r.aclose()
+
+
+async def fill(d: Sessions, tenant: str, sid: str, facts: list[str], filler_each: int = 6) -> None:
+    for f in facts:
+        for _ in range(filler_each):
+            await d.append(tenant, sid, text_tokens(FILLER), None, "")
+        await d.append(tenant, sid, text_tokens(FACTS[f] + " "), None, "")
+    await d.append(tenant, sid, text_tokens(FILLER * 3), None, "")
+
+
+async def recalled(d: Sessions, key: tuple[str, str], query: str, k: int = 3) -> list[tuple[int, int, str, float]]:
+    return [(s.start, s.end, s.text, s.score) for s in await d.recall(key, query, k)]
+
+
+def found(spans: list[tuple[int, int, str, float]], fact: str) -> bool:
+    return any(FACTS[fact][:30] in text for _, _, text, _ in spans)
+
+
+QUERIES = {
+    "vault": "what is the code of the vault?",
+    "sister": "where does Margarethe live now?",
+    "invoice": "how much does Brightwater want?",
+    "flight": "which gate for the Reykjavik flight?",
+}
+
+
+async def test_recall_survives_snapshots_kill9_and_a_redis_restart(harness: Harness, redis_server: RedisServer) -> None:
+    d = harness.start()
+    key = ("t1", "s")
+    await d.create(*key, {})
+    await fill(d, *key, ["vault", "sister", "invoice"])
+    head = await d.store.head(*key)
+    assert head is not None and head.snap_off > 1000  # the token log was trimmed: recall must not need it
+    before = {q: await recalled(d, key, QUERIES[q]) for q in ("vault", "sister", "invoice")}
+    for fact, spans in before.items():
+        assert found(spans[:1], fact), (fact, spans)
+        assert all(0 <= s < e <= head.offset and sc > 0 for s, e, _, sc in spans)
+        assert [sc for *_, sc in spans] == sorted((sc for *_, sc in spans), reverse=True)
+
+    await harness.crash(d)
+    redis_server.kill(signal.SIGKILL)
+    redis_server.start()
+    d2 = harness.start()
+    after = {q: await recalled(d2, key, QUERIES[q]) for q in before}
+    assert after == before  # same spans, same text, bit-identical scores
+
+
+async def test_a_crash_between_commit_and_copy_is_caught_up_on_load(harness: Harness) -> None:
+    harness.s = harness.s.model_copy(update={"snapshot_interval": 10_000})  # keep the token log whole
+    d = harness.start()
+    key = ("t1", "c")
+    await d.create(*key, {})
+    await fill(d, *key, ["vault", "flight"])
+    want = await recalled(d, key, QUERIES["flight"])
+    assert found(want[:1], "flight")
+    await harness.crash(d)
+    # what a crash right after the commits and before their copies leaves: a recall log that stops early
+    r = Store(connect(harness.url, 5.0))
+    tail = "md:rx:{t1}:tail:c"
+    data = await r.r.get(tail)
+    await r.r.set(tail, data[: len(data) // 2])
+    await r.r.aclose()
+    d2 = harness.start()
+    assert await recalled(d2, key, QUERIES["flight"]) == want
+
+
+async def test_a_fork_recalls_only_its_prefix_and_shares_it(harness: Harness) -> None:
+    d = harness.start()
+    parent, child = ("t1", "p"), ("t1", "f")
+    await d.create(*parent, {})
+    await fill(d, *parent, ["vault"])
+    pages_before = await d.store.r.hlen("md:rx:{t1}:rc")
+    info = await d.fork("t1", "p", "f", None, None)
+    x = info.head.offset
+    # O(1): the fork wrote a tip pointing at the parent's pages (its tail sealed into one more page), no copy
+    assert await d.store.r.hlen("md:rx:{t1}:rc") <= pages_before + 1
+    assert not await d.store.r.exists("md:rx:{t1}:tail:f")
+    await fill(d, *child, ["flight"], filler_each=2)
+    await fill(d, *parent, ["invoice"], filler_each=2)
+
+    assert found(await recalled(d, child, QUERIES["vault"]), "vault")
+    assert found(await recalled(d, child, QUERIES["flight"]), "flight")
+    assert not found(await recalled(d, child, QUERIES["invoice"], k=8), "invoice")
+    assert found(await recalled(d, parent, QUERIES["invoice"]), "invoice")
+    assert not found(await recalled(d, parent, QUERIES["flight"], k=8), "flight")
+    # the fork's spans before X are the parent's spans before X
+    vault_child = await recalled(d, child, QUERIES["vault"], k=1)
+    assert vault_child[0][1] <= x
+    # and from a cold start (rebuilt from Redis), the same answers
+    await harness.crash(d)
+    d2 = harness.start()
+    assert await recalled(d2, child, QUERIES["vault"], k=1) == vault_child
+    assert not found(await recalled(d2, child, QUERIES["invoice"], k=8), "invoice")
+
+
+async def test_a_fork_of_a_fork_at_a_sealed_page(harness: Harness) -> None:
+    d = harness.start()
+    await d.create("t1", "a", {})
+    await fill(d, "t1", "a", ["vault", "sister", "invoice", "flight"], filler_each=12)  # several 4096-token pages
+    await d.fork("t1", "a", "b", None, None)
+    await d.append("t1", "b", text_tokens("Unrelated chatter. " * 10), None, "")
+    await d.fork("t1", "b", "c", None, None)
+    for sid in "abc":
+        for fact in FACTS:
+            assert found(await recalled(d, ("t1", sid), QUERIES[fact]), fact), (sid, fact)
+    await d.delete("t1", "a")
+    await d.delete("t1", "b")
+    for fact in FACTS:  # c still holds what a and b shared with it
+        assert found(await recalled(d, ("t1", "c"), QUERIES[fact]), fact), fact
+    await d.delete("t1", "c")
+    assert await d.store.r.hlen("md:rx:{t1}:rc") == 0
+    assert not [k async for k in d.store.r.scan_iter("md:rx:*")] or set(
+        [k async for k in d.store.r.scan_iter("md:rx:*")]
+    ) <= {b"md:rx:{t1}:rc"}
+
+
+async def test_reset_and_delete_drop_it(harness: Harness) -> None:
+    d = harness.start()
+    key = ("t1", "r")
+    await d.create(*key, {})
+    await fill(d, *key, ["vault"])
+    assert found(await recalled(d, key, QUERIES["vault"]), "vault")
+    await d.reset(*key, None)
+    assert await recalled(d, key, QUERIES["vault"], k=8) == []
+    await fill(d, *key, ["sister"], filler_each=1)
+    assert not found(await recalled(d, key, QUERIES["vault"], k=8), "vault")
+    assert found(await recalled(d, key, QUERIES["sister"]), "sister")
+    await d.delete(*key)
+    with pytest.raises(NotFound):
+        await d.recall(key, QUERIES["sister"], 3)
+    assert [k async for k in d.store.r.scan_iter("md:rx:*")] in ([], [b"md:rx:{t1}:rc"])
+    await d.create(*key, {})  # a new session with the id: nothing of the old one
+    await d.append(*key, text_tokens(FILLER), None, "")
+    assert not found(await recalled(d, key, QUERIES["sister"], k=8), "sister")
+
+
+async def test_another_tenant_gets_not_found(harness: Harness) -> None:
+    d = harness.start()
+    await d.create("t1", "x", {})
+    await fill(d, "t1", "x", ["vault"], filler_each=1)
+    with pytest.raises(NotFound):
+        await d.recall(("t2", "x"), QUERIES["vault"], 3)
+    with pytest.raises(NotFound):
+        await d.recall(("t1", "nope"), QUERIES["vault"], 3)
+
+
+async def test_a_stale_tip_of_a_deleted_session_is_not_reused(harness: Harness) -> None:
+    d = harness.start()
+    key = ("t1", "z")
+    await d.create(*key, {})
+    await fill(d, *key, ["vault"], filler_each=1)
+    tip = await d.store.r.hgetall("md:rx:{t1}:tip:z")
+    tail = await d.store.r.get("md:rx:{t1}:tail:z")
+    await d.delete(*key)
+    # a crash between the session's delete and its recall log's: the old tip is still there
+    await d.store.r.hset("md:rx:{t1}:tip:z", mapping=tip)
+    await d.store.r.set("md:rx:{t1}:tail:z", tail)
+    await d.create(*key, {})
+    await d.append(*key, text_tokens(FILLER), None, "")
+    assert not found(await recalled(d, key, QUERIES["vault"], k=8), "vault")
+    await asyncio.sleep(0)
