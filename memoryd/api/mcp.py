@@ -53,6 +53,9 @@ log = logging.getLogger("memoryd.mcp")
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 CREATED_BY = {"created_by": "memoryd mcp"}
+CALL_TIMEOUT = 600.0
+"""Seconds per daemon call: reading a few thousand tokens into a session is seconds on a GPU but can be
+minutes on a busy CPU, and a daemon that is down still fails at once (UNAVAILABLE, no wait for ready)."""
 CLIENTS_KEPT = 64
 """Daemon clients kept for distinct HTTP callers' tokens (one gRPC channel each); the least recent goes first."""
 
@@ -205,7 +208,7 @@ class Daemon:
         c = self._clients.get(key)
         if c is None:
             md = (("authorization", key),) if key else ()
-            c = AsyncMemoryClient(self.target, tls=self.tls, metadata=md)
+            c = AsyncMemoryClient(self.target, tls=self.tls, metadata=md, timeout=CALL_TIMEOUT)
             self._clients[key] = c
             while len(self._clients) > CLIENTS_KEPT:
                 _, old = self._clients.popitem(last=False)
