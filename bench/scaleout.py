@@ -51,8 +51,9 @@ from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from memoryd.store import heads  # noqa: E402
+from memoryd.store.db import Store  # noqa: E402
 from memoryd.store.redis_client import connect  # noqa: E402
-from memoryd.store.store import Store  # noqa: E402
 from model import StreamState, init_model, preset, save_checkpoint  # noqa: E402
 from model.snapshot import state_from_bytes  # noqa: E402
 
@@ -213,7 +214,7 @@ async def main_async(a: argparse.Namespace, work: Path) -> dict:
                 lo, du = check_session(model, run.acks[sid], head.offset, await export(stub, sid))
                 lost, dup, acked = lost + lo, dup + du, acked + len(run.acks[sid])
         store = Store(connect(url, 10))
-        fences = [(await store.head("default", sid)).fence for sid in sids]
+        fences = [(await heads.read(store, "default", sid)).fence for sid in sids]
         await store.r.aclose()
         await client.close()
         served_again = [min((t for t in run.done_at[s] if t > killed_at), default=None) for s in on_victim]

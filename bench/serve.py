@@ -10,7 +10,12 @@ For each n in --sessions, with n client tasks in parallel (one per session):
 `generate_speedup` is generate_tok_s at n over that at 1 session; `bandwidth_ceiling` is the
 most it could be if decoding moved every byte at one bandwidth and arithmetic were free
 (the shared weights are read once per forward, each session's fast weights and cache once per
-row: `model.batch.decode_bytes`), computed from the served model's shapes.
+row: `model.batch.decode_bytes`), computed from the served model's shapes, and
+`speedup_of_ceiling` the fraction of it reached.  `overhead` compares one session's inter-token
+p50 through the daemon with the same model decoding the same prompt greedily in this process
+(as bench/decode.py does: `state.append([t]); state.logits()`, the bench's torch threads = the
+daemon's), in alternating rounds so that a shared machine's load changes hit both alike:
+`daemon_over_in_process` is the serving overhead (gRPC, the engine loop, the session layer).
 Everything is measured in one run against one daemon, so ratios between levels are
 meaningful on a noisy machine; absolute figures are not comparable across runs.
 
@@ -47,6 +52,7 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
         sys.path.insert(0, str(_p))
 
 import grpc  # noqa: E402
+import torch  # noqa: E402
 from harness import free_port, pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
@@ -54,11 +60,12 @@ from tqdm import tqdm  # noqa: E402
 
 from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
-from model import init_model, preset, save_checkpoint  # noqa: E402
+from model import StreamState, init_model, preset, save_checkpoint  # noqa: E402
 from model.batch import DecodeBytes, decode_bytes  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256  # the issue's shape; --generate-tokens changes the 32
+ROUNDS = 3  # alternations of the daemon and the in-process decode in `overhead`
 
 TEXT = """\
 The lighthouse keeper wrote in the log every evening: the wind, the ships that passed, the
@@ -203,7 +210,6 @@ def main() -> int:
         model, path, _, _ = load_model(load_settings(served | {"dtype": args.dtype}), "cpu")  # the daemon's own rule
         tok = load_tokenizer(model.cfg, path)
         need = decode_bytes(model, context)
-        del model  # only its shapes were needed
         out = {
             "device": args.device,
             "dtype": args.dtype,
@@ -221,6 +227,9 @@ def main() -> int:
                     address, n, tok, metrics_port, args.generate_tokens, info.mini_batch_size if args.stagger else 0
                 )
             )
+        torch.set_num_threads(args.torch_threads)
+        out["overhead"] = asyncio.run(overhead(address, model, tok, args.generate_tokens, ROUNDS))
+        del model
         out["generate_tokens"] = args.generate_tokens
         out["stagger"] = args.stagger
         out["bandwidth_ceiling"] = ceiling(need, levels, context)
@@ -228,6 +237,10 @@ def main() -> int:
             base = out["sessions"]["1"]["generate_tok_s"]
             out["generate_speedup"] = {
                 str(n): round(out["sessions"][str(n)]["generate_tok_s"] / base, 2) for n in levels
+            }
+            out["speedup_of_ceiling"] = {
+                str(n): round(out["generate_speedup"][str(n)] / out["bandwidth_ceiling"]["speedup"][str(n)], 3)
+                for n in levels
             }
         out["env"] = {
             "cpus": os.cpu_count(),
@@ -243,6 +256,59 @@ def main() -> int:
         for n, r in out["sessions"].items():
             print(f"{n:>3} sessions: {r}")
     return 0
+
+
+@torch.no_grad()
+def in_process_gaps(state: StreamState, generate_tokens: int) -> tuple[list[float], list[int]]:
+    """Greedy decode on a fork of `state` in this process: the gaps between tokens (as the daemon's
+    inter-token figures: the first token's wait is not a gap) and the tokens."""
+    state = state.clone()
+    tokens = [int(state.logits().argmax())]
+    gaps = []
+    for _ in range(generate_tokens - 1):
+        t0 = time.perf_counter()
+        state.append([tokens[-1]])
+        tokens.append(int(state.logits().argmax()))
+        gaps.append(time.perf_counter() - t0)
+    return gaps, tokens
+
+
+async def overhead(address: str, model: torch.nn.Module, tok: object, generate_tokens: int, rounds: int) -> dict:
+    """One session through the daemon against the same decode in this process, `rounds` times each,
+    alternating; the same prompt and greedy, so both produce the same tokens (checked)."""
+    prompt = tokens_of(tok, PROMPT_TOKENS, 0)
+    state = StreamState.fresh(model)
+    state.append(prompt)
+    daemon: list[float] = []
+    local: list[float] = []
+    same = True
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.MemoryServiceStub(ch)
+        sid = f"overhead-{time.time_ns()}"
+        await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+        await stub.Append(pb.AppendRequest(session_id=sid, tokens=prompt))
+        for _ in range(rounds):
+            req = pb.GenerateRequest(session_id=sid, max_tokens=generate_tokens, temperature=0.0)
+            got, last = [], None
+            async for r in stub.Generate(req):
+                if r.tokens:
+                    now = time.perf_counter()
+                    if last is not None:
+                        daemon.append(now - last)
+                    last = now
+                    got += r.tokens
+            gaps, mine = in_process_gaps(state, generate_tokens)
+            local += gaps
+            same = same and mine[: len(got)] == got
+        await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    d, p = statistics.median(daemon), statistics.median(local)
+    return {
+        "rounds": rounds,
+        "daemon_inter_token_p50_ms": round(d * 1000, 2),
+        "in_process_per_token_p50_ms": round(p * 1000, 2),
+        "daemon_over_in_process": round(d / p, 3),
+        "same_tokens": same,
+    }
 
 
 async def model_info(address: str) -> pb.ModelInfo:

@@ -39,7 +39,8 @@ from harness import pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 
-from memoryd.store.store import Store  # noqa: E402
+from memoryd.store import heads, leases, snapshots  # noqa: E402
+from memoryd.store.db import Store  # noqa: E402
 from model import StreamState, digest_of, init_model, load_checkpoint, preset, save_checkpoint  # noqa: E402
 from model.snapshot import state_from_bytes, state_to_bytes  # noqa: E402
 
@@ -95,17 +96,17 @@ async def bench_snapshots(model, redis_port: int, fill_tokens: int, repeats: int
     r = aioredis.Redis(port=redis_port)
     store = Store(r, prefix="bench", ttl_seconds=0)
     digest = digest_of(model)
-    await store.create("bench", "snap", {}, digest)
-    fence = (await store.acquire_lease("bench", "snap", "bench", 60)).fence
+    await heads.create(store, "bench", "snap", {}, digest)
+    fence = (await leases.acquire(store, "bench", "snap", "bench", 60)).fence
     save, load, raw_set, raw_get = [], [], [], []
     for i in range(repeats):
         t0 = time.perf_counter()
-        snap = await store.write_snapshot(data, digest, state.position)
-        code = await store.publish_snapshot("bench", "snap", fence, 0, snap, 0)
+        snap = await snapshots.write(store, data, digest, state.position)
+        code = await snapshots.publish(store, "bench", "snap", fence, 0, snap, 0)
         save.append(time.perf_counter() - t0)
         assert code == 1, code
         t0 = time.perf_counter()
-        back = await store.read_snapshot(snap)
+        back = await snapshots.read(store, snap)
         load.append(time.perf_counter() - t0)
         assert back == data
         t0 = time.perf_counter()
@@ -115,7 +116,7 @@ async def bench_snapshots(model, redis_port: int, fill_tokens: int, repeats: int
         assert await r.get(f"bench:raw:{i}") == data
         raw_get.append(time.perf_counter() - t0)
         await r.delete(f"bench:raw:{i}")
-    await store.delete("bench", "snap")
+    await heads.delete(store, "bench", "snap")
     await r.aclose()
     ms = lambda xs: round(1000 * statistics.median(xs), 3)
     return {

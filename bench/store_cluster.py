@@ -33,8 +33,9 @@ from cluster_fixtures import LocalCluster  # noqa: E402
 from service_fixtures import RedisServer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from memoryd.store import heads, leases, snapshots, tokenlog  # noqa: E402
+from memoryd.store.db import Store  # noqa: E402
 from memoryd.store.redis_client import connect  # noqa: E402
-from memoryd.store.store import Store  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -46,29 +47,29 @@ async def measure(url: str, wait: int, a: argparse.Namespace) -> dict:
     r = connect(url, 5)
     st = Store(r, prefix=f"bench{os.getpid()}", wait_replicas=wait, wait_timeout=1.0)
     try:
-        await st.create("b", "s", {}, "sha256:bench")
-        fence = (await st.acquire_lease("b", "s", "bench", 60)).fence
+        await heads.create(st, "b", "s", {}, "sha256:bench")
+        fence = (await leases.acquire(st, "b", "s", "bench", 60)).fence
         piece, pos, appends = list(range(a.piece_tokens)), 0, []
         for _ in range(a.appends):
             t0 = time.perf_counter()
-            assert (await st.append("b", "s", fence, pos, [piece])).status == "ok"
+            assert (await tokenlog.append(st, "b", "s", fence, pos, [piece])).status == "ok"
             appends.append(time.perf_counter() - t0)
             pos += len(piece)
         data, snaps = os.urandom(a.snapshot_mib << 20), []
         for _ in range(a.snapshots):
             t0 = time.perf_counter()
-            snap = await st.write_snapshot(data, "sha256:bench", pos)
-            assert await st.publish_snapshot("b", "s", fence, 0, snap, pos) == 1
+            snap = await snapshots.write(st, data, "sha256:bench", pos)
+            assert await snapshots.publish(st, "b", "s", fence, 0, snap, pos) == 1
             snaps.append(time.perf_counter() - t0)
-        await st.append("b", "s", fence, pos, [piece])
+        await tokenlog.append(st, "b", "s", fence, pos, [piece])
         forks = []
         for i in range(a.forks):
             t0 = time.perf_counter()
-            assert (await st.fork("b", "s", f"f{i}", None, None, 0))[0] == 1
+            assert (await heads.fork(st, "b", "s", f"f{i}", None, None, 0))[0] == 1
             forks.append(time.perf_counter() - t0)
         for i in range(a.forks):
-            await st.delete("b", f"f{i}")
-        await st.delete("b", "s")
+            await heads.delete(st, "b", f"f{i}")
+        await heads.delete(st, "b", "s")
         leftover = [k async for k in r.scan_iter(match=f"{st.prefix}:snap:*")]
         return {
             "append_p50_ms": pct(appends, 0.5),
@@ -77,7 +78,7 @@ async def measure(url: str, wait: int, a: argparse.Namespace) -> dict:
             "fork_p50_ms": pct(forks, 0.5),
             "fork_p99_ms": pct(forks, 0.99),
             "snapshot_keys_left": len(leftover),
-            "journal_left": await st.journal_size(),
+            "journal_left": await snapshots.journal_size(st),
         }
     finally:
         await r.aclose()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 if TYPE_CHECKING:
-    from memoryd.store.store import Head
+    from memoryd.store.heads import Head
 
 
 class ServiceError(Exception):

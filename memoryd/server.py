@@ -33,11 +33,13 @@ from memoryd.metrics import serve_metrics
 from memoryd.sessions.calls import Sessions
 from memoryd.sessions.chat import ChatFormat, chat_format_for
 from memoryd.sessions.leases import redis_errors
-from memoryd.sessions.routing import Router, advertised_address, publish_forever, withdraw_address
+from memoryd.sessions.routing import Router, advertised_address
 from memoryd.settings import Settings
+from memoryd.store.db import Store
+from memoryd.store.leases import publish_forever, withdraw_address
 from memoryd.store.redis_client import connect
 from memoryd.store.redis_embed import EmbeddedRedis
-from memoryd.store.store import Store, sweep_forever
+from memoryd.store.snapshots import sweep_forever
 from model import TTTModel, digest_of, load_checkpoint
 from model.tokenizer import load_tokenizer
 

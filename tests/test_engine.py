@@ -26,7 +26,7 @@ from service_fixtures import (  # noqa: F401 (fixtures)
 )
 
 from memoryd.engine.scheduler import Budget, Plan, cut, schedule
-from memoryd.engine.work import Append, Decode, Export, Rebuild, Sampling, Ticket
+from memoryd.engine.work import Append, Export, Generate, Rebuild, Sample, SamplingParams, Ticket
 
 B = 128  # mini-batch size of the simulated model in the scheduler tests
 
@@ -40,8 +40,9 @@ def append_ticket(seq: int, tokens: int, pending: int = 0) -> Ticket:
 
 
 def decode_ticket(seq: int, solo: bool = False) -> Ticket:
-    """A decode; `solo`: its token takes a test-time step (the engine sets it from the state)."""
-    return Ticket(Decode(FakeState(), 1, Sampling(), 0.5), seq, cost=B if solo else 1, solo=solo)
+    """A sample's next token; `solo`: it takes a test-time step (the engine sets it from the state)."""
+    sample = Sample(Generate(FakeState(), SamplingParams(), frozenset()), 0, FakeState(), random.Random(0), token=1)
+    return Ticket(sample, seq, cost=B if solo else 1, solo=solo)
 
 
 def run_tick(waiting: list[Ticket], plan: Plan, tick: int) -> None:
@@ -142,12 +143,42 @@ def test_lanes_plan_separately_and_solo_decodes_go_to_compute() -> None:
     assert not only_compute.decodes and only_compute.solo == [stepping]
 
 
+async def tokens_of(engine, request: Generate) -> list[list[int]]:
+    """Every sample's tokens, read from the generation's stream."""
+    from memoryd.engine.work import Finished
+
+    out: list[list[int]] = [[] for _ in range(request.params.samples)]
+    ends = 0
+    async with engine.generate(request) as gen:
+        async for item in gen:
+            if isinstance(item, Finished):
+                ends += 1
+                assert len(out[item.sample]) == request.params.max_tokens and item.reason == "length"
+                assert item.read == len(out[item.sample]) - 1, "the fork read every token but the last"
+            else:
+                out[item.sample].append(item.token)
+    assert ends == request.params.samples
+    return out
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    from model import StreamState
+
+    ref = StreamState.fresh(model)
+    ref.append(prompt)
+    out = []
+    for _ in range(n):
+        out.append(int(ref.logits().argmax()))
+        ref.append([out[-1]])
+    return out
+
+
 def test_a_decode_never_waits_for_a_long_append_in_the_engine(tiny_model) -> None:  # noqa: F811
     """In the engine: while one compute-lane run reads a long append, another session's tokens
     are decoded one after another on the decode lane; they all finish before that run does (on
     one lane each would have waited for it).  The append's state is the solo one."""
     from memoryd.engine.core import Engine
-    from memoryd.engine.work import Appended, Sampled
+    from memoryd.engine.work import Appended
     from model import StreamState
 
     long = [1 + i % 200 for i in range(6000)]
@@ -164,14 +195,9 @@ def test_a_decode_never_waits_for_a_long_append_in_the_engine(tiny_model) -> Non
             return res
 
         async def generate() -> list[int]:
-            out, token = [], None
-            for _ in range(3):
-                res = await engine.submit(Decode(gen, token, Sampling(), 0.0))
-                assert isinstance(res, Sampled)
-                token = res.token
-                out.append(token)
+            out = await tokens_of(engine, Generate(gen, SamplingParams(max_tokens=3), frozenset()))
             done.append("generate")
-            return out
+            return out[0]
 
         task = asyncio.create_task(append())
         await asyncio.sleep(0.05)  # the append's one run has started on the compute lane
@@ -185,13 +211,70 @@ def test_a_decode_never_waits_for_a_long_append_in_the_engine(tiny_model) -> Non
     solo = StreamState.fresh(tiny_model)
     solo.append(long)
     assert_same_state(state.tensors(), solo.tensors())
-    ref = StreamState.fresh(tiny_model)
-    ref.append([5, 6, 7])
-    expected = []
-    for _ in range(3):
-        expected.append(int(ref.logits().argmax()))
-        ref.append([expected[-1]])
-    assert tokens == expected
+    assert tokens == greedy_reference(tiny_model, [5, 6, 7], 3)
+
+
+def test_n_samples_are_n_seeded_generations_in_shared_forwards(tiny_model) -> None:  # noqa: F811
+    """n = 4 samples of one prompt: sample i is the generation seeded with seed + i, the samples
+    differ, and they were decoded together (far fewer decode-lane forwards than 4 generations
+    one after another would take); the prompt's state is untouched."""
+    from memoryd.engine.core import Engine
+    from model import StreamState
+
+    prompt = [9, 8, 7, 6, 5]
+    params = SamplingParams(max_tokens=12, temperature=1.5, n=4, seed=41)
+
+    async def main() -> tuple[list[list[int]], list[list[int]], int]:
+        engine = Engine(tiny_model, Budget(tokens=512, rows=16))
+        state = StreamState.fresh(tiny_model)
+        state.append(prompt)
+        before = {k: v.clone() for k, v in state.tensors().items()}
+        together = await tokens_of(engine, Generate(state, params, frozenset()))
+        ticks = engine.ticks
+        assert_same_state(state.tensors(), before)
+        alone = []
+        for i in range(4):
+            one = SamplingParams(max_tokens=12, temperature=1.5, seed=41 + i)
+            alone += await tokens_of(engine, Generate(state, one, frozenset()))
+        await engine.close()
+        return together, alone, ticks
+
+    together, alone, ticks = asyncio.run(main())
+    assert together == alone
+    assert len({tuple(t) for t in together}) > 1, "independent samples differ"
+    # 12 tokens each: 12 batched ticks, plus the solo steps of mini-batch boundaries (b = 8)
+    assert ticks <= 12 + 4 * 2, f"4 samples of 12 tokens took {ticks} lane runs"
+
+
+def test_cancelling_a_generation_removes_it_at_the_next_tick(tiny_model) -> None:  # noqa: F811
+    """A generation whose reader goes away leaves the engine: nothing of it waits or runs after
+    the tick in flight, and another generation goes on unharmed."""
+    from memoryd.engine.core import Engine
+    from memoryd.engine.work import Sampled
+    from model import StreamState
+
+    async def main() -> tuple[int, int, list[int]]:
+        engine = Engine(tiny_model, Budget(tokens=512, rows=16))
+        a, b = StreamState.fresh(tiny_model), StreamState.fresh(tiny_model)
+        a.append([1, 2, 3])
+        b.append([4, 5, 6])
+        got = 0
+        gen = engine.generate(Generate(a, SamplingParams(max_tokens=60, n=2), frozenset()))
+        async for item in gen:
+            got += isinstance(item, Sampled)
+            if got == 3:
+                break
+        gen.close()
+        left = len(engine._waiting) + len(engine._generations)
+        ticks = engine.ticks
+        other = await tokens_of(engine, Generate(b, SamplingParams(max_tokens=5), frozenset()))
+        await engine.close()
+        return left, engine.ticks - ticks, other[0]
+
+    left, ticks_after, other = asyncio.run(main())
+    assert left == 0, "the cancelled samples left the queue at once"
+    assert ticks_after <= 5 + 2, "only the other generation's ticks (and the cancelled one in flight) ran"
+    assert other == greedy_reference(tiny_model, [4, 5, 6], 5)
 
 
 def test_middle_layer_does_not_import_torch() -> None:
@@ -209,22 +292,21 @@ def test_middle_layer_does_not_import_torch() -> None:
 
 def test_engine_batches_concurrent_decodes_into_one_forward(tiny_model) -> None:  # noqa: F811
     from memoryd.engine.core import Engine
-    from memoryd.engine.work import Sampled
     from model import StreamState
 
     async def main() -> tuple[list[int], int]:
         engine = Engine(tiny_model, Budget(tokens=512, rows=16))
         states = [StreamState.fresh(tiny_model) for _ in range(12)]
         for i, s in enumerate(states):
-            s.append([1 + i, 2 + i, 3])
-        results = await asyncio.gather(*(engine.submit(Decode(s, 7, Sampling(), 0.0)) for s in states))
+            s.append([1 + i, 2 + i, 3, 7])
+        requests = [Generate(s, SamplingParams(max_tokens=1), frozenset()) for s in states]
+        results = await asyncio.gather(*(tokens_of(engine, r) for r in requests))
         ticks = engine.ticks
         await engine.close()
-        assert all(isinstance(r, Sampled) for r in results)
-        return [r.token for r in results], ticks
+        return [r[0][0] for r in results], ticks
 
     tokens, ticks = asyncio.run(main())
-    assert ticks <= 2, f"12 decodes submitted together ran in {ticks} ticks"
+    assert ticks <= 2, f"12 generations started together ran in {ticks} ticks"
     solo = []
     for i in range(12):
         s = StreamState.fresh(tiny_model)

@@ -197,10 +197,13 @@ def test_tenant_walls(http_daemon: Daemon, alice: openai.OpenAI, sdk: MemoryClie
 
 
 REFUSED = [
-    ({"n": 2}, "n", openai.BadRequestError),
+    ({"n": 2}, "n", openai.BadRequestError),  # with a session: a session keeps one reply
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", openai.BadRequestError),
-    ({"logprobs": True}, "logprobs", openai.BadRequestError),
-    ({"frequency_penalty": 0.5}, "frequency_penalty", openai.BadRequestError),
+    ({"logprobs": "yes"}, "logprobs", openai.BadRequestError),
+    ({"frequency_penalty": "high"}, "frequency_penalty", openai.BadRequestError),
+    ({"logit_bias": {"x": 1}}, "logit_bias", openai.BadRequestError),
+    ({"frequency_penalty": 2.5}, None, openai.BadRequestError),  # the daemon's range, as 400
+    ({"top_logprobs": 3}, None, openai.BadRequestError),  # without logprobs
     ({"response_format": {"type": "json_object"}}, "response_format", openai.BadRequestError),
     ({"temperature": 3}, "temperature", openai.BadRequestError),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", openai.BadRequestError),
@@ -215,7 +218,7 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize(("extra", "param", "exc"), REFUSED, ids=[r[1] or "max_tokens" for r in REFUSED])
+@pytest.mark.parametrize(("extra", "param", "exc"), REFUSED, ids=[f"{r[1]}-{i}" for i, r in enumerate(REFUSED)])
 def test_refused_fields(alice: openai.OpenAI, sdk: MemoryClient, extra: dict, param: str | None, exc: type) -> None:
     sid = "openai-refused"
     req = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "user": sid} | extra
@@ -346,3 +349,51 @@ def test_readme_quick_start(http_daemon: Daemon) -> None:
     assert scope["r"].choices[0].message.content is not None
     with MemoryClient(http_daemon.address, token=TOKENS["alice"]) as c:
         assert c.get_session("agent-7").offset == scope["r"].model_extra["memoryd"]["offset"] > 0
+
+
+def test_sampling_fields_openai_clients_send(alice: openai.OpenAI, sdk: MemoryClient) -> None:
+    """presence/frequency penalties, logit_bias, logprobs with top_logprobs, and vLLM's min_p and
+    repetition_penalty (extra_body), through the official client; logprobs in OpenAI's shape, in the
+    reply and in the stream; the bias is obeyed (+100 forces a token)."""
+    sid = "openai-sampling"
+    msgs = [{"role": "user", "content": "hi"}]
+    kw = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "logprobs": True, "top_logprobs": 3, "seed": 3}
+    extra = {"min_p": 0.05, "repetition_penalty": 1.2}
+    r = alice.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=5, user=sid, temperature=0.8, extra_body=extra, **kw
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for c in content:
+        assert c.logprob <= 0 and len(c.top_logprobs) == 3 and c.bytes == list(c.token.encode())
+        assert c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob >= c.top_logprobs[2].logprob
+    assert sdk.get_session(sid).offset > 0, "committed as without them"
+    forced = alice.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=4, temperature=1.0, logit_bias={str(ord("z")): 100}
+    )
+    assert forced.choices[0].message.content == "zzzz"
+    stream = alice.chat.completions.create(
+        model=MODEL, messages=msgs, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2, stream=True
+    )
+    chunks = [e for e in stream if e.choices and e.choices[0].logprobs]
+    assert chunks and all(len(c.top_logprobs) == 2 for e in chunks for c in e.choices[0].logprobs.content)
+
+
+def test_n_choices_without_a_session(alice: openai.OpenAI, sdk: MemoryClient) -> None:
+    """n = 3 without a session: three choices, each the seeded sample it would be alone, in the
+    reply and in the stream; nothing is kept."""
+    before = {s.session_id for s in sdk.list_sessions()}
+    msgs = [{"role": "user", "content": "Tell me"}]
+    kw = {"model": MODEL, "messages": msgs, "max_tokens": 6, "temperature": 1.5, "seed": 77}
+    r = alice.chat.completions.create(n=3, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens >= 3 and r.usage.prompt_tokens == len(turns(("user", "Tell me")))
+    for c in r.choices:
+        alone = alice.chat.completions.create(**(kw | {"seed": 77 + c.index}))
+        assert c.message.content == alone.choices[0].message.content, c.index
+    events = list(alice.chat.completions.create(n=3, stream=True, **kw))
+    texts = {i: "".join(e.choices[0].delta.content or "" for e in events if e.choices[0].index == i) for i in range(3)}
+    assert texts == {c.index: c.message.content for c in r.choices}
+    finishes = {e.choices[0].index: e.choices[0].finish_reason for e in events if e.choices[0].finish_reason}
+    assert finishes == {c.index: c.finish_reason for c in r.choices}
+    assert {s.session_id for s in sdk.list_sessions()} == before

@@ -23,8 +23,9 @@ from memoryd.engine.scheduler import Budget
 from memoryd.errors import NotFound
 from memoryd.sessions.calls import Sessions
 from memoryd.settings import Settings
+from memoryd.store import heads
+from memoryd.store.db import Store
 from memoryd.store.redis_client import connect
-from memoryd.store.store import Store
 from model.tokenizer import ByteTokenizer
 
 pytestmark = pytest.mark.asyncio(loop_scope="function")
@@ -109,7 +110,7 @@ async def test_recall_survives_snapshots_kill9_and_a_redis_restart(harness: Harn
     key = ("t1", "s")
     await d.create(*key, {})
     await fill(d, *key, ["vault", "sister", "invoice"])
-    head = await d.store.head(*key)
+    head = await heads.read(d.store, *key)
     assert head is not None and head.snap_off > 1000  # the token log was trimmed: recall must not need it
     before = {q: await recalled(d, key, QUERIES[q]) for q in ("vault", "sister", "invoice")}
     for fact, spans in before.items():

@@ -26,6 +26,7 @@ from memoryd_sdk import (
     PlainTemplate,
     ResourceExhausted,
     RetryPolicy,
+    SamplingParams,
     Unauthenticated,
     Unavailable,
 )
@@ -163,6 +164,28 @@ def test_generate_stream_and_complete(client: MemoryClient) -> None:
         for _ in st:
             pass
     assert st.done and s.offset == committed.offset + 4 == s.info().offset
+
+
+def test_one_options_object(client: MemoryClient) -> None:
+    """`params=SamplingParams(...)` and the same settings as keywords send the same request; keywords
+    override params; a keyword that is not a setting is a TypeError naming it; n samples and
+    logprobs come back as `samples` and `logprobs`."""
+    s = client.create_session()
+    s.append("Once upon a time")
+    p = SamplingParams(max_tokens=8, temperature=0.9, top_k=40, seed=3, presence_penalty=0.4, logit_bias={65: 1.0})
+    a = s.complete(params=p)
+    b = s.complete(max_tokens=8, temperature=0.9, top_k=40, seed=3, presence_penalty=0.4, logit_bias={65: 1.0})
+    assert a.tokens == b.tokens and 0 < len(a.tokens) <= 8
+    assert s.complete(params=p, max_tokens=3).tokens == a.tokens[:3]  # the keyword wins
+    with pytest.raises(TypeError, match="temprature"):
+        s.complete(temprature=0.5)
+    n = s.complete(params=p, n=3, logprobs=True, top_logprobs=2)
+    assert [x.index for x in n.samples] == [0, 1, 2] and n.samples[0].tokens == a.tokens == n.tokens
+    assert all(len(x.logprobs) == len(x.tokens) and all(len(lp.top) == 2 for lp in x.logprobs) for x in n.samples)
+    assert n.generated_tokens == sum(len(x.tokens) for x in n.samples)
+    with pytest.raises(InvalidArgument, match="n = 2"):
+        s.complete(n=2, commit=True)
+    assert s.info().offset == 16
 
 
 def test_cancel_a_stream_midway(client: MemoryClient, sdk_daemon: Daemon) -> None:

@@ -264,6 +264,22 @@ def _bad_cases():
         ("gen-stop-token-out-of-vocab", "Generate", G(stop_tokens=[V]), IA),
         ("gen-empty-stop-string", "Generate", G(stop=[""]), IA),
         ("gen-bad-prompt-token", "Generate", G(prompt_tokens=[V]), IA),
+        ("gen-min-p-over-1", "Generate", G(min_p=1.5), IA),
+        ("gen-presence-penalty-over-2", "Generate", G(presence_penalty=2.5), IA),
+        ("gen-frequency-penalty-nan", "Generate", G(frequency_penalty=math.nan), IA),
+        ("gen-repetition-penalty-negative", "Generate", G(repetition_penalty=-1), IA),
+        ("gen-logit-bias-out-of-vocab", "Generate", G(logit_bias={V: 1.0}), IA),
+        ("gen-logit-bias-over-100", "Generate", G(logit_bias={3: 101.0}), IA),
+        (
+            "gen-logit-bias-too-many",
+            "Generate",
+            G(logit_bias={i: 1.0 for i in range(V)} | {-i: 0 for i in range(1, 1000)}),
+            RE,
+        ),
+        ("gen-top-logprobs-without-logprobs", "Generate", G(top_logprobs=2), IA),
+        ("gen-top-logprobs-over-limit", "Generate", G(logprobs=True, top_logprobs=21), RE),
+        ("gen-n-over-limit", "Generate", G(n=17), RE),
+        ("gen-n-with-commit", "Generate", G(n=2, commit=True), IA),
         ("gen-stale-offset", "Generate", G(expected_offset=0, commit=True), AB),
         ("gen-unknown-session", "Generate", pb.GenerateRequest(session_id="ghost", max_tokens=1), NF),
         ("create-existing", "CreateSession", pb.CreateSessionRequest(session_id=VICTIM), AE),
@@ -578,3 +594,90 @@ def test_cancelled_commit_generation_commits_nothing(stub) -> None:
     assert e.value.code() == grpc.StatusCode.CANCELLED and not first.done and not rest
     time.sleep(0.2)  # the server notices the cancellation at its next token
     assert exported(stub, sid, ALICE) == before
+
+
+# -- sampling parameters (issue 18) ------------------------------------------------------------------
+
+
+def replay_logits(model, pieces: list[list[int]]):
+    """A solo in-process state of the session's tokens (the reference the tests compute from)."""
+    from model import StreamState
+
+    st = StreamState.fresh(model)
+    for p in pieces:
+        st.append(p)
+    return st
+
+
+def test_generate_n_samples_are_n_seeded_generations(stub) -> None:
+    """n = 3: each sample's messages carry its index, each sample ends with its own finish message,
+    the last message counts them all; sample i is the generation seeded with seed + i; the session
+    is unchanged."""
+    sid = new_session(stub, rand_pieces(random.Random(11), 3))
+    before = exported(stub, sid, ALICE)
+    req = pb.GenerateRequest(session_id=sid, max_tokens=10, temperature=1.2, seed=1000, n=3, prompt_text="go")
+    evs = list(stub.Generate(req, metadata=ALICE))
+    samples: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    ends = {}
+    for e in evs[:-1]:
+        samples[e.index] += e.tokens
+        if e.finish_reason:
+            ends[e.index] = e
+    assert evs[-1].done and evs[-1].generated_tokens == sum(map(len, samples.values()))
+    assert set(ends) == {0, 1, 2} and all(ends[i].generated_tokens == len(samples[i]) for i in ends)
+    for i in range(3):
+        one = pb.GenerateRequest(session_id=sid, max_tokens=10, temperature=1.2, seed=1000 + i, prompt_text="go")
+        assert [t for e in stub.Generate(one, metadata=ALICE) for t in e.tokens] == samples[i], i
+    assert len({tuple(v) for v in samples.values()}) > 1, "independent samples"
+    assert exported(stub, sid, ALICE) == before
+
+
+def test_generate_logprobs_match_the_model(stub, tiny_model) -> None:  # noqa: F811
+    """Each streamed token carries its log-probability and the top 4, as log_softmax of the logits
+    of a solo replay gives them (batched provisional forwards differ from solo ones in the last bits)."""
+    pieces = rand_pieces(random.Random(12), 3)
+    sid = new_session(stub, pieces)
+    req = pb.GenerateRequest(session_id=sid, max_tokens=6, temperature=0.9, seed=5, logprobs=True, top_logprobs=4)
+    evs = list(stub.Generate(req, metadata=ALICE))
+    st = replay_logits(tiny_model, pieces)
+    n = 0
+    for e in evs:
+        assert len(e.logprobs) == len(e.tokens)
+        for t, lp in zip(e.tokens, e.logprobs, strict=True):
+            ref = torch.log_softmax(st.logits().double(), -1)
+            assert lp.token == t and math.isclose(lp.logprob, ref[t].item(), abs_tol=1e-4)
+            assert [x.token for x in lp.top] == ref.argsort(descending=True)[:4].tolist()
+            assert all(math.isclose(x.logprob, ref[x.token].item(), abs_tol=1e-4) for x in lp.top)
+            assert lp.text or t >= 256, "each token's text comes with it"
+            st.append([t])
+            n += 1
+    assert n == 6
+
+
+def test_generate_penalties_and_bias_match_a_reference(stub, tiny_model) -> None:  # noqa: F811
+    """Greedy decoding with penalties and a logit bias through the daemon equals the same rules
+    applied here to the logits of a solo replay, token by token."""
+    pieces = rand_pieces(random.Random(13), 2)
+    sid = new_session(stub, pieces)
+    prompt = [65, 66, 67, 65]
+    kw = {"presence_penalty": 0.8, "frequency_penalty": 0.6, "repetition_penalty": 1.4, "logit_bias": {70: 2.0}}
+    req = pb.GenerateRequest(session_id=sid, max_tokens=12, prompt_tokens=prompt, **kw)
+    out = [t for e in stub.Generate(req, metadata=ALICE) for t in e.tokens]
+    st = replay_logits(tiny_model, [*pieces, prompt])
+    ref: list[int] = []
+    for _ in out:
+        x = st.logits().double().tolist()
+        x[70] += 2.0
+        for t in range(len(x)):
+            if t in prompt or t in ref:
+                x[t] = x[t] / 1.4 if x[t] > 0 else x[t] * 1.4
+            x[t] -= 0.6 * ref.count(t) + 0.8 * (t in ref)
+        ref.append(max(range(len(x)), key=lambda t: x[t]))
+        st.append([ref[-1]])
+    assert out == ref
+    plain = [
+        t
+        for e in stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=12, prompt_tokens=prompt), metadata=ALICE)
+        for t in e.tokens
+    ]
+    assert plain != out, "the settings changed the output"

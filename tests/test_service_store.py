@@ -16,8 +16,10 @@ from cluster_fixtures import LocalCluster
 from service_fixtures import RedisServer, redis_server  # noqa: F401 (fixture)
 
 from memoryd.errors import DataLoss
+from memoryd.store import heads, leases, snapshots, tokenlog
+from memoryd.store.db import ReplicaTimeout, Store
 from memoryd.store.redis_client import connect
-from memoryd.store.store import SCRIPTS, ReplicaTimeout, Store
+from memoryd.store.scripts import SCRIPTS
 
 BACKENDS = ["single", "cluster"]
 
@@ -59,78 +61,78 @@ def test_every_script_names_every_key_in_keys() -> None:
 
 def test_fencing_refuses_a_stale_daemon(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
-        assert await st.create("t", "s", {}, "sha256:x") == 1
-        old = (await st.acquire_lease("t", "s", "daemon-a", 30)).fence
-        held = await st.acquire_lease("t", "s", "daemon-b", 30)
+        assert await heads.create(st, "t", "s", {}, "sha256:x") == 1
+        old = (await leases.acquire(st, "t", "s", "daemon-a", 30)).fence
+        held = await leases.acquire(st, "t", "s", "daemon-b", 30)
         assert held.fence is None and held.holder == "daemon-a"
-        await r.delete(st._k("t", "s", "lease"))  # a's lease expired while it was paused
-        new = (await st.acquire_lease("t", "s", "daemon-b", 30)).fence
+        await r.delete(st.keys.session("t", "s", "lease"))  # a's lease expired while it was paused
+        new = (await leases.acquire(st, "t", "s", "daemon-b", 30)).fence
         assert new == old + 1
-        assert (await st.append("t", "s", old, 0, [[1, 2]])).status == "fenced"
-        assert (await st.append("t", "s", new, 0, [[1, 2]])).status == "ok"
-        assert (await st.append("t", "s", new, 0, [[3]])).status == "mismatch"  # CAS on the offset
-        assert await st.renew_leases([("t", "s")], "daemon-a", 30) == [False]
-        assert await st.read_log("t", "s", 0, 2) == [[1, 2]]
+        assert (await tokenlog.append(st, "t", "s", old, 0, [[1, 2]])).status == "fenced"
+        assert (await tokenlog.append(st, "t", "s", new, 0, [[1, 2]])).status == "ok"
+        assert (await tokenlog.append(st, "t", "s", new, 0, [[3]])).status == "mismatch"  # CAS on the offset
+        assert await leases.renew(st, [("t", "s")], "daemon-a", 30) == [False]
+        assert await tokenlog.read(st, "t", "s", 0, 2) == [[1, 2]]
 
     run(redis_url, body)
 
 
 def test_snapshot_publish_is_all_or_nothing(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
-        await st.create("t", "s", {}, "sha256:x")
-        fence = (await st.acquire_lease("t", "s", "d", 30)).fence
-        await st.append("t", "s", fence, 0, [[1] * 5, [2] * 3])
+        await heads.create(st, "t", "s", {}, "sha256:x")
+        fence = (await leases.acquire(st, "t", "s", "d", 30)).fence
+        await tokenlog.append(st, "t", "s", fence, 0, [[1] * 5, [2] * 3])
         data = bytes(range(256)) * 40  # 10 KiB in 1 KiB chunks
-        snap = await st.write_snapshot(data, "sha256:x", 8)
-        assert (await st.head("t", "s")).snap == ""  # written, not yet visible
-        assert await st.publish_snapshot("t", "s", fence, 0, snap, 8) == 1
-        head = await st.head("t", "s")
+        snap = await snapshots.write(st, data, "sha256:x", 8)
+        assert (await heads.read(st, "t", "s")).snap == ""  # written, not yet visible
+        assert await snapshots.publish(st, "t", "s", fence, 0, snap, 8) == 1
+        head = await heads.read(st, "t", "s")
         assert (head.snap, head.snap_off) == (snap, 8)
-        assert list(await st.snapshot_refs(snap)) == [head.snap_ref], "the writer's pin went to the head"
-        assert await st.read_snapshot(snap) == data
-        assert await r.llen(st._k("t", "s", "log")) == 0  # the log before the snapshot is trimmed
+        assert list(await snapshots.refs(st, snap)) == [head.snap_ref], "the writer's pin went to the head"
+        assert await snapshots.read(st, snap) == data
+        assert await r.llen(st.keys.session("t", "s", "log")) == 0  # the log before the snapshot is trimmed
         # a reset in between makes a late publication fail (generation changed)
-        late = await st.write_snapshot(data, "sha256:x", 8)
-        assert (await st.reset("t", "s", fence, None))[0] == 1
-        assert await st.publish_snapshot("t", "s", fence, 0, late, 8) == -3
-        assert not await r.exists(st.snap_key(snap, "m")), "the reset dropped the last reference"
+        late = await snapshots.write(st, data, "sha256:x", 8)
+        assert (await heads.reset(st, "t", "s", fence, None))[0] == 1
+        assert await snapshots.publish(st, "t", "s", fence, 0, late, 8) == -3
+        assert not await r.exists(st.keys.snap(snap, "m")), "the reset dropped the last reference"
         # a corrupted chunk is caught by its checksum
-        await r.set(st.snap_key(late, "c:3"), b"x" * 1024)
+        await r.set(st.keys.snap(late, "c:3"), b"x" * 1024)
         with pytest.raises(DataLoss, match="chunk 3"):
-            await st.read_snapshot(late)
-        await st.drop_snapshot(late)
-        assert await snapshot_keys(st) == set() and await st.journal_size() == 0
+            await snapshots.read(st, late)
+        await snapshots.drop(st, late)
+        assert await snapshot_keys(st) == set() and await snapshots.journal_size(st) == 0
 
     run(redis_url, body, chunk_bytes=1024)
 
 
 def test_forks_share_snapshots_by_reference(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
-        await st.create("t", "a", {"k": "v"}, "sha256:x")
-        fence = (await st.acquire_lease("t", "a", "d", 30)).fence
-        await st.append("t", "a", fence, 0, [[1, 2, 3]])
-        snap = await st.write_snapshot(b"state" * 100, "sha256:x", 3)
-        await st.publish_snapshot("t", "a", fence, 0, snap, 3)
-        await st.append("t", "a", fence, 3, [[4], [5, 6]])
-        assert await st.fork("t", "a", "b", None, 6, 0) == (1, 6)
-        assert await st.fork("t", "a", "c", None, 5, 0) == (-3, 6)
-        assert await st.fork("t", "a", "b", None, None, 0) == (-2, 0)
-        b = await st.head("t", "b")
+        await heads.create(st, "t", "a", {"k": "v"}, "sha256:x")
+        fence = (await leases.acquire(st, "t", "a", "d", 30)).fence
+        await tokenlog.append(st, "t", "a", fence, 0, [[1, 2, 3]])
+        snap = await snapshots.write(st, b"state" * 100, "sha256:x", 3)
+        await snapshots.publish(st, "t", "a", fence, 0, snap, 3)
+        await tokenlog.append(st, "t", "a", fence, 3, [[4], [5, 6]])
+        assert await heads.fork(st, "t", "a", "b", None, 6, 0) == (1, 6)
+        assert await heads.fork(st, "t", "a", "c", None, 5, 0) == (-3, 6)
+        assert await heads.fork(st, "t", "a", "b", None, None, 0) == (-2, 0)
+        b = await heads.read(st, "t", "b")
         assert (b.snap, b.snap_off, b.offset, b.metadata) == (snap, 3, 6, {"k": "v"})
-        assert await st.read_log("t", "b", 3, 6) == [[4], [5, 6]]
-        refs = await st.snapshot_refs(snap)
+        assert await tokenlog.read(st, "t", "b", 3, 6) == [[4], [5, 6]]
+        refs = await snapshots.refs(st, snap)
         assert sorted(refs.values()) == ["t/a", "t/b"] and b.snap_ref in refs
         before = await st.bytes_used(f"{st.prefix}:snap:*")
-        assert await st.fork("t", "b", "c", None, None, 0) == (1, 6)
+        assert await heads.fork(st, "t", "b", "c", None, None, 0) == (1, 6)
         assert await st.bytes_used(f"{st.prefix}:snap:*") < before + 500, "a fork copies no weights"
-        await st.delete("t", "a")
-        await st.delete("t", "c")
-        assert await st.read_snapshot(snap) == b"state" * 100  # still b's
-        assert list((await st.snapshot_refs(snap)).values()) == ["t/b"]
-        await st.delete("t", "b")
+        await heads.delete(st, "t", "a")
+        await heads.delete(st, "t", "c")
+        assert await snapshots.read(st, snap) == b"state" * 100  # still b's
+        assert list((await snapshots.refs(st, snap)).values()) == ["t/b"]
+        await heads.delete(st, "t", "b")
         assert await snapshot_keys(st) == set(), "freed with its last user"
-        assert await st.journal_size() == 0
-        assert (await st.list("t", "", 10)) == ([], "")
+        assert await snapshots.journal_size(st) == 0
+        assert (await heads.list_page(st, "t", "", 10)) == ([], "")
 
     run(redis_url, body)
 
@@ -139,35 +141,35 @@ def test_list_pages_through_ids_created_in_any_order(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
         ids = [f"s{i:02d}" for i in range(12)]
         for sid in ids[::-1][:6] + ids[:6]:  # not in id order
-            assert await st.create("t", sid, {}, "sha256:x", max_sessions=12) == 1
-        assert await st.create("t", "s03", {}, "sha256:x") == -1  # taken: the index is left as it was
-        assert await st.create("t", "extra", {}, "sha256:x", max_sessions=12) == -2
+            assert await heads.create(st, "t", sid, {}, "sha256:x", max_sessions=12) == 1
+        assert await heads.create(st, "t", "s03", {}, "sha256:x") == -1  # taken: the index is left as it was
+        assert await heads.create(st, "t", "extra", {}, "sha256:x", max_sessions=12) == -2
 
         async def pages() -> list[str]:
             out, after = [], ""
             while True:
-                heads, after = await st.list("t", after, 5)
-                out += [h.session_id for h in heads]
+                page, after = await heads.list_page(st, "t", after, 5)
+                out += [h.session_id for h in page]
                 if not after:
                     return out
 
         assert await pages() == ids
         for sid in ("s00", "s03", "s11"):
-            assert (await st.delete("t", sid))[0] == 1
+            assert (await heads.delete(st, "t", sid))[0] == 1
         assert await pages() == [i for i in ids if i not in ("s00", "s03", "s11")]
-        assert await st.count_sessions() == 9
+        assert await heads.count(st) == 9
 
     run(redis_url, body)
 
 
 def test_log_gap_is_data_loss(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
-        await st.create("t", "s", {}, "sha256:x")
-        fence = (await st.acquire_lease("t", "s", "d", 30)).fence
-        await st.append("t", "s", fence, 0, [[1, 2], [3]])
-        await r.lset(st._k("t", "s", "log"), 1, b'{"o":5,"t":[3]}')
+        await heads.create(st, "t", "s", {}, "sha256:x")
+        fence = (await leases.acquire(st, "t", "s", "d", 30)).fence
+        await tokenlog.append(st, "t", "s", fence, 0, [[1, 2], [3]])
+        await r.lset(st.keys.session("t", "s", "log"), 1, b'{"o":5,"t":[3]}')
         with pytest.raises(DataLoss, match="gap"):
-            await st.read_log("t", "s", 0, 3)
+            await tokenlog.read(st, "t", "s", 0, 3)
 
     run(redis_url, body)
 
@@ -186,13 +188,13 @@ class CrashingStore(Store):
             raise Crash
         self.budget -= 1
 
-    async def _write(self, name, keys, args):
+    async def write(self, name, keys, args):
         self._spend()
-        return await super()._write(name, keys, args)
+        return await super().write(name, keys, args)
 
-    async def _unjournal(self, *entries: str) -> None:
+    async def unjournal(self, *entries: str) -> None:
         self._spend()
-        await super()._unjournal(*entries)
+        await super().unjournal(*entries)
 
 
 WINDOW, GRACE = 0.3, 0.8
@@ -200,22 +202,22 @@ WINDOW, GRACE = 0.3, 0.8
 
 async def _setup(st: Store, sid: str) -> tuple[int, str]:
     """A session with a published snapshot, a log tail, and a second snapshot written but not published."""
-    await st.create("t", sid, {}, "sha256:x")
-    fence = (await st.acquire_lease("t", sid, "d", 30)).fence
-    await st.append("t", sid, fence, 0, [[1, 2, 3]])
-    s1 = await st.write_snapshot(b"one" * 700, "sha256:x", 3)
-    assert await st.publish_snapshot("t", sid, fence, 0, s1, 3) == 1
-    await st.append("t", sid, fence, 3, [[4, 5]])
-    return fence, await st.write_snapshot(b"two" * 700, "sha256:x", 5)
+    await heads.create(st, "t", sid, {}, "sha256:x")
+    fence = (await leases.acquire(st, "t", sid, "d", 30)).fence
+    await tokenlog.append(st, "t", sid, fence, 0, [[1, 2, 3]])
+    s1 = await snapshots.write(st, b"one" * 700, "sha256:x", 3)
+    assert await snapshots.publish(st, "t", sid, fence, 0, s1, 3) == 1
+    await tokenlog.append(st, "t", sid, fence, 3, [[4, 5]])
+    return fence, await snapshots.write(st, b"two" * 700, "sha256:x", 5)
 
 
 OPS: dict[str, Callable[[Store, str, int, str], Awaitable[object]]] = {
-    "publish": lambda st, sid, fence, s2: st.publish_snapshot("t", sid, fence, 0, s2, 5),
-    "fork": lambda st, sid, fence, s2: st.fork("t", sid, sid + "-fork", None, None, 0),
-    "reset": lambda st, sid, fence, s2: st.reset("t", sid, fence, None),
-    "delete": lambda st, sid, fence, s2: st.delete("t", sid),
-    "import": lambda st, sid, fence, s2: st.create("t", sid + "-imp", {}, "sha256:x", snap=s2, offset=5),
-    "write": lambda st, sid, fence, s2: st.write_snapshot(b"three" * 900, "sha256:x", 5),
+    "publish": lambda st, sid, fence, s2: snapshots.publish(st, "t", sid, fence, 0, s2, 5),
+    "fork": lambda st, sid, fence, s2: heads.fork(st, "t", sid, sid + "-fork", None, None, 0),
+    "reset": lambda st, sid, fence, s2: heads.reset(st, "t", sid, fence, None),
+    "delete": lambda st, sid, fence, s2: heads.delete(st, "t", sid),
+    "import": lambda st, sid, fence, s2: heads.create(st, "t", sid + "-imp", {}, "sha256:x", snap=s2, offset=5),
+    "write": lambda st, sid, fence, s2: snapshots.write(st, b"three" * 900, "sha256:x", 5),
 }
 
 
@@ -223,18 +225,18 @@ async def _check_consistent(st: Store, sessions: list[str]) -> None:
     """Every head's snapshot is whole and holds exactly the references of the heads on it; nothing else is left."""
     held: dict[str, set[str]] = {}
     for sid in sessions:
-        h = await st.head("t", sid)
+        h = await heads.read(st, "t", sid)
         if h is not None and h.snap:
-            assert await st.read_snapshot(h.snap), sid
+            assert await snapshots.read(st, h.snap), sid
             held.setdefault(h.snap, set()).add(h.snap_ref)
-            pieces = await st.read_log("t", sid, h.snap_off, h.offset)
+            pieces = await tokenlog.read(st, "t", sid, h.snap_off, h.offset)
             assert h.snap_off + sum(map(len, pieces)) == h.offset
     for snap, tokens in held.items():
-        assert set(await st.snapshot_refs(snap)) == tokens, f"snapshot {snap}: references != heads holding it"
-    live = {st.snap_key(s, what) for s in held for what in ("m", "refs")}
-    live |= {st.snap_key(s, f"c:{i}") for s in held for i in range(await st._chunk_count(s))}
+        assert set(await snapshots.refs(st, snap)) == tokens, f"snapshot {snap}: references != heads holding it"
+    live = {st.keys.snap(s, what) for s in held for what in ("m", "refs")}
+    live |= {st.keys.snap(s, f"c:{i}") for s in held for i in range(await snapshots.chunk_count(st, s))}
     assert await snapshot_keys(st) == live, "a snapshot nobody holds was left behind"
-    assert await st.journal_size() == 0
+    assert await snapshots.journal_size(st) == 0
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
@@ -256,17 +258,17 @@ def test_a_crash_at_any_step_is_finished_by_the_sweep(redis_url: str, op: str) -
                 finished = False
             st.budget = 10**9
             if op != "publish" and op != "import":
-                await st.drop_snapshot(s2)  # the caller's part: s2 was only there for those two
+                await snapshots.drop(st, s2)  # the caller's part: s2 was only there for those two
             n += 1
             if finished:
                 break
         assert n >= 3, f"{op} took only {n - 1} steps?"
-        assert (await st.sweep()).checked == 0, "nothing is swept before the grace period"
+        assert (await snapshots.sweep(st)).checked == 0, "nothing is swept before the grace period"
         await asyncio.sleep(GRACE + 0.1)
-        rep = await st.sweep()
+        rep = await snapshots.sweep(st)
         assert rep.checked > 0
         await _check_consistent(st, sessions)
-        assert (await st.sweep()).checked == 0
+        assert (await snapshots.sweep(st)).checked == 0
 
     async def main() -> None:
         r = connect(redis_url, 5)
@@ -284,13 +286,13 @@ def test_a_head_write_past_the_window_is_refused(redis_url: str) -> None:
 
     async def body(st: Store, r) -> None:
         fence, s2 = await _setup(st, "p")
-        stamp = await st._journal("x")
+        stamp = await snapshots.journal(st, "x")
         await asyncio.sleep(WINDOW + 0.1)
-        keys = [st._k("t", "p", "h"), st._k("t", "p", "log")]
-        token = (await st.head("t", "p")).snap_ref
+        keys = [st.keys.session("t", "p", "h"), st.keys.session("t", "p", "log")]
+        token = (await heads.read(st, "t", "p")).snap_ref
         args = [fence, 0, s2, "late-token", 5, token, stamp, st.window_ms]
-        assert await st._write("publish", keys, args) == -5
-        assert (await st.head("t", "p")).snap != s2
+        assert await st.write("publish", keys, args) == -5
+        assert (await heads.read(st, "t", "p")).snap != s2
 
     run(redis_url, body, window_seconds=WINDOW, grace_seconds=GRACE)
 
@@ -300,10 +302,10 @@ def test_wait_for_replicas(redis_cluster: LocalCluster) -> None:
     (retryably) instead of acknowledging."""
 
     async def body(st: Store, r) -> None:
-        await st.create("t", "w", {}, "sha256:x")
-        fence = (await st.acquire_lease("t", "w", "d", 30)).fence
-        assert (await st.append("t", "w", fence, 0, [[7, 8]], "a1")).status == "ok"
-        key = st._k("t", "w", "log")
+        await heads.create(st, "t", "w", {}, "sha256:x")
+        fence = (await leases.acquire(st, "t", "w", "d", 30)).fence
+        assert (await tokenlog.append(st, "t", "w", fence, 0, [[7, 8]], "a1")).status == "ok"
+        key = st.keys.session("t", "w", "log")
         master = redis_cluster.master_of(key)
         replica = next(
             n
@@ -316,9 +318,9 @@ def test_wait_for_replicas(redis_cluster: LocalCluster) -> None:
         greedy = Store(r, prefix=st.prefix, wait_replicas=2, wait_timeout=0.2)
         t0 = time.monotonic()
         with pytest.raises(ReplicaTimeout, match="reached 1 of 2 replicas"):
-            await greedy.append("t", "w", fence, 2, [[9]], "a2")
+            await tokenlog.append(greedy, "t", "w", fence, 2, [[9]], "a2")
         assert time.monotonic() - t0 < 3
-        dup = await st.append("t", "w", fence, 2, [[9]], "a2")  # the retry finds it, and now it is replicated
+        dup = await tokenlog.append(st, "t", "w", fence, 2, [[9]], "a2")  # the retry finds it, and now it is replicated
         assert (dup.status, dup.offset) == ("duplicate", 3)
 
     run(redis_cluster.url, body, wait_replicas=1)
@@ -332,6 +334,6 @@ def _follows(replica, master) -> bool:
 def test_wait_without_replicas_is_refused(redis_server: RedisServer) -> None:  # noqa: F811
     async def body(st: Store, r) -> None:
         with pytest.raises(ReplicaTimeout, match="reached 0 of 1 replicas"):
-            await st.create("t", "x", {}, "sha256:x")
+            await heads.create(st, "t", "x", {}, "sha256:x")
 
     run(redis_server.url, body, wait_replicas=1, wait_timeout=0.1)

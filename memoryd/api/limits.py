@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from memoryd_sdk.proto import memoryd_pb2 as pb
 
+from memoryd.engine.work import SamplingLimits
 from memoryd.settings import Settings
 
 MAX_SESSION_ID_CHARS = 128
@@ -29,11 +30,24 @@ TEXT_CHARS_PER_TOKEN = 8
 no tokenizer here makes tokens longer than that on average, so nothing encodable is lost."""
 
 
+def sampling_limits(s: Settings, vocab_size: int) -> SamplingLimits:
+    """What a GenerateRequest's sampling settings are checked against (`SamplingParams.check`)."""
+    return SamplingLimits(
+        vocab_size=vocab_size,
+        max_tokens=s.max_generate_tokens,
+        max_temperature=MAX_TEMPERATURE,
+        max_stop=MAX_STOP_STRINGS,
+        max_stop_chars=MAX_STOP_STRING_CHARS,
+        max_stop_tokens=MAX_STOP_TOKENS,
+    )
+
+
 def server_limits(s: Settings, vocab_size: int) -> pb.ServerLimits:
     """The limits of one server (settings + the served model's vocabulary), as GetModel reports them.
 
     The checks read this very message, so what a client is told is what it is held to."""
     max_chunk = min(MAX_CHUNK_BYTES, s.max_message_bytes - CHUNK_FRAMING)  # settings: max_message_bytes >= 64 KiB
+    sampling = sampling_limits(s, vocab_size)
     return pb.ServerLimits(
         max_append_tokens=s.max_append_tokens,
         max_append_text_chars=s.max_append_tokens * TEXT_CHARS_PER_TOKEN,
@@ -57,4 +71,7 @@ def server_limits(s: Settings, vocab_size: int) -> pb.ServerLimits:
         max_session_id_chars=MAX_SESSION_ID_CHARS,
         max_append_id_chars=MAX_APPEND_ID_CHARS,
         max_role_chars=MAX_ROLE_CHARS,
+        max_n=sampling.max_n,
+        max_top_logprobs=sampling.max_top_logprobs,
+        max_logit_bias_entries=sampling.max_logit_bias,
     )

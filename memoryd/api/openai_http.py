@@ -34,7 +34,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
-from memoryd_sdk import AsyncMemoryClient, AsyncSession, FinishReason, GenerateChunk, GenerateResult, ModelInfo
+from memoryd_sdk import (
+    AsyncMemoryClient,
+    AsyncSession,
+    FinishReason,
+    GenerateChunk,
+    GenerateResult,
+    ModelInfo,
+    TokenLogprob,
+)
 from memoryd_sdk import errors as sdk_errors
 from memoryd_sdk.connection import TLS
 from memoryd_sdk.types import Usage
@@ -151,6 +159,13 @@ class Gateway:
                     status=404,
                 )
             name = request.headers.get(SESSION_HEADER) or req.user
+            if name and req.n > 1:
+                raise RequestError(
+                    f"'n' = {req.n} with a session: a session keeps one reply; use n = 1, or name no session "
+                    "(then nothing is kept and every sample is returned)",
+                    "n",
+                    "unsupported_value",
+                )
             key = request.headers.get(IDEMPOTENCY_HEADER)
             session = await open_session(client, name) if name else await scratch_session(client)
             reply = Reply(self, req, info, session, temporary=not name, append_id=key if name else None)
@@ -213,7 +228,10 @@ class Reply:
             "stop": req.stop,
             "seed": req.seed,
             "append_id": append_id,
+            **dict(req.sampling),
         }
+        if req.n > 1:  # n samples of a scratch session: none is committed (a commit keeps one output)
+            self.kwargs["commit"] = False
 
     def extension(self, last: GenerateChunk | GenerateResult) -> dict[str, Any]:
         """memoryd's own fields (ignored by OpenAI clients): where the session stands now."""
@@ -227,7 +245,7 @@ class Reply:
                 gen = (await self.session.reply(list(self.req.messages), **self.kwargs)).generation
             finally:
                 await self.discard()
-            return JSONResponse(self.completion(gen.text, gen))
+            return JSONResponse(self.completion(gen))
         stream = await self.session.reply_stream(list(self.req.messages), **self.kwargs)
         chunks = stream.chunks()
         try:
@@ -244,7 +262,13 @@ class Reply:
             with contextlib.suppress(sdk_errors.MemorydError):
                 await self.session.delete()
 
-    def completion(self, text: str, last: GenerateResult) -> dict[str, Any]:
+    def usage(self, last: GenerateChunk | GenerateResult) -> dict[str, int]:
+        if self.req.n > 1:  # nothing committed: the prompt is what the call read besides the samples
+            p, c = last.prompt_tokens, last.generated_tokens
+            return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+        return usage_body(last)
+
+    def completion(self, gen: GenerateResult) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -252,45 +276,52 @@ class Reply:
             "model": self.info.name,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": finish_reason(last.finish_reason),
-                    "logprobs": None,
+                    "index": s.index,
+                    "message": {"role": "assistant", "content": s.text},
+                    "finish_reason": finish_reason(s.finish_reason),
+                    "logprobs": logprobs_body(s.logprobs) if self.req.logprobs else None,
                 }
+                for s in gen.samples
             ],
-            "usage": usage_body(last),
-            "memoryd": self.extension(last),
+            "usage": self.usage(gen),
+            "memoryd": self.extension(gen),
         }
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, index: int = 0, logprobs: Any = None) -> str:
         body = {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.info.name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}],
         }
         return sse(body)
 
     async def events(self, stream: Any, first: GenerateChunk, rest: AsyncIterator[GenerateChunk]) -> AsyncIterator[str]:
-        """SSE: the role, text deltas, the finish reason, usage if asked, `[DONE]`.
+        """SSE: the role, text deltas (with their logprobs when asked), each choice's finish reason,
+        usage if asked, `[DONE]`.
 
         A client that goes away mid-reply cancels the generation: nothing of it is committed.
         """
         try:
-            yield self.chunk({"role": "assistant", "content": ""})
+            for i in range(self.req.n):
+                yield self.chunk({"role": "assistant", "content": ""}, index=i)
             c = first
             while True:
-                if c.text:
-                    yield self.chunk({"content": c.text})
+                lp = logprobs_body(c.logprobs) if self.req.logprobs and c.logprobs else None
+                if c.text or lp is not None:
+                    yield self.chunk({"content": c.text}, index=c.index, logprobs=lp)
+                if not c.done and c.finish_reason != FinishReason.UNSPECIFIED:  # one of n samples ended
+                    yield self.chunk({}, finish_reason(c.finish_reason), c.index)
                 if c.done:
                     break
                 c = await anext(rest)
             await self.discard()  # before the last events: a client that saw [DONE] finds nothing left behind
-            yield self.chunk({}, finish_reason(c.finish_reason))
+            if self.req.n == 1:
+                yield self.chunk({}, finish_reason(c.finish_reason))
             if self.req.include_usage:
                 usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created}
-                usage |= {"model": self.info.name, "choices": [], "usage": usage_body(c)}
+                usage |= {"model": self.info.name, "choices": [], "usage": self.usage(c)}
                 yield sse(usage | {"memoryd": self.extension(c)})
             yield "data: [DONE]\n\n"
         except sdk_errors.MemorydError as e:  # after the headers: the error travels as an event
@@ -299,6 +330,16 @@ class Reply:
             if not stream.done:
                 stream.cancel()
             await self.discard()
+
+
+def logprobs_body(entries: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    """OpenAI's `logprobs` object of a choice (or of a chunk's tokens)."""
+
+    def one(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = [one(e.text, e.logprob) | {"top_logprobs": [one(t.text, t.logprob) for t in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
 
 
 def sse(body: dict[str, Any]) -> str:

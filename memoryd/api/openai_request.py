@@ -1,16 +1,23 @@
 """An OpenAI chat-completions request, checked field by field and turned into memoryd's terms.
 
 Why a refusal list rather than ignoring what we do not support: an agent that asks for
-`n=3`, tools or logprobs and silently gets one plain reply will misbehave in ways that are
-hard to trace.  Every field is either mapped (model, messages, sampling, stop, seed,
-max_tokens, stream, user), accepted only at its neutral value (`n: 1`, zero penalties,
-`logprobs: false`, a text response format), or refused with OpenAI's error shape naming it.
+tools or a JSON response format and silently gets one plain reply will misbehave in ways
+that are hard to trace.  Every field is either mapped (model, messages, stop, seed,
+max_tokens, stream, user), forwarded by name to the daemon's sampling settings (any field of
+`memoryd_sdk.SamplingParams`: temperature, top_p, top_k, min_p, the penalties, logit_bias,
+logprobs, top_logprobs, n; their types are checked here, their ranges by the daemon, so a
+new sampling parameter needs nothing here), accepted only at its neutral value
+(`parallel_tool_calls: false`, a text response format), or refused with OpenAI's error shape
+naming it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
+
+from memoryd_sdk import SamplingParams
 
 MAX_STOPS = 4
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -50,14 +57,20 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     user: str | None = None
+    sampling: tuple[tuple[str, Any], ...] = ()
+    """Further sampling settings, by their `memoryd_sdk.SamplingParams` names."""
+
+    @property
+    def n(self) -> int:
+        return int(dict(self.sampling).get("n", 1))
+
+    @property
+    def logprobs(self) -> bool:
+        return bool(dict(self.sampling).get("logprobs", False))
 
 
 # Fields accepted only at the value that means "nothing special": anything else is refused.
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
-    "frequency_penalty": (0, 0.0),
-    "presence_penalty": (0, 0.0),
-    "logprobs": (False,),
     "parallel_tool_calls": (False,),
     "response_format": ({"type": "text"},),
 }
@@ -75,6 +88,33 @@ MAPPED = {
     "seed",
     "user",
 }
+_DEFAULTS = SamplingParams()
+FORWARDED = {f.name: getattr(_DEFAULTS, f.name) for f in fields(SamplingParams) if f.name not in MAPPED}
+"""Sampling settings passed to the daemon as they are (name -> the SDK's default, whose type they must have)."""
+
+
+def _forwarded(name: str, v: Any) -> Any:
+    """A forwarded setting, checked for its type (the daemon checks its range); JSON keys become ids."""
+    like = FORWARDED[name]
+    if isinstance(like, bool):
+        ok = isinstance(v, bool)
+    elif isinstance(like, int | float):
+        ok = not isinstance(v, bool) and isinstance(v, int if isinstance(like, int) else int | float)
+    elif isinstance(like, Mapping):
+        ok = isinstance(v, dict) and all(
+            isinstance(k, str) and k.lstrip("-").isdigit() and isinstance(b, int | float) and not isinstance(b, bool)
+            for k, b in v.items()
+        )
+        v = {int(k): float(b) for k, b in v.items()} if ok else v
+    elif isinstance(like, Sequence):
+        ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+    else:
+        ok = False
+    if not ok:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(like), "")
+        kind = kind or ("an object of token id -> number" if isinstance(like, Mapping) else "a list of integers")
+        raise RequestError(f"'{name}' must be {kind}, got {v!r}", name, "invalid_type")
+    return v
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:
@@ -149,7 +189,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", None, "invalid_json")
     for name, value in body.items():
-        if name in MAPPED or value is None:
+        if name in MAPPED or name in FORWARDED or value is None:
             continue
         if name in NEUTRAL:
             if value not in NEUTRAL[name]:
@@ -189,4 +229,5 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stop=_stop(body.get("stop")),
         seed=_int(body, "seed", 0),
         user=user or None,
+        sampling=tuple((k, _forwarded(k, v)) for k, v in body.items() if k in FORWARDED and v is not None),
     )

@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import math
 import re
 import time
 import uuid
@@ -42,14 +42,16 @@ from memoryd.api.limits import (
     MAX_META_KEY_CHARS,
     MAX_META_VALUE_CHARS,
     MAX_SESSION_ID_CHARS,
+    sampling_limits,
     server_limits,
 )
+from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
-from memoryd.sessions.calls import Content, GenParams, Info, Sessions
+from memoryd.sessions.calls import CommitRule, Content, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
 from memoryd.sessions.routing import Router
 from memoryd.settings import Settings
-from memoryd.store.store import SNAPSHOT_FORMAT
+from memoryd.store.snapshots import SNAPSHOT_FORMAT
 
 log = logging.getLogger("memoryd.calls")
 
@@ -276,6 +278,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         self.chat = sessions.chat
         self.vocab = sessions.model.cfg.vocab_size
         self.limits = server_limits(settings, self.vocab)
+        self.sampling_limits = sampling_limits(settings, self.vocab)
         self.model_info = self._model_info(model_name, adapter)
 
     def _model_info(self, name: str, adapter: str) -> pb.ModelInfo:
@@ -381,35 +384,33 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
         return at
 
-    def gen_params(self, r: pb.GenerateRequest) -> GenParams:
-        if r.max_tokens == 0:
-            raise InvalidArgument("max_tokens must be at least 1")
-        if r.max_tokens > self.s.max_generate_tokens:
-            raise ResourceExhausted(
-                f"max_tokens {r.max_tokens} is over this server's limit {self.s.max_generate_tokens}"
-            )
-        lim = self.limits
-        if not math.isfinite(r.temperature) or not 0.0 <= r.temperature <= lim.max_temperature:
-            raise InvalidArgument(
-                f"temperature must lie in [0, {lim.max_temperature:g}] (0 = greedy), got {r.temperature}"
-            )
-        if not math.isfinite(r.top_p) or not 0.0 <= r.top_p <= 1.0:
-            raise InvalidArgument(f"top_p must lie in [0, 1] (0 or 1 = off), got {r.top_p}")
-        if r.top_k > lim.max_top_k:
-            raise InvalidArgument(f"top_k {r.top_k} exceeds the vocabulary size {lim.max_top_k} (0 = off)")
-        if len(r.stop) > lim.max_stop_strings:
-            raise ResourceExhausted(f"{len(r.stop)} stop strings; at most {lim.max_stop_strings}")
-        for i, s in enumerate(r.stop):
-            if len(s) > lim.max_stop_string_chars:
-                raise ResourceExhausted(f"stop string {i} has {len(s)} characters; at most {lim.max_stop_string_chars}")
-        if any(not s for s in r.stop):
-            raise InvalidArgument("stop strings must not be empty")
-        if len(r.stop_tokens) > lim.max_stop_tokens:
-            raise ResourceExhausted(f"{len(r.stop_tokens)} stop token ids; at most {lim.max_stop_tokens}")
-        for t in r.stop_tokens:
-            if not 0 <= t < self.vocab:
-                raise InvalidArgument(f"stop token id {t} is outside the vocabulary [0, {self.vocab})")
-        seed = r.seed if r.HasField("seed") else None
+    def sampling(self, r: pb.GenerateRequest) -> SamplingParams:
+        """The request's `SamplingParams`, checked once, here.  Copied by name: every field of
+        SamplingParams is a GenerateRequest field of the same name (a new sampling parameter is a
+        proto field and a SamplingParams field; nothing here changes)."""
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(SamplingParams):
+            fd = r.DESCRIPTOR.fields_by_name[f.name]
+            v = getattr(r, f.name)
+            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+                v = tuple(sorted(v.items()))
+            elif fd.is_repeated:
+                v = tuple(v)
+            elif fd.has_presence and not r.HasField(f.name):
+                v = None
+            values[f.name] = v
+        try:
+            return SamplingParams(**values).check(self.sampling_limits)  # type: ignore[arg-type]
+        except SamplingError as e:
+            raise (ResourceExhausted if e.over_limit else InvalidArgument)(e.message) from None
+
+    def logprob_pb(self, lp: Logprob) -> pb.TokenLogprob:
+        text = self.tok.decode
+        top = [pb.TopLogprob(token=t, logprob=v, text=text([t])) for t, v in lp.top]
+        return pb.TokenLogprob(token=lp.token, logprob=lp.logprob, text=text([lp.token]), top=top)
+
+    def commit_rule(self, r: pb.GenerateRequest) -> CommitRule:
+        """What a committed generation keeps besides its output."""
         suffix: list[int] = []
         if r.commit_suffix:
             if r.add_generation_prompt:
@@ -420,17 +421,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 raise InvalidArgument("commit_stop is not for chat replies: the chat template's closing ends the turn")
             assert self.chat is not None  # checked with the prompt
             suffix = self.tok.encode(self.chat.closing) if self.chat.closing else []
-        return GenParams(
-            r.max_tokens,
-            r.temperature,
-            r.top_p,
-            r.top_k,
-            seed,
-            list(r.stop),
-            [int(t) for t in r.stop_tokens],
-            r.commit_stop,
-            suffix,
-        )
+        return CommitRule(r.commit_stop, tuple(suffix))
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -569,7 +560,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             prompt = self.rendered(msgs, "prompt", generation_prompt=r.add_generation_prompt)
         else:
             prompt = self.tokens_of(r.prompt_text, r.prompt_tokens, "prompt", allow_empty=True)
-        params = self.gen_params(r)
+        params = self.sampling(r)
+        rule = self.commit_rule(r)
         aid = check_append_id(r.append_id)
         expected = r.expected_offset if r.HasField("expected_offset") else None
         reasons = {
@@ -577,7 +569,10 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             "stop_string": pb.FINISH_REASON_STOP_STRING,
             "stop_token": pb.FINISH_REASON_STOP_TOKEN,
         }
-        async for ev in self.sessions.generate(tenant, sid, prompt, params, r.commit, expected, aid):
+        if r.commit and params.samples > 1:
+            raise InvalidArgument(f"n = {params.n} with commit: a commit keeps one output; ask for n = 1")
+        async for ev in self.sessions.generate(tenant, sid, prompt, params, r.commit, expected, aid, rule):
+            logprobs = [self.logprob_pb(lp) for lp in ev.logprobs]
             if ev.done:
                 note(generated=ev.generated, finish=ev.finish, offset=ev.offset)
                 yield pb.GenerateResponse(
@@ -589,9 +584,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     generated_tokens=ev.generated,
                     duplicate=ev.duplicate,
                     committed_tokens=ev.committed,
+                    prompt_tokens=ev.prompt,
                 )
             else:
-                yield pb.GenerateResponse(tokens=ev.tokens, text=ev.text)
+                reason = reasons.get(ev.finish, pb.FINISH_REASON_UNSPECIFIED)
+                yield pb.GenerateResponse(
+                    tokens=ev.tokens,
+                    text=ev.text,
+                    index=ev.sample,
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    generated_tokens=ev.generated,
+                )
 
     # -- model -------------------------------------------------------------------------------
 

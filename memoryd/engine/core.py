@@ -1,15 +1,18 @@
-"""The engine loop: schedule, execute, update; and the `submit` a session awaits.
+"""The engine loop: schedule, execute, update; `submit` (one item) and `generate` (a request).
 
 One asyncio task runs the loop; two worker threads run the lanes (memoryd/engine/scheduler.py):
 the decode lane's batched forward, and the compute lane's solo work (test-time steps).
 Whenever a lane is free the loop asks the scheduler for a plan over everything waiting
 that is not already running, hands each free lane its part (the event loop stays free
 while the model runs; work submitted meanwhile joins the next plan), and when a lane
-finishes routes each outcome to the future of the call that submitted it.  So a 64K-token
-append, or a session's test-time step, runs beside the other sessions' decoding instead of
-between their tokens.  An append with tokens left stays queued with its progress; a call
-that was cancelled (a client went away) is dropped from the queue, and a result for it is
-discarded.
+finishes the update step routes each outcome: an item's result to the future of the call
+that submitted it; a sample's token to its generation's queue, after which the sample
+waits for the next plan by itself (as vLLM v1: the request lives in the engine until it
+finishes, so its next token never waits for the session layer to ask for it).  So a
+64K-token append, or a session's test-time step, runs beside the other sessions' decoding
+instead of between their tokens.  An append with tokens left stays queued with its
+progress; a call or generation that was cancelled (a client went away) is dropped from the
+queue at once, and a result for it that was already running is discarded.
 """
 
 from __future__ import annotations
@@ -18,13 +21,28 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from memoryd import metrics
 from memoryd.engine.scheduler import LANES, Budget, Lane, Plan, schedule
-from memoryd.engine.work import Append, Decode, Rebuild, Result, State, Ticket, Work
+from memoryd.engine.work import (
+    Append,
+    Finished,
+    FinishReason,
+    Generate,
+    Rebuild,
+    Refused,
+    RefusedError,
+    Result,
+    Sample,
+    Sampled,
+    State,
+    Ticket,
+    Work,
+)
 from memoryd.engine.worker import Outcome, execute
 from model import StreamState, digest_of
 from model.batch import counts_at, runs_solo, tokens_to_step
@@ -44,6 +62,8 @@ class Engine:
         """Device bytes of a new session's state (what `create` reports)."""
         self._waiting: list[Ticket] = []
         self._futures: dict[int, asyncio.Future[Result]] = {}
+        self._generations: dict[Ticket, Generation] = {}
+        """A running sample's ticket -> its generation (removed when the sample finishes or is cancelled)."""
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"memoryd-{lane}") for lane in LANES}
@@ -53,11 +73,14 @@ class Engine:
 
     # -- what sessions call ----------------------------------------------------------------------
 
-    async def submit(self, work: Work) -> Result:
-        """Queue one item and wait for its result (raises what the worker raised, for bugs only)."""
+    def _start(self) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="memoryd-engine")
             self._task.add_done_callback(self._stopped)
+
+    async def submit(self, work: Work) -> Result:
+        """Queue one item and wait for its result (raises what the worker raised, for bugs only)."""
+        self._start()
         ticket = self._ticket(work)
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._futures[ticket.seq] = fut
@@ -71,6 +94,24 @@ class Engine:
                 self._futures.pop(ticket.seq, None)
                 with contextlib.suppress(ValueError):
                     self._waiting.remove(ticket)
+
+    def generate(self, request: Generate) -> Generation:
+        """Start a generation: each sample decodes on its own fork of the prompt's state, joining every
+        decode batch until it finishes; read its tokens from the returned stream (close it to cancel)."""
+        self._start()
+        gen = Generation(self, request)
+        seed = request.params.seed
+        for i in range(request.params.samples):
+            rng = random.Random((seed + i) % 2**64 if seed is not None else random.SystemRandom().getrandbits(64))
+            sample = Sample(request, i, request.state.clone(), rng)
+            sample.u = rng.random()
+            ticket = Ticket(sample, next(self._seq), step_every=self.model.cfg.mini_batch_size)
+            gen.tickets.append(ticket)
+            self._generations[ticket] = gen
+            self._waiting.append(ticket)
+        metrics.ENGINE_WAITING.set(len(self._waiting))
+        self._wake.set()
+        return gen
 
     def counts_at(self, offset: int) -> tuple[int, int]:
         """(test-time steps, pending tokens) of a session at `offset` (the model's rule)."""
@@ -99,15 +140,16 @@ class Engine:
         for fut in self._futures.values():
             if not fut.done():
                 fut.set_exception(error)
+        for gen in set(self._generations.values()):
+            gen.queue.put_nowait(error)
         self._futures.clear()
+        self._generations.clear()
         self._waiting.clear()
 
     def _ticket(self, work: Work) -> Ticket:
         t = Ticket(work, next(self._seq), step_every=self.model.cfg.mini_batch_size)
         if isinstance(work, Append):
             t.cost, t.to_step = len(work.tokens), tokens_to_step(work.state)
-        elif isinstance(work, Decode) and runs_solo(work.state, work.token):
-            t.solo, t.cost = True, self.model.cfg.mini_batch_size
         elif isinstance(work, Rebuild):
             t.cost = 1 + sum(len(p) for p in work.pieces)
         return t
@@ -118,11 +160,6 @@ class Engine:
         while True:
             if not busy and not self._waiting:
                 await self._wake.wait()
-            # Let the calls whose results the last run delivered submit their next item (a
-            # generation streams its token, then asks for the next one) so they join this plan
-            # instead of the one after: a few passes of the event loop, no timer.
-            for _ in range(4):
-                await asyncio.sleep(0)
             self._wake.clear()
             free = [lane for lane in LANES if all(lane != v[0] for v in busy.values())]
             plan = schedule([t for t in self._waiting if not t.running], self.budget, free)
@@ -161,6 +198,9 @@ class Engine:
         for t in plan.tickets():
             t.running = False
         for o in outcomes:
+            if isinstance(o.ticket.work, Sample):
+                self._sampled(o.ticket, o.result, o.error)
+                continue
             if o.result is None and o.error is None:
                 continue  # an append with tokens left: stays queued
             if o.ticket in self._waiting:
@@ -173,3 +213,98 @@ class Engine:
             else:
                 fut.set_result(o.result)
         metrics.ENGINE_WAITING.set(len(self._waiting))
+
+    # -- generations -----------------------------------------------------------------------------
+
+    def _sampled(self, ticket: Ticket, result: Result | None, error: BaseException | None) -> None:
+        """A sample's tick is back: stream its token, then finish it or queue its next tick."""
+        gen = self._generations.get(ticket)
+        if gen is None:  # cancelled while it ran: its state is no one's now
+            return
+        sample = ticket.work
+        assert isinstance(sample, Sample)
+        if sample.token is not None:
+            sample.read += 1  # the tick read the previous token
+        if error is not None or isinstance(result, Refused):
+            gen.close()
+            gen.queue.put_nowait(error if error is not None else result)
+            return
+        assert isinstance(result, Sampled)
+        if sample.stop:  # asked to stop while this tick ran: its draw is not wanted
+            self._finish(ticket, "stopped")
+            return
+        sample.out.append(result.token)
+        gen.queue.put_nowait(result)
+        params = sample.request.params
+        if result.token in sample.request.stop_ids:
+            self._finish(ticket, "stop_token")
+        elif len(sample.out) >= params.max_tokens:
+            self._finish(ticket, "length")
+        else:
+            sample.token, sample.u = result.token, sample.rng.random()
+            ticket.solo = runs_solo(sample.state, sample.token)
+            ticket.cost = self.model.cfg.mini_batch_size if ticket.solo else 1
+
+    def _finish(self, ticket: Ticket, reason: FinishReason) -> None:
+        gen = self._generations.pop(ticket)
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(ticket)
+        sample = ticket.work
+        assert isinstance(sample, Sample)
+        gen.queue.put_nowait(Finished(sample.index, reason, sample.state, sample.read))
+
+    def _drop(self, tickets: list[Ticket]) -> None:
+        """A generation's samples leave the engine now (a running tick's result is then discarded)."""
+        for t in tickets:
+            if self._generations.pop(t, None) is not None:
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(t)
+        metrics.ENGINE_WAITING.set(len(self._waiting))
+
+
+class Generation:
+    """A generation in the engine, as its caller sees it: `async for` its `Sampled` tokens and each
+    sample's `Finished` (a sample's tokens, then its end); `stop(i)` ends sample i early (a stop
+    string); `close()` (or leaving `async with`) takes it out of the engine at once (cancellation)."""
+
+    def __init__(self, engine: Engine, request: Generate) -> None:
+        self.engine, self.request = engine, request
+        self.tickets: list[Ticket] = []
+        self.queue: asyncio.Queue[Sampled | Finished | Refused | BaseException] = asyncio.Queue()
+        self._open = request.params.samples
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Sampled | Finished:
+        if self._open == 0:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, Finished):
+            self._open -= 1
+        elif isinstance(item, Refused):
+            self._open = 0
+            raise RefusedError(item)
+        elif isinstance(item, BaseException):
+            self._open = 0
+            raise item
+        return item
+
+    def stop(self, index: int) -> None:
+        """End sample `index` now (its `Finished` follows; a tick it is running is discarded)."""
+        ticket = self.tickets[index]
+        sample = ticket.work
+        assert isinstance(sample, Sample)
+        sample.stop = True
+        if ticket in self.engine._generations and not ticket.running:
+            self.engine._finish(ticket, "stopped")
+
+    def close(self) -> None:
+        """Take every sample out of the engine (the client went away, or the caller is done)."""
+        self.engine._drop(self.tickets)
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

@@ -2,14 +2,15 @@
 
 Two lanes run at once, each on its own worker thread (memoryd/engine/core.py):
 - the **decode lane** runs one batched forward: one token for each of up to `rows`
-  generating sessions, oldest first.  It is bound by memory reads and takes a few hundred
+  generating samples (a generation lives in the engine until it finishes, and each of its
+  samples joins every forward), least recently served first.  It is bound by memory reads and takes a few hundred
   milliseconds on a CPU, so generation latency does not depend on what else is queued;
 - the **compute lane** runs solo work, which is where test-time steps happen and which is
-  bound by arithmetic: decodes whose token completes a mini-batch (`Ticket.solo`), then
+  bound by arithmetic: samples whose token completes a mini-batch (`Ticket.solo`), then
   rebuilds, imports and exports, then appends, under a token budget per run.
 
 Compute-lane policy, in order:
-1. Solo decodes first, oldest first: each holds up a generation.
+1. Solo decodes first, least recently served first: each holds up a generation.
 2. Rebuilds, imports and exports, oldest first, while the budget lasts (a rebuild costs the
    log tokens it replays, bounded by the snapshot interval).
 3. Appends share what is left, least recently served first, each cut at the end of a
@@ -29,7 +30,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from memoryd.engine.work import Append, Decode, Ticket
+from memoryd.engine.work import Append, Sample, Ticket
 
 Lane = Literal["decode", "compute"]
 LANES: tuple[Lane, ...] = ("decode", "compute")
@@ -40,7 +41,7 @@ class Budget:
     tokens: int
     """Tokens of solo work per compute-lane run (appended, replayed, stepped)."""
     rows: int
-    """Sessions decoded in one batched forward."""
+    """Samples decoded in one batched forward (a generation of n samples takes n rows)."""
 
 
 @dataclass
@@ -88,7 +89,7 @@ def cut(ticket: Ticket, room: int) -> int:
 def schedule(waiting: Sequence[Ticket], budget: Budget, lanes: Collection[Lane] = LANES) -> Plan:
     """A plan for the free `lanes` over the `waiting` tickets (none of them running)."""
     plan = Plan()
-    decodes = sorted((t for t in waiting if isinstance(t.work, Decode)), key=lambda t: t.seq)
+    decodes = sorted((t for t in waiting if isinstance(t.work, Sample)), key=lambda t: (t.served, t.seq))
     if "decode" in lanes:
         plan.decodes = [t for t in decodes if not t.solo][: budget.rows]
     if "compute" not in lanes:
@@ -99,7 +100,7 @@ def schedule(waiting: Sequence[Ticket], budget: Budget, lanes: Collection[Lane] 
             break
         plan.solo.append(t)
         used += t.cost
-    others = sorted((t for t in waiting if not isinstance(t.work, Decode | Append)), key=lambda t: t.seq)
+    others = sorted((t for t in waiting if not isinstance(t.work, Sample | Append)), key=lambda t: t.seq)
     for t in others:
         if plan.others and used + t.cost > budget.tokens:
             break

@@ -22,14 +22,13 @@ from memoryd.engine.work import (
     Append,
     Appended,
     Built,
-    Decode,
     Export,
     Exported,
     Import,
     Rebuild,
     Refused,
     Result,
-    Sampled,
+    Sample,
     Ticket,
 )
 from model import InputError, ModelMismatchError, SnapshotError, StreamState, state_from_bytes, state_to_bytes
@@ -67,16 +66,27 @@ def _guard(ticket: Ticket, fn: Callable[[], Result | None]) -> Outcome:
 
 
 def _decodes(tickets: list[Ticket]) -> list[Outcome]:
-    work = [t.work for t in tickets]
-    assert all(isinstance(w, Decode) for w in work)
+    """One tick of each sample: read its last token, draw its next (one forward, one sampling pass)."""
+    rows: list[Sample] = [t.work for t in tickets]  # type: ignore[misc]
+    assert all(isinstance(s, Sample) for s in rows)
     try:
-        logits = decode([w.state for w in work], [w.token for w in work])
-        tokens = sample_rows(logits, [w.sampling for w in work], [w.u for w in work])
+        logits = decode([s.state for s in rows], [s.token for s in rows])
+        params = [s.request.params for s in rows]
+        penalized = any(p.penalized for p in params)
+        drawn = sample_rows(
+            logits,
+            params,
+            [s.u for s in rows],
+            [s.request.prompt for s in rows] if penalized else None,
+            [s.out for s in rows] if penalized else None,
+        )
     except InputError as e:
         return [Outcome(t, Refused("input", str(e))) for t in tickets]
     except Exception as e:  # noqa: BLE001 - every row of the batch fails with it
         return [Outcome(t, error=e) for t in tickets]
-    return [Outcome(t, Sampled(tok)) for t, tok in zip(tickets, tokens, strict=True)]
+    for s, d in zip(rows, drawn, strict=True):
+        d.sample = s.index
+    return [Outcome(t, d) for t, d in zip(tickets, drawn, strict=True)]
 
 
 def _append(ticket: Ticket, n: int) -> Result | None:

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,14 +27,15 @@ from memoryd.engine.work import (
     Append,
     Appended,
     Built,
-    Decode,
     Export,
     Exported,
+    Finished,
+    Generate,
     Import,
     Rebuild,
     Refused,
-    Sampled,
-    Sampling,
+    RefusedError,
+    SamplingParams,
 )
 from memoryd.errors import (
     Aborted,
@@ -51,21 +51,27 @@ from memoryd.errors import (
 )
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
-from memoryd.sessions.output import GenEvent, GenParams, StopText, kept_output, record, replayed
+from memoryd.sessions.output import CommitRule, GenEvent, SampleText, kept_output, record, replayed
 from memoryd.sessions.recall import RecalledSpan
 from memoryd.sessions.recall.indexes import RecallIndexes, recall_indexes
 from memoryd.sessions.residency import Hot, Residency
-from memoryd.sessions.routing import Moved, address_of
+from memoryd.sessions.routing import Moved
 from memoryd.settings import Settings
-from memoryd.store.store import AppendResult, Head, LeaseResult, Store, tokens_hash
+from memoryd.store import heads, leases, snapshots, tokenlog
+from memoryd.store.db import Store
+from memoryd.store.heads import Head
+from memoryd.store.leases import LeaseResult
+from memoryd.store.tokenlog import AppendResult, tokens_hash
 
 if TYPE_CHECKING:
     from memoryd.engine.core import Engine
     from memoryd.sessions.chat import ChatFormat
 
-__all__ = ["AppendOutcome", "GenEvent", "GenParams", "Info", "Sessions"]
+__all__ = ["AppendOutcome", "CommitRule", "GenEvent", "Info", "SamplingParams", "Sessions"]
 
 log = logging.getLogger("memoryd.sessions.calls")
+KEEP_SENT = CommitRule()
+"""A commit keeps exactly the text the client was sent, and nothing after it."""
 Content = list[int] | Callable[[int], list[int]]
 """Token ids, or a function of the offset they will land at (chat messages render differently at 0)."""
 
@@ -186,23 +192,23 @@ class Sessions:
             return hot
         tenant, sid = key
         async with self._redis():
-            head = await self.store.head(tenant, sid)
+            head = await heads.read(self.store, tenant, sid)
             if head is not None and head.digest != self.digest:  # before the lease: never take another model's
                 raise ForeignSession(head, self.digest)
-            lease = await self.store.acquire_lease(tenant, sid, self.owner, self.s.lease_seconds)
+            lease = await leases.acquire(self.store, tenant, sid, self.owner, self.s.lease_seconds)
             if lease.missing:
                 raise NotFound(f"session {sid!r} does not exist")
             if lease.fence is None:
                 raise await self._elsewhere(key, lease)
-            head = await self.store.head(tenant, sid)
+            head = await heads.read(self.store, tenant, sid)
             if head is None:
                 raise NotFound(f"session {sid!r} does not exist")
             if head.digest != self.digest:  # replaced by another model's session since the first look
-                await self.store.renew_leases([key], self.owner, 0)
+                await leases.renew(self.store, [key], self.owner, 0)
                 raise ForeignSession(head, self.digest)
-            data = await self.store.read_snapshot(head.snap) if head.snap else None
-            pieces = await self.store.read_log(tenant, sid, head.snap_off, head.offset)
-            await self.store.touch(tenant, sid)
+            data = await snapshots.read(self.store, head.snap) if head.snap else None
+            pieces = await tokenlog.read(self.store, tenant, sid, head.snap_off, head.offset)
+            await heads.touch(self.store, tenant, sid)
             await self.recalls.loaded(key, head, pieces)
         built: Built = await self._compute(Rebuild(data, pieces))
         metrics.LOADS.inc()
@@ -222,9 +228,9 @@ class Sessions:
         A holder that published no address (an older daemon) is asked to hand the session
         over instead, as before routing existed.
         """
-        address = await address_of(self.store, lease.holder)
+        address = await leases.address_of(self.store, lease.holder)
         if address is None:
-            await self.store.request_handoff(*key)
+            await leases.request_handoff(self.store, *key)
         return Moved(key[1], lease.holder, address, lease.ttl_ms)
 
     # -- snapshots and eviction --------------------------------------------------------------
@@ -238,10 +244,10 @@ class Sessions:
         data = (await self._compute(Export(state))).data
         tenant, sid = key
         async with self._redis():
-            snap = await self.store.write_snapshot(data, self.digest, state.position)
-            code = await self.store.publish_snapshot(tenant, sid, hot.fence, hot.gen, snap, state.position)
+            snap = await snapshots.write(self.store, data, self.digest, state.position)
+            code = await snapshots.publish(self.store, tenant, sid, hot.fence, hot.gen, snap, state.position)
             if code != 1:
-                await self.store.drop_snapshot(snap)
+                await snapshots.drop(self.store, snap)
         if code == 1:
             hot.snap_pos, hot.snap_steps = state.position, state.steps
             metrics.SNAPSHOTS.labels(reason).inc()
@@ -267,7 +273,7 @@ class Sessions:
             try:
                 await self._snapshot(key, hot, "eviction")
                 async with self._redis():
-                    await self.store.renew_leases([key], self.owner, 0)
+                    await leases.renew(self.store, [key], self.owner, 0)
             except ServiceError as e:
                 log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
             self.hot.drop(key)
@@ -295,12 +301,12 @@ class Sessions:
 
     async def create(self, tenant: str, sid: str, metadata: dict[str, str]) -> Info:
         async with self._redis():
-            code = await self.store.create(tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant)
+            code = await heads.create(self.store, tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant)
             if code == -1:
                 raise AlreadyExists(f"session {sid!r} already exists")
             if code == -2:
                 raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
-            head = await self.store.head(tenant, sid)
+            head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after it was created (TTL 0?); retry")
         return Info(head=head, pending=0, steps=0, state_bytes=self.engine.fresh_bytes, hot=False)
@@ -322,11 +328,11 @@ class Sessions:
             except ForeignSession as e:
                 return self._info(e.head, None)
             async with self._redis():
-                head = await self.store.head(tenant, sid)
+                head = await heads.read(self.store, tenant, sid)
         if head is None:  # expired or deleted under us: let go of it, lease included
             self.hot.drop(key)
             async with self._redis():
-                await self.store.renew_leases([key], self.owner, 0)
+                await leases.renew(self.store, [key], self.owner, 0)
             raise NotFound(f"session {sid!r} does not exist")
         return self._info(head, hot)
 
@@ -335,7 +341,7 @@ class Sessions:
     ) -> Info:
         """Set / remove metadata entries (client data: no lease, no load; the state is not touched)."""
         async with self._redis():
-            res = await self.store.update_metadata(tenant, sid, patch, expected, max_entries)
+            res = await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries)
             if res.outcome == "gone":
                 raise NotFound(f"session {sid!r} does not exist")
             if res.outcome == "differs":
@@ -348,21 +354,21 @@ class Sessions:
                     f"the metadata would hold {res.entries} entries; at most {max_entries} "
                     "(remove entries with empty values in the same update)"
                 )
-            head = await self.store.head(tenant, sid)
+            head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
         return self._info(head, self.hot.peek((tenant, sid)))
 
     async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
         async with self._redis():
-            heads, nxt = await self.store.list(tenant, after, limit)
-        return [self._info(h, self.hot.peek((tenant, h.session_id))) for h in heads], nxt
+            found, nxt = await heads.list_page(self.store, tenant, after, limit)
+        return [self._info(h, self.hot.peek((tenant, h.session_id))) for h in found], nxt
 
     async def delete(self, tenant: str, sid: str) -> int:
         key = (tenant, sid)
         async with self._held(key):
             async with self._redis(key):
-                code, offset = await self.store.delete(tenant, sid)
+                code, offset = await heads.delete(self.store, tenant, sid)
             if code == 1:
                 await self.recalls.dropped(key, deleted=True)
             self.hot.drop(key)
@@ -377,14 +383,14 @@ class Sessions:
         async with self._held(key):
             hot = await self._load(key)
             async with self._redis(key):
-                code, offset = await self.store.reset(tenant, sid, hot.fence, expected)
+                code, offset = await heads.reset(self.store, tenant, sid, hot.fence, expected)
             self._check_code(key, code, offset)
             await self.recalls.dropped(key, deleted=False)
             hot.set_state((await self._compute(Rebuild(None, []))).state)
             hot.gen, hot.snap_pos, hot.snap_steps = hot.gen + 1, 0, 0
             self.hot.changed()
             async with self._redis():
-                head = await self.store.head(tenant, sid)
+                head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
         return self._info(head, hot)
@@ -405,12 +411,12 @@ class Sessions:
     ) -> Info:
         async with self._redis():
             limit = self.s.max_sessions_per_tenant
-            src_head = await self.store.head(tenant, src)  # its incarnation, for the recall log it shares
-            code, offset = await self.store.fork(tenant, src, dst, metadata, expected, limit, self.digest)
+            src_head = await heads.read(self.store, tenant, src)  # its incarnation, for the recall log it shares
+            code, offset = await heads.fork(self.store, tenant, src, dst, metadata, expected, limit, self.digest)
             if code == -1:
                 raise NotFound(f"session {src!r} does not exist")
             if code == -5:
-                head = await self.store.head(tenant, src)
+                head = await heads.read(self.store, tenant, src)
                 raise ForeignSession(head, self.digest) if head else NotFound(f"session {src!r} does not exist")
             if code == -2:
                 raise AlreadyExists(f"session {dst!r} already exists")
@@ -418,7 +424,7 @@ class Sessions:
                 raise Aborted(f"expected offset differs: session {src!r} is at offset {offset}", offset=offset)
             if code == -4:
                 raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
-            head = await self.store.head(tenant, dst)
+            head = await heads.read(self.store, tenant, dst)
             if head is not None:
                 await self.recalls.forked(tenant, src_head, head, offset)
         if head is None:
@@ -429,7 +435,7 @@ class Sessions:
         if not append_id:
             return None
         async with self._redis():
-            return await self.store.find_append(*key, append_id)
+            return await tokenlog.find_append(self.store, *key, append_id)
 
     async def _commit(
         self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
@@ -437,7 +443,9 @@ class Sessions:
         """Make pieces durable (CAS on the offset), then swap `new` in."""
         tenant, sid = key
         async with self._redis(key):
-            res = await self.store.append(tenant, sid, hot.fence, hot.state.position, pieces, append_id, record)
+            res = await tokenlog.append(
+                self.store, tenant, sid, hot.fence, hot.state.position, pieces, append_id, record
+            )
         if res.status == "ok":
             hot.set_state(new)
             self.hot.put(key, hot)
@@ -497,12 +505,16 @@ class Sessions:
         tenant: str,
         sid: str,
         prompt: Content,
-        p: GenParams,
+        p: SamplingParams,
         commit: bool,
         expected: int | None,
         append_id: str,
+        rule: CommitRule = KEEP_SENT,
     ) -> AsyncIterator[GenEvent]:
-        """Sample on a copy; stream tokens and text; with commit, log prompt + output and swap the copy in."""
+        """Sample on forks; stream tokens and text; with commit, log prompt + output and swap the fork in.
+
+        The engine runs the generation (`Engine.generate`); this layer keeps what is not the
+        model's: text and stop strings (`SampleText`), what a commit keeps, and the commit."""
         key = (tenant, sid)
         async with self._held(key):
             hot = await self._load(key)
@@ -511,6 +523,8 @@ class Sessions:
                 if dup is not None:
                     yield replayed(append_id, dup, tokens_at(prompt, dup.start))
                     return
+            if commit and p.samples > 1:
+                raise InvalidArgument(f"n = {p.n} with commit: a commit keeps one output; ask for n = 1")
             self._check_expected(hot, expected)
             prompt_ids = tokens_at(prompt, hot.state.position)
             pieces: list[list[int]] = []
@@ -520,65 +534,52 @@ class Sessions:
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
-            work = self.engine.fork(after_prompt)
-            rng = random.Random(p.seed if p.seed is not None else random.SystemRandom().getrandbits(64))
-            sampling = Sampling(p.temperature, p.top_k, p.top_p)
-            stops = {self.tok.eos_id, *p.stop_tokens}
-            decoder, text = self.tok.stream_decoder(), StopText(p.stop)
-            out: list[int] = []
-            sent: list[str] = []
-            finish = "length"
-
-            # The next token is asked for before this one is streamed to the client, so the engine's
-            # next tick overlaps the network writes of this one (all sessions' decodes join it).
-            def ask(prev: int | None) -> asyncio.Future[Sampled]:
-                return asyncio.ensure_future(self._compute(Decode(work, prev, sampling, rng.random())))
-
-            nxt = ask(None) if p.max_tokens > 0 else None
-            try:
-                while nxt is not None:
-                    t = (await nxt).token
-                    nxt = None
-                    out.append(t)
-                    metrics.TOKENS_GENERATED.inc()
-                    if t in stops:
-                        finish, event = "stop_token", GenEvent([t], "")
-                    else:
-                        delta = text.push(decoder.push(t))
-                        sent.append(delta)
-                        event = GenEvent([t], delta)
-                        if text.stopped:
-                            finish = "stop_string"
-                    if finish == "length" and len(out) < p.max_tokens:
-                        nxt = ask(t)
-                    yield event
-            finally:
-                if nxt is not None:  # the client went away: its generation is not committed
-                    nxt.cancel()
-            tail = ""
-            if not text.stopped:  # bytes the stream decoder still holds (an unfinished character)
-                full = self.tok.decode([t for t in out if t not in stops])
-                if full.startswith(text.text):
-                    tail = text.push(full[len(text.text) :])
-            tail += text.flush()
-            sent.append(tail)
+            request = Generate(after_prompt, p, frozenset({self.tok.eos_id, *p.stop_tokens}), tuple(prompt_ids))
+            outs = [SampleText(self.tok, p.stop, request.stop_ids) for _ in range(p.samples)]
+            ends: dict[int, Finished] = {}
+            async with self.engine.generate(request) as gen:
+                try:
+                    async for item in gen:
+                        if isinstance(item, Finished):
+                            ends[item.sample] = item
+                        elif not outs[item.sample].finish:  # else: drawn after a stop string ended it
+                            o = outs[item.sample]
+                            metrics.TOKENS_GENERATED.inc()
+                            delta = o.push(item.token)
+                            if o.finish == "stop_string":
+                                gen.stop(item.sample)
+                            lp = [item.logprob] if item.logprob is not None else []
+                            yield GenEvent([item.token], delta, sample=item.sample, logprobs=lp)
+                        if not commit and all(o.finish or i in ends for i, o in enumerate(outs)):
+                            break  # nothing more to send, and no state to keep
+                except RefusedError as e:
+                    raise InvalidArgument(e.refused.message) from e
+            tails = [o.end() for o in outs]
+            if len(outs) > 1:  # each sample's end, then one last message
+                for i, (o, tail) in enumerate(zip(outs, tails, strict=True)):
+                    yield GenEvent([], tail, False, o.finish, 0, len(o.out), sample=i)
             offset, committed = hot.state.position, 0
             if commit:
-                kept = kept_output(self.tok, out, finish, text, p.commit_stop)
-                rest = kept[len(out) - 1 :] if kept[: len(out) - 1] == out[:-1] else None
-                if rest is not None:  # `work` has read out[:-1], which kept begins with: read the rest
-                    pieces += [[t] for t in out[:-1]]
-                    state, last = work, rest + p.suffix
-                else:  # kept diverges from what `work` read (a stop string cut inside a token)
-                    state, last = after_prompt, kept + p.suffix
+                o, end = outs[0], ends[0]
+                kept = kept_output(self.tok, o.out, o.finish, o.text, rule.stop)
+                read = o.out[: end.read] if end.read <= len(o.out) else None
+                if read is not None and kept[: len(read)] == read:  # the fork has read a prefix of kept: the rest
+                    pieces += [[t] for t in read]
+                    state, last = end.state, kept[len(read) :] + list(rule.suffix)
+                else:  # kept diverges from what the fork read (a stop string cut inside a token)
+                    state, last = after_prompt, kept + list(rule.suffix)
                 if last:
                     state = (await self._compute(Append(state, last))).state
                     pieces.append(last)
-                rec = record(prompt_ids, out, "".join(sent), finish)
+                rec = record(prompt_ids, o.out, "".join(o.sent), o.finish)
                 res_c = await self._commit(key, hot, state, pieces, append_id, rec)
                 offset, committed = res_c.offset, res_c.offset - res_c.start
                 metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
-            yield GenEvent([], tail, True, finish, offset, len(out), False, committed)
+            last_text = tails[0] if len(outs) == 1 else ""
+            generated = sum(len(o.out) for o in outs)
+            yield GenEvent(
+                [], last_text, True, outs[0].finish, offset, generated, False, committed, prompt=len(prompt_ids)
+            )
 
     async def recall(self, key: Key, query: str, k: int) -> list[RecalledSpan]:
         """The k spans of the session's log most relevant to `query`, most relevant first (memoryd/sessions/recall)."""
@@ -597,7 +598,7 @@ class Sessions:
                 return e.head, await self._stored_state(e.head)
             exported: Exported = await self._compute(Export(hot.state))
             async with self._redis():
-                head = await self.store.head(tenant, sid)
+                head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
         return head, exported.data
@@ -612,9 +613,9 @@ class Sessions:
             )
         async with self._redis():
             try:
-                return await self.store.read_snapshot(head.snap)
+                return await snapshots.read(self.store, head.snap)
             except DataLoss:
-                now = await self.store.head(head.tenant, head.session_id)
+                now = await heads.read(self.store, head.tenant, head.session_id)
                 if now is None or now.snap != head.snap:  # its daemon published a newer one meanwhile
                     raise Unavailable(f"session {head.session_id!r} changed while it was exported; retry") from None
                 raise
@@ -637,13 +638,20 @@ class Sessions:
             )
         key = (tenant, sid)
         async with self._held(key), self._redis():
-            snap = await self.store.write_snapshot(data, self.digest, state.position)
-            code = await self.store.create(
-                tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant, snap=snap, offset=state.position
+            snap = await snapshots.write(self.store, data, self.digest, state.position)
+            code = await heads.create(
+                self.store,
+                tenant,
+                sid,
+                metadata,
+                self.digest,
+                self.s.max_sessions_per_tenant,
+                snap=snap,
+                offset=state.position,
             )
             if code != 1:
-                await self.store.drop_snapshot(snap)
-            head = await self.store.head(tenant, sid) if code == 1 else None
+                await snapshots.drop(self.store, snap)
+            head = await heads.read(self.store, tenant, sid) if code == 1 else None
         if code == -1:
             raise AlreadyExists(f"session {sid!r} already exists")
         if code == -2:

@@ -17,8 +17,9 @@ from memoryd import metrics
 from memoryd.sessions.ordering import Key
 from memoryd.sessions.residency import Residency
 from memoryd.settings import Settings
+from memoryd.store import heads, leases
+from memoryd.store.db import Store
 from memoryd.store.redis_client import UNAVAILABLE_ERRORS
-from memoryd.store.store import Store
 
 log = logging.getLogger("memoryd.sessions.leases")
 
@@ -38,17 +39,17 @@ async def maintain_forever(
             if s.ttl_seconds:
                 await _refresh_ttls(hot, store, owner, s.ttl_seconds)
             keys = hot.resident()
-            for key, wanted in zip(keys, await store.take_handoff_requests(keys), strict=True):
+            for key, wanted in zip(keys, await leases.take_handoff_requests(store, keys), strict=True):
                 if wanted:  # another daemon has a call for it: snapshot, drop, release
                     task = asyncio.get_running_loop().create_task(hand_over(key))
                     background.add(task)
                     task.add_done_callback(background.discard)
-            ok = await store.renew_leases(keys, owner, s.lease_seconds)
+            ok = await leases.renew(store, keys, owner, s.lease_seconds)
             for key, fine in zip(keys, ok, strict=True):
                 if not fine:
                     log.warning("lost the lease of %s; dropping it", key)
                     hot.drop(key)
-            metrics.SESSIONS_STORED.set(await store.count_sessions())
+            metrics.SESSIONS_STORED.set(await heads.count(store))
         except redis_errors() as e:
             log.warning("session maintenance: Redis unavailable (%s)", e)
         except Exception:  # a bug here must not stop lease renewal for good
@@ -64,7 +65,7 @@ async def _refresh_ttls(hot: Residency, store: Store, owner: str, ttl: int) -> N
             continue
         if now - h.used > ttl:  # expired in Redis by now: forget it, do not resurrect it
             hot.drop(key)
-            await store.renew_leases([key], owner, 0)
+            await leases.renew(store, [key], owner, 0)
         elif h.used > h.touched and now - h.touched > min(60.0, ttl / 4):
             h.touched = now
-            await store.touch(*key)
+            await heads.touch(store, *key)

@@ -13,8 +13,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from memoryd.engine.work import Logprob
 from memoryd.errors import InvalidArgument
-from memoryd.store.store import AppendResult, tokens_hash
+from memoryd.store.tokenlog import AppendResult, tokens_hash
 
 
 class StopText:
@@ -58,18 +59,13 @@ class StopText:
         return out
 
 
-@dataclass
-class GenParams:
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    stop: list[str]
-    stop_tokens: list[int]
-    commit_stop: bool = False
+@dataclass(frozen=True)
+class CommitRule:
+    """What a committed generation keeps besides its output (the session layer's, not the sampler's)."""
+
+    stop: bool = False
     """Commit the stop token / the tokens of the stop string too (else: exactly the text sent)."""
-    suffix: list[int] = field(default_factory=list)
+    suffix: tuple[int, ...] = ()
     """Committed after the output (a chat turn's closing)."""
 
 
@@ -83,6 +79,49 @@ class GenEvent:
     generated: int = 0
     duplicate: bool = False
     committed: int = 0
+    sample: int = 0
+    """Which of the request's samples the tokens and text belong to."""
+    logprobs: list[Logprob] = field(default_factory=list)
+    """One per token, when asked for."""
+    prompt: int = 0
+    """Last event: tokens of the prompt the call read."""
+
+
+class SampleText:
+    """One sample's output as its client sees it: the tokens, the text sent, and why it stopped."""
+
+    def __init__(self, tok: Any, stops: tuple[str, ...], stop_ids: frozenset[int]) -> None:
+        self.tok, self.stop_ids = tok, stop_ids
+        self.decoder = tok.stream_decoder()
+        self.text = StopText(list(stops))
+        self.out: list[int] = []
+        self.sent: list[str] = []
+        self.finish = ""
+        """"" while it runs; then "stop_token", "stop_string" or "length"."""
+
+    def push(self, token: int) -> str:
+        """A sampled token; returns the text it makes safe to send."""
+        self.out.append(token)
+        if token in self.stop_ids:
+            self.finish = "stop_token"
+            return ""
+        delta = self.text.push(self.decoder.push(token))
+        self.sent.append(delta)
+        if self.text.stopped:
+            self.finish = "stop_string"
+        return delta
+
+    def end(self) -> str:
+        """At the end: the text still held back (an unfinished character, a possible stop string's start)."""
+        self.finish = self.finish or "length"
+        tail = ""
+        if not self.text.stopped:
+            full = self.tok.decode([t for t in self.out if t not in self.stop_ids])
+            if full.startswith(self.text.text):
+                tail = self.text.push(full[len(self.text.text) :])
+        tail += self.text.flush()
+        self.sent.append(tail)
+        return tail
 
 
 def kept_output(tok: Any, out: list[int], finish: str, text: StopText, commit_stop: bool) -> list[int]:

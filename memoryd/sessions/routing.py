@@ -37,8 +37,6 @@ from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 
 from memoryd import metrics
 from memoryd.errors import ServiceError, Unavailable
-from memoryd.sessions.leases import redis_errors
-from memoryd.store.store import Store
 
 log = logging.getLogger("memoryd.sessions.routing")
 
@@ -90,24 +88,6 @@ def advertised_address(listen: str, port: int, advertise: str | None) -> str:
     if host in ("0.0.0.0", "[::]", "::", ""):
         host = socket.gethostname()
     return f"{host}:{port}"
-
-
-def _directory_key(store: Store, daemon_id: str) -> str:
-    return f"{store.prefix}:daemon:{daemon_id}:addr"
-
-
-async def publish_address(store: Store, daemon_id: str, address: str, seconds: float) -> None:
-    await store.r.set(_directory_key(store, daemon_id), address, px=int(seconds * 1000))
-
-
-async def withdraw_address(store: Store, daemon_id: str) -> None:
-    await store.r.delete(_directory_key(store, daemon_id))
-
-
-async def address_of(store: Store, daemon_id: str) -> str | None:
-    """The published address of a daemon (None if it never published one or stopped renewing it)."""
-    raw = await store.r.get(_directory_key(store, daemon_id))
-    return raw.decode() if raw is not None else None
 
 
 # -- forwarding -------------------------------------------------------------------------------------
@@ -284,14 +264,3 @@ class Router:
                     yield item
                 return
             await asyncio.sleep(POLL)
-
-
-async def publish_forever(store: Store, daemon_id: str, address: str, lease_seconds: float) -> None:
-    """Keep this daemon's address published while it lives (it outlasts a lease, so a holder is always found)."""
-    every = max(0.2, min(1.0, lease_seconds / 3))
-    while True:
-        try:
-            await publish_address(store, daemon_id, address, max(10.0, 3 * lease_seconds))
-        except redis_errors() as e:  # Redis away: leases lapse too; publishing resumes with it
-            log.warning("could not publish this daemon's address: %s", e)
-        await asyncio.sleep(every)

@@ -40,6 +40,7 @@ from memoryd_sdk.errors import (
 )
 from memoryd_sdk.export_file import ExportFormatError
 from memoryd_sdk.generation import GenerateStream
+from memoryd_sdk.requests import SamplingParams
 from memoryd_sdk.retry import RetryPolicy
 from memoryd_sdk.session import Session
 from memoryd_sdk.types import (
@@ -50,7 +51,9 @@ from memoryd_sdk.types import (
     GenerateChunk,
     GenerateResult,
     ModelInfo,
+    Sample,
     SessionInfo,
+    TokenLogprob,
 )
 
 __version__ = "0.1.0"
@@ -85,9 +88,12 @@ __all__ = [
     "PlainTemplate",
     "ResourceExhausted",
     "RetryPolicy",
+    "Sample",
+    "SamplingParams",
     "ServerTemplate",
     "Session",
     "SessionInfo",
+    "TokenLogprob",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

@@ -44,6 +44,7 @@ from memoryd_sdk.requests import (
     Content,
     Extras,
     Message,
+    SamplingParams,
     StreamBuilder,
     append_request,
     fork_request,
@@ -52,7 +53,7 @@ from memoryd_sdk.requests import (
     new_append_id,
     new_session_id,
     reset_request,
-    sampling,
+    sampling_params,
 )
 from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry_async
 from memoryd_sdk.routing import RoutedStub, Routes, Targets
@@ -358,21 +359,19 @@ class AsyncMemoryClient:
         session_id: str,
         prompt: Content | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         commit: bool = False,
         expected_offset: int | None = None,
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
         timeout: float | None = None,
+        **sampling: object,
     ) -> AsyncGenerateStream:
         """Sample a continuation; iterate the result for text deltas as they are made.
+
+        Sampling settings: `params` (a `SamplingParams`) and/or its fields as keyword arguments
+        (`max_tokens=48, temperature=0.7`; keywords win).
 
         `commit=True` makes prompt and output part of the session once the generation
         completes (it carries an append id, so a retry lands once); `commit=False` leaves
@@ -382,7 +381,7 @@ class AsyncMemoryClient:
         req = generate_request(
             session_id,
             prompt,
-            sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed),
+            sampling_params(params, sampling),
             commit,
             expected_offset,
             append_id or new_append_id(),
@@ -399,19 +398,14 @@ class AsyncMemoryClient:
         session_id: str,
         prompt: Content | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         commit: bool = False,
         expected_offset: int | None = None,
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
         timeout: float | None = None,
+        **sampling: object,
     ) -> GenerateResult:
         """The non-streaming form of `generate`: the whole text and token ids, with retries throughout.
 
@@ -421,7 +415,7 @@ class AsyncMemoryClient:
         req = generate_request(
             session_id,
             prompt,
-            sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed),
+            sampling_params(params, sampling),
             commit,
             expected_offset,
             append_id or new_append_id(),

@@ -30,11 +30,11 @@ from memoryd_sdk.requests import (
     Content,
     Extras,
     Message,
-    Sampling,
+    SamplingParams,
     generate_request,
     is_message,
     new_append_id,
-    sampling,
+    sampling_params,
 )
 from memoryd_sdk.types import AppendResult, ChatReply, ExportHeader, GenerateChunk, GenerateResult, SessionInfo
 
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from memoryd_sdk.aio import AsyncMemoryClient
 
 T = TypeVar("T")
+
+CHAT_MAX_TOKENS = 256
+"""`chat` / `reply` sample at most this many tokens unless told otherwise (a reply, not a completion)."""
 
 
 class AsyncSession:
@@ -154,18 +157,13 @@ class AsyncSession:
         self,
         prompt: Content | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         commit: bool = False,
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
         timeout: float | None = None,
+        **sampling: object,
     ) -> AsyncGenerateStream:
         """Stream a continuation: `async for delta in session.generate(...)` yields text as it is made.
 
@@ -174,14 +172,14 @@ class AsyncSession:
         committed of the output is exactly the text sent (the stop string or stop token is
         left out unless `commit_stop=True`), then `commit_suffix`.
         """
-        settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
+        settings = sampling_params(params, sampling)
         extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix)
         return self._stream(prompt, settings, commit, append_id, extras, timeout)
 
     def _stream(
         self,
         prompt: Content | None,
-        settings: Sampling,
+        settings: SamplingParams,
         commit: bool,
         append_id: str | None,
         extras: Extras,
@@ -206,28 +204,23 @@ class AsyncSession:
         self,
         prompt: Content | None = None,
         *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        stop_tokens: Iterable[int] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         commit: bool = False,
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
         timeout: float | None = None,
+        **sampling: object,
     ) -> GenerateResult:
         """The non-streaming `generate`: returns the text and token ids (retried as a whole)."""
-        settings = sampling(max_tokens, temperature, top_p, top_k, stop, stop_tokens, seed)
+        settings = sampling_params(params, sampling)
         extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix)
         return await self._complete(prompt, settings, commit, append_id, extras, timeout)
 
     async def _complete(
         self,
         prompt: Content | None,
-        settings: Sampling,
+        settings: SamplingParams,
         commit: bool,
         append_id: str | None,
         extras: Extras,
@@ -340,12 +333,9 @@ class AsyncSession:
         *,
         role: str = "user",
         reply_role: str = "assistant",
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         timeout: float | None = None,
+        **sampling: object,
     ) -> ChatReply:
         """A `role` turn with `text`, then the model's reply, committed; returns the reply.
 
@@ -356,44 +346,29 @@ class AsyncSession:
         so the session holds whole turns whichever way the reply stopped.  With the model's
         own template the reply role is the template's ("assistant").
         """
-        return await self.reply(
-            [(role, text)],
-            reply_role=reply_role,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            timeout=timeout,
-        )
+        return await self.reply([(role, text)], reply_role=reply_role, params=params, timeout=timeout, **sampling)
 
     async def reply(
         self,
         messages: list[Message],
         *,
         reply_role: str = "assistant",
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         append_id: str | None = None,
         commit: bool = True,
         timeout: float | None = None,
+        **sampling: object,
     ) -> ChatReply:
         """As `chat`, for several turns at once: the turns and the reply land in one committed generation.
 
         `append_id` makes a re-sent request land once: a retry finds the generation already
         committed and gets its original reply back (`generation.duplicate`).  `stop` adds stop
-        strings to the format's own.  `commit=False`: the reply to the turns as they would be
-        read, with the session left bit for bit as it was (a question asked of the memory).
+        strings to the format's own.  `commit=False` leaves the session as it was (for `n` > 1
+        samples, say: a commit keeps one output).
         """
         prompt, extras, settings = await self._reply_request(
-            messages, reply_role, sampling(max_tokens, temperature, top_p, top_k, stop, None, seed)
+            messages, reply_role, sampling_params(params, sampling, max_tokens=CHAT_MAX_TOKENS)
         )
-        if not commit:
-            extras = replace(extras, commit_suffix="")  # the daemon takes a suffix only with a commit
         gen = await self._complete(prompt, settings, commit, append_id, extras, timeout)
         return ChatReply(gen.text, gen.tokens, gen.finish_reason, gen.offset, gen)
 
@@ -402,24 +377,21 @@ class AsyncSession:
         messages: list[Message],
         *,
         reply_role: str = "assistant",
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        top_k: int = 0,
-        stop: str | Iterable[str] | None = None,
-        seed: int | None = None,
+        params: SamplingParams | None = None,
         append_id: str | None = None,
+        commit: bool = True,
         timeout: float | None = None,
+        **sampling: object,
     ) -> AsyncGenerateStream:
         """As `reply`, streamed: iterate for the reply's text as it is made (committed when it completes)."""
         prompt, extras, settings = await self._reply_request(
-            messages, reply_role, sampling(max_tokens, temperature, top_p, top_k, stop, None, seed)
+            messages, reply_role, sampling_params(params, sampling, max_tokens=CHAT_MAX_TOKENS)
         )
-        return self._stream(prompt, settings, True, append_id, extras, timeout)
+        return self._stream(prompt, settings, commit, append_id, extras, timeout)
 
     async def _reply_request(
-        self, messages: list[Message], reply_role: str, settings: Sampling
-    ) -> tuple[Content | None, Extras, Sampling]:
+        self, messages: list[Message], reply_role: str, settings: SamplingParams
+    ) -> tuple[Content | None, Extras, SamplingParams]:
         """Prompt, extras and sampling of a chat reply in the session's format (see `chat`)."""
         fmt = await self.chat_format()
         if isinstance(fmt, ServerTemplate):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 
 from memoryd_sdk.proto import memoryd_pb2 as pb
 
@@ -107,16 +107,72 @@ class StreamBuilder:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    """Sampling settings of a generation (the proto's defaults: greedy, no top-p/top-k, random seed)."""
+class SamplingParams:
+    """How a generation samples: one options object, passed as `params=` or as keyword arguments
+    (`s.generate("...", max_tokens=48, temperature=0.7)`), sent as the GenerateRequest fields of
+    the same names (see the proto for each one's range; the server checks them).
+
+    The defaults are the proto's: greedy, every other setting off, a random seed."""
 
     max_tokens: int = 64
     temperature: float = 0.0
+    """0: greedy (argmax)."""
     top_p: float = 0.0
+    """Nucleus sampling; 0 or 1: off."""
     top_k: int = 0
-    stop: tuple[str, ...] = ()
-    stop_tokens: tuple[int, ...] = ()
+    """0: off."""
+    min_p: float = 0.0
+    """Drop tokens less likely than min_p times the most likely one; 0: off."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 0.0
+    """0 or 1: off."""
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    """Token id -> bias added to its logit, in [-100, 100]."""
+    logprobs: bool = False
+    """Each token's log-probability (`GenerateChunk.logprobs`)."""
+    top_logprobs: int = 0
+    """With logprobs: the k most likely tokens at each position too."""
+    n: int = 1
+    """Independent samples of one prompt (not with commit); sample i draws as seed + i would."""
     seed: int | None = None
+    stop: str | Sequence[str] | None = ()
+    """Stop strings (a single string is one); kept as a tuple."""
+    stop_tokens: Sequence[int] | None = ()
+
+    def __post_init__(self) -> None:
+        stop = self.stop or ()
+        object.__setattr__(self, "stop", (stop,) if isinstance(stop, str) else tuple(stop))
+        object.__setattr__(self, "stop_tokens", tuple(int(t) for t in self.stop_tokens or ()))
+
+    def with_(self, **changes: object) -> SamplingParams:
+        """A copy with these settings changed (a keyword that is not a setting is a TypeError naming it)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"{unknown[0]!r} is not a sampling setting (see memoryd_sdk.SamplingParams)")
+        return replace(self, **changes) if changes else self  # type: ignore[arg-type]
+
+    def fill(self, req: pb.GenerateRequest) -> None:
+        """Set the request's fields of the same names (None: leave unset)."""
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                continue
+            target = getattr(req, f.name)
+            if isinstance(v, Mapping):
+                target.update({int(k): float(b) for k, b in v.items()})
+            elif isinstance(v, tuple | list):
+                target.extend(v)
+            else:
+                setattr(req, f.name, v)
+
+
+def sampling_params(
+    params: SamplingParams | None, changes: Mapping[str, object], max_tokens: int = 64
+) -> SamplingParams:
+    """`params` (else the defaults, with this method's `max_tokens`) with keyword settings applied."""
+    base = params if params is not None else SamplingParams(max_tokens=max_tokens)
+    return base.with_(**changes)
 
 
 @dataclass(frozen=True)
@@ -132,7 +188,7 @@ class Extras:
 def generate_request(
     session_id: str,
     prompt: Content | None,
-    s: Sampling,
+    s: SamplingParams,
     commit: bool,
     expected_offset: int | None,
     append_id: str,
@@ -140,12 +196,6 @@ def generate_request(
 ) -> pb.GenerateRequest:
     req = pb.GenerateRequest(
         session_id=session_id,
-        max_tokens=s.max_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        stop=list(s.stop),
-        stop_tokens=[int(t) for t in s.stop_tokens],
         commit=commit,
         append_id=append_id if commit else "",
         prompt_messages=chat_messages(extras.messages),
@@ -153,28 +203,14 @@ def generate_request(
         commit_stop=extras.commit_stop,
         commit_suffix=extras.commit_suffix,
     )
+    s.fill(req)
     if isinstance(prompt, str):
         req.prompt_text = prompt
     elif prompt is not None:
         req.prompt_tokens.extend(int(t) for t in prompt)
-    if s.seed is not None:
-        req.seed = s.seed
     if expected_offset is not None:
         req.expected_offset = expected_offset
     return req
-
-
-def sampling(
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    stop: str | Iterable[str] | None,
-    stop_tokens: Iterable[int] | None,
-    seed: int | None,
-) -> Sampling:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    return Sampling(max_tokens, temperature, top_p, top_k, stops, tuple(stop_tokens or ()), seed)
 
 
 def fork_request(

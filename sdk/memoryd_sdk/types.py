@@ -88,6 +88,29 @@ class AppendResult:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: int
+    logprob: float
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model, and the most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    text: str = ""
+    """The token decoded on its own."""
+    top: tuple[TopLogprob, ...] = ()
+    """The most likely tokens at its position, most likely first (`top_logprobs` of them)."""
+
+    @classmethod
+    def from_pb(cls, m: pb.TokenLogprob) -> TokenLogprob:
+        return cls(m.token, m.logprob, m.text, tuple(TopLogprob(t.token, t.logprob, t.text) for t in m.top))
+
+
+@dataclass(frozen=True)
 class GenerateChunk:
     """One message of a generation stream: the text and ids made since the previous one."""
 
@@ -101,6 +124,12 @@ class GenerateChunk:
     duplicate: bool = False
     committed_tokens: int = 0
     """Last chunk of a committed generation: tokens it added to the session."""
+    index: int = 0
+    """Which sample (of `n`) the text and ids belong to."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One per token, when asked for (`logprobs=True`)."""
+    prompt_tokens: int = 0
+    """Last chunk: tokens of the prompt the call read."""
 
     @classmethod
     def from_pb(cls, m: pb.GenerateResponse) -> GenerateChunk:
@@ -113,12 +142,26 @@ class GenerateChunk:
             generated_tokens=m.generated_tokens,
             duplicate=m.duplicate,
             committed_tokens=m.committed_tokens,
+            index=m.index,
+            logprobs=tuple(TokenLogprob.from_pb(x) for x in m.logprobs),
+            prompt_tokens=m.prompt_tokens,
         )
 
 
 @dataclass(frozen=True)
+class Sample:
+    """One of a generation's `n` samples."""
+
+    index: int
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: FinishReason
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class GenerateResult:
-    """A whole generation.
+    """A whole generation (with n > 1: sample 0's text and ids, and every sample in `samples`).
 
     For `duplicate=True` (a retried committed generation that had already landed) the
     server sends the original tokens and text again, in one message: the result is the
@@ -133,19 +176,44 @@ class GenerateResult:
     duplicate: bool = False
     committed: bool = False
     committed_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    samples: tuple[Sample, ...] = ()
+    """Every sample, in index order (one when n = 1)."""
+    prompt_tokens: int = 0
+    """Tokens of the prompt the call read."""
 
     @classmethod
     def collect(cls, chunks: list[GenerateChunk], committed: bool) -> GenerateResult:
         last = chunks[-1] if chunks else GenerateChunk("", ())
+        by_index: dict[int, list[GenerateChunk]] = {}
+        for c in chunks:
+            by_index.setdefault(c.index, []).append(c)
+        samples = []
+        for i in sorted(by_index):
+            mine = by_index[i]
+            ends = [c.finish_reason for c in mine if c.finish_reason != FinishReason.UNSPECIFIED]
+            samples.append(
+                Sample(
+                    i,
+                    "".join(c.text for c in mine),
+                    tuple(t for c in mine for t in c.tokens),
+                    ends[-1] if ends else last.finish_reason,
+                    tuple(lp for c in mine for lp in c.logprobs),
+                )
+            )
+        first = samples[0] if samples else Sample(0, "", (), last.finish_reason)
         return cls(
-            text="".join(c.text for c in chunks),
-            tokens=tuple(t for c in chunks for t in c.tokens),
+            text=first.text,
+            tokens=first.tokens,
             finish_reason=last.finish_reason,
             offset=last.offset,
             generated_tokens=last.generated_tokens,
             duplicate=last.duplicate,
             committed=committed,
             committed_tokens=last.committed_tokens,
+            logprobs=first.logprobs,
+            samples=tuple(samples),
+            prompt_tokens=last.prompt_tokens,
         )
 
 

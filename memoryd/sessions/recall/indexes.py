@@ -25,8 +25,9 @@ from memoryd.sessions.recall import RecalledSpan
 from memoryd.sessions.recall.index import SpanIndex
 from memoryd.sessions.recall.pages import Pages
 from memoryd.sessions.recall.spans import Shape
+from memoryd.store.db import Store
+from memoryd.store.heads import Head
 from memoryd.store.redis_client import UNAVAILABLE_ERRORS
-from memoryd.store.store import Head, Store
 
 if TYPE_CHECKING:
     from memoryd.sessions.chat import ChatFormat

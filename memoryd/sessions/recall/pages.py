@@ -33,7 +33,7 @@ import uuid
 from array import array
 from dataclasses import dataclass
 
-from memoryd.store.store import Store
+from memoryd.store.db import Store
 
 PAGE_TOKENS = 4096
 """Tokens per sealed page (16 KiB): a 64K-token session reads its chain in 16 steps, and a tail

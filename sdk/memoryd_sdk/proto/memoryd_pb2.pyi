@@ -195,7 +195,14 @@ class AppendResponse(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., start_offset: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., pending_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_tokens", "commit", "expected_offset", "append_id", "prompt_messages", "add_generation_prompt", "commit_stop", "commit_suffix")
+    __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_tokens", "commit", "expected_offset", "append_id", "prompt_messages", "add_generation_prompt", "commit_stop", "commit_suffix", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs", "n")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +220,14 @@ class GenerateRequest(_message.Message):
     ADD_GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     COMMIT_STOP_FIELD_NUMBER: _ClassVar[int]
     COMMIT_SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_text: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -230,10 +245,40 @@ class GenerateRequest(_message.Message):
     add_generation_prompt: bool
     commit_stop: bool
     commit_suffix: str
-    def __init__(self, session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., commit: _Optional[bool] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ..., prompt_messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., commit_stop: _Optional[bool] = ..., commit_suffix: _Optional[str] = ...) -> None: ...
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    min_p: float
+    logit_bias: _containers.ScalarMap[int, float]
+    logprobs: bool
+    top_logprobs: int
+    n: int
+    def __init__(self, session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., commit: _Optional[bool] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ..., prompt_messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., commit_stop: _Optional[bool] = ..., commit_suffix: _Optional[str] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., min_p: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
+
+class TopLogprob(_message.Message):
+    __slots__ = ("token", "logprob", "text")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    logprob: float
+    text: str
+    def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class TokenLogprob(_message.Message):
+    __slots__ = ("token", "logprob", "text", "top")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    logprob: float
+    text: str
+    top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
+    def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., text: _Optional[str] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("tokens", "text", "done", "finish_reason", "offset", "generated_tokens", "duplicate", "committed_tokens")
+    __slots__ = ("tokens", "text", "done", "finish_reason", "offset", "generated_tokens", "duplicate", "committed_tokens", "index", "logprobs", "prompt_tokens")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +287,9 @@ class GenerateResponse(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
     done: bool
@@ -250,7 +298,10 @@ class GenerateResponse(_message.Message):
     generated_tokens: int
     duplicate: bool
     committed_tokens: int
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., offset: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., duplicate: _Optional[bool] = ..., committed_tokens: _Optional[int] = ...) -> None: ...
+    index: int
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
+    prompt_tokens: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., offset: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., duplicate: _Optional[bool] = ..., committed_tokens: _Optional[int] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ()
@@ -305,7 +356,7 @@ class ModelInfo(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_append_tokens", "max_append_text_chars", "max_generate_tokens", "max_message_bytes", "max_metadata_entries", "max_metadata_key_chars", "max_metadata_value_chars", "max_stop_strings", "max_stop_string_chars", "max_stop_tokens", "max_top_k", "max_temperature", "max_import_bytes", "max_sessions_per_tenant", "default_page_size", "max_page_size", "default_chunk_bytes", "min_chunk_bytes", "max_chunk_bytes", "max_session_id_chars", "max_append_id_chars", "max_role_chars")
+    __slots__ = ("max_append_tokens", "max_append_text_chars", "max_generate_tokens", "max_message_bytes", "max_metadata_entries", "max_metadata_key_chars", "max_metadata_value_chars", "max_stop_strings", "max_stop_string_chars", "max_stop_tokens", "max_top_k", "max_temperature", "max_import_bytes", "max_sessions_per_tenant", "default_page_size", "max_page_size", "default_chunk_bytes", "min_chunk_bytes", "max_chunk_bytes", "max_session_id_chars", "max_append_id_chars", "max_role_chars", "max_n", "max_top_logprobs", "max_logit_bias_entries")
     MAX_APPEND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_APPEND_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +379,9 @@ class ServerLimits(_message.Message):
     MAX_SESSION_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_APPEND_ID_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_ROLE_CHARS_FIELD_NUMBER: _ClassVar[int]
+    MAX_N_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_LOGIT_BIAS_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     max_append_tokens: int
     max_append_text_chars: int
     max_generate_tokens: int
@@ -350,7 +404,10 @@ class ServerLimits(_message.Message):
     max_session_id_chars: int
     max_append_id_chars: int
     max_role_chars: int
-    def __init__(self, max_append_tokens: _Optional[int] = ..., max_append_text_chars: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_metadata_entries: _Optional[int] = ..., max_metadata_key_chars: _Optional[int] = ..., max_metadata_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_import_bytes: _Optional[int] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_page_size: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., min_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_session_id_chars: _Optional[int] = ..., max_append_id_chars: _Optional[int] = ..., max_role_chars: _Optional[int] = ...) -> None: ...
+    max_n: int
+    max_top_logprobs: int
+    max_logit_bias_entries: int
+    def __init__(self, max_append_tokens: _Optional[int] = ..., max_append_text_chars: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_metadata_entries: _Optional[int] = ..., max_metadata_key_chars: _Optional[int] = ..., max_metadata_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_import_bytes: _Optional[int] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_page_size: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., min_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_session_id_chars: _Optional[int] = ..., max_append_id_chars: _Optional[int] = ..., max_role_chars: _Optional[int] = ..., max_n: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_logit_bias_entries: _Optional[int] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id", "chunk_bytes")

@@ -244,18 +244,25 @@ class MemoryServiceServicer:
         false the session is left bit for bit as it was. See GenerateRequest for
         what is committed of the stop, and for chat prompts.
         INVALID_ARGUMENT  bad sampling settings (temperature outside [0,
-        limits.max_temperature] or not finite, top_p outside
-        [0, 1], top_k over limits.max_top_k (the vocabulary),
+        limits.max_temperature] or not finite, top_p or min_p
+        outside [0, 1], top_k over limits.max_top_k (the
+        vocabulary), presence_penalty or frequency_penalty
+        outside [-2, 2], repetition_penalty outside [0, 10],
+        a logit_bias id outside the vocabulary or a bias
+        outside [-100, 100], top_logprobs without logprobs,
         max_tokens 0, an empty stop string, stop ids outside the
-        vocabulary), an empty session with no prompt, bad prompt
+        vocabulary; the message names the field), n > 1 with
+        commit, an empty session with no prompt, bad prompt
         (as Append's content), a reused append_id with another
         prompt, commit_suffix / commit_stop with a chat reply
         (the template closes it).
         RESOURCE_EXHAUSTED max_tokens over limits.max_generate_tokens; more than
         limits.max_stop_strings stop strings or one longer than
         limits.max_stop_string_chars; more than
-        limits.max_stop_tokens stop ids; a prompt over Append's
-        limits.
+        limits.max_stop_tokens stop ids; n over limits.max_n,
+        top_logprobs over limits.max_top_logprobs, more than
+        limits.max_logit_bias_entries logit_bias entries; a
+        prompt over Append's limits.
         NOT_FOUND         no such session.
         ABORTED           expected_offset differs from the offset.
         FAILED_PRECONDITION the session was stored under another model.

@@ -1,0 +1,345 @@
+"""Sessions' heads and the tenants' indexes: create, read, fork, reset, delete, list, touch.
+
+A head (`md:s:{t/s}:h`) holds a session's offset, its newest snapshot and the reference it holds
+on it, the generation (bumped by reset) and the fencing token. Every head write checks the
+caller's fencing token, so a daemon that lost its lease can no longer write. A fork copies the
+head and the log tail after the snapshot (bounded by the snapshot interval, never by the session's
+length) and adds one reference to the snapshot (memoryd/store/snapshots.py says why that is safe
+across slots). Keys: docs/service.md, "The Redis layout".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from memoryd.errors import DataLoss
+from memoryd.store import snapshots
+from memoryd.store.db import Store
+
+
+@dataclass
+class Head:
+    """A session's head record, as stored."""
+
+    tenant: str
+    session_id: str
+    created: float
+    used: float
+    metadata: dict[str, str]
+    digest: str
+    offset: int
+    snap: str
+    snap_off: int
+    gen: int
+    fence: int
+    snap_ref: str = ""
+    """This head's reference token on `snap` (see memoryd/store/snapshots.py)."""
+
+
+@dataclass
+class MetaUpdate:
+    """Outcome of update_metadata: ok (with the new metadata), differs (an expected entry, `key`),
+    too_many (the result would hold `entries`), gone."""
+
+    outcome: Literal["ok", "differs", "too_many", "gone"]
+    metadata: dict[str, str] = field(default_factory=dict)
+    key: str = ""
+    entries: int = 0
+
+
+async def _forget(st: Store, tenant: str, sid: str, stamp: int | None) -> None:
+    """Drop an index entry: the one with this stamp, or (None) any older than the grace period."""
+    await st.write("forget", st.keys.index_keys(tenant), [sid, "" if stamp is None else stamp, st.grace_ms])
+
+
+async def _create_head(
+    st: Store,
+    tenant: str,
+    sid: str,
+    *,
+    metadata_json: str,
+    digest: str,
+    snap: str,
+    token: str,
+    snap_off: int,
+    offset: int,
+    ix: int,
+    stamp: int,
+    entries: Sequence[bytes] = (),
+) -> int:
+    keys = [st.keys.head(tenant, sid), st.keys.log(tenant, sid)]
+    args = [time.time(), metadata_json, digest, st.ttl, snap, token, snap_off, offset, ix, stamp, st.window_ms]
+    return int(await st.write("create", keys, [*args, *entries]))
+
+
+async def _new_session(
+    st: Store,
+    tenant: str,
+    sid: str,
+    max_sessions: int,
+    *,
+    metadata_json: str,
+    digest: str,
+    snap: str,
+    snap_off: int,
+    offset: int,
+    entries: Sequence[bytes] = (),
+) -> int:
+    """Index entry, reference on the snapshot, head: 1, -1 taken, -2 at the limit, -5 too slow, -7 snapshot gone."""
+    token = snapshots.new_token() if snap else ""
+    entry = snapshots.journal_entry(snap, token, tenant, sid) if snap else ""
+    stamp = await snapshots.journal(st, entry) if snap else None
+    res = await st.write("reserve", st.keys.index_keys(tenant), [sid, max_sessions])
+    if int(res[0]) != 1:
+        code = -2
+    else:
+        ix, prev = int(res[1]), res[2].decode() if isinstance(res[2], bytes) else str(res[2])
+        if snap and not await snapshots.addref(st, snap, token, tenant, sid):
+            code = -7
+        else:
+            code = await _create_head(
+                st,
+                tenant,
+                sid,
+                metadata_json=metadata_json,
+                digest=digest,
+                snap=snap,
+                token=token,
+                snap_off=snap_off,
+                offset=offset,
+                ix=ix,
+                stamp=stamp if stamp is not None else ix,
+                entries=entries,
+            )
+        if code == -1:
+            await st.write("restore", st.keys.index_keys(tenant), [sid, ix, prev])
+        elif code != 1:
+            await _forget(st, tenant, sid, ix)
+    if code == 1:
+        await snapshots.touch(st, snap)
+    elif snap and code != -7:
+        await snapshots.release(st, snap, token)
+    if entry:  # not on an exception: then the outcome is unknown, and the sweep finishes it
+        await st.unjournal(entry)
+    return code
+
+
+async def create(
+    st: Store,
+    tenant: str,
+    sid: str,
+    metadata: dict[str, str],
+    digest: str,
+    max_sessions: int = 0,
+    snap: str = "",
+    offset: int = 0,
+) -> int:
+    """1 created, -1 the id is taken, -2 the tenant is at its session limit.
+
+    With `snap` (a snapshot from snapshots.write), the session starts from it; on success
+    its writer's pin is handed over to the new head (no snapshots.drop needed), on failure
+    the caller drops it as before.
+    """
+    code = await _new_session(
+        st,
+        tenant,
+        sid,
+        max_sessions,
+        metadata_json=json.dumps(metadata),
+        digest=digest,
+        snap=snap,
+        snap_off=offset,
+        offset=offset,
+    )
+    if code == 1 and snap:
+        await snapshots.unpin(st, snap)
+    if code in (-5, -7):
+        raise RedisTimeoutError(f"creating session {sid} took longer than {st.window_ms} ms; retry")
+    return code
+
+
+async def read(st: Store, tenant: str, sid: str) -> Head | None:
+    raw = await st.r.hgetall(st.keys.head(tenant, sid))
+    if not raw:
+        return None
+    f = {k.decode(): v.decode() for k, v in raw.items()}
+    try:
+        return Head(
+            tenant=tenant,
+            session_id=sid,
+            created=float(f["created"]),
+            used=float(f["used"]),
+            metadata=json.loads(f["meta"]),
+            digest=f["digest"],
+            offset=int(f["offset"]),
+            snap=f["snap"],
+            snap_off=int(f["snap_off"]),
+            gen=int(f["gen"]),
+            fence=int(f["fence"]),
+            snap_ref=f.get("snap_ref", ""),
+        )
+    except (KeyError, ValueError) as e:
+        raise DataLoss(f"session {sid}: stored head is malformed ({e})") from e
+
+
+async def fork(
+    st: Store,
+    tenant: str,
+    src: str,
+    dst: str,
+    metadata: dict[str, str] | None,
+    expected: int | None,
+    max_sessions: int,
+    digest: str = "",
+) -> tuple[int, int]:
+    """(code, offset): 1 forked, -1 no source, -2 target exists, -3 offset mismatch, -4 at session limit,
+    -5 the source belongs to another model than `digest` (when given: a copy would be as unusable here).
+
+    The source is read in one step (head + log tail after its snapshot); the copy
+    takes a reference on that snapshot. If the source's snapshot is freed between
+    the read and the reference (a newer one was published), it reads again.
+    """
+    keys = [st.keys.head(tenant, src), st.keys.log(tenant, src)]
+    for _ in range(8):
+        res = await st.call("read_source", keys, ["" if expected is None else expected])
+        code = int(res[0])
+        if code == -1:
+            return -1, 0
+        if code == -3:
+            return -3, int(res[1])
+        offset, snap, snap_off, meta, src_digest = (int(res[1]), res[2].decode(), int(res[3]), res[4], res[5])
+        if digest and src_digest.decode() != digest:  # a session's model never changes: no race here
+            return -5, 0
+        code = await _new_session(
+            st,
+            tenant,
+            dst,
+            max_sessions,
+            metadata_json=json.dumps(metadata) if metadata else meta.decode(),
+            digest=src_digest.decode(),
+            snap=snap,
+            snap_off=snap_off,
+            offset=offset,
+            entries=res[6:],
+        )
+        if code == 1:
+            return 1, offset
+        if code == -1:
+            return -2, 0
+        if code == -2:
+            return -4, 0
+        if code == -5:
+            break
+    raise RedisTimeoutError(f"fork of {src} into {dst} did not settle (the source kept changing); retry")
+
+
+async def _drop_ref_of_head(st: Store, tenant: str, sid: str, step: Callable[[str, int | str], Awaitable[Any]]) -> Any:
+    """Run `step(old_token, stamp)`, a head write that lets go of the head's snapshot, journaled.
+
+    `step` returns a list whose first element is the script's code; -6 (the head's
+    snapshot changed since it was read) is retried, the reference is released on success.
+    """
+    for _ in range(8):
+        h = await snapshots.held(st, tenant, sid)
+        if h is None:
+            return [-1]
+        snap, token = h
+        entry = snapshots.journal_entry(snap, token, tenant, sid) if snap else ""
+        stamp = await snapshots.journal(st, entry) if snap else ""
+        res = await step(token, stamp)
+        code = int(res[0])
+        if code == 1 and snap:
+            await snapshots.release(st, snap, token)
+        if entry:
+            await st.unjournal(entry)
+        if code == -5:
+            raise RedisTimeoutError(f"session {sid}: the write took longer than {st.window_ms} ms; retry")
+        if code != -6:
+            return res
+    raise RedisTimeoutError(f"session {sid}: its snapshot kept changing; retry")
+
+
+async def reset(st: Store, tenant: str, sid: str, fence: int, expected: int | None) -> tuple[int, int]:
+    async def step(token: str, stamp: int | str) -> Any:
+        args = [fence, "" if expected is None else expected, time.time(), token, stamp, st.window_ms]
+        return await st.write("reset", st.keys.session_keys(tenant, sid), args)
+
+    res = await _drop_ref_of_head(st, tenant, sid, step)
+    return int(res[0]), int(res[1]) if len(res) > 1 else 0
+
+
+async def delete(st: Store, tenant: str, sid: str) -> tuple[int, int]:
+    keys = [*st.keys.session_keys(tenant, sid), st.keys.lease(tenant, sid), st.keys.want(tenant, sid)]
+
+    async def step(token: str, stamp: int | str) -> Any:
+        return await st.write("delete", keys, [token, stamp, st.window_ms])
+
+    res = await _drop_ref_of_head(st, tenant, sid, step)
+    if int(res[0]) == 1:
+        ix = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
+        await _forget(st, tenant, sid, int(ix) if ix else None)
+        return 1, int(res[1])
+    await _forget(st, tenant, sid, None)
+    return int(res[0]), 0
+
+
+async def list_page(st: Store, tenant: str, after: str, limit: int) -> tuple[list[Head], str]:
+    """Up to `limit` heads with ids > `after`, and the id to continue after ('' at the end)."""
+    found: list[Head] = []
+    cursor = after
+    while len(found) < limit:
+        lo = f"({cursor}" if cursor else "-"
+        ids = await st.r.zrangebylex(st.keys.index(tenant), lo, "+", start=0, num=limit - len(found))
+        if not ids:
+            return found, ""
+        for raw in ids:
+            sid = raw.decode()
+            h = await read(st, tenant, sid)
+            if h is None:  # expired by TTL, or a create that crashed: forget it once it is old
+                await _forget(st, tenant, sid, None)
+            else:
+                found.append(h)
+            cursor = sid
+    more = await st.r.zrangebylex(st.keys.index(tenant), f"({cursor}", "+", start=0, num=1)
+    return found, cursor if more else ""
+
+
+async def update_metadata(
+    st: Store, tenant: str, sid: str, patch: dict[str, str], expected: dict[str, str], max_entries: int
+) -> MetaUpdate:
+    """Set / remove metadata entries ("" removes) in one step, if every `expected` entry holds.
+
+    Not fenced: metadata is client data, not model state, so no lease is needed to change it.
+    """
+    args = [time.time(), json.dumps(patch), json.dumps(expected), max_entries]
+    res = await st.write("update_meta", [st.keys.head(tenant, sid)], args)
+    code = int(res[0])
+    if code == 1:
+        return MetaUpdate("ok", metadata=json.loads(res[1]))
+    if code == -3:
+        return MetaUpdate("differs", key=res[1].decode())
+    if code == -2:
+        return MetaUpdate("too_many", entries=int(res[1]))
+    return MetaUpdate("gone")
+
+
+async def touch(st: Store, tenant: str, sid: str) -> None:
+    """Refresh the TTLs of the session's keys and of its snapshot (with ttl_seconds)."""
+    if st.ttl > 0:
+        snap = await st.write("touch", st.keys.session_keys(tenant, sid), [st.ttl])
+        if snap:
+            await snapshots.touch(st, snap.decode())
+
+
+async def count(st: Store) -> int:
+    """Sessions in every tenant's index."""
+    n = 0
+    async for key in st.r.scan_iter(match=st.keys.index_pattern(), count=1000):
+        n += await st.r.zcard(key)
+    return n

@@ -1,0 +1,90 @@
+"""Leases, handovers and the daemons' addresses: who serves a session, and where it is reached.
+
+A session is served by the daemon holding its lease (`md:s:{t/s}:lease`, PX lease_seconds). Taking
+the lease bumps the head's fencing token, and every head write checks that token, so a daemon that
+lost its lease can no longer write. Another daemon asks for a session with `md:s:{t/s}:want`; each
+daemon publishes the address it is reached at under `md:daemon:{id}:addr`, so a lease's holder name
+leads to an address. Keys: docs/service.md, "The Redis layout".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from memoryd.store.db import Store
+from memoryd.store.redis_client import UNAVAILABLE_ERRORS
+
+log = logging.getLogger("memoryd.store.leases")
+
+
+@dataclass
+class LeaseResult:
+    fence: int | None
+    holder: str = ""
+    ttl_ms: int = 0
+    missing: bool = False
+
+
+async def acquire(st: Store, tenant: str, sid: str, owner: str, seconds: float) -> LeaseResult:
+    keys = [st.keys.head(tenant, sid), st.keys.lease(tenant, sid)]
+    res = await st.write("lease", keys, [owner, int(seconds * 1000)])
+    code = int(res[0])
+    if code == 1:
+        return LeaseResult(fence=int(res[1]))
+    if code == -1:
+        return LeaseResult(fence=None, missing=True)
+    return LeaseResult(fence=None, holder=res[1].decode(), ttl_ms=int(res[2]))
+
+
+async def renew(st: Store, sessions: list[tuple[str, str]], owner: str, seconds: float) -> list[bool]:
+    """Renew (seconds > 0) or release (seconds == 0) leases; False where the lease is no longer ours."""
+    if not sessions:
+        return []
+    ms = int(seconds * 1000)
+    calls = [([st.keys.lease(tenant, sid)], [owner, ms]) for tenant, sid in sessions]
+    return [bool(x) for x in await st.call_many("renew", calls)]
+
+
+async def request_handoff(st: Store, tenant: str, sid: str, seconds: float = 10.0) -> None:
+    """Ask the daemon holding the session's lease to write it out and let go of it."""
+    await st.r.set(st.keys.want(tenant, sid), 1, px=int(seconds * 1000))
+
+
+async def take_handoff_requests(st: Store, sessions: list[tuple[str, str]]) -> list[bool]:
+    """Which of these sessions another daemon asked for (each request is consumed)."""
+    if not sessions:
+        return []
+    async with st.r.pipeline(transaction=False) as pipe:
+        for tenant, sid in sessions:
+            pipe.delete(st.keys.want(tenant, sid))
+        return [bool(x) for x in await pipe.execute()]
+
+
+# -- the daemons' addresses ------------------------------------------------------------------------
+
+
+async def publish_address(st: Store, daemon_id: str, address: str, seconds: float) -> None:
+    await st.r.set(st.keys.daemon_address(daemon_id), address, px=int(seconds * 1000))
+
+
+async def withdraw_address(st: Store, daemon_id: str) -> None:
+    await st.r.delete(st.keys.daemon_address(daemon_id))
+
+
+async def address_of(st: Store, daemon_id: str) -> str | None:
+    """The published address of a daemon (None if it never published one or stopped renewing it)."""
+    raw = await st.r.get(st.keys.daemon_address(daemon_id))
+    return raw.decode() if raw is not None else None
+
+
+async def publish_forever(st: Store, daemon_id: str, address: str, lease_seconds: float) -> None:
+    """Keep this daemon's address published while it lives (it outlasts a lease, so a holder is always found)."""
+    every = max(0.2, min(1.0, lease_seconds / 3))
+    while True:
+        try:
+            await publish_address(st, daemon_id, address, max(10.0, 3 * lease_seconds))
+        except UNAVAILABLE_ERRORS as e:  # Redis away: leases lapse too; publishing resumes with it
+            log.warning("could not publish this daemon's address: %s", e)
+        await asyncio.sleep(every)
