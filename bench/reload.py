@@ -34,6 +34,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import grpc  # noqa: E402
 import torch  # noqa: E402
 from harness import start_daemon, start_redis, stop_all  # noqa: E402
+from memoryd.store.store import Store  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -41,7 +42,6 @@ from tqdm import tqdm  # noqa: E402
 from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
 from memoryd.store.redis_client import connect  # noqa: E402
-from memoryd.store.store import Store  # noqa: E402
 from model import StreamState, init_model, preset, save_checkpoint, state_from_bytes  # noqa: E402
 
 

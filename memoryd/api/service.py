@@ -35,9 +35,15 @@ from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from memoryd import metrics
 from memoryd.api.auth import Auth
 from memoryd.api.forward import Router
-from memoryd.api.limits import sampling_limits, server_limits
+from memoryd.api.limits import MAX_META_ENTRIES, sampling_limits, server_limits
 from memoryd.api.model_info import ModelInfo
-from memoryd.api.validation import check_append_id, check_metadata, check_role, check_session_id
+from memoryd.api.validation import (
+    check_append_id,
+    check_metadata,
+    check_metadata_patch,
+    check_role,
+    check_session_id,
+)
 from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
 from memoryd.sessions.admission import set_deadline
@@ -489,6 +495,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         meta = check_metadata(r.metadata) or None
         expected = r.expected_offset if r.HasField("expected_offset") else None
         return session_pb(await self.sessions.fork(tenant, src, dst, meta, expected))
+
+    @unary
+    async def UpdateSession(self, tenant: str, r: pb.UpdateSessionRequest, ctx: Any) -> pb.Session:
+        sid = check_session_id(r.session_id)
+        note(session=sid)
+        if not len(r.metadata):
+            raise InvalidArgument("metadata is empty: give the entries to set (an empty value removes one)")
+        patch = check_metadata_patch(r.metadata, "metadata")
+        expected = check_metadata_patch(r.expected_metadata, "expected_metadata")
+        return session_pb(await self.sessions.update_metadata(tenant, sid, patch, expected, MAX_META_ENTRIES))
 
     # -- append ------------------------------------------------------------------------------
 

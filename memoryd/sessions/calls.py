@@ -447,6 +447,29 @@ class Sessions:
             raise NotFound(f"session {sid!r} does not exist")
         return (await self._stored([self._info(head, hot)]))[0]
 
+    async def update_metadata(
+        self, tenant: str, sid: str, patch: dict[str, str], expected: dict[str, str], max_entries: int
+    ) -> Info:
+        """Set / remove metadata entries (client data: no lease, no load; the state is not touched)."""
+        async with self._redis():
+            res = await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries)
+            if res.outcome == "gone":
+                raise NotFound(f"session {sid!r} does not exist")
+            if res.outcome == "differs":
+                raise Aborted(
+                    f"expected_metadata[{res.key!r}] differs from the session's: nothing was changed; "
+                    "read the session again and retry"
+                )
+            if res.outcome == "too_many":
+                raise ResourceExhausted(
+                    f"the metadata would hold {res.entries} entries; at most {max_entries} "
+                    "(remove entries with empty values in the same update)"
+                )
+            head = await heads.read(self.store, tenant, sid)
+        if head is None:
+            raise NotFound(f"session {sid!r} does not exist")
+        return self._info(head, self.hot.peek((tenant, sid)))
+
     async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
         async with self._redis():
             found, nxt = await heads.list_page(self.store, tenant, after, limit)
@@ -642,7 +665,7 @@ class Sessions:
         key = (tenant, sid)
         cost = 1 + (len(prompt) if isinstance(prompt, list) else 0)
         with self._admitted(key, cost):
-            async for event in self._generate(key, prompt, p, commit, expected, append_id, rule):
+            async for event in self._generate(key, prompt, p, commit, expected, append_id, rule, recall):
                 yield event
 
     async def _generate(
@@ -654,6 +677,7 @@ class Sessions:
         expected: int | None,
         append_id: str,
         rule: CommitRule,
+        recall: RecallAsk | None,
     ) -> AsyncIterator[GenEvent]:
         async with self._held(key):
             hot = await self._load(key)

@@ -255,6 +255,25 @@ class AsyncMemoryClient:
                 raise
             return await self.get_session(dst, timeout=timeout)
 
+    async def update_session(
+        self,
+        session_id: str,
+        metadata: dict[str, str],
+        expected_metadata: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> SessionInfo:
+        """Set metadata entries (an empty value removes one) in one atomic step; the state is not touched.
+
+        With `expected_metadata` it is a compare-and-set: unless every entry holds (an empty
+        value: the key is absent), nothing changes and `OffsetConflict` (ABORTED) is raised.
+        Retrying is safe: the same update applied twice leaves the same metadata (a retried
+        compare-and-set whose first attempt landed sees its own result and is refused; callers
+        that use `expected_metadata` read the session again on `OffsetConflict`).
+        """
+        req = pb.UpdateSessionRequest(session_id=session_id, metadata=metadata, expected_metadata=expected_metadata)
+        return SessionInfo.from_pb(await self._unary("UpdateSession", req, timeout))
+
     # -- append ----------------------------------------------------------------------------------
 
     async def append(
