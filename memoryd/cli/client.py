@@ -1,6 +1,6 @@
-"""`memoryd sessions ...`, `memoryd chat` and `memoryd http`: commands for people, against a running daemon.
+"""`memoryd sessions ls|show|rm|export|import|recall`, `memoryd chat`, `memoryd http`, `memoryd mcp`: for people.
 
-They use the SDK only (no torch is imported), so they start fast and work from any
+All run against a running daemon.  They use the SDK only (no torch is imported), so they start fast and work from any
 machine that can reach the daemon.  Common flags: `--daemon host:port` (env
 `MEMORYD_DAEMON`), `--token` (env `MEMORYD_TOKEN`), `--tls-ca cert.pem`.
 """
@@ -42,6 +42,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = ss.add_parser("import", parents=[common], help="create a session from an export ('-': stdin)")
     p.add_argument("file")
     p.add_argument("--id", default=None, help="session id to create (default: the exported one)")
+    p = ss.add_parser("recall", parents=[common], help="the spans of a session's history most relevant to a query")
+    p.add_argument("session")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=8, help="how many spans (default 8)")
+    p.add_argument("--json", action="store_true", help="one JSON object per span instead of text")
 
     c = sub.add_parser("chat", parents=[common], help="chat in the terminal; the conversation is a session")
     c.add_argument("session", nargs="?", help="session to continue or create (default: a new one)")
@@ -55,8 +60,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--listen", default="127.0.0.1:8080", help="HTTP host:port")
     h.add_argument("--tls-ca", default=None, help="PEM root certificate of the daemon (TLS on)")
 
+    m = sub.add_parser(
+        "mcp",
+        parents=[common],
+        help="an MCP server (tools remember / recall / ask / sessions) in front of a daemon; stdio by default",
+    )
+    m.add_argument("--listen", default=None, help="serve streamable HTTP on host:port instead of stdio (path /mcp)")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.cmd == "mcp":
+        return run_mcp(args)
     if args.cmd == "http":
         from memoryd.api.openai_http import run_standalone
 
@@ -76,6 +90,21 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"memoryd: {e}", file=sys.stderr)
         return 1
+
+
+def run_mcp(args: argparse.Namespace) -> int:
+    """`memoryd mcp`: the MCP server (memoryd/api/mcp.py); needs the `mcp` extra."""
+    try:
+        from memoryd.api.mcp import Daemon, serve_http, serve_stdio
+    except ImportError as e:
+        print(f'memoryd mcp needs the MCP SDK: pip install "memoryd[mcp]" ({e})', file=sys.stderr)
+        return 1
+    daemon = Daemon(args.daemon, args.token, args.tls_ca)
+    try:
+        asyncio.run(serve_http(daemon, args.listen) if args.listen else serve_stdio(daemon))
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 # -- sessions -------------------------------------------------------------------------------------
@@ -140,7 +169,21 @@ def import_(client: MemoryClient, args: argparse.Namespace) -> int:
     return 0
 
 
-SESSIONS = {"ls": ls, "show": show, "rm": rm, "export": export, "import": import_}
+def recall(client: MemoryClient, args: argparse.Namespace) -> int:
+    """Most relevant first: a header line per span (its log offsets and score), then its text."""
+    spans = client.recall(args.session, args.query, args.k)
+    for i, sp in enumerate(spans):
+        if args.json:
+            print(json.dumps(asdict(sp)))
+            continue
+        print(f"{'' if i == 0 else chr(10)}[{sp.start_offset}, {sp.end_offset})  score {sp.score:.3f}")
+        print(printable(sp.text))
+    if not spans and not args.json:
+        print(f"nothing recalled from {args.session}", file=sys.stderr)
+    return 0
+
+
+SESSIONS = {"ls": ls, "show": show, "rm": rm, "export": export, "import": import_, "recall": recall}
 
 
 # -- chat -----------------------------------------------------------------------------------------

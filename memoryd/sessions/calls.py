@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from memoryd import allocator, metrics
+from memoryd.engine.handle import StateHandle
 from memoryd.engine.work import (
     Append,
     Appended,
@@ -45,7 +46,9 @@ from memoryd.engine.work import (
     Rebuild,
     Refused,
     RefusedError,
+    Result,
     SamplingParams,
+    Work,
 )
 from memoryd.errors import (
     Aborted,
@@ -63,8 +66,10 @@ from memoryd.sessions.admission import Backlog, deadline
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
 from memoryd.sessions.output import CommitRule, GenEvent, SampleText, kept_output, record, replayed
-from memoryd.sessions.recall import RecalledSpan
+from memoryd.sessions.recall import RecalledSpan, transfer
 from memoryd.sessions.recall.indexes import RecallIndexes, recall_indexes
+from memoryd.sessions.recall.pages import Run
+from memoryd.sessions.recall_prompt import NOTHING, RecallAsk, RecallContext, recall_context
 from memoryd.sessions.residency import Hot, Residency
 from memoryd.sessions.routing import Moved
 from memoryd.settings import Settings
@@ -218,7 +223,7 @@ class Sessions:
                 self.hot.drop(key)
             raise Unavailable(f"Redis is unavailable ({type(e).__name__}: {e}); retry the call") from e
 
-    async def _compute(self, work: Any, droppable: bool = False) -> Any:
+    async def _compute(self, work: Work, droppable: bool = False) -> Result:
         """The engine's result, or the model's refusal as the status it means.
 
         `droppable`: nobody will use the result once the call's deadline has passed, so the engine drops
@@ -323,7 +328,7 @@ class Sessions:
         return hot
 
     async def _elsewhere(self, key: Key, lease: HeldElsewhere) -> Moved:
-        """Where the session is served (memoryd/sessions/routing.py forwards the call there).
+        """Where the session is served (memoryd/api/forward.py forwards the call there).
 
         A holder that published no address (an older daemon) is asked to hand the session
         over instead, as before routing existed.
@@ -447,6 +452,29 @@ class Sessions:
             raise NotFound(f"session {sid!r} does not exist")
         return (await self._stored([self._info(head, hot)]))[0]
 
+    async def update_metadata(
+        self, tenant: str, sid: str, patch: dict[str, str], expected: dict[str, str], max_entries: int
+    ) -> Info:
+        """Set / remove metadata entries (client data: no lease, no load; the state is not touched)."""
+        async with self._redis():
+            res = await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries)
+            if res.outcome == "gone":
+                raise NotFound(f"session {sid!r} does not exist")
+            if res.outcome == "differs":
+                raise Aborted(
+                    f"expected_metadata[{res.key!r}] differs from the session's: nothing was changed; "
+                    "read the session again and retry"
+                )
+            if res.outcome == "too_many":
+                raise ResourceExhausted(
+                    f"the metadata would hold {res.entries} entries; at most {max_entries} "
+                    "(remove entries with empty values in the same update)"
+                )
+            head = await heads.read(self.store, tenant, sid)
+        if head is None:
+            raise NotFound(f"session {sid!r} does not exist")
+        return self._info(head, self.hot.peek((tenant, sid)))
+
     async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
         async with self._redis():
             found, nxt = await heads.list_page(self.store, tenant, after, limit)
@@ -547,7 +575,7 @@ class Sessions:
             return await tokenlog.find_append(self.store, *key, append_id)
 
     async def _commit(
-        self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
+        self, key: Key, hot: Hot, new: StateHandle, pieces: list[list[int]], append_id: str, record: str = ""
     ) -> Logged:
         """Make pieces durable (CAS on the offset), then swap `new` in (unless an earlier call with the same
         append id logged them: then the duplicate's offsets come back, and the hot copy is reloaded)."""
@@ -631,16 +659,18 @@ class Sessions:
         expected: int | None,
         append_id: str,
         rule: CommitRule = KEEP_SENT,
+        recall: RecallAsk | None = None,
     ) -> AsyncIterator[GenEvent]:
         """Sample on forks; stream tokens and text; with commit, log prompt + output and swap the fork in.
 
         The engine runs the generation (`Engine.generate`); this layer keeps what is not the
         model's: text and stop strings (`SampleText`), what a commit keeps, and the commit.
+        `recall`: recalled context is read before the prompt into the forks only (`_recall_context`).
         A dry run (no commit) is dropped once its caller's deadline passes: nobody will use it."""
         key = (tenant, sid)
         cost = 1 + (len(prompt) if isinstance(prompt, list) else 0)
         with self._admitted(key, cost):
-            async for event in self._generate(key, prompt, p, commit, expected, append_id, rule):
+            async for event in self._generate(key, prompt, p, commit, expected, append_id, rule, recall):
                 yield event
 
     async def _generate(
@@ -652,6 +682,7 @@ class Sessions:
         expected: int | None,
         append_id: str,
         rule: CommitRule,
+        recall: RecallAsk | None,
     ) -> AsyncIterator[GenEvent]:
         async with self._held(key):
             hot = await self._load(key)
@@ -664,10 +695,13 @@ class Sessions:
                 raise InvalidArgument(f"n = {p.n} with commit: a commit keeps one output; ask for n = 1")
             self._check_expected(hot, expected)
             prompt_ids = tokens_at(prompt, hot.state.position)
+            ctx = await self._recall_context(key, hot, recall, prompt_ids, p.max_tokens) if recall else NOTHING
             pieces: list[list[int]] = []
             after_prompt = hot.state
+            if prompt_ids or ctx.tokens:  # recalled context goes into this generation's copy only
+                work = Append(hot.state, [*ctx.tokens, *prompt_ids])
+                after_prompt = (await self._compute(work, droppable=not commit)).state
             if prompt_ids:
-                after_prompt = (await self._compute(Append(hot.state, prompt_ids), droppable=not commit)).state
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
@@ -700,11 +734,13 @@ class Sessions:
                 o, end = outs[0], ends[0]
                 kept = kept_output(self.tok, o.out, o.finish, o.text, rule.stop)
                 read = o.out[: end.read] if end.read <= len(o.out) else None
-                if read is not None and kept[: len(read)] == read:  # the fork has read a prefix of kept: the rest
+                if read is not None and kept[: len(read)] == read and not ctx.tokens:  # the fork read a prefix of kept
                     pieces += [[t] for t in read]
                     state, last = end.state, kept[len(read) :] + list(rule.suffix)
-                else:  # kept diverges from what the fork read (a stop string cut inside a token)
+                else:  # kept diverges from what the fork read (a stop string cut inside a token, or recalled context)
                     state, last = after_prompt, kept + list(rule.suffix)
+                    if ctx.tokens:  # the session reads the prompt and the reply, never the recalled context
+                        state = (await self._compute(Append(hot.state, prompt_ids))).state if prompt_ids else hot.state
                 if last:
                     state = (await self._compute(Append(state, last))).state
                     pieces.append(last)
@@ -715,8 +751,41 @@ class Sessions:
             last_text = tails[0] if len(outs) == 1 else ""
             generated = sum(len(o.out) for o in outs)
             yield GenEvent(
-                [], last_text, True, outs[0].finish, offset, generated, False, committed, prompt=len(prompt_ids)
+                [],
+                last_text,
+                True,
+                outs[0].finish,
+                offset,
+                generated,
+                False,
+                committed,
+                prompt=len(prompt_ids),
+                recalled=ctx,
             )
+
+    async def _recall_context(
+        self, key: Key, hot: Hot, ask: RecallAsk, prompt_ids: list[int], max_tokens: int
+    ) -> RecallContext:
+        """The recalled context of one generation (once per call, before its first token; the caller holds
+        the session's lock): the index's spans for the query, framed and fitted by `recall_prompt`."""
+        if not ask.query.strip() or hot.state.position == 0:
+            return NOTHING
+        t0 = time.perf_counter()
+        async with self._redis():  # the index itself (`recall` would take the lock this call holds)
+            spans = await self.recalls.recall(key, hot.gen, hot.state.position, ask.query, ask.k)
+        metrics.RECALL_SECONDS.labels("Generate").observe(time.perf_counter() - t0)
+        ctx = recall_context(
+            spans,
+            position=hot.state.position,
+            window=self.model.cfg.window_size or 0,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=max_tokens,
+            budget=ask.budget,
+            chat=self.chat,
+            tok=self.tok,
+        )
+        metrics.RECALLED_TOKENS.inc(len(ctx.tokens))
+        return ctx
 
     async def recall(self, key: Key, query: str, k: int) -> list[RecalledSpan]:
         """The k spans of the session's log most relevant to `query`, most relevant first (memoryd/sessions/recall)."""
@@ -757,11 +826,33 @@ class Sessions:
                     raise Unavailable(f"session {head.session_id!r} changed while it was exported; retry") from None
                 raise
 
+    def _recall_runs(self, recall_log: bytes | None, offset: int | None) -> list[Run]:
+        if not recall_log:
+            return []
+        if offset is None:
+            raise InvalidArgument("recall_log needs the header's offset (the state's): send both, or neither")
+        try:
+            return transfer.decode(recall_log, offset, self.model.cfg.vocab_size)
+        except transfer.BadRecallLog as e:
+            raise InvalidArgument(f"recall_log is not a recall log of this export: {e}; send the export's own") from e
+
+    async def export_recall(self, head: Head) -> bytes:
+        """The recall log an export of `head`'s state carries (memoryd/sessions/recall/transfer.py)."""
+        async with self._redis():
+            return await self.recalls.exported(head)
+
     async def import_(
-        self, tenant: str, sid: str, metadata: dict[str, str], data: bytes, offset: int | None = None
+        self,
+        tenant: str,
+        sid: str,
+        metadata: dict[str, str],
+        data: bytes,
+        offset: int | None = None,
+        recall_log: bytes | None = None,
     ) -> Info:
         """A new session from exported bytes: validated (against `offset` too), stored as its first snapshot,
-        then published."""
+        then published; with `recall_log` (from `export_recall`), recall of its history too."""
+        runs = self._recall_runs(recall_log, offset)
         res = await self.engine.submit(Import(data))
         if isinstance(res, Refused):
             if res.reason == "foreign_model":
@@ -783,6 +874,8 @@ class Sessions:
             if not isinstance(created, Ok):
                 await snapshots.drop(self.store, snap)
             head = await heads.read(self.store, tenant, sid) if isinstance(created, Ok) else None
+            if head is not None and runs:
+                await self.recalls.imported(key, head, runs)
         self._check_created(sid, created)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after the import; retry")

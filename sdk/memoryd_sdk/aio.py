@@ -55,12 +55,22 @@ from memoryd_sdk.requests import (
     messages_request,
     new_append_id,
     new_session_id,
+    recall_options,
     reset_request,
     sampling_params,
 )
 from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry_async
 from memoryd_sdk.routing import RoutedStub, Routes, Targets
-from memoryd_sdk.types import AppendResult, ExportHeader, GenerateChunk, GenerateResult, ModelInfo, SessionInfo
+from memoryd_sdk.types import (
+    AppendResult,
+    ExportHeader,
+    GenerateChunk,
+    GenerateResult,
+    ModelInfo,
+    RecalledSpan,
+    RecallOptions,
+    SessionInfo,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -245,6 +255,25 @@ class AsyncMemoryClient:
                 raise
             return await self.get_session(dst, timeout=timeout)
 
+    async def update_session(
+        self,
+        session_id: str,
+        metadata: dict[str, str],
+        expected_metadata: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> SessionInfo:
+        """Set metadata entries (an empty value removes one) in one atomic step; the state is not touched.
+
+        With `expected_metadata` it is a compare-and-set: unless every entry holds (an empty
+        value: the key is absent), nothing changes and `OffsetConflict` (ABORTED) is raised.
+        Retrying is safe: the same update applied twice leaves the same metadata (a retried
+        compare-and-set whose first attempt landed sees its own result and is refused; callers
+        that use `expected_metadata` read the session again on `OffsetConflict`).
+        """
+        req = pb.UpdateSessionRequest(session_id=session_id, metadata=metadata, expected_metadata=expected_metadata)
+        return SessionInfo.from_pb(await self._unary("UpdateSession", req, timeout))
+
     # -- append ----------------------------------------------------------------------------------
 
     async def append(
@@ -359,6 +388,7 @@ class AsyncMemoryClient:
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
+        recall: bool | RecallOptions = False,
         timeout: float | None = None,
         **sampling: object,
     ) -> AsyncGenerateStream:
@@ -371,6 +401,7 @@ class AsyncMemoryClient:
         completes (it carries an append id, so a retry lands once); `commit=False` leaves
         the session exactly as it was.  What is committed of the output is exactly the
         text sent (the stop is left out unless `commit_stop=True`), then `commit_suffix`.
+        `recall`: place the session's most relevant earlier spans before the prompt (see `recall`).
         """
         req = generate_request(
             session_id,
@@ -379,7 +410,7 @@ class AsyncMemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
-            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall)),
         )
 
         async def made() -> pb.GenerateRequest:
@@ -398,6 +429,7 @@ class AsyncMemoryClient:
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
+        recall: bool | RecallOptions = False,
         timeout: float | None = None,
         **sampling: object,
     ) -> GenerateResult:
@@ -413,9 +445,23 @@ class AsyncMemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
-            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall)),
         )
         return await self._complete(req, timeout)
+
+    # -- recall ----------------------------------------------------------------------------------
+
+    async def recall(
+        self, session_id: str, query: str, k: int = 8, *, timeout: float | None = None
+    ) -> list[RecalledSpan]:
+        """The `k` spans of the session's history most relevant to `query`, most relevant first (Recall).
+
+        Exact text from anywhere in the session's log (also long out of the model's window),
+        each with its [start_offset, end_offset).  Reads only: retried like any read.
+        """
+        req = pb.RecallRequest(session_id=session_id, query=query, k=k)
+        m = await self._unary("Recall", req, timeout)
+        return [RecalledSpan.from_pb(x) for x in m.spans]
 
     # -- export / import -------------------------------------------------------------------------
 
