@@ -34,7 +34,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import grpc  # noqa: E402
 import torch  # noqa: E402
 from harness import start_daemon, start_redis, stop_all  # noqa: E402
-from memoryd.store.store import Store  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
