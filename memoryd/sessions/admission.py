@@ -57,7 +57,7 @@ class Backlog:
         self.calls = 0
         """Calls admitted and not finished."""
         self.pace = 0.0
-        """Seconds between calls finishing while others were waiting (a moving average)."""
+        """Seconds between calls served while others were waiting (a moving average)."""
         self._last_done = 0.0
 
     def drain(self) -> float:
@@ -94,15 +94,18 @@ class Backlog:
         self.loads += load
         self.calls += 1
         metrics.BACKLOG_TOKENS.set(self.tokens)
+        served = False
         try:
             yield
+            served = True
         finally:
             self.tokens -= tokens
             self.loads -= load
             self.calls -= 1
             metrics.BACKLOG_TOKENS.set(self.tokens)
-            now = time.monotonic()
-            if self.calls and self._last_done:  # busy: the interval is the daemon's pace, not idle time
-                gap = now - self._last_done
-                self.pace = gap if not self.pace else 0.9 * self.pace + 0.1 * gap
-            self._last_done = now
+            if served:  # the pace of calls served (one that failed or left says nothing of it)
+                now = time.monotonic()
+                if self.calls and self._last_done:  # busy: the interval is the daemon's pace, not idle time
+                    gap = now - self._last_done
+                    self.pace = gap if not self.pace else 0.9 * self.pace + 0.1 * gap
+                self._last_done = now
