@@ -34,13 +34,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import grpc  # noqa: E402
 import torch  # noqa: E402
 from harness import start_daemon, start_redis, stop_all  # noqa: E402
-from memoryd.store.store import Store  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
+from memoryd.store import heads, snapshots, tokenlog  # noqa: E402
+from memoryd.store.db import Store  # noqa: E402
 from memoryd.store.redis_client import connect  # noqa: E402
 from model import StreamState, init_model, preset, save_checkpoint, state_from_bytes  # noqa: E402
 
@@ -64,14 +65,14 @@ def build(stub: pb_grpc.MemoryServiceStub, sid: str, target: int, vocab: int, rn
 
 async def reference(url: str, model: torch.nn.Module, sid: str) -> dict[str, float | int]:
     store = Store(connect(url, 30))
-    head = await store.head("default", sid)
+    head = await heads.read(store, "default", sid)
     assert head is not None
     t0 = time.perf_counter()
-    data = await store.read_snapshot(head.snap) if head.snap else None
+    data = await snapshots.read(store, head.snap) if head.snap else None
     t1 = time.perf_counter()
     state = state_from_bytes(model, data) if data is not None else StreamState.fresh(model)
     t2 = time.perf_counter()
-    pieces = await store.read_log("default", sid, head.snap_off, head.offset)
+    pieces = await tokenlog.read(store, "default", sid, head.snap_off, head.offset)
     tail = [t for p in pieces for t in p]
     t3 = time.perf_counter()
     if tail:
