@@ -49,3 +49,13 @@ ENGINE_TICK_TOKENS = Histogram(
     "memoryd_engine_tick_tokens", "tokens of model work in one lane's plan", buckets=(1, 8, 32, 128, 512, 2048, 8192)
 )
 ENGINE_WAITING = Gauge("memoryd_engine_waiting", "work items queued for the engine")
+
+RECALL_SECONDS = Histogram(
+    "memoryd_recall_seconds",
+    "time to find a session's recalled spans: a Recall call, or a generation's retrieval before its first token",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+RECALLED_TOKENS = Counter(
+    "memoryd_recalled_tokens_total", "tokens of recalled context placed before generation prompts (never logged)"
+)

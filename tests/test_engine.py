@@ -287,6 +287,34 @@ def test_middle_layer_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+def test_middle_layer_and_store_do_not_import_grpc() -> None:
+    """Every module of memoryd.sessions, memoryd.store and memoryd.engine imports with grpc and the
+    generated stubs (memoryd_sdk) blocked: forwarding to other daemons lives at the edge (memoryd/api/)."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "sys.modules['grpc'] = None; sys.modules['memoryd_sdk'] = None\n"
+        "import memoryd.sessions, memoryd.store, memoryd.engine\n"
+        "n = 0\n"
+        "for pkg in (memoryd.sessions, memoryd.store, memoryd.engine):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(info.name); n += 1\n"
+        "assert n >= 20, n\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_models_state_is_a_state_handle(tiny_model) -> None:  # noqa: F811
+    """What the middle layer may read of a state (memoryd/engine/handle.py) is what the model's state has."""
+    from memoryd.engine.handle import StateHandle
+    from model import StreamState
+
+    state = StreamState.fresh(tiny_model)
+    state.append([1, 2, 3])
+    assert isinstance(state, StateHandle)
+    b = tiny_model.cfg.mini_batch_size
+    assert (state.position, state.pending_count, state.nbytes() > 0) == (3, 3 - b * state.steps, True)
+
+
 # -- in-process engine -----------------------------------------------------------------------------
 
 

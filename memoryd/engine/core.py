@@ -24,7 +24,6 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from memoryd import metrics
 from memoryd.engine.scheduler import LANES, Budget, Lane, Plan, schedule
@@ -44,7 +43,7 @@ from memoryd.engine.work import (
     Work,
 )
 from memoryd.engine.worker import Outcome, execute
-from model import StreamState, digest_of
+from model import StreamState, TTTModel, digest_of
 from model.batch import counts_at, runs_solo, tokens_to_step
 
 log = logging.getLogger("memoryd.engine")
@@ -53,7 +52,7 @@ log = logging.getLogger("memoryd.engine")
 class Engine:
     """Owns the model, the queue of work, and the lanes' worker threads."""
 
-    def __init__(self, model: Any, budget: Budget) -> None:
+    def __init__(self, model: TTTModel, budget: Budget) -> None:
         self.model = model
         self.budget = budget
         self.digest = digest_of(model)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from model import StreamState as State
-else:
-    State = Any
+from memoryd.engine.handle import StateHandle
+
+State = StateHandle
+"""A session's state as work items carry it: the middle layer reads only StateHandle's members
+(memoryd/engine/handle.py); behind it is the model's StreamState, which only the worker touches."""
 
 
 # -- sampling ----------------------------------------------------------------------------------

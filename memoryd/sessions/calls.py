@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from memoryd import metrics
+from memoryd.engine.handle import StateHandle
 from memoryd.engine.work import (
     Append,
     Appended,
@@ -35,7 +36,9 @@ from memoryd.engine.work import (
     Rebuild,
     Refused,
     RefusedError,
+    Result,
     SamplingParams,
+    Work,
 )
 from memoryd.errors import (
     Aborted,
@@ -55,6 +58,7 @@ from memoryd.sessions.output import CommitRule, GenEvent, SampleText, kept_outpu
 from memoryd.sessions.recall import RecalledSpan, transfer
 from memoryd.sessions.recall.indexes import RecallIndexes, recall_indexes
 from memoryd.sessions.recall.pages import Run
+from memoryd.sessions.recall_prompt import NOTHING, RecallAsk, RecallContext, recall_context
 from memoryd.sessions.residency import Hot, Residency
 from memoryd.sessions.routing import Moved
 from memoryd.settings import Settings
@@ -176,7 +180,7 @@ class Sessions:
                 self.hot.drop(key)
             raise Unavailable(f"Redis is unavailable ({type(e).__name__}: {e}); retry the call") from e
 
-    async def _compute(self, work: Any) -> Any:
+    async def _compute(self, work: Work) -> Result:
         """The engine's result, or the model's refusal as the status it means."""
         res = await self.engine.submit(work)
         if isinstance(res, Refused):
@@ -229,7 +233,7 @@ class Sessions:
         return hot
 
     async def _elsewhere(self, key: Key, lease: HeldElsewhere) -> Moved:
-        """Where the session is served (memoryd/sessions/routing.py forwards the call there).
+        """Where the session is served (memoryd/api/forward.py forwards the call there).
 
         A holder that published no address (an older daemon) is asked to hand the session
         over instead, as before routing existed.
@@ -440,7 +444,7 @@ class Sessions:
             return await tokenlog.find_append(self.store, *key, append_id)
 
     async def _commit(
-        self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
+        self, key: Key, hot: Hot, new: StateHandle, pieces: list[list[int]], append_id: str, record: str = ""
     ) -> Logged:
         """Make pieces durable (CAS on the offset), then swap `new` in (unless an earlier call with the same
         append id logged them: then the duplicate's offsets come back, and the hot copy is reloaded)."""
@@ -515,11 +519,13 @@ class Sessions:
         expected: int | None,
         append_id: str,
         rule: CommitRule = KEEP_SENT,
+        recall: RecallAsk | None = None,
     ) -> AsyncIterator[GenEvent]:
         """Sample on forks; stream tokens and text; with commit, log prompt + output and swap the fork in.
 
         The engine runs the generation (`Engine.generate`); this layer keeps what is not the
-        model's: text and stop strings (`SampleText`), what a commit keeps, and the commit."""
+        model's: text and stop strings (`SampleText`), what a commit keeps, and the commit.
+        `recall`: recalled context is read before the prompt into the forks only (`_recall_context`)."""
         key = (tenant, sid)
         async with self._held(key):
             hot = await self._load(key)
@@ -532,10 +538,12 @@ class Sessions:
                 raise InvalidArgument(f"n = {p.n} with commit: a commit keeps one output; ask for n = 1")
             self._check_expected(hot, expected)
             prompt_ids = tokens_at(prompt, hot.state.position)
+            ctx = await self._recall_context(key, hot, recall, prompt_ids, p.max_tokens) if recall else NOTHING
             pieces: list[list[int]] = []
             after_prompt = hot.state
+            if prompt_ids or ctx.tokens:  # recalled context goes into this generation's copy only
+                after_prompt = (await self._compute(Append(hot.state, [*ctx.tokens, *prompt_ids]))).state
             if prompt_ids:
-                after_prompt = (await self._compute(Append(hot.state, prompt_ids))).state
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
@@ -568,11 +576,13 @@ class Sessions:
                 o, end = outs[0], ends[0]
                 kept = kept_output(self.tok, o.out, o.finish, o.text, rule.stop)
                 read = o.out[: end.read] if end.read <= len(o.out) else None
-                if read is not None and kept[: len(read)] == read:  # the fork has read a prefix of kept: the rest
+                if read is not None and kept[: len(read)] == read and not ctx.tokens:  # the fork read a prefix of kept
                     pieces += [[t] for t in read]
                     state, last = end.state, kept[len(read) :] + list(rule.suffix)
-                else:  # kept diverges from what the fork read (a stop string cut inside a token)
+                else:  # kept diverges from what the fork read (a stop string cut inside a token, or recalled context)
                     state, last = after_prompt, kept + list(rule.suffix)
+                    if ctx.tokens:  # the session reads the prompt and the reply, never the recalled context
+                        state = (await self._compute(Append(hot.state, prompt_ids))).state if prompt_ids else hot.state
                 if last:
                     state = (await self._compute(Append(state, last))).state
                     pieces.append(last)
@@ -583,8 +593,41 @@ class Sessions:
             last_text = tails[0] if len(outs) == 1 else ""
             generated = sum(len(o.out) for o in outs)
             yield GenEvent(
-                [], last_text, True, outs[0].finish, offset, generated, False, committed, prompt=len(prompt_ids)
+                [],
+                last_text,
+                True,
+                outs[0].finish,
+                offset,
+                generated,
+                False,
+                committed,
+                prompt=len(prompt_ids),
+                recalled=ctx,
             )
+
+    async def _recall_context(
+        self, key: Key, hot: Hot, ask: RecallAsk, prompt_ids: list[int], max_tokens: int
+    ) -> RecallContext:
+        """The recalled context of one generation (once per call, before its first token; the caller holds
+        the session's lock): the index's spans for the query, framed and fitted by `recall_prompt`."""
+        if not ask.query.strip() or hot.state.position == 0:
+            return NOTHING
+        t0 = time.perf_counter()
+        async with self._redis():  # the index itself (`recall` would take the lock this call holds)
+            spans = await self.recalls.recall(key, hot.gen, hot.state.position, ask.query, ask.k)
+        metrics.RECALL_SECONDS.labels("Generate").observe(time.perf_counter() - t0)
+        ctx = recall_context(
+            spans,
+            position=hot.state.position,
+            window=self.model.cfg.window_size or 0,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=max_tokens,
+            budget=ask.budget,
+            chat=self.chat,
+            tok=self.tok,
+        )
+        metrics.RECALLED_TOKENS.inc(len(ctx.tokens))
+        return ctx
 
     async def recall(self, key: Key, query: str, k: int) -> list[RecalledSpan]:
         """The k spans of the session's log most relevant to `query`, most relevant first (memoryd/sessions/recall)."""

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from memoryd import metrics
+from memoryd.engine.handle import StateHandle
 from memoryd.sessions.ordering import Key
 
 
@@ -21,8 +21,8 @@ from memoryd.sessions.ordering import Key
 class Hot:
     """A session loaded on the device."""
 
-    state: Any
-    """Its model state (an opaque handle; only the engine's worker reads it)."""
+    state: StateHandle
+    """Its model state (a handle: sessions read only its offset, steps, pending count and size)."""
     fence: int
     """The fencing token of this daemon's lease: every write to the session's head carries it."""
     gen: int
@@ -37,7 +37,7 @@ class Hot:
     used: float = field(default_factory=time.monotonic)
     """When a call last used it (idle sessions expire: only use refreshes TTLs)."""
 
-    def set_state(self, state: Any) -> None:
+    def set_state(self, state: StateHandle) -> None:
         self.state, self.nbytes = state, state.nbytes()
 
 

@@ -52,12 +52,22 @@ from memoryd_sdk.requests import (
     messages_request,
     new_append_id,
     new_session_id,
+    recall_options,
     reset_request,
     sampling_params,
 )
 from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry_async
 from memoryd_sdk.routing import RoutedStub, Routes, Targets
-from memoryd_sdk.types import AppendResult, ExportHeader, GenerateChunk, GenerateResult, ModelInfo, SessionInfo
+from memoryd_sdk.types import (
+    AppendResult,
+    ExportHeader,
+    GenerateChunk,
+    GenerateResult,
+    ModelInfo,
+    RecalledSpan,
+    RecallOptions,
+    SessionInfo,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -346,6 +356,7 @@ class AsyncMemoryClient:
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
+        recall: bool | RecallOptions = False,
         timeout: float | None = None,
         **sampling: object,
     ) -> AsyncGenerateStream:
@@ -358,6 +369,7 @@ class AsyncMemoryClient:
         completes (it carries an append id, so a retry lands once); `commit=False` leaves
         the session exactly as it was.  What is committed of the output is exactly the
         text sent (the stop is left out unless `commit_stop=True`), then `commit_suffix`.
+        `recall`: place the session's most relevant earlier spans before the prompt (see `recall`).
         """
         req = generate_request(
             session_id,
@@ -366,7 +378,7 @@ class AsyncMemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
-            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall)),
         )
 
         async def made() -> pb.GenerateRequest:
@@ -385,6 +397,7 @@ class AsyncMemoryClient:
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
+        recall: bool | RecallOptions = False,
         timeout: float | None = None,
         **sampling: object,
     ) -> GenerateResult:
@@ -400,9 +413,23 @@ class AsyncMemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
-            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall)),
         )
         return await self._complete(req, timeout)
+
+    # -- recall ----------------------------------------------------------------------------------
+
+    async def recall(
+        self, session_id: str, query: str, k: int = 8, *, timeout: float | None = None
+    ) -> list[RecalledSpan]:
+        """The `k` spans of the session's history most relevant to `query`, most relevant first (Recall).
+
+        Exact text from anywhere in the session's log (also long out of the model's window),
+        each with its [start_offset, end_offset).  Reads only: retried like any read.
+        """
+        req = pb.RecallRequest(session_id=session_id, query=query, k=k)
+        m = await self._unary("Recall", req, timeout)
+        return [RecalledSpan.from_pb(x) for x in m.spans]
 
     # -- export / import -------------------------------------------------------------------------
 

@@ -93,6 +93,9 @@ class MemorydChat(BaseChatModel):
     top_p: float = 0.0
     top_k: int = 0
     seed: int | None = None
+    recall: bool = True
+    """Place the session's most relevant earlier spans before each reply (exact facts from long out of
+    the model's window; never committed); False: off."""
 
     _held: list[Turn] = PrivateAttr(default_factory=list)
     _client: MemoryClient | None = PrivateAttr(default=None)
@@ -168,7 +171,7 @@ class MemorydChat(BaseChatModel):
         session = await self._session(client)
         max_tokens = self.max_tokens or min(256, (await client.cached_model_info()).max_generate_tokens)
         kw = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p}
-        kw |= {"top_k": self.top_k, "stop": stop, "seed": self.seed}
+        kw |= {"top_k": self.top_k, "stop": stop, "seed": self.seed, "recall": self.recall}
         if stream:
             return new, await session.reply_stream(new, **kw)
         return new, (await session.reply(new, **kw)).generation

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from memoryd_sdk.proto import memoryd_pb2 as pb
+from memoryd_sdk.types import RecallOptions
 
 Content = str | Sequence[int]
 """What can be appended: text (encoded by the server's tokenizer) or token ids."""
@@ -183,6 +184,16 @@ class Extras:
     add_generation_prompt: bool = False
     commit_stop: bool = False
     commit_suffix: str = ""
+    recall: RecallOptions | None = None
+    """Recalled context before the prompt (None: off, the request carries no recall field)."""
+
+
+def recall_options(recall: bool | RecallOptions) -> RecallOptions | None:
+    """`recall=` of a generation as the request's options: False off, True the server's defaults (the
+    server then searches for the prompt's last user turn)."""
+    if recall is False:
+        return None
+    return RecallOptions() if recall is True else recall
 
 
 def generate_request(
@@ -204,6 +215,8 @@ def generate_request(
         commit_suffix=extras.commit_suffix,
     )
     s.fill(req)
+    if extras.recall is not None:
+        req.recall.CopyFrom(extras.recall.to_pb())
     if isinstance(prompt, str):
         req.prompt_text = prompt
     elif prompt is not None:
