@@ -93,3 +93,19 @@ class Unauthenticated(ServiceError):
 
 class DataLoss(ServiceError):
     code = Status.DATA_LOSS
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before its work ran: the work was dropped, nothing changed."""
+
+    code = Status.DEADLINE_EXCEEDED
+
+
+class Overloaded(ResourceExhausted):
+    """Refused before any work: the queue ahead is over the limit or past the caller's deadline.
+    `retry_after` (seconds) is sent as the trailer `memoryd-retry-after-ms`; the SDK waits that long."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.trailers = (("memoryd-retry-after-ms", str(max(1, round(retry_after * 1000)))),)

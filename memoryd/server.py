@@ -28,6 +28,7 @@ from memoryd_sdk.proto import memoryd_pb2 as pb
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from memoryd import allocator
 from memoryd.api import reflection
 from memoryd.api.auth import Auth
 from memoryd.api.forward import Router, advertised_address
@@ -167,6 +168,9 @@ async def reach_redis(s: Settings) -> tuple[EmbeddedRedis | None, str, Redis | R
 
 async def serve(s: Settings) -> None:
     """Check every start-up precondition, reach Redis, then load the model and serve until SIGTERM."""
+    malloc = allocator.configure(s.malloc_arena_max, s.malloc_mmap_threshold)
+    if malloc:
+        log.info(json.dumps({"event": "allocator", **malloc}))
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     auth = Auth.from_settings(s.auth_tokens_file, s.auth_tokens)

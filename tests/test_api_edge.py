@@ -405,6 +405,17 @@ def _cases(stub, victim_export: list[pb.SessionChunk]) -> dict[tuple[str, str], 
         ("ForkSession", "FAILED_PRECONDITION"): call(
             "ForkSession", pb.ForkSessionRequest(session_id="f-snap", new_session_id="f-copy"), F
         ),
+        ("UpdateSession", "INVALID_ARGUMENT"): call("UpdateSession", pb.UpdateSessionRequest(session_id="victim")),
+        ("UpdateSession", "NOT_FOUND"): call(
+            "UpdateSession", pb.UpdateSessionRequest(session_id="ghost", metadata={"k": "v"})
+        ),
+        ("UpdateSession", "ABORTED"): call(
+            "UpdateSession",
+            pb.UpdateSessionRequest(session_id="victim", metadata={"k": "v"}, expected_metadata={"k": "other"}),
+        ),
+        ("UpdateSession", "RESOURCE_EXHAUSTED"): call(
+            "UpdateSession", pb.UpdateSessionRequest(session_id="victim", metadata={f"k{i}": "v" for i in range(65)})
+        ),
         ("Append", "INVALID_ARGUMENT"): call("Append", A(tokens=[V])),
         ("Append", "RESOURCE_EXHAUSTED"): call("Append", A(tokens=[1] * (MAX_APPEND + 1))),
         ("Append", "NOT_FOUND"): call("Append", A("ghost", tokens=[1])),

@@ -35,11 +35,18 @@ from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from memoryd import metrics
 from memoryd.api.auth import Auth
 from memoryd.api.forward import Router
-from memoryd.api.limits import sampling_limits, server_limits
+from memoryd.api.limits import MAX_META_ENTRIES, sampling_limits, server_limits
 from memoryd.api.model_info import ModelInfo
-from memoryd.api.validation import check_append_id, check_metadata, check_role, check_session_id
+from memoryd.api.validation import (
+    check_append_id,
+    check_metadata,
+    check_metadata_patch,
+    check_role,
+    check_session_id,
+)
 from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
+from memoryd.sessions.admission import set_deadline
 from memoryd.sessions.calls import CommitRule, Content, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
 from memoryd.sessions.recall_prompt import RecallAsk, Span, query_of
@@ -68,6 +75,20 @@ def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: floa
     metrics.CALLS.labels(method, code.name).inc()
     metrics.CALL_SECONDS.labels(method).observe(dt)
     log.info(json.dumps({"call": method, "code": code.name, "ms": round(dt * 1000, 3), **fields}))
+
+
+def _left(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call was cancelled under its handler: its deadline passed, or its client went away."""
+    left = context.time_remaining()
+    # A client whose deadline passes cancels the call itself, which may arrive just before the
+    # server's own timer fires: within a second of the deadline, it is the deadline.
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 1.0 else grpc.StatusCode.CANCELLED
+
+
+def _read_deadline(context: grpc.aio.ServicerContext) -> None:
+    """The call's gRPC deadline, for everything it does below the edge (memoryd/sessions/admission.py)."""
+    left = context.time_remaining()
+    set_deadline(left if left is not None and left < 10**8 else None)
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
@@ -136,12 +157,16 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            _read_deadline(context)
             request = request_of(raw)
             return await self.router.unary(method, request, context, lambda req: fn(self, tenant, req, context))
         except ServiceError as e:
             code = grpc_status(e)
             fields["error"] = e.message
             await _abort(context, e)
+        except asyncio.CancelledError:  # the client left or its deadline passed (work safe to finish goes on)
+            code = _left(context)
+            raise
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -167,6 +192,7 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
         try:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            _read_deadline(context)
             request = request_of(raw)
             async for item in self.router.stream(method, request, context, lambda req: fn(self, tenant, req, context)):
                 yield item
@@ -175,7 +201,7 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
             fields["error"] = e.message
             await _abort(context, e)
         except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
+            code = _left(context)
             raise
         except grpc.aio.AbortError:
             raise
@@ -469,6 +495,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         meta = check_metadata(r.metadata) or None
         expected = r.expected_offset if r.HasField("expected_offset") else None
         return session_pb(await self.sessions.fork(tenant, src, dst, meta, expected))
+
+    @unary
+    async def UpdateSession(self, tenant: str, r: pb.UpdateSessionRequest, ctx: Any) -> pb.Session:
+        sid = check_session_id(r.session_id)
+        note(session=sid)
+        if not len(r.metadata):
+            raise InvalidArgument("metadata is empty: give the entries to set (an empty value removes one)")
+        patch = check_metadata_patch(r.metadata, "metadata")
+        expected = check_metadata_patch(r.expected_metadata, "expected_metadata")
+        return session_pb(await self.sessions.update_metadata(tenant, sid, patch, expected, MAX_META_ENTRIES))
 
     # -- append ------------------------------------------------------------------------------
 

@@ -294,6 +294,8 @@ class Built:
     state: State
     replayed: int = 0
     """Log tokens read on top of the snapshot."""
+    seconds: float = 0.0
+    """The worker's time on it (deserializing the snapshot and replaying), not the wait for the lane."""
 
 
 @dataclass
@@ -338,8 +340,17 @@ class Ticket:
     solo: bool = False
     """A sample whose token takes a test-time step (`model.batch.runs_solo`): the compute lane's."""
     served: int = -1
-    """Last tick that ran part of it (-1: never): the least recently served go first."""
+    """Last tick that ran part of it (-1: never): the least recently served samples go first."""
+    age: int = -1
+    """Its place in the compute lane's queue: `seq` at arrival; an append cut into pieces is given
+    a new one (the back of the queue) each time a piece has run (-1: `seq`)."""
+    deadline: float | None = None
+    """time.monotonic() past which nobody will use the result (None: run it whatever happens)."""
     running: bool = False
     """On a lane now: not planned again until its outcome is back."""
     progress: Any = field(default=None, repr=False)
     """The worker's partial result (an append's state and steps so far)."""
+
+    def __post_init__(self) -> None:
+        if self.age < 0:
+            self.age = self.seq
