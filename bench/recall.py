@@ -327,6 +327,7 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
                             "decode_ms_per_token_recall_on": mean(dec_on),
                             "decode_ms_per_token_recall_off": mean(dec_off),
                             "recall_p95_ms": round(pct(recall_ms, 0.95), 2),
+                            "recall_p50_ms": round(pct(recall_ms, 0.5), 2),
                             "recalled_tokens_mean": mean([float(c) for c in ctx]),
                             "depth_tokens_mean": round(statistics.fmean(built.end - f.start for f in rows)),
                             "session_tokens": built.end,
