@@ -216,6 +216,21 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
             _generate(stub, "limits", temperature=lim.max_temperature * 1.01),
             IA,
         ),
+        "max_n": (
+            _generate(stub, "limits", n=lim.max_n, temperature=1),
+            _generate(stub, "limits", n=lim.max_n + 1, temperature=1),
+            RE,
+        ),
+        "max_top_logprobs": (
+            _generate(stub, "limits", logprobs=True, top_logprobs=lim.max_top_logprobs),
+            _generate(stub, "limits", logprobs=True, top_logprobs=lim.max_top_logprobs + 1),
+            RE,
+        ),
+        "max_logit_bias_entries": (  # the tiny vocabulary has fewer ids than the limit: all of them pass
+            _generate(stub, "limits", logit_bias={i % V: 0.5 for i in range(min(V, lim.max_logit_bias_entries))}),
+            _generate(stub, "limits", logit_bias={i: 0.5 for i in range(lim.max_logit_bias_entries + 1)}),
+            RE,
+        ),
         "max_page_size": (
             lambda: stub.ListSessions(pb.ListSessionsRequest(page_size=lim.max_page_size), metadata=L),
             lambda: stub.ListSessions(pb.ListSessionsRequest(page_size=lim.max_page_size + 1), metadata=L),
@@ -389,6 +404,17 @@ def _cases(stub, victim_export: list[pb.SessionChunk]) -> dict[tuple[str, str], 
         ("ForkSession", "RESOURCE_EXHAUSTED"): call("ForkSession", pb.ForkSessionRequest(session_id="full-0"), U),
         ("ForkSession", "FAILED_PRECONDITION"): call(
             "ForkSession", pb.ForkSessionRequest(session_id="f-snap", new_session_id="f-copy"), F
+        ),
+        ("UpdateSession", "INVALID_ARGUMENT"): call("UpdateSession", pb.UpdateSessionRequest(session_id="victim")),
+        ("UpdateSession", "NOT_FOUND"): call(
+            "UpdateSession", pb.UpdateSessionRequest(session_id="ghost", metadata={"k": "v"})
+        ),
+        ("UpdateSession", "ABORTED"): call(
+            "UpdateSession",
+            pb.UpdateSessionRequest(session_id="victim", metadata={"k": "v"}, expected_metadata={"k": "other"}),
+        ),
+        ("UpdateSession", "RESOURCE_EXHAUSTED"): call(
+            "UpdateSession", pb.UpdateSessionRequest(session_id="victim", metadata={f"k{i}": "v" for i in range(65)})
         ),
         ("Append", "INVALID_ARGUMENT"): call("Append", A(tokens=[V])),
         ("Append", "RESOURCE_EXHAUSTED"): call("Append", A(tokens=[1] * (MAX_APPEND + 1))),

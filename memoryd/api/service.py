@@ -34,14 +34,22 @@ from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 
 from memoryd import metrics
 from memoryd.api.auth import Auth
-from memoryd.api.limits import sampling_limits, server_limits
-from memoryd.api.validation import check_append_id, check_metadata, check_role, check_session_id
+from memoryd.api.forward import Router
+from memoryd.api.limits import MAX_META_ENTRIES, sampling_limits, server_limits
+from memoryd.api.model_info import ModelInfo
+from memoryd.api.validation import (
+    check_append_id,
+    check_metadata,
+    check_metadata_patch,
+    check_role,
+    check_session_id,
+)
 from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
+from memoryd.sessions.admission import set_deadline
 from memoryd.sessions.calls import CommitRule, Content, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
 from memoryd.sessions.recall_prompt import RecallAsk, Span, query_of
-from memoryd.sessions.routing import Router
 from memoryd.settings import Settings
 from memoryd.store.snapshots import SNAPSHOT_FORMAT
 
@@ -57,6 +65,11 @@ def note(**fields: Any) -> None:
     _call.get().update(fields)
 
 
+def grpc_status(e: ServiceError) -> grpc.StatusCode:
+    """The gRPC status of a ServiceError (memoryd.errors.Status names them as gRPC does)."""
+    return grpc.StatusCode[e.code.name]
+
+
 def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: float) -> None:
     dt = time.perf_counter() - t0
     metrics.CALLS.labels(method, code.name).inc()
@@ -64,13 +77,27 @@ def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: floa
     log.info(json.dumps({"call": method, "code": code.name, "ms": round(dt * 1000, 3), **fields}))
 
 
+def _left(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call was cancelled under its handler: its deadline passed, or its client went away."""
+    left = context.time_remaining()
+    # A client whose deadline passes cancels the call itself, which may arrive just before the
+    # server's own timer fires: within a second of the deadline, it is the deadline.
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 1.0 else grpc.StatusCode.CANCELLED
+
+
+def _read_deadline(context: grpc.aio.ServicerContext) -> None:
+    """The call's gRPC deadline, for everything it does below the edge (memoryd/sessions/admission.py)."""
+    left = context.time_remaining()
+    set_deadline(left if left is not None and left < 10**8 else None)
+
+
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
-    trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/sessions/routing.py)
+    trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/api/forward.py)
     if e.offset is not None and not any(k == "memoryd-offset" for k, _ in trailers):
         trailers += (("memoryd-offset", str(e.offset)),)
     if trailers:
         context.set_trailing_metadata(trailers)
-    await context.abort(e.code, e.message)
+    await context.abort(grpc_status(e), e.message)
 
 
 def decode(cls: type[ProtoMessage], raw: bytes) -> Any:
@@ -130,12 +157,16 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            _read_deadline(context)
             request = request_of(raw)
             return await self.router.unary(method, request, context, lambda req: fn(self, tenant, req, context))
         except ServiceError as e:
-            code = e.code
+            code = grpc_status(e)
             fields["error"] = e.message
             await _abort(context, e)
+        except asyncio.CancelledError:  # the client left or its deadline passed (work safe to finish goes on)
+            code = _left(context)
+            raise
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -161,15 +192,16 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
         try:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            _read_deadline(context)
             request = request_of(raw)
             async for item in self.router.stream(method, request, context, lambda req: fn(self, tenant, req, context)):
                 yield item
         except ServiceError as e:
-            code = e.code
+            code = grpc_status(e)
             fields["error"] = e.message
             await _abort(context, e)
         except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
+            code = _left(context)
             raise
         except grpc.aio.AbortError:
             raise
@@ -220,47 +252,46 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         sessions: Sessions,
         settings: Settings,
         auth: Auth,
-        model_name: str = "",
-        adapter: str = "",
+        model: ModelInfo,
         router: Router | None = None,
     ) -> None:
         self.sessions = sessions
+        self.model = model
         self.router = router or Router(settings.daemon_id, "", settings.lease_seconds, None)
         self.s = settings
         self.auth = auth
         self.tok = sessions.tok
         self.chat = sessions.chat
-        self.vocab = sessions.model.cfg.vocab_size
-        self.limits = server_limits(settings, self.vocab, sessions.model.cfg.window_size or 0)
+        self.vocab = model.vocab_size
+        self.limits = server_limits(settings, self.vocab, model.window_size)
         self.sampling_limits = sampling_limits(settings, self.vocab)
-        self.model_info = self._model_info(model_name, adapter)
+        self.model_info = self._model_info()
 
-    def _model_info(self, name: str, adapter: str) -> pb.ModelInfo:
-        cfg = self.sessions.model.cfg
-        chat = self.chat
+    def _model_info(self) -> pb.ModelInfo:
+        m, chat = self.model, self.chat
         return pb.ModelInfo(
-            digest=self.sessions.digest,
-            model_type=cfg.model_type,
-            name=name,
-            vocab_size=cfg.vocab_size,
-            bos_token_id=cfg.bos_token_id,
-            eos_token_id=cfg.eos_token_id,
-            tokenizer="bytes" if cfg.tokenizer == "bytes" else "huggingface",
-            chat_template=cfg.chat_template or "",
+            digest=m.digest,
+            model_type=m.model_type,
+            name=m.name,
+            vocab_size=m.vocab_size,
+            bos_token_id=m.bos_token_id,
+            eos_token_id=m.eos_token_id,
+            tokenizer=m.tokenizer,
+            chat_template=m.chat_template,
             chat_messages=chat is not None and chat.problem is None,
             chat_problem=(chat.problem or "") if chat is not None else "",
             chat_roles=sorted(chat.roles) if chat is not None else [],
             generation_prompt=chat.generation_prompt if chat is not None else "",
             turn_closing=chat.closing if chat is not None else "",
-            window_size=cfg.window_size or 0,
-            mini_batch_size=cfg.mini_batch_size,
-            num_fast_layers=cfg.num_fast_layers,
-            num_layers=cfg.num_layers,
-            adapter=adapter,
+            window_size=m.window_size,
+            mini_batch_size=m.mini_batch_size,
+            num_fast_layers=m.num_fast_layers,
+            num_layers=m.num_layers,
+            adapter=m.adapter,
             max_append_tokens=self.s.max_append_tokens,
             max_generate_tokens=self.s.max_generate_tokens,
             max_message_bytes=self.s.max_message_bytes,
-            attention_sinks=getattr(cfg, "attention_sinks", 0),
+            attention_sinks=m.attention_sinks,
             limits=self.limits,
         )
 
@@ -464,6 +495,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         meta = check_metadata(r.metadata) or None
         expected = r.expected_offset if r.HasField("expected_offset") else None
         return session_pb(await self.sessions.fork(tenant, src, dst, meta, expected))
+
+    @unary
+    async def UpdateSession(self, tenant: str, r: pb.UpdateSessionRequest, ctx: Any) -> pb.Session:
+        sid = check_session_id(r.session_id)
+        note(session=sid)
+        if not len(r.metadata):
+            raise InvalidArgument("metadata is empty: give the entries to set (an empty value removes one)")
+        patch = check_metadata_patch(r.metadata, "metadata")
+        expected = check_metadata_patch(r.expected_metadata, "expected_metadata")
+        return session_pb(await self.sessions.update_metadata(tenant, sid, patch, expected, MAX_META_ENTRIES))
 
     # -- append ------------------------------------------------------------------------------
 

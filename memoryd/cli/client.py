@@ -1,4 +1,4 @@
-"""`memoryd sessions ls|show|rm|export|import|recall`, `memoryd chat`, `memoryd http`: commands for people.
+"""`memoryd sessions ls|show|rm|export|import|recall`, `memoryd chat`, `memoryd http`, `memoryd mcp`: for people.
 
 All run against a running daemon.  They use the SDK only (no torch is imported), so they start fast and work from any
 machine that can reach the daemon.  Common flags: `--daemon host:port` (env
@@ -60,8 +60,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--listen", default="127.0.0.1:8080", help="HTTP host:port")
     h.add_argument("--tls-ca", default=None, help="PEM root certificate of the daemon (TLS on)")
 
+    m = sub.add_parser(
+        "mcp",
+        parents=[common],
+        help="an MCP server (tools remember / recall / ask / sessions) in front of a daemon; stdio by default",
+    )
+    m.add_argument("--listen", default=None, help="serve streamable HTTP on host:port instead of stdio (path /mcp)")
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.cmd == "mcp":
+        return run_mcp(args)
     if args.cmd == "http":
         from memoryd.api.openai_http import run_standalone
 
@@ -81,6 +90,21 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"memoryd: {e}", file=sys.stderr)
         return 1
+
+
+def run_mcp(args: argparse.Namespace) -> int:
+    """`memoryd mcp`: the MCP server (memoryd/api/mcp.py); needs the `mcp` extra."""
+    try:
+        from memoryd.api.mcp import Daemon, serve_http, serve_stdio
+    except ImportError as e:
+        print(f'memoryd mcp needs the MCP SDK: pip install "memoryd[mcp]" ({e})', file=sys.stderr)
+        return 1
+    daemon = Daemon(args.daemon, args.token, args.tls_ca)
+    try:
+        asyncio.run(serve_http(daemon, args.listen) if args.listen else serve_stdio(daemon))
+    except KeyboardInterrupt:
+        return 130
+    return 0
 
 
 # -- sessions -------------------------------------------------------------------------------------

@@ -264,6 +264,26 @@ for i = 1, 3 do if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', 
 return redis.call('HGET', KEYS[1], 'snap') or ''
 """
 
+# KEYS: head.  ARGV: now, patch JSON ({key: value, "" removes}), expected JSON ({key: value, "" absent}),
+# max entries.  {1, meta JSON} | {-1} gone | {-3, key} an expected entry differs | {-2, entries} over the limit
+_UPDATE_META = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local meta = cjson.decode(redis.call('HGET', KEYS[1], 'meta'))
+for k, v in pairs(cjson.decode(ARGV[3])) do
+  if (meta[k] or '') ~= v then return {-3, k} end
+end
+for k, v in pairs(cjson.decode(ARGV[2])) do
+  if v == '' then meta[k] = nil else meta[k] = v end
+end
+local n = 0
+for _ in pairs(meta) do n = n + 1 end
+if n > tonumber(ARGV[4]) then return {-2, n} end
+local out = '{}'
+if n > 0 then out = cjson.encode(meta) end
+redis.call('HSET', KEYS[1], 'meta', out, 'used', ARGV[1])
+return {1, out}
+"""
+
 SCRIPTS = {
     "journal": _JOURNAL,
     "journal_old": _JOURNAL_OLD,
@@ -285,5 +305,6 @@ SCRIPTS = {
     "lease": _LEASE,
     "renew": _RENEW,
     "touch": _TOUCH,
+    "update_meta": _UPDATE_META,
 }
 """Every Lua script, by name (the tests check that each names every key it touches in KEYS)."""

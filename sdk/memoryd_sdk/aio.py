@@ -41,12 +41,15 @@ from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, read_hea
 from memoryd_sdk.iterators import aiter_of
 from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.requests import (
+    APPEND_TOKENS_PER_SECOND,
     Content,
     Extras,
     Message,
     SamplingParams,
     StreamBuilder,
     append_request,
+    append_timeout,
+    append_tokens,
     fork_request,
     generate_request,
     messages_request,
@@ -79,7 +82,10 @@ class AsyncMemoryClient:
     that resolves to several): each session's calls then go to the daemon holding it
     (`routing.py`); `token` the bearer token when the daemon has auth on; `tls`
     see `connection.TLS`.  `timeout` is the deadline of unary calls and
-    `generate_timeout` of generations and exports/imports (seconds, per attempt).
+    `generate_timeout` of generations and exports/imports (seconds, per attempt); an append
+    without an explicit `timeout` gets `timeout` plus its tokens at `append_rate` tokens per
+    second (`requests.APPEND_TOKENS_PER_SECOND`), so a long one is not cut off and retried
+    from nothing.
     `template`: a `ChatTemplate` for `add_message` / `chat`; None (the default) uses the
     model's own chat template when the server has one, else `PlainTemplate`.
     `metadata`: extra gRPC metadata sent with every call (a gateway forwards its caller's).
@@ -93,6 +99,7 @@ class AsyncMemoryClient:
         *,
         timeout: float = 30.0,
         generate_timeout: float = 600.0,
+        append_rate: float = APPEND_TOKENS_PER_SECOND,
         retry: RetryPolicy | None = None,
         template: ChatTemplate | None = None,
         options: tuple[tuple[str, Any], ...] = (),
@@ -100,6 +107,7 @@ class AsyncMemoryClient:
     ) -> None:
         self.target = target
         self.timeout, self.generate_timeout = timeout, generate_timeout
+        self.append_rate = append_rate
         self.retry = retry or RetryPolicy()
         self.template = template
         self._model: ModelInfo | None = None
@@ -139,6 +147,11 @@ class AsyncMemoryClient:
             return await rpc(request, timeout=timeout or self.timeout, metadata=self._md)
 
         return await call_with_retry_async(once, self.retry, method)
+
+    def _append_timeout(self, req: pb.AppendRequest) -> float:
+        """The default deadline of this append: `timeout` plus its tokens at `append_rate`."""
+        bytes_tokenizer = self._model is not None and self._model.tokenizer == "bytes"
+        return append_timeout(self.timeout, append_tokens(req, bytes_tokenizer), self.append_rate)
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -242,6 +255,25 @@ class AsyncMemoryClient:
                 raise
             return await self.get_session(dst, timeout=timeout)
 
+    async def update_session(
+        self,
+        session_id: str,
+        metadata: dict[str, str],
+        expected_metadata: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> SessionInfo:
+        """Set metadata entries (an empty value removes one) in one atomic step; the state is not touched.
+
+        With `expected_metadata` it is a compare-and-set: unless every entry holds (an empty
+        value: the key is absent), nothing changes and `OffsetConflict` (ABORTED) is raised.
+        Retrying is safe: the same update applied twice leaves the same metadata (a retried
+        compare-and-set whose first attempt landed sees its own result and is refused; callers
+        that use `expected_metadata` read the session again on `OffsetConflict`).
+        """
+        req = pb.UpdateSessionRequest(session_id=session_id, metadata=metadata, expected_metadata=expected_metadata)
+        return SessionInfo.from_pb(await self._unary("UpdateSession", req, timeout))
+
     # -- append ----------------------------------------------------------------------------------
 
     async def append(
@@ -260,7 +292,7 @@ class AsyncMemoryClient:
         """
         aid = append_id or new_append_id()
         req = append_request(session_id, content, expected_offset, aid)
-        return AppendResult.from_pb(await self._unary("Append", req, timeout), aid)
+        return AppendResult.from_pb(await self._unary("Append", req, timeout or self._append_timeout(req)), aid)
 
     async def append_messages(
         self,
@@ -274,7 +306,7 @@ class AsyncMemoryClient:
         """Append chat turns formatted by the server with the model's chat template (`model_info().chat_messages`)."""
         aid = append_id or new_append_id()
         req = messages_request(session_id, messages, expected_offset, aid)
-        return AppendResult.from_pb(await self._unary("Append", req, timeout), aid)
+        return AppendResult.from_pb(await self._unary("Append", req, timeout or self._append_timeout(req)), aid)
 
     async def append_stream(
         self,

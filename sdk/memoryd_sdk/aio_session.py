@@ -276,6 +276,19 @@ class AsyncSession:
             )
         return AsyncSession(self.client, info.session_id, info=info, temporary=temporary, template=self.template)
 
+    async def update_metadata(
+        self,
+        metadata: dict[str, str],
+        expected_metadata: dict[str, str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> SessionInfo:
+        """Set metadata entries ("" removes one), compare-and-set with `expected_metadata` (see the client's
+        `update_session`); the offset and state are untouched."""
+        info = await self.client.update_session(self.id, metadata, expected_metadata, timeout=timeout)
+        self.last_info = info  # not `offset`: an append in flight under the lock owns it
+        return info
+
     async def reset(self, *, expected_offset: int | None = None, timeout: float | None = None) -> SessionInfo:
         """Back to the initial state (offset 0); id and metadata stay."""
         async with self._lock:

@@ -59,6 +59,26 @@ def new_session_id() -> str:
     return uuid.uuid4().hex
 
 
+APPEND_TOKENS_PER_SECOND = 20.0
+"""The rate an append's default deadline allows on top of the client's `timeout`.  The default
+model (SmolLM2-135M, CPU, 2 cores) reads 80-100 tokens/s alone (docs/service.md); a daemon
+shared by many sessions gives each less, so the deadline assumes a fifth of that: a
+7,995-token tool output gets 30 s + 400 s instead of 30 s, and lands on its first try."""
+
+
+def append_tokens(req: pb.AppendRequest, bytes_tokenizer: bool) -> int:
+    """Tokens an append request will read (an estimate for text: 3 bytes a token, or 1 with a bytes tokenizer)."""
+    if req.tokens:
+        return len(req.tokens)
+    text = req.text or "".join(m.content for m in req.messages)
+    return len(text.encode()) // (1 if bytes_tokenizer else 3) + 1
+
+
+def append_timeout(base: float, tokens: int, tokens_per_second: float) -> float:
+    """An append's deadline: the client's base timeout plus its tokens at `tokens_per_second`."""
+    return base + tokens / tokens_per_second
+
+
 def append_request(session_id: str, content: Content, expected_offset: int | None, append_id: str) -> pb.AppendRequest:
     req = pb.AppendRequest(session_id=session_id, append_id=append_id)
     if isinstance(content, str):

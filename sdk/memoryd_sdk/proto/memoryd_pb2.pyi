@@ -132,6 +132,30 @@ class ForkSessionRequest(_message.Message):
     expected_offset: int
     def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., expected_offset: _Optional[int] = ...) -> None: ...
 
+class UpdateSessionRequest(_message.Message):
+    __slots__ = ("session_id", "metadata", "expected_metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ExpectedMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_METADATA_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    metadata: _containers.ScalarMap[str, str]
+    expected_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., expected_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class AppendRequest(_message.Message):
     __slots__ = ("session_id", "text", "tokens", "expected_offset", "append_id", "messages")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

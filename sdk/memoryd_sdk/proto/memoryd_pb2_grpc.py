@@ -64,6 +64,11 @@ class MemoryServiceStub:
                 request_serializer=memoryd_dot_v1_dot_memoryd__pb2.ForkSessionRequest.SerializeToString,
                 response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
                 _registered_method=True)
+        self.UpdateSession = channel.unary_unary(
+                '/memoryd.v1.MemoryService/UpdateSession',
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.UpdateSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
+                _registered_method=True)
         self.Append = channel.unary_unary(
                 '/memoryd.v1.MemoryService/Append',
                 request_serializer=memoryd_dot_v1_dot_memoryd__pb2.AppendRequest.SerializeToString,
@@ -168,6 +173,24 @@ class MemoryServiceServicer:
         (limits.max_sessions_per_tenant).
         FAILED_PRECONDITION the source was stored under another model (no copy is
         made: it could not be used here either).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSession(self, request, context):
+        """Change a session's metadata (set or remove entries) without touching its
+        state or offset: client data kept durably with the session (e.g. the items
+        of an agent framework's conversation, memoryd_sdk.agents). One atomic step;
+        with expected_metadata it is a compare-and-set. Works on a session of
+        another model too (metadata is not model state).
+        INVALID_ARGUMENT  bad session_id, an empty update, a key or value over
+        limits.max_metadata_key_chars / max_metadata_value_chars.
+        NOT_FOUND         no such session.
+        ABORTED           an expected_metadata entry differs (the message names
+        the key); nothing was changed.
+        RESOURCE_EXHAUSTED the result would hold more than
+        limits.max_metadata_entries entries.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -348,6 +371,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
             'ForkSession': grpc.unary_unary_rpc_method_handler(
                     servicer.ForkSession,
                     request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ForkSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.Session.SerializeToString,
+            ),
+            'UpdateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSession,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.UpdateSessionRequest.FromString,
                     response_serializer=memoryd_dot_v1_dot_memoryd__pb2.Session.SerializeToString,
             ),
             'Append': grpc.unary_unary_rpc_method_handler(
@@ -547,6 +575,33 @@ class MemoryService:
             target,
             '/memoryd.v1.MemoryService/ForkSession',
             memoryd_dot_v1_dot_memoryd__pb2.ForkSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.MemoryService/UpdateSession',
+            memoryd_dot_v1_dot_memoryd__pb2.UpdateSessionRequest.SerializeToString,
             memoryd_dot_v1_dot_memoryd__pb2.Session.FromString,
             options,
             channel_credentials,
