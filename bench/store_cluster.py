@@ -36,6 +36,7 @@ from tqdm import tqdm  # noqa: E402
 from memoryd.store import heads, leases, snapshots, tokenlog  # noqa: E402
 from memoryd.store.db import Store  # noqa: E402
 from memoryd.store.redis_client import connect  # noqa: E402
+from memoryd.store.results import Logged, Ok  # noqa: E402
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -52,20 +53,20 @@ async def measure(url: str, wait: int, a: argparse.Namespace) -> dict:
         piece, pos, appends = list(range(a.piece_tokens)), 0, []
         for _ in range(a.appends):
             t0 = time.perf_counter()
-            assert (await tokenlog.append(st, "b", "s", fence, pos, [piece])).status == "ok"
+            assert isinstance(await tokenlog.append(st, "b", "s", fence, pos, [piece]), Logged)
             appends.append(time.perf_counter() - t0)
             pos += len(piece)
         data, snaps = os.urandom(a.snapshot_mib << 20), []
         for _ in range(a.snapshots):
             t0 = time.perf_counter()
             snap = await snapshots.write(st, data, "sha256:bench", pos)
-            assert await snapshots.publish(st, "b", "s", fence, 0, snap, pos) == 1
+            assert isinstance(await snapshots.publish(st, "b", "s", fence, 0, snap, pos), Ok)
             snaps.append(time.perf_counter() - t0)
         await tokenlog.append(st, "b", "s", fence, pos, [piece])
         forks = []
         for i in range(a.forks):
             t0 = time.perf_counter()
-            assert (await heads.fork(st, "b", "s", f"f{i}", None, None, 0))[0] == 1
+            assert isinstance(await heads.fork(st, "b", "s", f"f{i}", None, None, 0), Ok)
             forks.append(time.perf_counter() - t0)
         for i in range(a.forks):
             await heads.delete(st, "b", f"f{i}")

@@ -1,7 +1,10 @@
 """Wiring: model, Redis, sessions, gRPC server, health, reflection, metrics, signals.
 
-Start order matters for health: the model is loaded and Redis is reached before
-the health service says SERVING; a background check flips it to NOT_SERVING
+Start order: every precondition a person can get wrong (ports, files, the data dir,
+a redis-server, what converting the default model needs) is checked first, then Redis is
+started or reached, and only then is the model loaded (converted on the first start,
+the slow part), so a misconfigured start fails in a second, not after the conversion.
+Health says SERVING once the model is loaded and Redis answers; a background check flips it to NOT_SERVING
 while Redis is away.  SIGTERM: NOT_SERVING, finish in-flight calls, snapshot
 every hot session, then stop.
 """
@@ -22,6 +25,8 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from memoryd_sdk.proto import memoryd_pb2 as pb
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from memoryd.api import reflection
 from memoryd.api.auth import Auth
@@ -30,6 +35,7 @@ from memoryd.default_model import adapter_path, apply_adapter, default_checkpoin
 from memoryd.engine.core import Engine
 from memoryd.engine.scheduler import Budget
 from memoryd.metrics import serve_metrics
+from memoryd.preflight import StartupError, check_startup
 from memoryd.sessions.calls import Sessions
 from memoryd.sessions.chat import ChatFormat, chat_format_for
 from memoryd.sessions.leases import redis_errors
@@ -124,11 +130,60 @@ def _credentials(s: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
 
 
+async def reach_redis(s: Settings) -> tuple[EmbeddedRedis | None, str, Redis | RedisCluster]:
+    """The embedded Redis started (or an external one reached), and a client: before the model loads.
+
+    An external Redis gets `redis_timeout` seconds to answer its first PING; a daemon that
+    cannot reach its store at start is misconfigured (wrong URL, Redis not up), and says so
+    now rather than after loading the model.
+    """
+    embedded = None
+    url = s.redis_url
+    if url is None:
+        embedded = EmbeddedRedis(s.data_dir)
+        url = await asyncio.to_thread(embedded.start)
+        log.info(json.dumps({"event": "embedded_redis", "url": url}))
+    r = connect(url, s.redis_timeout)
+    deadline = time.monotonic() + s.redis_timeout
+    while True:
+        try:
+            await r.ping()
+            return embedded, url, r
+        except redis_errors() as e:
+            if time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                continue
+            with contextlib.suppress(Exception):
+                await r.aclose()
+            if embedded is not None:
+                await asyncio.to_thread(embedded.stop)
+            where = "the embedded redis-server" if embedded else url.split("@")[-1]
+            raise StartupError(
+                f"Redis at {where} does not answer ({e}): start it, or fix --redis-url "
+                "(unset: an embedded redis-server)"
+            ) from e
+
+
 async def serve(s: Settings) -> None:
+    """Check every start-up precondition, reach Redis, then load the model and serve until SIGTERM."""
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     auth = Auth.from_settings(s.auth_tokens_file, s.auth_tokens)
     creds = _credentials(s)
+    check_startup(s)  # ports, files, dirs, redis-server, conversion deps: before the slow model load
+    embedded, url, r = await reach_redis(s)
+    try:
+        await _serve(s, auth, creds, url, r, embedded is not None)
+    finally:
+        with contextlib.suppress(Exception):
+            await r.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def _serve(
+    s: Settings, auth: Auth, creds: grpc.ServerCredentials | None, url: str, r: Redis | RedisCluster, embedded: bool
+) -> None:
     device = resolve_device(s.device)
     model, ckpt, name, adapter = await asyncio.to_thread(load_model, s, device)
     tok = load_tokenizer(model.cfg, ckpt)
@@ -137,13 +192,6 @@ async def serve(s: Settings) -> None:
     event |= {"adapter": adapter, "chat": _chat_note(chat)}
     log.info(json.dumps(event))
 
-    embedded = None
-    url = s.redis_url
-    if url is None:
-        embedded = EmbeddedRedis(s.data_dir)
-        url = await asyncio.to_thread(embedded.start)
-        log.info(json.dumps({"event": "embedded_redis", "url": url}))
-    r = connect(url, s.redis_timeout)
     store = Store(
         r,
         ttl_seconds=s.ttl_seconds,
@@ -206,8 +254,4 @@ async def serve(s: Settings) -> None:
     except Exception:
         log.exception("flush on shutdown failed; the token log still holds every acknowledged token")
     await router.close()
-    with contextlib.suppress(Exception):
-        await r.aclose()
-    if embedded is not None:
-        await asyncio.to_thread(embedded.stop)
     log.info(json.dumps({"event": "stopped", "seconds": round(time.monotonic() - t0, 3)}))

@@ -4,10 +4,21 @@ The bytes carry the model digest they were made with, the counters, and a
 sha256 of every tensor, so that a truncated, corrupted or foreign snapshot is
 refused with a message that says which, before any state is built from it.
 
-Version 2 stores what defines a state (`StreamState.tensors()`: theta, stepped
-caches, pending token ids); the pending tokens' provisional activations are
-recomputed on load.  Version 1 also stored those activations; it is still read
-(they are dropped and recomputed), so sessions written before keep working.
+What a snapshot stores (version 3): what defines a state (`StreamState.tensors()`)
+less what the model already holds.  That is the pending token ids, the stepped
+key/value caches (none before the first step) and theta, the fast weights, only
+once a step has changed them: before its first step a state's theta is the
+model's initial theta (`state.initial_theta`), so the header says `"theta":
+"initial"` and no fast weight is stored; loading takes the model's, which the
+model digest in the header pins down bit for bit.  After a step theta is stored
+as it is: an SGD step changes every fast weight (a difference from theta_0 is
+dense and as large as theta itself; bench/session_bytes.py measures it), so there
+is nothing smaller that stays exact.  The pending tokens' provisional
+activations are recomputed on load.
+
+Older versions still load: version 2 stored theta always (a stored theta equal to
+the initial one is replaced by the shared tensors on load), version 1 also the
+provisional activations (dropped and recomputed).
 """
 
 from __future__ import annotations
@@ -25,8 +36,10 @@ from model.network import TTTModel
 from model.state import StreamState
 
 FORMAT = "memoryd-session-state"
-VERSION = "2"
-READABLE = ("1", "2")
+VERSION = "3"
+READABLE = ("1", "2", "3")
+THETA_INITIAL, THETA_STORED = "initial", "stored"
+"""The header's `theta`: the model's initial fast weights (none stored), or the stored ones."""
 
 
 class SnapshotError(ValueError):
@@ -46,8 +59,20 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equal (torch.equal takes -0.0 for 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def state_to_bytes(state: StreamState) -> bytes:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.tensors().items()}
+    initial = state.theta_is_initial()
+    tensors = {
+        k: v.detach().to("cpu").contiguous()
+        for k, v in state.tensors().items()
+        if not (initial and k.startswith("fast."))
+    }
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -55,6 +80,7 @@ def state_to_bytes(state: StreamState) -> bytes:
         "position": str(state.position),
         "steps": str(state.steps),
         "inner_lr": repr(float(state.inner_lr)),
+        "theta": THETA_INITIAL if initial else THETA_STORED,
         "checksum": _checksum(tensors),
     }
     # One metadata key holding sorted JSON: safetensors writes several keys in hash
@@ -108,10 +134,15 @@ def state_from_bytes(model: TTTModel, data: bytes) -> StreamState:
         raise SnapshotError(f"snapshot counters are missing or malformed: {e}") from e
     if meta["version"] == "1":  # provisional activations: a cache, recomputed below
         tensors = {k: v for k, v in tensors.items() if not k.startswith(("pending.out", "pending_kv."))}
-    return _build(model, tensors, position, steps, inner_lr)
+    theta = meta.get("theta", THETA_STORED)  # versions 1 and 2 always stored it
+    if theta not in (THETA_INITIAL, THETA_STORED):
+        raise SnapshotError(f"snapshot header has theta {theta!r}, expected {THETA_INITIAL!r} or {THETA_STORED!r}")
+    return _build(model, tensors, position, steps, inner_lr, theta == THETA_INITIAL)
 
 
-def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: int, inner_lr: float) -> StreamState:
+def _build(
+    model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: int, inner_lr: float, theta_initial: bool
+) -> StreamState:
     cfg = model.cfg
     fresh = StreamState.fresh(model, inner_lr=inner_lr)
     device, dtype = fresh.pending_out.device, fresh.pending_out.dtype
@@ -136,7 +167,12 @@ def _build(model: TTTModel, t: dict[str, torch.Tensor], position: int, steps: in
     state = fresh
     state.position, state.steps = position, steps
     state.pending_tokens = tokens.to(device)
-    state.fast = {k: take(f"fast.{k}", tuple(v.shape[1:])).to(device, v.dtype)[None] for k, v in fresh.fast.items()}
+    if theta_initial:  # fresh.fast is the model's shared initial theta
+        _expect(not any(k.startswith("fast.") for k in t), "theta is marked initial but fast weights are stored")
+    else:
+        stored = {k: take(f"fast.{k}", tuple(v.shape[1:])).to(device, v.dtype)[None] for k, v in fresh.fast.items()}
+        if steps > 0 or not all(_same_bits(stored[k], v) for k, v in fresh.fast.items()):
+            state.fast = stored  # else: an older snapshot's copy of theta_0; keep sharing the model's
 
     def cache(prefix: str, length: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if length == 0:

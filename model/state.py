@@ -25,7 +25,10 @@ pending tokens when a snapshot is loaded.  So the persisted state is bit-exact
 with a replay of the token log however the tokens were cut or batched.
 
 Nothing a state can see is ever written in place, so `clone()` shares every
-tensor: a fork costs nothing until one side appends.  The one buffer written in
+tensor: a fork costs nothing until one side appends.  The same rule lets every
+state that has taken no step share one theta: the model's initial fast weights
+(`initial_theta`), so a new or short session holds no copy of them, `nbytes()`
+counts only what the state owns, and a snapshot of it stores no theta at all.  The one buffer written in
 place, the growing key/value cache of the pending tokens (`cache.LiveKV`), is
 written only past every sharer's length, so a decoded token writes one slot per
 layer instead of copying the window.
@@ -33,6 +36,8 @@ layer instead of copying the window.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -63,6 +68,30 @@ def validate_tokens(tokens: Sequence[int] | torch.Tensor, vocab_size: int) -> to
         i = int(bad.nonzero()[0])
         raise InputError(f"token id {int(t[i])} at index {i} is outside the vocabulary [0, {vocab_size})")
     return t
+
+
+_INITIAL: weakref.WeakKeyDictionary[TTTModel, tuple[tuple, dict[str, torch.Tensor]]] = weakref.WeakKeyDictionary()
+_INITIAL_LOCK = threading.Lock()
+
+
+def initial_theta(model: TTTModel) -> dict[str, torch.Tensor]:
+    """theta_0 as every state that has taken no step holds it: each [1, out, in], in the
+    compute dtype (`upcast`), one set of tensors per model shared by all those states.
+
+    In float32 these are views of the model's own parameters (no copy at all); a bf16/fp16
+    model's fp32 copy is made once here instead of once per session.  Never written in
+    place: a step replaces theta (`minibatch_step` returns new tensors).  Rebuilt when a
+    parameter changes (its in-place version counter moves: an optimizer step, an adapter
+    load), so a trainer evaluating between steps never gets stale weights.
+    """
+    params = model.initial_fast_weights()
+    key = tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in params.values())
+    with _INITIAL_LOCK:
+        cached = _INITIAL.get(model)
+        if cached is None or cached[0] != key:
+            cached = (key, {k: upcast(v.detach()).unsqueeze(0) for k, v in params.items()})
+            _INITIAL[model] = cached
+        return dict(cached[1])
 
 
 @dataclass
@@ -102,10 +131,9 @@ class StreamState:
         cfg = model.cfg
         device = model.embed.weight.device
         dtype = model.embed.weight.dtype
-        fast = {k: upcast(v.detach()).unsqueeze(0) for k, v in model.initial_fast_weights().items()}
         return cls(
             model=model,
-            fast=fast,
+            fast=initial_theta(model),
             kv=[None] * cfg.num_layers,
             pending_tokens=torch.zeros(0, dtype=torch.int64, device=device),
             live_kv=[None] * cfg.num_layers,
@@ -239,10 +267,18 @@ class StreamState:
         out["pending.tokens"] = self.pending_tokens
         return out
 
+    def theta_is_initial(self) -> bool:
+        """Whether theta is the model's shared theta_0 (`initial_theta`): true until the first
+        step (a step always makes new tensors), so a snapshot need not store it."""
+        init = initial_theta(self.model)
+        return self.fast.keys() == init.keys() and all(self.fast[k] is init[k] for k in init)
+
     def nbytes(self) -> int:
-        """Device bytes the state holds: its tensors and the provisional caches, each storage
-        counted once (the stepped cache lives inside the growing buffer)."""
+        """Device bytes the state owns: its tensors and the provisional caches, each storage
+        counted once (the stepped cache lives inside the growing buffer), less the model's
+        initial theta, which every unstepped state shares with the model (`initial_theta`)."""
+        shared = {t.untyped_storage().data_ptr() for t in initial_theta(self.model).values()}
         tensors = [*self.tensors().values(), self.pending_out]
         tensors += [t for live in self.live_kv if live is not None for t in (live.buf.k, live.buf.v)]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-        return sum(storages.values())
+        return sum(n for ptr, n in storages.items() if ptr not in shared)

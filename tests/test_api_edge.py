@@ -5,6 +5,7 @@ documents provoked from its rpc, import ids and offsets, sessions of another mod
 from __future__ import annotations
 
 import hashlib
+import json
 import signal
 import time
 from pathlib import Path
@@ -253,7 +254,7 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
             )
     from memoryd.sessions.chat import ROLE_RE
 
-    assert ROLE_RE.match("r" * lim.max_role_chars) and not ROLE_RE.match("r" * (lim.max_role_chars + 1))
+    assert ROLE_RE.fullmatch("r" * lim.max_role_chars) and not ROLE_RE.fullmatch("r" * (lim.max_role_chars + 1))
     # text: the character limit is checked before encoding; at the limit, the token limit decides
     at = rpc_error(append(text="a" * lim.max_append_text_chars))
     assert at.code() == RE and "tokens" in at.details() and "characters" not in at.details()
@@ -568,3 +569,191 @@ def test_reflection_v1_resolves_the_file_by_path_and_symbol(daemon: Daemon) -> N
         for r in own.file_descriptor_response.file_descriptor_proto
     ]
     assert "grpc/reflection/v1/reflection.proto" in names_
+
+
+# -- ids, roles and stored bytes (issue 17) --------------------------------------------------------------
+
+BAD_IDS = ["a\n", "\n", "a\x00b", "a\rb", "a\tb", "a b", "a\x7f", "sess\u00e9", "a/b", "x" * 129, "a\u2028b"]
+"""Session ids outside [A-Za-z0-9._:-]{1,128}: control characters first (a trailing newline got past
+`re.match("^...$")`), then a space, DEL, non-ASCII, a slash and one character too many."""
+BAD_APPEND_IDS = ["a\n", "a b", "a\x00", "a\x7f", "caf\u00e9", "x" * 129]
+
+
+def _id_calls(stub, sid: str, E) -> dict[str, object]:
+    """Every rpc that names a session, with `sid` in the named field."""
+    return {
+        "session_id": [
+            lambda: stub.CreateSession(pb.CreateSessionRequest(session_id=sid), metadata=E),
+            lambda: stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=E),
+            lambda: stub.Append(pb.AppendRequest(session_id=sid, tokens=[1]), metadata=E),
+            lambda: stub.AppendStream(iter([pb.AppendRequest(session_id=sid, tokens=[1])]), metadata=E),
+            lambda: list(stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=1), metadata=E)),
+            lambda: stub.ResetSession(pb.ResetSessionRequest(session_id=sid), metadata=E),
+            lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=E),
+            lambda: stub.ForkSession(pb.ForkSessionRequest(session_id=sid, new_session_id="ok"), metadata=E),
+            lambda: list(stub.ExportSession(pb.ExportSessionRequest(session_id=sid), metadata=E)),
+        ],
+        "new_session_id": [
+            lambda: stub.ForkSession(pb.ForkSessionRequest(session_id="id-victim", new_session_id=sid), metadata=E),
+        ],
+    }
+
+
+def test_ids_outside_their_character_set_are_invalid_argument_naming_the_field(stub) -> None:
+    E = md("ids")
+    new_session(stub, "ids", "id-victim", list(range(20)))
+    before, listed = exported(stub, "id-victim", E), names(stub, "ids")
+    for sid in BAD_IDS:
+        for field, calls in _id_calls(stub, sid, E).items():
+            for call in calls:
+                e = rpc_error(call)
+                assert e.code() == IA and e.details().startswith(field + " must be"), (sid, field, e.details())
+                assert "[A-Za-z0-9._:-]" in e.details(), e.details()
+    for aid in BAD_APPEND_IDS:
+        req = pb.AppendRequest(session_id="id-victim", tokens=[1], append_id=aid)
+        e = rpc_error(lambda req=req: stub.Append(req, metadata=E))
+        assert e.code() == IA and e.details().startswith("append_id must be"), (aid, e.details())
+        gen = pb.GenerateRequest(session_id="id-victim", max_tokens=1, commit=True, append_id=aid)
+        e = rpc_error(lambda gen=gen: list(stub.Generate(gen, metadata=E)))
+        assert e.code() == IA and e.details().startswith("append_id must be"), (aid, e.details())
+    for key in ("a\nb", "\x00", "tab\there"):
+        e = rpc_error(lambda key=key: stub.CreateSession(pb.CreateSessionRequest(metadata={key: "v"}), metadata=E))
+        assert e.code() == IA and "metadata keys" in e.details() and "control" in e.details(), e.details()
+    chunks = list(stub.ExportSession(pb.ExportSessionRequest(session_id="id-victim"), metadata=E))
+    chunks[0].header.session_id = "imported\n"
+    e = rpc_error(lambda: stub.ImportSession(iter(chunks), metadata=E))
+    assert e.code() == IA and e.details().startswith("header.session_id must be"), e.details()
+    assert exported(stub, "id-victim", E) == before and names(stub, "ids") == listed  # nothing changed or made
+    for sid in ("a" * 128, "A.b_c:d-9"):  # the edges of the set are ids
+        assert stub.CreateSession(pb.CreateSessionRequest(session_id=sid), metadata=E).session_id == sid
+        stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), metadata=E)
+
+
+def test_the_sdk_gets_invalid_argument_for_a_bad_session_id(daemon: Daemon) -> None:
+    """The SDK sends the session id as request metadata too, where a newline is not even a legal header
+    value: it used to fail in gRPC's C core (ExecuteBatchError) before reaching the server."""
+    from memoryd_sdk import AsyncMemoryClient, InvalidArgument, MemoryClient
+
+    with MemoryClient(daemon.address, token="tok-ids") as client:
+        for sid in ("line\n", "nul\x00", "a b"):
+            for call in (
+                lambda sid=sid: client.create_session(sid),
+                lambda sid=sid: client.session(sid).append("x"),
+                lambda sid=sid: client.get_session(sid),
+            ):
+                with pytest.raises(InvalidArgument, match="session_id must be"):
+                    call()
+
+    async def aio() -> None:
+        async with AsyncMemoryClient(daemon.address, token="tok-ids") as client:
+            with pytest.raises(InvalidArgument, match="session_id must be"):
+                await client.create_session("line\n")
+
+    import asyncio
+
+    asyncio.run(aio())
+
+
+CHATML_ANY_ROLE = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nBe kind.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""SmolLM2's template, shortened: it renders any role string, so roles are checked against the set."""
+
+
+@pytest.fixture(scope="module")
+def chat_daemon(tmp_path_factory: pytest.TempPathFactory, redis_mod: RedisServer):
+    from model import init_model, preset, save_checkpoint
+
+    ckpt = tmp_path_factory.mktemp("ckpt-chatml") / "tiny-chatml"
+    save_checkpoint(init_model(preset("tiny").model_copy(update={"chat_template": CHATML_ANY_ROLE}), seed=0), ckpt)
+    d = _daemon(tmp_path_factory.mktemp("memoryd-chatml"), ckpt, redis_mod)
+    yield d
+    d.close()
+
+
+def test_roles_are_checked_against_the_chat_template(chat_daemon: Daemon) -> None:
+    stub, E = chat_daemon.stub(), md("ids")
+    info = stub.GetModel(pb.GetModelRequest(), metadata=E)
+    assert info.chat_messages and list(info.chat_roles) == ["assistant", "system", "tool", "user"]
+    sid = new_session(stub, "ids", "role-victim", [])
+    before = exported(stub, sid, E)
+    msg = pb.ChatMessage
+    for role, why in (("wizard", "not a role"), ("user\n", "must be"), ("", "must be"), ("us er", "must be")):
+        req = pb.AppendRequest(session_id=sid, messages=[msg(role="user", content="hi"), msg(role=role, content="x")])
+        e = rpc_error(lambda req=req: stub.Append(req, metadata=E))
+        assert e.code() == IA and e.details().startswith("messages[1].role") and why in e.details(), e.details()
+        gen = pb.GenerateRequest(session_id=sid, max_tokens=1, prompt_messages=[msg(role=role, content="x")])
+        e = rpc_error(lambda gen=gen: list(stub.Generate(gen, metadata=E)))
+        assert e.code() == IA and e.details().startswith("prompt_messages[0].role") and why in e.details()
+    e = rpc_error(lambda: stub.Append(pb.AppendRequest(session_id=sid, messages=[msg(role="wizard")]), metadata=E))
+    assert "assistant, system, tool, user" in e.details(), e.details()  # the fix: the roles it takes
+    assert exported(stub, sid, E) == before
+    for role in info.chat_roles:
+        stub.Append(pb.AppendRequest(session_id=sid, messages=[msg(role=role, content="ok")]), metadata=E)
+    from memoryd_sdk import InvalidArgument, MemoryClient
+
+    with MemoryClient(chat_daemon.address, token="tok-ids") as client, pytest.raises(InvalidArgument, match="wizard"):
+        client.session(sid).add_message("wizard", "x")  # the issue's example
+
+
+def test_template_roles_are_the_standard_ones_and_those_it_names() -> None:
+    from memoryd.sessions.chat import STANDARD_ROLES, template_roles
+
+    assert template_roles(CHATML_ANY_ROLE) == STANDARD_ROLES
+    llama31 = "{%- if message.role == \"ipython\" or message.role == 'tool' %}{{ message['content'] }}{% endif %}"
+    assert template_roles(llama31) == STANDARD_ROLES | {"ipython"}
+    assert template_roles("{{ '<|user|>' + messages[0]['content'] }}") == STANDARD_ROLES  # no role read: nothing named
+
+
+def test_sessions_ls_reports_stored_bytes_of_cold_sessions(
+    tmp_path: Path,
+    tiny_checkpoint: Path,  # noqa: F811
+    redis_mod: RedisServer,
+) -> None:
+    """A 1-byte memory budget: every session but the one in use is written out (snapshot + log) and
+    dropped, so ListSessions sees cold sessions; their stored bytes are what Redis holds for them."""
+    import subprocess
+    import sys
+
+    from service_fixtures import child_env
+
+    d = _daemon(tmp_path / "d", tiny_checkpoint, redis_mod, "--memory-budget", "1")
+    try:
+        stub, E = d.stub(), md("ids")
+        for sid, n in (("cold-a", 37), ("cold-b", 5), ("cold-c", 0)):
+            new_session(stub, "ids", sid, list(range(n)))
+        new_session(stub, "ids", "hot-one", [1, 2, 3])  # the last one used: the only one loaded
+        deadline = time.monotonic() + 60
+        while True:  # the daemon writes sessions out in the background, after the call that loaded another
+            listed = {s.session_id: s for s in stub.ListSessions(pb.ListSessionsRequest(), metadata=E).sessions}
+            if not any(listed[sid].hot for sid in ("cold-a", "cold-b")) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        r = redis_mod.client()
+        try:
+            for sid in ("cold-a", "cold-b", "cold-c", "hot-one"):
+                s = listed[sid]
+                assert s.hot == (sid == "hot-one") and (s.state_bytes > 0) == s.hot, s
+                snap = r.hget(f"md:s:{{ids/{sid}}}:h", "snap").decode()
+                snap_size = json.loads(r.get(f"md:snap:{{{snap}}}:m"))["size"] if snap else 0
+                log_bytes = r.memory_usage(f"md:s:{{ids/{sid}}}:log") or 0
+                assert s.stored_bytes == snap_size + log_bytes, (sid, s.stored_bytes, snap_size, log_bytes)
+            assert listed["cold-a"].stored_bytes > 0 and listed["cold-a"].steps == 4  # 37 tokens, mini-batch 8
+        finally:
+            r.close()
+        cmd = [sys.executable, "-m", "memoryd", "sessions", "ls", "--daemon", d.address, "--token", "tok-ids"]
+        out = subprocess.run(cmd, capture_output=True, env=child_env(), timeout=120)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.decode().splitlines()
+        header = lines[0].split()
+        assert header[:5] == ["SESSION", "OFFSET", "STEPS", "HOT", "STORED"], lines[0]
+        from memoryd.cli.client import _size
+
+        row = next(line for line in lines if line.startswith("cold-a "))
+        assert row.split()[3] == "-" and _size(listed["cold-a"].stored_bytes) in row, row
+        show = subprocess.run([*cmd[:4], "show", "cold-b", *cmd[5:]], capture_output=True, env=child_env(), timeout=120)
+        assert show.returncode == 0 and '"stored_bytes": ' in show.stdout.decode(), show.stdout
+    finally:
+        d.close()

@@ -19,6 +19,7 @@ from memoryd.errors import DataLoss
 from memoryd.store import heads, leases, snapshots, tokenlog
 from memoryd.store.db import ReplicaTimeout, Store
 from memoryd.store.redis_client import connect
+from memoryd.store.results import HeldElsewhere, Leased, Logged, OffsetDiffers, Ok, Refusal
 from memoryd.store.scripts import SCRIPTS
 
 BACKENDS = ["single", "cluster"]
@@ -43,6 +44,12 @@ def run(url: str, fn: Callable[[Store, object], Awaitable[object]], **kw) -> obj
     return asyncio.run(main())
 
 
+async def lease(st: Store, tenant: str, sid: str, owner: str, seconds: float) -> Leased:
+    got = await leases.acquire(st, tenant, sid, owner, seconds)
+    assert isinstance(got, Leased), got
+    return got
+
+
 async def snapshot_keys(st: Store) -> set[str]:
     return {k.decode() async for k in st.r.scan_iter(match=f"{st.prefix}:snap:*", count=1000)}
 
@@ -61,16 +68,16 @@ def test_every_script_names_every_key_in_keys() -> None:
 
 def test_fencing_refuses_a_stale_daemon(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
-        assert await heads.create(st, "t", "s", {}, "sha256:x") == 1
-        old = (await leases.acquire(st, "t", "s", "daemon-a", 30)).fence
+        assert await heads.create(st, "t", "s", {}, "sha256:x") == Ok()
+        old = (await lease(st, "t", "s", "daemon-a", 30)).fence
         held = await leases.acquire(st, "t", "s", "daemon-b", 30)
-        assert held.fence is None and held.holder == "daemon-a"
+        assert isinstance(held, HeldElsewhere) and held.holder == "daemon-a" and 0 < held.ttl_ms <= 30_000
         await r.delete(st.keys.session("t", "s", "lease"))  # a's lease expired while it was paused
-        new = (await leases.acquire(st, "t", "s", "daemon-b", 30)).fence
+        new = (await lease(st, "t", "s", "daemon-b", 30)).fence
         assert new == old + 1
-        assert (await tokenlog.append(st, "t", "s", old, 0, [[1, 2]])).status == "fenced"
-        assert (await tokenlog.append(st, "t", "s", new, 0, [[1, 2]])).status == "ok"
-        assert (await tokenlog.append(st, "t", "s", new, 0, [[3]])).status == "mismatch"  # CAS on the offset
+        assert (await tokenlog.append(st, "t", "s", old, 0, [[1, 2]])) is Refusal.FENCED
+        assert await tokenlog.append(st, "t", "s", new, 0, [[1, 2]]) == Logged(start=0, offset=2)
+        assert (await tokenlog.append(st, "t", "s", new, 0, [[3]])) == OffsetDiffers(2)  # CAS on the offset
         assert await leases.renew(st, [("t", "s")], "daemon-a", 30) == [False]
         assert await tokenlog.read(st, "t", "s", 0, 2) == [[1, 2]]
 
@@ -80,12 +87,12 @@ def test_fencing_refuses_a_stale_daemon(redis_url: str) -> None:
 def test_snapshot_publish_is_all_or_nothing(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
         await heads.create(st, "t", "s", {}, "sha256:x")
-        fence = (await leases.acquire(st, "t", "s", "d", 30)).fence
+        fence = (await lease(st, "t", "s", "d", 30)).fence
         await tokenlog.append(st, "t", "s", fence, 0, [[1] * 5, [2] * 3])
         data = bytes(range(256)) * 40  # 10 KiB in 1 KiB chunks
         snap = await snapshots.write(st, data, "sha256:x", 8)
         assert (await heads.read(st, "t", "s")).snap == ""  # written, not yet visible
-        assert await snapshots.publish(st, "t", "s", fence, 0, snap, 8) == 1
+        assert await snapshots.publish(st, "t", "s", fence, 0, snap, 8) == Ok()
         head = await heads.read(st, "t", "s")
         assert (head.snap, head.snap_off) == (snap, 8)
         assert list(await snapshots.refs(st, snap)) == [head.snap_ref], "the writer's pin went to the head"
@@ -93,8 +100,8 @@ def test_snapshot_publish_is_all_or_nothing(redis_url: str) -> None:
         assert await r.llen(st.keys.session("t", "s", "log")) == 0  # the log before the snapshot is trimmed
         # a reset in between makes a late publication fail (generation changed)
         late = await snapshots.write(st, data, "sha256:x", 8)
-        assert (await heads.reset(st, "t", "s", fence, None))[0] == 1
-        assert await snapshots.publish(st, "t", "s", fence, 0, late, 8) == -3
+        assert await heads.reset(st, "t", "s", fence, None) == Ok()
+        assert await snapshots.publish(st, "t", "s", fence, 0, late, 8) is Refusal.RESET_MEANWHILE
         assert not await r.exists(st.keys.snap(snap, "m")), "the reset dropped the last reference"
         # a corrupted chunk is caught by its checksum
         await r.set(st.keys.snap(late, "c:3"), b"x" * 1024)
@@ -109,21 +116,21 @@ def test_snapshot_publish_is_all_or_nothing(redis_url: str) -> None:
 def test_forks_share_snapshots_by_reference(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
         await heads.create(st, "t", "a", {"k": "v"}, "sha256:x")
-        fence = (await leases.acquire(st, "t", "a", "d", 30)).fence
+        fence = (await lease(st, "t", "a", "d", 30)).fence
         await tokenlog.append(st, "t", "a", fence, 0, [[1, 2, 3]])
         snap = await snapshots.write(st, b"state" * 100, "sha256:x", 3)
         await snapshots.publish(st, "t", "a", fence, 0, snap, 3)
         await tokenlog.append(st, "t", "a", fence, 3, [[4], [5, 6]])
-        assert await heads.fork(st, "t", "a", "b", None, 6, 0) == (1, 6)
-        assert await heads.fork(st, "t", "a", "c", None, 5, 0) == (-3, 6)
-        assert await heads.fork(st, "t", "a", "b", None, None, 0) == (-2, 0)
+        assert await heads.fork(st, "t", "a", "b", None, 6, 0) == Ok(6)
+        assert await heads.fork(st, "t", "a", "c", None, 5, 0) == OffsetDiffers(6)
+        assert await heads.fork(st, "t", "a", "b", None, None, 0) is Refusal.TAKEN
         b = await heads.read(st, "t", "b")
         assert (b.snap, b.snap_off, b.offset, b.metadata) == (snap, 3, 6, {"k": "v"})
         assert await tokenlog.read(st, "t", "b", 3, 6) == [[4], [5, 6]]
         refs = await snapshots.refs(st, snap)
         assert sorted(refs.values()) == ["t/a", "t/b"] and b.snap_ref in refs
         before = await st.bytes_used(f"{st.prefix}:snap:*")
-        assert await heads.fork(st, "t", "b", "c", None, None, 0) == (1, 6)
+        assert await heads.fork(st, "t", "b", "c", None, None, 0) == Ok(6)
         assert await st.bytes_used(f"{st.prefix}:snap:*") < before + 500, "a fork copies no weights"
         await heads.delete(st, "t", "a")
         await heads.delete(st, "t", "c")
@@ -141,9 +148,9 @@ def test_list_pages_through_ids_created_in_any_order(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
         ids = [f"s{i:02d}" for i in range(12)]
         for sid in ids[::-1][:6] + ids[:6]:  # not in id order
-            assert await heads.create(st, "t", sid, {}, "sha256:x", max_sessions=12) == 1
-        assert await heads.create(st, "t", "s03", {}, "sha256:x") == -1  # taken: the index is left as it was
-        assert await heads.create(st, "t", "extra", {}, "sha256:x", max_sessions=12) == -2
+            assert await heads.create(st, "t", sid, {}, "sha256:x", max_sessions=12) == Ok()
+        assert await heads.create(st, "t", "s03", {}, "sha256:x") is Refusal.TAKEN  # taken: the index is left as it was
+        assert await heads.create(st, "t", "extra", {}, "sha256:x", max_sessions=12) is Refusal.AT_LIMIT
 
         async def pages() -> list[str]:
             out, after = [], ""
@@ -155,7 +162,7 @@ def test_list_pages_through_ids_created_in_any_order(redis_url: str) -> None:
 
         assert await pages() == ids
         for sid in ("s00", "s03", "s11"):
-            assert (await heads.delete(st, "t", sid))[0] == 1
+            assert isinstance(await heads.delete(st, "t", sid), Ok)
         assert await pages() == [i for i in ids if i not in ("s00", "s03", "s11")]
         assert await heads.count(st) == 9
 
@@ -165,7 +172,7 @@ def test_list_pages_through_ids_created_in_any_order(redis_url: str) -> None:
 def test_log_gap_is_data_loss(redis_url: str) -> None:
     async def body(st: Store, r) -> None:
         await heads.create(st, "t", "s", {}, "sha256:x")
-        fence = (await leases.acquire(st, "t", "s", "d", 30)).fence
+        fence = (await lease(st, "t", "s", "d", 30)).fence
         await tokenlog.append(st, "t", "s", fence, 0, [[1, 2], [3]])
         await r.lset(st.keys.session("t", "s", "log"), 1, b'{"o":5,"t":[3]}')
         with pytest.raises(DataLoss, match="gap"):
@@ -203,10 +210,10 @@ WINDOW, GRACE = 0.3, 0.8
 async def _setup(st: Store, sid: str) -> tuple[int, str]:
     """A session with a published snapshot, a log tail, and a second snapshot written but not published."""
     await heads.create(st, "t", sid, {}, "sha256:x")
-    fence = (await leases.acquire(st, "t", sid, "d", 30)).fence
+    fence = (await lease(st, "t", sid, "d", 30)).fence
     await tokenlog.append(st, "t", sid, fence, 0, [[1, 2, 3]])
     s1 = await snapshots.write(st, b"one" * 700, "sha256:x", 3)
-    assert await snapshots.publish(st, "t", sid, fence, 0, s1, 3) == 1
+    assert await snapshots.publish(st, "t", sid, fence, 0, s1, 3) == Ok()
     await tokenlog.append(st, "t", sid, fence, 3, [[4, 5]])
     return fence, await snapshots.write(st, b"two" * 700, "sha256:x", 5)
 
@@ -303,8 +310,8 @@ def test_wait_for_replicas(redis_cluster: LocalCluster) -> None:
 
     async def body(st: Store, r) -> None:
         await heads.create(st, "t", "w", {}, "sha256:x")
-        fence = (await leases.acquire(st, "t", "w", "d", 30)).fence
-        assert (await tokenlog.append(st, "t", "w", fence, 0, [[7, 8]], "a1")).status == "ok"
+        fence = (await lease(st, "t", "w", "d", 30)).fence
+        assert isinstance(await tokenlog.append(st, "t", "w", fence, 0, [[7, 8]], "a1"), Logged)
         key = st.keys.session("t", "w", "log")
         master = redis_cluster.master_of(key)
         replica = next(
@@ -321,7 +328,7 @@ def test_wait_for_replicas(redis_cluster: LocalCluster) -> None:
             await tokenlog.append(greedy, "t", "w", fence, 2, [[9]], "a2")
         assert time.monotonic() - t0 < 3
         dup = await tokenlog.append(st, "t", "w", fence, 2, [[9]], "a2")  # the retry finds it, and now it is replicated
-        assert (dup.status, dup.offset) == ("duplicate", 3)
+        assert (dup.duplicate, dup.offset) == (True, 3)
 
     run(redis_cluster.url, body, wait_replicas=1)
 

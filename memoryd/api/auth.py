@@ -17,7 +17,8 @@ import yaml
 
 from memoryd.errors import Unauthenticated
 
-TENANT_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+TENANT_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+"""Matched with fullmatch: `^...$` with `match` let a trailing newline through (memoryd/api/validation.py)."""
 DEFAULT_TENANT = "default"
 
 
@@ -28,8 +29,8 @@ def _digest(token: str) -> str:
 class Auth:
     def __init__(self, tokens: dict[str, str]) -> None:
         for tenant in tokens.values():
-            if not TENANT_RE.match(tenant):
-                raise ValueError(f"tenant name {tenant!r} must match {TENANT_RE.pattern}")
+            if not TENANT_RE.fullmatch(tenant):
+                raise ValueError(f"tenant name {tenant!r} must be 1-64 characters from [A-Za-z0-9._-]")
         self._by_digest = {_digest(t): tenant for t, tenant in tokens.items()}
 
     @property

@@ -21,6 +21,8 @@ from memoryd_sdk import SamplingParams
 
 MAX_STOPS = 4
 ROLES = ("system", "developer", "user", "assistant", "tool")
+AS_SYSTEM = "developer"
+"""OpenAI's newer name for system messages: read as a system turn (chat templates know `system`, not this)."""
 
 
 class RequestError(Exception):
@@ -171,7 +173,7 @@ def _messages(raw: Any) -> tuple[tuple[str, str], ...]:
         role = m.get("role")
         if role not in ROLES:
             raise RequestError(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", f"{where}.role")
-        out.append((role, _content(m, where)))
+        out.append(("system" if role == AS_SYSTEM else role, _content(m, where)))
     return tuple(out)
 
 

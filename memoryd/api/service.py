@@ -21,9 +21,7 @@ import functools
 import hashlib
 import json
 import logging
-import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -36,14 +34,13 @@ from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 
 from memoryd import metrics
 from memoryd.api.auth import Auth
-from memoryd.api.limits import (
-    MAX_APPEND_ID_CHARS,
-    MAX_META_ENTRIES,
-    MAX_META_KEY_CHARS,
-    MAX_META_VALUE_CHARS,
-    MAX_SESSION_ID_CHARS,
-    sampling_limits,
-    server_limits,
+from memoryd.api.limits import MAX_META_ENTRIES, sampling_limits, server_limits
+from memoryd.api.validation import (
+    check_append_id,
+    check_metadata,
+    check_metadata_patch,
+    check_role,
+    check_session_id,
 )
 from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
@@ -56,8 +53,6 @@ from memoryd.store.snapshots import SNAPSHOT_FORMAT
 log = logging.getLogger("memoryd.calls")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MemoryService"]
-SESSION_ID_RE = re.compile(rf"^[A-Za-z0-9._:-]{{1,{MAX_SESSION_ID_CHARS}}}$")
-APPEND_ID_RE = re.compile(rf"^[\x21-\x7e]{{1,{MAX_APPEND_ID_CHARS}}}$")
 
 _call: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("memoryd_call")
 
@@ -193,48 +188,7 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
     return wrapper
 
 
-# -- validation -------------------------------------------------------------------------------
-
-
-def check_session_id(sid: str, field: str = "session_id", allow_empty: bool = False) -> str:
-    if not sid and allow_empty:
-        return uuid.uuid4().hex
-    if not SESSION_ID_RE.match(sid):
-        raise InvalidArgument(
-            f"{field} must be 1-{MAX_SESSION_ID_CHARS} characters from [A-Za-z0-9._:-], got {sid[:140]!r}"
-        )
-    return sid
-
-
-def check_metadata(meta: Any) -> dict[str, str]:
-    m = dict(meta)
-    if len(m) > MAX_META_ENTRIES:
-        raise InvalidArgument(f"metadata has {len(m)} entries; at most {MAX_META_ENTRIES}")
-    for k, v in m.items():
-        if not k or len(k) > MAX_META_KEY_CHARS:
-            raise InvalidArgument(f"metadata keys must be 1-{MAX_META_KEY_CHARS} characters, got {k[:140]!r}")
-        if len(v) > MAX_META_VALUE_CHARS:
-            raise InvalidArgument(f"metadata value of {k!r} has {len(v)} characters; at most {MAX_META_VALUE_CHARS}")
-    return m
-
-
-def check_metadata_patch(meta: Any, field: str) -> dict[str, str]:
-    """Entries of an UpdateSession map: keys and values within the limits (the count is checked on the result)."""
-    m = dict(meta)
-    for k, v in m.items():
-        if not k or len(k) > MAX_META_KEY_CHARS:
-            raise InvalidArgument(f"{field} keys must be 1-{MAX_META_KEY_CHARS} characters, got {k[:140]!r}")
-        if len(v) > MAX_META_VALUE_CHARS:
-            raise InvalidArgument(f"{field} value of {k!r} has {len(v)} characters; at most {MAX_META_VALUE_CHARS}")
-    return m
-
-
-def check_append_id(aid: str) -> str:
-    if aid and not APPEND_ID_RE.match(aid):
-        raise InvalidArgument(
-            f"append_id must be 1-{MAX_APPEND_ID_CHARS} printable ASCII characters without spaces, got {aid[:140]!r}"
-        )
-    return aid
+# -- ids, metadata and roles are checked by memoryd/api/validation.py ---------------------------
 
 
 def _ts(seconds: float) -> Timestamp:
@@ -257,6 +211,7 @@ def session_pb(info: Info) -> pb.Session:
         steps=info.steps,
         state_bytes=info.state_bytes,
         hot=info.hot,
+        stored_bytes=info.stored_bytes,
     )
 
 
@@ -295,6 +250,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             chat_template=cfg.chat_template or "",
             chat_messages=chat is not None and chat.problem is None,
             chat_problem=(chat.problem or "") if chat is not None else "",
+            chat_roles=sorted(chat.roles) if chat is not None else [],
             generation_prompt=chat.generation_prompt if chat is not None else "",
             turn_closing=chat.closing if chat is not None else "",
             window_size=cfg.window_size or 0,
@@ -350,7 +306,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             raise InvalidArgument(
                 f"{what} messages cannot be used with this model's chat template: {self.chat.problem}"
             )
-        out = [Message(m.role, m.content) for m in msgs]
+        field = "messages" if what == "append" else "prompt_messages"
+        roles = self.chat.roles
+        out = [Message(check_role(m.role, f"{field}[{i}].role", roles), m.content) for i, m in enumerate(msgs)]
         size = sum(len(m.content) for m in out)
         if size > self.limits.max_append_text_chars:
             raise ResourceExhausted(

@@ -110,10 +110,14 @@ def _when(t: datetime | None) -> str:
 
 
 def ls(client: MemoryClient, args: argparse.Namespace) -> int:
-    rows = [("SESSION", "OFFSET", "STEPS", "STATE", "LAST USED", "METADATA")]
+    """One row a session: HOT is its state in the daemon's memory ("-" while not loaded), STORED its bytes in
+    Redis (newest snapshot + token log), which a session has whether or not it is loaded."""
+    rows = [("SESSION", "OFFSET", "STEPS", "HOT", "STORED", "LAST USED", "METADATA")]
     for s in client.list_sessions():
         meta = ",".join(f"{k}={v}" for k, v in sorted(s.metadata.items()))
-        rows.append((s.session_id, str(s.offset), str(s.steps), _size(s.state_bytes), _when(s.last_used_at), meta))
+        hot = _size(s.state_bytes) if s.hot else "-"
+        row = (s.session_id, str(s.offset), str(s.steps), hot, _size(s.stored_bytes), _when(s.last_used_at), meta)
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from memoryd import metrics
 from memoryd.engine.work import (
@@ -60,8 +60,17 @@ from memoryd.settings import Settings
 from memoryd.store import heads, leases, snapshots, tokenlog
 from memoryd.store.db import Store
 from memoryd.store.heads import Head
-from memoryd.store.leases import LeaseResult
-from memoryd.store.tokenlog import AppendResult, tokens_hash
+from memoryd.store.results import (
+    EntryDiffers,
+    HeldElsewhere,
+    Leased,
+    Logged,
+    OffsetDiffers,
+    Ok,
+    Refusal,
+    TooManyEntries,
+)
+from memoryd.store.tokenlog import tokens_hash
 
 if TYPE_CHECKING:
     from memoryd.engine.core import Engine
@@ -93,6 +102,9 @@ class Info:
     steps: int
     state_bytes: int
     hot: bool
+    stored_bytes: int = 0
+    """Bytes in Redis: the newest snapshot plus the token log after it (`Store.stored_bytes`); `get` and `list`
+    fill it in, loaded or not."""
 
 
 @dataclass
@@ -195,11 +207,13 @@ class Sessions:
             head = await heads.read(self.store, tenant, sid)
             if head is not None and head.digest != self.digest:  # before the lease: never take another model's
                 raise ForeignSession(head, self.digest)
-            lease = await leases.acquire(self.store, tenant, sid, self.owner, self.s.lease_seconds)
-            if lease.missing:
-                raise NotFound(f"session {sid!r} does not exist")
-            if lease.fence is None:
-                raise await self._elsewhere(key, lease)
+            match await leases.acquire(self.store, tenant, sid, self.owner, self.s.lease_seconds):
+                case Leased() as lease:
+                    pass
+                case HeldElsewhere() as held:
+                    raise await self._elsewhere(key, held)
+                case Refusal.NOT_FOUND:
+                    raise NotFound(f"session {sid!r} does not exist")
             head = await heads.read(self.store, tenant, sid)
             if head is None:
                 raise NotFound(f"session {sid!r} does not exist")
@@ -222,7 +236,7 @@ class Sessions:
         self._spawn(self._enforce_budget(key))
         return hot
 
-    async def _elsewhere(self, key: Key, lease: LeaseResult) -> Moved:
+    async def _elsewhere(self, key: Key, lease: HeldElsewhere) -> Moved:
         """Where the session is served (memoryd/sessions/routing.py forwards the call there).
 
         A holder that published no address (an older daemon) is asked to hand the session
@@ -245,16 +259,17 @@ class Sessions:
         tenant, sid = key
         async with self._redis():
             snap = await snapshots.write(self.store, data, self.digest, state.position)
-            code = await snapshots.publish(self.store, tenant, sid, hot.fence, hot.gen, snap, state.position)
-            if code != 1:
+            published = await snapshots.publish(self.store, tenant, sid, hot.fence, hot.gen, snap, state.position)
+            if not isinstance(published, Ok):
                 await snapshots.drop(self.store, snap)
-        if code == 1:
-            hot.snap_pos, hot.snap_steps = state.position, state.steps
-            metrics.SNAPSHOTS.labels(reason).inc()
-            metrics.SNAPSHOT_BYTES.inc(len(data))
-            metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - t0)
-        elif code in (-1, -2):  # deleted, or another daemon took the session over
-            self.hot.drop(key)
+        match published:
+            case Ok():
+                hot.snap_pos, hot.snap_steps = state.position, state.steps
+                metrics.SNAPSHOTS.labels(reason).inc()
+                metrics.SNAPSHOT_BYTES.inc(len(data))
+                metrics.SNAPSHOT_SECONDS.observe(time.perf_counter() - t0)
+            case Refusal.NOT_FOUND | Refusal.FENCED:  # deleted, or another daemon took the session over
+                self.hot.drop(key)
 
     async def _periodic_snapshot(self, key: Key) -> None:
         try:
@@ -301,11 +316,8 @@ class Sessions:
 
     async def create(self, tenant: str, sid: str, metadata: dict[str, str]) -> Info:
         async with self._redis():
-            code = await heads.create(self.store, tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant)
-            if code == -1:
-                raise AlreadyExists(f"session {sid!r} already exists")
-            if code == -2:
-                raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
+            created = await heads.create(self.store, tenant, sid, metadata, self.digest, self.s.max_sessions_per_tenant)
+            self._check_created(sid, created)
             head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after it was created (TTL 0?); retry")
@@ -326,7 +338,7 @@ class Sessions:
             try:
                 hot = await self._load(key)
             except ForeignSession as e:
-                return self._info(e.head, None)
+                return (await self._stored([self._info(e.head, None)]))[0]
             async with self._redis():
                 head = await heads.read(self.store, tenant, sid)
         if head is None:  # expired or deleted under us: let go of it, lease included
@@ -334,26 +346,26 @@ class Sessions:
             async with self._redis():
                 await leases.renew(self.store, [key], self.owner, 0)
             raise NotFound(f"session {sid!r} does not exist")
-        return self._info(head, hot)
+        return (await self._stored([self._info(head, hot)]))[0]
 
     async def update_metadata(
         self, tenant: str, sid: str, patch: dict[str, str], expected: dict[str, str], max_entries: int
     ) -> Info:
         """Set / remove metadata entries (client data: no lease, no load; the state is not touched)."""
         async with self._redis():
-            res = await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries)
-            if res.outcome == "gone":
-                raise NotFound(f"session {sid!r} does not exist")
-            if res.outcome == "differs":
-                raise Aborted(
-                    f"expected_metadata[{res.key!r}] differs from the session's: nothing was changed; "
-                    "read the session again and retry"
-                )
-            if res.outcome == "too_many":
-                raise ResourceExhausted(
-                    f"the metadata would hold {res.entries} entries; at most {max_entries} "
-                    "(remove entries with empty values in the same update)"
-                )
+            match await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries):
+                case Refusal.NOT_FOUND:
+                    raise NotFound(f"session {sid!r} does not exist")
+                case EntryDiffers(key):
+                    raise Aborted(
+                        f"expected_metadata[{key!r}] differs from the session's: nothing was changed; "
+                        "read the session again and retry"
+                    )
+                case TooManyEntries(entries):
+                    raise ResourceExhausted(
+                        f"the metadata would hold {entries} entries; at most {max_entries} "
+                        "(remove entries with empty values in the same update)"
+                    )
             head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
@@ -362,29 +374,49 @@ class Sessions:
     async def list(self, tenant: str, after: str, limit: int) -> tuple[list[Info], str]:
         async with self._redis():
             found, nxt = await heads.list_page(self.store, tenant, after, limit)
-        return [self._info(h, self.hot.peek((tenant, h.session_id))) for h in found], nxt
+        infos = [self._info(h, self.hot.peek((tenant, h.session_id))) for h in found]
+        return await self._stored(infos), nxt
+
+    async def _stored(self, infos: list[Info]) -> list[Info]:
+        """`infos` with their bytes in Redis filled in (sessions not loaded have them too)."""
+        async with self._redis():
+            sizes = await asyncio.gather(*(heads.stored_bytes(self.store, i.head) for i in infos))
+        for info, n in zip(infos, sizes, strict=True):
+            info.stored_bytes = n
+        return infos
 
     async def delete(self, tenant: str, sid: str) -> int:
         key = (tenant, sid)
         async with self._held(key):
             async with self._redis(key):
-                code, offset = await heads.delete(self.store, tenant, sid)
-            if code == 1:
+                deleted = await heads.delete(self.store, tenant, sid)
+            if isinstance(deleted, Ok):
                 await self.recalls.dropped(key, deleted=True)
             self.hot.drop(key)
         self.lock.forget(key)
         self._unavailable_at.pop(key, None)
-        if code != 1:
-            raise NotFound(f"session {sid!r} does not exist")
-        return offset
+        match deleted:
+            case Ok(offset):
+                return offset
+            case Refusal.NOT_FOUND:
+                raise NotFound(f"session {sid!r} does not exist")
 
     async def reset(self, tenant: str, sid: str, expected: int | None) -> Info:
         key = (tenant, sid)
         async with self._held(key):
             hot = await self._load(key)
             async with self._redis(key):
-                code, offset = await heads.reset(self.store, tenant, sid, hot.fence, expected)
-            self._check_code(key, code, offset)
+                match await heads.reset(self.store, tenant, sid, hot.fence, expected):
+                    case Ok():
+                        pass
+                    case OffsetDiffers(offset):
+                        raise Aborted(f"expected offset differs: the session is at offset {offset}", offset=offset)
+                    case Refusal.NOT_FOUND:
+                        self.hot.drop(key)
+                        raise NotFound(f"session {sid!r} does not exist")
+                    case Refusal.FENCED:
+                        self.hot.drop(key)
+                        raise Unavailable(f"session {sid!r} was taken over by another daemon; retry")
             await self.recalls.dropped(key, deleted=False)
             hot.set_state((await self._compute(Rebuild(None, []))).state)
             hot.gen, hot.snap_pos, hot.snap_steps = hot.gen + 1, 0, 0
@@ -395,16 +427,13 @@ class Sessions:
             raise NotFound(f"session {sid!r} does not exist")
         return self._info(head, hot)
 
-    def _check_code(self, key: Key, code: int, offset: int) -> None:
-        """Shared meaning of the reset/append script codes -1 (gone), -2 (fenced), -3 (offset differs)."""
-        if code == -1:
-            self.hot.drop(key)
-            raise NotFound(f"session {key[1]!r} does not exist")
-        if code == -2:
-            self.hot.drop(key)
-            raise Unavailable(f"session {key[1]!r} was taken over by another daemon; retry")
-        if code == -3:
-            raise Aborted(f"expected offset differs: the session is at offset {offset}", offset=offset)
+    def _check_created(self, sid: str, created: Ok | Literal[Refusal.TAKEN, Refusal.AT_LIMIT]) -> None:
+        """A create's (or an import's) refusal as the status it means."""
+        match created:
+            case Refusal.TAKEN:
+                raise AlreadyExists(f"session {sid!r} already exists")
+            case Refusal.AT_LIMIT:
+                raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
 
     async def fork(
         self, tenant: str, src: str, dst: str, metadata: dict[str, str] | None, expected: int | None
@@ -412,18 +441,22 @@ class Sessions:
         async with self._redis():
             limit = self.s.max_sessions_per_tenant
             src_head = await heads.read(self.store, tenant, src)  # its incarnation, for the recall log it shares
-            code, offset = await heads.fork(self.store, tenant, src, dst, metadata, expected, limit, self.digest)
-            if code == -1:
-                raise NotFound(f"session {src!r} does not exist")
-            if code == -5:
-                head = await heads.read(self.store, tenant, src)
-                raise ForeignSession(head, self.digest) if head else NotFound(f"session {src!r} does not exist")
-            if code == -2:
-                raise AlreadyExists(f"session {dst!r} already exists")
-            if code == -3:
-                raise Aborted(f"expected offset differs: session {src!r} is at offset {offset}", offset=offset)
-            if code == -4:
-                raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
+            match await heads.fork(self.store, tenant, src, dst, metadata, expected, limit, self.digest):
+                case Ok(offset):
+                    pass
+                case Refusal.NOT_FOUND:
+                    raise NotFound(f"session {src!r} does not exist")
+                case Refusal.FOREIGN_MODEL:
+                    head = await heads.read(self.store, tenant, src)
+                    raise ForeignSession(head, self.digest) if head else NotFound(f"session {src!r} does not exist")
+                case Refusal.TAKEN:
+                    raise AlreadyExists(f"session {dst!r} already exists")
+                case OffsetDiffers(offset):
+                    raise Aborted(f"expected offset differs: session {src!r} is at offset {offset}", offset=offset)
+                case Refusal.AT_LIMIT:
+                    raise ResourceExhausted(
+                        f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions"
+                    )
             head = await heads.read(self.store, tenant, dst)
             if head is not None:
                 await self.recalls.forked(tenant, src_head, head, offset)
@@ -431,7 +464,7 @@ class Sessions:
             raise NotFound(f"session {dst!r} vanished right after the fork; retry")
         return self._info(head, None)
 
-    async def _find_duplicate(self, key: Key, append_id: str) -> AppendResult | None:
+    async def _find_duplicate(self, key: Key, append_id: str) -> Logged | None:
         if not append_id:
             return None
         async with self._redis():
@@ -439,14 +472,15 @@ class Sessions:
 
     async def _commit(
         self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
-    ) -> AppendResult:
-        """Make pieces durable (CAS on the offset), then swap `new` in."""
+    ) -> Logged:
+        """Make pieces durable (CAS on the offset), then swap `new` in (unless an earlier call with the same
+        append id logged them: then the duplicate's offsets come back, and the hot copy is reloaded)."""
         tenant, sid = key
         async with self._redis(key):
             res = await tokenlog.append(
                 self.store, tenant, sid, hot.fence, hot.state.position, pieces, append_id, record
             )
-        if res.status == "ok":
+        if isinstance(res, Logged) and not res.duplicate:
             hot.set_state(new)
             self.hot.put(key, hot)
             if not await self.recalls.appended(key, hot.gen, res.start, pieces):
@@ -457,13 +491,15 @@ class Sessions:
                 self._spawn(self._enforce_budget(key))
             return res
         self.hot.drop(key)  # the hot copy and Redis disagree: reload on the next call
-        if res.status == "not_found":
-            raise NotFound(f"session {sid!r} does not exist")
-        if res.status == "fenced":
-            raise Unavailable(f"session {sid!r} was taken over by another daemon; retry")
-        if res.status == "duplicate":
-            return res
-        raise Unavailable(f"session {sid!r} changed under this daemon (now at offset {res.offset}); retry")
+        match res:
+            case Logged():  # a duplicate
+                return res
+            case Refusal.NOT_FOUND:
+                raise NotFound(f"session {sid!r} does not exist")
+            case Refusal.FENCED:
+                raise Unavailable(f"session {sid!r} was taken over by another daemon; retry")
+            case OffsetDiffers(offset):
+                raise Unavailable(f"session {sid!r} changed under this daemon (now at offset {offset}); retry")
 
     def _check_expected(self, hot: Hot, expected: int | None) -> None:
         if expected is not None and expected != hot.state.position:
@@ -494,7 +530,7 @@ class Sessions:
             except InvalidArgument as e:
                 raise InvalidArgument(e.message, offset=hot.state.position) from e
             res = await self._commit(key, hot, done.state, [tokens], append_id)
-            if res.status == "duplicate":
+            if res.duplicate:
                 return AppendOutcome(res.start, res.offset, res.offset - res.start, 0, True, hot.state.pending_count)
         metrics.TOKENS_READ.inc(len(tokens))
         metrics.TTT_STEPS.inc(done.steps)
@@ -639,23 +675,14 @@ class Sessions:
         key = (tenant, sid)
         async with self._held(key), self._redis():
             snap = await snapshots.write(self.store, data, self.digest, state.position)
-            code = await heads.create(
-                self.store,
-                tenant,
-                sid,
-                metadata,
-                self.digest,
-                self.s.max_sessions_per_tenant,
-                snap=snap,
-                offset=state.position,
+            limit = self.s.max_sessions_per_tenant
+            created = await heads.create(
+                self.store, tenant, sid, metadata, self.digest, limit, snap=snap, offset=state.position
             )
-            if code != 1:
+            if not isinstance(created, Ok):
                 await snapshots.drop(self.store, snap)
-            head = await heads.read(self.store, tenant, sid) if code == 1 else None
-        if code == -1:
-            raise AlreadyExists(f"session {sid!r} already exists")
-        if code == -2:
-            raise ResourceExhausted(f"tenant has reached its limit of {self.s.max_sessions_per_tenant} sessions")
+            head = await heads.read(self.store, tenant, sid) if isinstance(created, Ok) else None
+        self._check_created(sid, created)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after the import; retry")
         return Info(head, state.pending_count, state.steps, state.nbytes(), False)

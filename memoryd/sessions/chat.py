@@ -45,7 +45,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from model.config import ModelConfig
 
-ROLE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ROLE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+"""Matched with fullmatch (`^...$` with `match` lets a trailing newline through)."""
+STANDARD_ROLES = frozenset({"system", "user", "assistant", "tool"})
+"""The roles chat templates are written for (OpenAI's chat format, which Hugging Face templates follow;
+`tool` is an agent's tool output). A template that renders any role string (ChatML's
+`<|im_start|>{{ role }}`, SmolLM2's) was still tuned on these, so a role such as "wizard" is refused
+rather than written in a shape the model never saw."""
+_TAG = re.compile(r"\{[{%](.*?)[%}]\}", re.S)
+_QUOTED_WORD = re.compile(r"['\"]([A-Za-z0-9_.-]{1,64})['\"]")
 ANCHOR = {"role": "system", "content": "memoryd-anchor"}
 _PLACEHOLDER = "memoryd-reply"
 
@@ -71,6 +79,19 @@ def _raise(message: str) -> None:
     raise TemplateRefused(message)
 
 
+def template_roles(source: str) -> frozenset[str]:
+    """The roles a chat template takes: STANDARD_ROLES plus every role it names itself.
+
+    A role the template names is a quoted word in a tag that reads a message's role
+    (Llama 3.1's `message.role == "ipython"`); the keys `role` and `content` are not roles.
+    """
+    named = set()
+    for tag in _TAG.findall(source):
+        if "role" in tag:
+            named.update(w for w in _QUOTED_WORD.findall(tag) if w not in ("role", "content"))
+    return STANDARD_ROLES | named
+
+
 class ChatFormat:
     """A compiled, checked chat template and the special-token strings message content may not hold."""
 
@@ -78,6 +99,7 @@ class ChatFormat:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         self.source = template
+        self.roles = template_roles(template)
         self._tpl = env.from_string(template)
         self._extra = {"bos_token": bos_token, "eos_token": eos_token}
         self.specials = tuple(s for s in specials if s)
@@ -127,10 +149,14 @@ class ChatFormat:
     # -- checks ------------------------------------------------------------------------------
 
     def check_messages(self, messages: Sequence[Message]) -> None:
-        """Roles are names; content may not hold the model's special tokens (they would forge turns)."""
+        """Roles are names the template takes; content may not hold the model's special tokens (they would
+        forge turns)."""
         for i, m in enumerate(messages):
-            if not ROLE_RE.match(m.role):
+            if not ROLE_RE.fullmatch(m.role):
                 raise TemplateError(f"message {i}: role must be 1-64 characters from [A-Za-z0-9_.-], got {m.role!r}")
+            if m.role not in self.roles:
+                takes = ", ".join(sorted(self.roles))
+                raise TemplateError(f"message {i}: role {m.role!r} is not one this chat template takes ({takes})")
             for s in self.specials:
                 if s in m.content:
                     raise TemplateError(

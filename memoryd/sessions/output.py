@@ -15,7 +15,8 @@ from typing import Any
 
 from memoryd.engine.work import Logprob
 from memoryd.errors import InvalidArgument
-from memoryd.store.tokenlog import AppendResult, tokens_hash
+from memoryd.store.results import Logged
+from memoryd.store.tokenlog import tokens_hash
 
 
 class StopText:
@@ -144,7 +145,7 @@ def record(prompt: list[int], out: list[int], text: str, finish: str) -> str:
     return json.dumps({"p": tokens_hash([prompt]), "g": out, "t": text, "f": finish}, separators=(",", ":"))
 
 
-def replayed(append_id: str, dup: AppendResult, prompt: list[int]) -> GenEvent:
+def replayed(append_id: str, dup: Logged, prompt: list[int]) -> GenEvent:
     """The answer to a retried committed generation that already landed: its original output."""
     try:
         rec = json.loads(dup.record) if dup.record else None

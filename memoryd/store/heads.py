@@ -10,10 +10,11 @@ across slots). Keys: docs/service.md, "The Redis layout".
 
 from __future__ import annotations
 
+import enum
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -21,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from memoryd.errors import DataLoss
 from memoryd.store import snapshots
 from memoryd.store.db import Store
+from memoryd.store.results import EntryDiffers, OffsetDiffers, Ok, Refusal, TooManyEntries
 
 
 @dataclass
@@ -42,15 +44,16 @@ class Head:
     """This head's reference token on `snap` (see memoryd/store/snapshots.py)."""
 
 
-@dataclass
-class MetaUpdate:
-    """Outcome of update_metadata: ok (with the new metadata), differs (an expected entry, `key`),
-    too_many (the result would hold `entries`), gone."""
+class _Stalled(enum.Enum):
+    """Why a new head was not written though nothing refused it (create raises, fork reads its source again)."""
 
-    outcome: Literal["ok", "differs", "too_many", "gone"]
-    metadata: dict[str, str] = field(default_factory=dict)
-    key: str = ""
-    entries: int = 0
+    TOO_LATE = "too_late"
+    """The head write came more than the window after its journal stamp."""
+    SNAPSHOT_GONE = "snapshot_gone"
+    """The snapshot was freed before the new head's reference was added (a newer one was published)."""
+
+
+_Created = Ok | Literal[Refusal.TAKEN, Refusal.AT_LIMIT] | _Stalled
 
 
 async def _forget(st: Store, tenant: str, sid: str, stamp: int | None) -> None:
@@ -72,10 +75,11 @@ async def _create_head(
     ix: int,
     stamp: int,
     entries: Sequence[bytes] = (),
-) -> int:
+) -> Ok | Literal[Refusal.TAKEN] | _Stalled:
     keys = [st.keys.head(tenant, sid), st.keys.log(tenant, sid)]
     args = [time.time(), metadata_json, digest, st.ttl, snap, token, snap_off, offset, ix, stamp, st.window_ms]
-    return int(await st.write("create", keys, [*args, *entries]))
+    code = int(await st.write("create", keys, [*args, *entries]))  # scripts._CREATE: 1, -1 taken, -5 late
+    return Ok() if code == 1 else Refusal.TAKEN if code == -1 else _Stalled.TOO_LATE
 
 
 async def _new_session(
@@ -90,20 +94,21 @@ async def _new_session(
     snap_off: int,
     offset: int,
     entries: Sequence[bytes] = (),
-) -> int:
-    """Index entry, reference on the snapshot, head: 1, -1 taken, -2 at the limit, -5 too slow, -7 snapshot gone."""
+) -> _Created:
+    """Index entry, reference on the snapshot, head."""
     token = snapshots.new_token() if snap else ""
     entry = snapshots.journal_entry(snap, token, tenant, sid) if snap else ""
     stamp = await snapshots.journal(st, entry) if snap else None
     res = await st.write("reserve", st.keys.index_keys(tenant), [sid, max_sessions])
-    if int(res[0]) != 1:
-        code = -2
+    out: _Created
+    if int(res[0]) != 1:  # scripts._RESERVE: {-2} at the limit
+        out = Refusal.AT_LIMIT
     else:
         ix, prev = int(res[1]), res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         if snap and not await snapshots.addref(st, snap, token, tenant, sid):
-            code = -7
+            out = _Stalled.SNAPSHOT_GONE
         else:
-            code = await _create_head(
+            out = await _create_head(
                 st,
                 tenant,
                 sid,
@@ -117,17 +122,17 @@ async def _new_session(
                 stamp=stamp if stamp is not None else ix,
                 entries=entries,
             )
-        if code == -1:
+        if out is Refusal.TAKEN:
             await st.write("restore", st.keys.index_keys(tenant), [sid, ix, prev])
-        elif code != 1:
+        elif not isinstance(out, Ok):
             await _forget(st, tenant, sid, ix)
-    if code == 1:
+    if isinstance(out, Ok):
         await snapshots.touch(st, snap)
-    elif snap and code != -7:
+    elif snap and out is not _Stalled.SNAPSHOT_GONE:
         await snapshots.release(st, snap, token)
     if entry:  # not on an exception: then the outcome is unknown, and the sweep finishes it
         await st.unjournal(entry)
-    return code
+    return out
 
 
 async def create(
@@ -139,14 +144,14 @@ async def create(
     max_sessions: int = 0,
     snap: str = "",
     offset: int = 0,
-) -> int:
-    """1 created, -1 the id is taken, -2 the tenant is at its session limit.
+) -> Ok | Literal[Refusal.TAKEN, Refusal.AT_LIMIT]:
+    """A new session (Ok), or why not: the id is taken, the tenant is at its session limit.
 
     With `snap` (a snapshot from snapshots.write), the session starts from it; on success
     its writer's pin is handed over to the new head (no snapshots.drop needed), on failure
     the caller drops it as before.
     """
-    code = await _new_session(
+    out = await _new_session(
         st,
         tenant,
         sid,
@@ -157,11 +162,11 @@ async def create(
         snap_off=offset,
         offset=offset,
     )
-    if code == 1 and snap:
+    if isinstance(out, Ok) and snap:
         await snapshots.unpin(st, snap)
-    if code in (-5, -7):
+    if isinstance(out, _Stalled):
         raise RedisTimeoutError(f"creating session {sid} took longer than {st.window_ms} ms; retry")
-    return code
+    return out
 
 
 async def read(st: Store, tenant: str, sid: str) -> Head | None:
@@ -188,6 +193,16 @@ async def read(st: Store, tenant: str, sid: str) -> Head | None:
         raise DataLoss(f"session {sid}: stored head is malformed ({e})") from e
 
 
+async def stored_bytes(st: Store, head: Head) -> int:
+    """Bytes a session holds here: its newest snapshot (the manifest's size: the chunks' bytes) plus its
+    token log (MEMORY USAGE, Redis's own count, overhead included). Two reads; no key is scanned."""
+    log = int(await st.r.memory_usage(st.keys.log(head.tenant, head.session_id)) or 0)
+    if not head.snap:
+        return log
+    m = await st.r.get(st.keys.snap(head.snap, "m"))
+    return log + (int(json.loads(m)["size"]) if m is not None else 0)
+
+
 async def fork(
     st: Store,
     tenant: str,
@@ -197,9 +212,10 @@ async def fork(
     expected: int | None,
     max_sessions: int,
     digest: str = "",
-) -> tuple[int, int]:
-    """(code, offset): 1 forked, -1 no source, -2 target exists, -3 offset mismatch, -4 at session limit,
-    -5 the source belongs to another model than `digest` (when given: a copy would be as unusable here).
+) -> Ok | OffsetDiffers | Literal[Refusal.NOT_FOUND, Refusal.TAKEN, Refusal.AT_LIMIT, Refusal.FOREIGN_MODEL]:
+    """A copy of `src` named `dst` (Ok, with the offset it starts at), or why not: `src` is not at `expected`,
+    `src` does not exist, `dst` is taken, the tenant is at its limit, or `src` belongs to another model than
+    `digest` (when given: a copy would be as unusable here).
 
     The source is read in one step (head + log tail after its snapshot); the copy
     takes a reference on that snapshot. If the source's snapshot is freed between
@@ -208,15 +224,15 @@ async def fork(
     keys = [st.keys.head(tenant, src), st.keys.log(tenant, src)]
     for _ in range(8):
         res = await st.call("read_source", keys, ["" if expected is None else expected])
-        code = int(res[0])
+        code = int(res[0])  # scripts._READ_SOURCE: {-1} no source, {-3, offset}, {1, ...}
         if code == -1:
-            return -1, 0
+            return Refusal.NOT_FOUND
         if code == -3:
-            return -3, int(res[1])
+            return OffsetDiffers(int(res[1]))
         offset, snap, snap_off, meta, src_digest = (int(res[1]), res[2].decode(), int(res[3]), res[4], res[5])
         if digest and src_digest.decode() != digest:  # a session's model never changes: no race here
-            return -5, 0
-        code = await _new_session(
+            return Refusal.FOREIGN_MODEL
+        out = await _new_session(
             st,
             tenant,
             dst,
@@ -228,13 +244,11 @@ async def fork(
             offset=offset,
             entries=res[6:],
         )
-        if code == 1:
-            return 1, offset
-        if code == -1:
-            return -2, 0
-        if code == -2:
-            return -4, 0
-        if code == -5:
+        if isinstance(out, Ok):
+            return Ok(offset)
+        if isinstance(out, Refusal):
+            return out
+        if out is _Stalled.TOO_LATE:
             break
     raise RedisTimeoutError(f"fork of {src} into {dst} did not settle (the source kept changing); retry")
 
@@ -242,8 +256,9 @@ async def fork(
 async def _drop_ref_of_head(st: Store, tenant: str, sid: str, step: Callable[[str, int | str], Awaitable[Any]]) -> Any:
     """Run `step(old_token, stamp)`, a head write that lets go of the head's snapshot, journaled.
 
-    `step` returns a list whose first element is the script's code; -6 (the head's
-    snapshot changed since it was read) is retried, the reference is released on success.
+    `step` returns the script's reply, a list whose first element is its code (scripts._RESET, _DELETE):
+    1 done, -5 too late (raised), -6 the head's snapshot changed since it was read (retried); the others
+    are the caller's to decode. The reference is released on success.
     """
     for _ in range(8):
         h = await snapshots.held(st, tenant, sid)
@@ -265,28 +280,38 @@ async def _drop_ref_of_head(st: Store, tenant: str, sid: str, step: Callable[[st
     raise RedisTimeoutError(f"session {sid}: its snapshot kept changing; retry")
 
 
-async def reset(st: Store, tenant: str, sid: str, fence: int, expected: int | None) -> tuple[int, int]:
+async def reset(
+    st: Store, tenant: str, sid: str, fence: int, expected: int | None
+) -> Ok | OffsetDiffers | Literal[Refusal.NOT_FOUND, Refusal.FENCED]:
+    """The session emptied (offset 0, no snapshot, its generation bumped), or why not."""
+
     async def step(token: str, stamp: int | str) -> Any:
         args = [fence, "" if expected is None else expected, time.time(), token, stamp, st.window_ms]
         return await st.write("reset", st.keys.session_keys(tenant, sid), args)
 
     res = await _drop_ref_of_head(st, tenant, sid, step)
-    return int(res[0]), int(res[1]) if len(res) > 1 else 0
+    code = int(res[0])  # scripts._RESET: {1}, {-1} gone, {-2} fenced, {-3, offset}
+    if code == 1:
+        return Ok()
+    if code == -3:
+        return OffsetDiffers(int(res[1]))
+    return Refusal.FENCED if code == -2 else Refusal.NOT_FOUND
 
 
-async def delete(st: Store, tenant: str, sid: str) -> tuple[int, int]:
+async def delete(st: Store, tenant: str, sid: str) -> Ok | Literal[Refusal.NOT_FOUND]:
+    """The session and its keys gone (Ok, with the offset it had), or NOT_FOUND."""
     keys = [*st.keys.session_keys(tenant, sid), st.keys.lease(tenant, sid), st.keys.want(tenant, sid)]
 
     async def step(token: str, stamp: int | str) -> Any:
         return await st.write("delete", keys, [token, stamp, st.window_ms])
 
     res = await _drop_ref_of_head(st, tenant, sid, step)
-    if int(res[0]) == 1:
+    if int(res[0]) == 1:  # scripts._DELETE: {1, offset, ix} or {-1} gone
         ix = res[2].decode() if isinstance(res[2], bytes) else str(res[2])
         await _forget(st, tenant, sid, int(ix) if ix else None)
-        return 1, int(res[1])
+        return Ok(int(res[1]))
     await _forget(st, tenant, sid, None)
-    return int(res[0]), 0
+    return Refusal.NOT_FOUND
 
 
 async def list_page(st: Store, tenant: str, after: str, limit: int) -> tuple[list[Head], str]:
@@ -312,21 +337,21 @@ async def list_page(st: Store, tenant: str, after: str, limit: int) -> tuple[lis
 
 async def update_metadata(
     st: Store, tenant: str, sid: str, patch: dict[str, str], expected: dict[str, str], max_entries: int
-) -> MetaUpdate:
-    """Set / remove metadata entries ("" removes) in one step, if every `expected` entry holds.
+) -> Ok | EntryDiffers | TooManyEntries | Literal[Refusal.NOT_FOUND]:
+    """Metadata entries set / removed ("" removes) in one step (Ok), if every `expected` entry holds.
 
     Not fenced: metadata is client data, not model state, so no lease is needed to change it.
     """
     args = [time.time(), json.dumps(patch), json.dumps(expected), max_entries]
     res = await st.write("update_meta", [st.keys.head(tenant, sid)], args)
-    code = int(res[0])
+    code = int(res[0])  # scripts._UPDATE_META: {1, meta}, {-1} gone, {-3, key}, {-2, entries}
     if code == 1:
-        return MetaUpdate("ok", metadata=json.loads(res[1]))
+        return Ok()
     if code == -3:
-        return MetaUpdate("differs", key=res[1].decode())
+        return EntryDiffers(res[1].decode())
     if code == -2:
-        return MetaUpdate("too_many", entries=int(res[1]))
-    return MetaUpdate("gone")
+        return TooManyEntries(int(res[1]))
+    return Refusal.NOT_FOUND
 
 
 async def touch(st: Store, tenant: str, sid: str) -> None:

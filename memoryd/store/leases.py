@@ -11,31 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from typing import Literal
 
 from memoryd.store.db import Store
 from memoryd.store.redis_client import UNAVAILABLE_ERRORS
+from memoryd.store.results import HeldElsewhere, Leased, Refusal
 
 log = logging.getLogger("memoryd.store.leases")
 
 
-@dataclass
-class LeaseResult:
-    fence: int | None
-    holder: str = ""
-    ttl_ms: int = 0
-    missing: bool = False
-
-
-async def acquire(st: Store, tenant: str, sid: str, owner: str, seconds: float) -> LeaseResult:
+async def acquire(
+    st: Store, tenant: str, sid: str, owner: str, seconds: float
+) -> Leased | HeldElsewhere | Literal[Refusal.NOT_FOUND]:
+    """The session's lease for `owner` (taken or renewed; the fencing token bumped), or who holds it."""
     keys = [st.keys.head(tenant, sid), st.keys.lease(tenant, sid)]
     res = await st.write("lease", keys, [owner, int(seconds * 1000)])
-    code = int(res[0])
+    code = int(res[0])  # scripts._LEASE: {1, fence}, {-1} no head, {-2, holder, pttl}
     if code == 1:
-        return LeaseResult(fence=int(res[1]))
+        return Leased(int(res[1]))
     if code == -1:
-        return LeaseResult(fence=None, missing=True)
-    return LeaseResult(fence=None, holder=res[1].decode(), ttl_ms=int(res[2]))
+        return Refusal.NOT_FOUND
+    return HeldElsewhere(res[1].decode(), int(res[2]))
 
 
 async def renew(st: Store, sessions: list[tuple[str, str]], owner: str, seconds: float) -> list[bool]:

@@ -41,12 +41,14 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Literal
 
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memoryd.errors import DataLoss
 from memoryd.store.db import Store
 from memoryd.store.redis_client import UNAVAILABLE_ERRORS
+from memoryd.store.results import Ok, Refusal
 
 SNAPSHOT_FORMAT = "memoryd-session-state/1"
 PIN = "w"
@@ -203,15 +205,27 @@ async def drop(st: Store, snap: str) -> None:
     await unpin(st, snap)
 
 
-async def publish(st: Store, tenant: str, sid: str, fence: int, gen: int, snap: str, position: int) -> int:
-    """1 published; -1 session gone, -2 fenced, -3 reset meanwhile, -4 position ahead of the log,
-    -5 took too long or the snapshot was swept (not published: drop it and try again later).
+Unpublished = Literal[
+    Refusal.NOT_FOUND, Refusal.FENCED, Refusal.RESET_MEANWHILE, Refusal.AHEAD_OF_LOG, Refusal.TOO_LATE
+]
+_PUBLISH_REFUSALS = {  # scripts._PUBLISH's codes
+    -1: Refusal.NOT_FOUND,
+    -2: Refusal.FENCED,
+    -3: Refusal.RESET_MEANWHILE,
+    -4: Refusal.AHEAD_OF_LOG,
+    -5: Refusal.TOO_LATE,
+}
 
-    On 1 the writer's pin is handed over to the head; otherwise the caller drops the snapshot.
+
+async def publish(st: Store, tenant: str, sid: str, fence: int, gen: int, snap: str, position: int) -> Ok | Unpublished:
+    """The head points at `snap` now (Ok), or why not (see `Refusal`; nothing was published: the caller
+    drops the snapshot, and tries again later where that makes sense).
+
+    On Ok the writer's pin is handed over to the head.
     """
     h = await held(st, tenant, sid)
     if h is None:
-        return -1
+        return Refusal.NOT_FOUND
     old, old_token = h
     token = new_token()
     entries = [journal_entry(snap, token, tenant, sid)]
@@ -231,7 +245,7 @@ async def publish(st: Store, tenant: str, sid: str, fence: int, gen: int, snap: 
     else:
         await release(st, snap, token)
     await st.unjournal(*entries)  # not on an exception: the sweep finishes what is unknown
-    return code
+    return Ok() if code == 1 else _PUBLISH_REFUSALS[code]
 
 
 async def read(st: Store, snap: str) -> bytes:

@@ -11,27 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from typing import Literal
 
 from memoryd.errors import DataLoss
 from memoryd.store.db import Store
-
-
-@dataclass
-class AppendResult:
-    """Outcome of a log write: ok, duplicate (with the original offsets), mismatch, gone or fenced."""
-
-    status: str  # "ok" | "duplicate" | "mismatch" | "not_found" | "fenced"
-    offset: int = 0
-    start: int = 0
-    tokhash: str = ""
-    record: str = ""
-    """What the writer stored with the append id beside the offsets (a generation's output)."""
-
-    @classmethod
-    def parse_duplicate(cls, value: bytes) -> AppendResult:
-        s, e, h, *rest = value.decode().split(",", 3)
-        return cls("duplicate", offset=int(e), start=int(s), tokhash=h, record=rest[0] if rest else "")
+from memoryd.store.results import Logged, OffsetDiffers, Refusal
 
 
 def tokens_hash(pieces: list[list[int]]) -> str:
@@ -53,11 +37,13 @@ async def append(
     pieces: list[list[int]],
     append_id: str = "",
     record: str = "",
-) -> AppendResult:
-    """Durably add pieces at `start` (compare-and-set on the offset, fenced, deduplicated).
+) -> Logged | OffsetDiffers | Literal[Refusal.NOT_FOUND, Refusal.FENCED]:
+    """Durably add pieces at `start` (compare-and-set on the offset, fenced, deduplicated): Logged (a
+    duplicate when the append id was used before), or why not (the session is not at `start`, is gone,
+    or another daemon took it over).
 
     `record` is kept with the append id (it may hold commas: it is the last field).
-    With wait_replicas, "ok" and "duplicate" mean the entry is on that many replicas.
+    With wait_replicas, Logged means the entry is on that many replicas.
     """
     entries, pos = [], start
     for p in pieces:
@@ -67,19 +53,19 @@ async def append(
     value = f"{th},{record}" if record else th
     args = [fence, start, pos, append_id, value, st.ttl, time.time(), *entries]
     res = await st.write("append", st.keys.session_keys(tenant, sid), args)
-    code = int(res[0])
+    code = int(res[0])  # scripts._APPEND: {1}, {-1} gone, {-2} fenced, {-3, ids value}, {-4, offset}
     if code == 1:
-        return AppendResult("ok", offset=pos, start=start, tokhash=th, record=record)
+        return Logged(start=start, offset=pos, tokhash=th, record=record)
     if code == -1:
-        return AppendResult("not_found")
+        return Refusal.NOT_FOUND
     if code == -2:
-        return AppendResult("fenced")
+        return Refusal.FENCED
     if code == -3:
-        return AppendResult.parse_duplicate(res[1])
-    return AppendResult("mismatch", offset=int(res[1]))
+        return Logged.parse_duplicate(res[1])
+    return OffsetDiffers(int(res[1]))
 
 
-async def find_append(st: Store, tenant: str, sid: str, append_id: str) -> AppendResult | None:
+async def find_append(st: Store, tenant: str, sid: str, append_id: str) -> Logged | None:
     """Where an append with this id landed, if it did (checked before any compute).
 
     With wait_replicas the find writes (`used`) and WAITs, so a found append is on the replicas.
@@ -91,7 +77,7 @@ async def find_append(st: Store, tenant: str, sid: str, append_id: str) -> Appen
         d = await st.r.hget(st.keys.ids(tenant, sid), append_id)
     if d is None:
         return None
-    return AppendResult.parse_duplicate(d)
+    return Logged.parse_duplicate(d)
 
 
 async def read(st: Store, tenant: str, sid: str, from_offset: int, to_offset: int) -> list[list[int]]:

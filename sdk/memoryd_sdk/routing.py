@@ -153,8 +153,16 @@ class Routes:
 
 
 def _with_session(metadata: Any, session_id: str) -> tuple[tuple[str, str], ...]:
+    """The call's metadata plus the session id, when it can be a header value at all (printable ASCII).
+
+    An id with a newline or a NUL is not a legal HTTP/2 header value: sent as one, the call fails
+    inside gRPC's C core before reaching the server. Left out, the request still carries the id,
+    and the server answers INVALID_ARGUMENT naming the field.
+    """
     md = tuple(metadata or ())
-    return (*md, (SESSION_KEY, session_id)) if session_id else md
+    if not session_id or not session_id.isascii() or not session_id.isprintable():
+        return md
+    return (*md, (SESSION_KEY, session_id))
 
 
 class RoutedStub:

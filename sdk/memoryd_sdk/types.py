@@ -48,7 +48,10 @@ class SessionInfo:
     """Tokens read but waiting for their mini-batch to fill."""
     steps: int
     state_bytes: int
+    """Bytes of the session's state in the daemon's memory (0 while it is not loaded)."""
     hot: bool
+    stored_bytes: int = 0
+    """Bytes the session holds in Redis, loaded or not: its newest snapshot plus its token log since."""
 
     @classmethod
     def from_pb(cls, m: pb.Session) -> SessionInfo:
@@ -64,6 +67,7 @@ class SessionInfo:
             steps=m.steps,
             state_bytes=m.state_bytes,
             hot=m.hot,
+            stored_bytes=m.stored_bytes,
         )
 
 
@@ -273,10 +277,13 @@ class ModelInfo:
     max_generate_tokens: int
     max_message_bytes: int
     attention_sinks: int = 0
+    chat_roles: tuple[str, ...] = ()
+    """The roles a chat message may take with this model's template (empty: no template)."""
 
     @classmethod
     def from_pb(cls, m: pb.ModelInfo) -> ModelInfo:
-        return cls(**{f: getattr(m, f) for f in cls.__dataclass_fields__})
+        fields = {f: getattr(m, f) for f in cls.__dataclass_fields__}
+        return cls(**fields | {"chat_roles": tuple(m.chat_roles)})
 
 
 @dataclass(frozen=True)

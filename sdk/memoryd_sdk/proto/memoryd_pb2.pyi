@@ -22,7 +22,7 @@ FINISH_REASON_STOP_STRING: FinishReason
 FINISH_REASON_STOP_TOKEN: FinishReason
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "tenant", "metadata", "created_at", "last_used_at", "model_digest", "offset", "pending_tokens", "steps", "state_bytes", "hot")
+    __slots__ = ("session_id", "tenant", "metadata", "created_at", "last_used_at", "model_digest", "offset", "pending_tokens", "steps", "state_bytes", "hot", "stored_bytes")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class Session(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOT_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tenant: str
     metadata: _containers.ScalarMap[str, str]
@@ -52,7 +53,8 @@ class Session(_message.Message):
     steps: int
     state_bytes: int
     hot: bool
-    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_digest: _Optional[str] = ..., offset: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., state_bytes: _Optional[int] = ..., hot: _Optional[bool] = ...) -> None: ...
+    stored_bytes: int
+    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_digest: _Optional[str] = ..., offset: _Optional[int] = ..., pending_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., state_bytes: _Optional[int] = ..., hot: _Optional[bool] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("session_id", "metadata")
@@ -308,7 +310,7 @@ class GetModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes", "attention_sinks", "limits")
+    __slots__ = ("digest", "model_type", "name", "vocab_size", "bos_token_id", "eos_token_id", "tokenizer", "chat_template", "chat_messages", "chat_problem", "chat_roles", "generation_prompt", "turn_closing", "window_size", "mini_batch_size", "num_fast_layers", "num_layers", "adapter", "max_append_tokens", "max_generate_tokens", "max_message_bytes", "attention_sinks", "limits")
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +321,7 @@ class ModelInfo(_message.Message):
     CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     CHAT_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     CHAT_PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    CHAT_ROLES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_PROMPT_FIELD_NUMBER: _ClassVar[int]
     TURN_CLOSING_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -341,6 +344,7 @@ class ModelInfo(_message.Message):
     chat_template: str
     chat_messages: bool
     chat_problem: str
+    chat_roles: _containers.RepeatedScalarFieldContainer[str]
     generation_prompt: str
     turn_closing: str
     window_size: int
@@ -353,7 +357,7 @@ class ModelInfo(_message.Message):
     max_message_bytes: int
     attention_sinks: int
     limits: ServerLimits
-    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+    def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., chat_roles: _Optional[_Iterable[str]] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_append_tokens", "max_append_text_chars", "max_generate_tokens", "max_message_bytes", "max_metadata_entries", "max_metadata_key_chars", "max_metadata_value_chars", "max_stop_strings", "max_stop_string_chars", "max_stop_tokens", "max_top_k", "max_temperature", "max_import_bytes", "max_sessions_per_tenant", "default_page_size", "max_page_size", "default_chunk_bytes", "min_chunk_bytes", "max_chunk_bytes", "max_session_id_chars", "max_append_id_chars", "max_role_chars", "max_n", "max_top_logprobs", "max_logit_bias_entries")
