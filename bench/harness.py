@@ -42,14 +42,22 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen, int]:
 
 
 def start_daemon(
-    workdir: Path, ckpt: Path | None, redis: int | str, torch_threads: int, *extra: str, data_dir: Path | None = None
+    workdir: Path,
+    ckpt: Path | None,
+    redis: int | str,
+    torch_threads: int,
+    *extra: str,
+    data_dir: Path | None = None,
+    address: str | None = None,
 ) -> tuple[subprocess.Popen, str]:
-    """`memoryd serve` on a free port against the given Redis (a local port or a URL), waited on until SERVING.
+    """`memoryd serve` on a free port (or `address`: a restart on the same one is the same daemon, which
+    takes back its own leases at once) against the given Redis (a local port or a URL), waited on until
+    SERVING.
 
     No checkpoint: the daemon's default model, converted once into `data_dir`."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    address = f"127.0.0.1:{free_port()}"
+    address = address or f"127.0.0.1:{free_port()}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "sdk")]))
     args = [sys.executable, "-m", "memoryd", "serve", "--listen", address, "--metrics-port", "0"]
     url = redis if isinstance(redis, str) else f"redis://127.0.0.1:{redis}/0"  # a port, or any --redis-url

@@ -1,23 +1,44 @@
 """Errors that carry their gRPC status, raised anywhere below the servicer.
 
-The service layer turns them into a status code and message; nothing below it
-imports grpc's context, so sessions and store stay testable on their own.
+The gRPC edge (memoryd/api/service.py) turns them into a status code and message; nothing
+here imports grpc, so the session and store layers stay free of it (tests/test_engine.py checks).
 """
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
-
-import grpc
 
 if TYPE_CHECKING:
     from memoryd.store.heads import Head
 
 
+class Status(enum.Enum):
+    """The gRPC status codes by name and number (grpc.StatusCode[status.name] is the one to send)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
 class ServiceError(Exception):
     """A failure the caller should see with `code` and a message a person can act on."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: Status = Status.INTERNAL
 
     def __init__(self, message: str, offset: int | None = None) -> None:
         super().__init__(message)
@@ -27,27 +48,27 @@ class ServiceError(Exception):
 
 
 class InvalidArgument(ServiceError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Status.INVALID_ARGUMENT
 
 
 class NotFound(ServiceError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Status.NOT_FOUND
 
 
 class AlreadyExists(ServiceError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = Status.ALREADY_EXISTS
 
 
 class Aborted(ServiceError):
-    code = grpc.StatusCode.ABORTED
+    code = Status.ABORTED
 
 
 class ResourceExhausted(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = Status.RESOURCE_EXHAUSTED
 
 
 class FailedPrecondition(ServiceError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = Status.FAILED_PRECONDITION
 
 
 class ForeignSession(FailedPrecondition):
@@ -63,12 +84,28 @@ class ForeignSession(FailedPrecondition):
 
 
 class Unavailable(ServiceError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Status.UNAVAILABLE
 
 
 class Unauthenticated(ServiceError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = Status.UNAUTHENTICATED
 
 
 class DataLoss(ServiceError):
-    code = grpc.StatusCode.DATA_LOSS
+    code = Status.DATA_LOSS
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed before its work ran: the work was dropped, nothing changed."""
+
+    code = Status.DEADLINE_EXCEEDED
+
+
+class Overloaded(ResourceExhausted):
+    """Refused before any work: the queue ahead is over the limit or past the caller's deadline.
+    `retry_after` (seconds) is sent as the trailer `memoryd-retry-after-ms`; the SDK waits that long."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.trailers = (("memoryd-retry-after-ms", str(max(1, round(retry_after * 1000)))),)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from memoryd.allocator import rss_bytes
+
 CALLS = Counter("memoryd_calls_total", "gRPC calls by method and status code", ["method", "code"])
 CALL_SECONDS = Histogram(
     "memoryd_call_seconds",
@@ -17,10 +19,27 @@ TTT_STEPS = Counter("memoryd_ttt_steps_total", "test-time training steps (full m
 SESSIONS_HOT = Gauge("memoryd_sessions_hot", "sessions whose state is on the device")
 SESSIONS_STORED = Gauge("memoryd_sessions_stored", "sessions stored in Redis (all tenants)")
 HOT_BYTES = Gauge("memoryd_hot_state_bytes", "bytes of session state on the device")
+CHARGED_BYTES = Gauge(
+    "memoryd_budget_charged_bytes",
+    "bytes the memory budget counts: hot states, the working copies of calls in progress, loads under way",
+)
+SESSIONS_PINNED = Gauge("memoryd_sessions_pinned", "sessions a call is working on or waiting for (never evicted)")
+RSS_BYTES = Gauge("memoryd_process_rss_bytes", "resident set size of the daemon process (/proc/self/statm)")
+RSS_BYTES.set_function(rss_bytes)
+REFUSED = Counter(
+    "memoryd_refused_total", "calls refused early with RESOURCE_EXHAUSTED (queue limit, or deadline)", ["reason"]
+)
+BACKLOG_TOKENS = Gauge("memoryd_backlog_tokens", "tokens of model work the calls in progress still bring")
+DROPPED = Counter("memoryd_dropped_work_total", "queued work dropped because its caller left or its deadline passed")
 SNAPSHOTS = Counter("memoryd_snapshots_total", "snapshots written", ["reason"])
 SNAPSHOT_BYTES = Counter("memoryd_snapshot_bytes_total", "bytes of snapshots written to Redis")
 SNAPSHOT_SECONDS = Histogram("memoryd_snapshot_seconds", "time to serialize, write and publish a snapshot")
 LOADS = Counter("memoryd_session_loads_total", "sessions brought back from Redis (snapshot + log replay)")
+LOAD_SECONDS = Histogram(
+    "memoryd_session_load_seconds",
+    "time to load a session: Redis reads, the wait for the compute lane, snapshot deserialize and replay",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 REPLAYED_TOKENS = Counter("memoryd_replayed_tokens_total", "log tokens replayed while loading sessions")
 EVICTIONS = Counter("memoryd_evictions_total", "hot sessions written out and dropped for the byte budget")
 FORWARDED = Counter("memoryd_forwarded_calls_total", "calls forwarded to the daemon holding their session", ["method"])
@@ -49,3 +68,13 @@ ENGINE_TICK_TOKENS = Histogram(
     "memoryd_engine_tick_tokens", "tokens of model work in one lane's plan", buckets=(1, 8, 32, 128, 512, 2048, 8192)
 )
 ENGINE_WAITING = Gauge("memoryd_engine_waiting", "work items queued for the engine")
+
+RECALL_SECONDS = Histogram(
+    "memoryd_recall_seconds",
+    "time to find a session's recalled spans: a Recall call, or a generation's retrieval before its first token",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+RECALLED_TOKENS = Counter(
+    "memoryd_recalled_tokens_total", "tokens of recalled context placed before generation prompts (never logged)"
+)

@@ -28,8 +28,11 @@ from memoryd_sdk.proto import memoryd_pb2 as pb
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from memoryd import allocator
 from memoryd.api import reflection
 from memoryd.api.auth import Auth
+from memoryd.api.forward import Router, advertised_address
+from memoryd.api.model_info import ModelInfo
 from memoryd.api.service import MemoryServicer, add_to_server
 from memoryd.default_model import adapter_path, apply_adapter, default_checkpoint
 from memoryd.engine.core import Engine
@@ -39,7 +42,6 @@ from memoryd.preflight import StartupError, check_startup
 from memoryd.sessions.calls import Sessions
 from memoryd.sessions.chat import ChatFormat, chat_format_for
 from memoryd.sessions.leases import redis_errors
-from memoryd.sessions.routing import Router, advertised_address
 from memoryd.settings import Settings
 from memoryd.store.db import Store
 from memoryd.store.leases import publish_forever, withdraw_address
@@ -166,6 +168,9 @@ async def reach_redis(s: Settings) -> tuple[EmbeddedRedis | None, str, Redis | R
 
 async def serve(s: Settings) -> None:
     """Check every start-up precondition, reach Redis, then load the model and serve until SIGTERM."""
+    malloc = allocator.configure(s.malloc_arena_max, s.malloc_mmap_threshold)
+    if malloc:
+        log.info(json.dumps({"event": "allocator", **malloc}))
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     auth = Auth.from_settings(s.auth_tokens_file, s.auth_tokens)
@@ -209,7 +214,8 @@ async def _serve(
     ]
     server = grpc.aio.server(options=opts)
     router = Router(s.daemon_id, "", s.lease_seconds, s.tls_cert.read_bytes() if s.tls_cert else None)
-    add_to_server(MemoryServicer(sessions, s, auth, name, adapter, router), server)
+    info = ModelInfo.of(model.cfg, engine.digest, name, adapter)
+    add_to_server(MemoryServicer(sessions, s, auth, info, router), server)
     hs = health.aio.HealthServicer()
     for name in ("", SERVICE_NAME):
         await hs.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -83,7 +83,9 @@ class Settings(BaseSettings):
     memory_budget: int = Field(2 * 1024**3, gt=0, description="bytes of hot session state kept on the device")
     snapshot_interval: int = Field(16, ge=1, description="write a snapshot every N test-time steps (mini-batches)")
     ttl_seconds: int = Field(7 * 86400, ge=0, description="idle sessions expire after this (0: never)")
-    lease_seconds: float = Field(30.0, gt=0, description="a daemon's hold on a session, renewed while hot")
+    lease_seconds: float = Field(
+        30.0, gt=0, description="a daemon's hold on a session, renewed while it is hot or being loaded"
+    )
     instance_id: str = Field(
         "", description="this daemon's name in leases (default: host:listen, plus a per-process suffix for port 0)"
     )
@@ -107,7 +109,26 @@ class Settings(BaseSettings):
         "appends are cut at mini-batch boundaries to fit, so one long append holds others' solo work back by at most "
         "one run (decoding runs on its own lane meanwhile)",
     )
+    max_queued_tokens: int = Field(
+        0,
+        ge=0,
+        description="refuse a call at once with RESOURCE_EXHAUSTED (and a retry hint) when the tokens of model work "
+        "queued ahead of it (appends, prompts, replays of sessions to load) would pass this (0: no limit; calls are "
+        "still refused when the work ahead would outlast their deadline)",
+    )
     batch_sessions: int = Field(64, ge=1, description="sessions decoded together in one batched forward")
+    malloc_arena_max: int = Field(
+        0,
+        ge=0,
+        description="glibc malloc arenas (mallopt M_ARENA_MAX; 0: glibc's default, 8 per core): fewer arenas hold "
+        "less freed memory (memoryd/allocator.py, docs/service.md Memory)",
+    )
+    malloc_mmap_threshold: int = Field(
+        0,
+        ge=0,
+        description="allocations at least this big are mmapped and go back to the system when freed (mallopt "
+        "M_MMAP_THRESHOLD; 0: glibc's default, which rises after the first large free)",
+    )
     torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads (0: torch's default; more than 1 only on a dedicated machine)"
     )
@@ -115,7 +136,14 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(10.0, ge=0, description="seconds in-flight calls get on SIGTERM")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
 
-    @field_validator("memory_budget", "max_message_bytes", "max_import_bytes", "snapshot_chunk_bytes", mode="before")
+    @field_validator(
+        "memory_budget",
+        "max_message_bytes",
+        "max_import_bytes",
+        "snapshot_chunk_bytes",
+        "malloc_mmap_threshold",
+        mode="before",
+    )
     @classmethod
     def _bytes(cls, v: Any) -> int:
         return parse_bytes(v)

@@ -164,6 +164,9 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
     create = lambda **kw: lambda: stub.CreateSession(pb.CreateSessionRequest(**kw), metadata=L)
     append = lambda **kw: lambda: stub.Append(pb.AppendRequest(session_id="victim", **kw), metadata=L)
     export = lambda n: lambda: _chunks_of(stub, "limits", n)
+    recall = lambda **kw: (
+        lambda: stub.Recall(pb.RecallRequest(session_id="victim", **{"query": "q", "k": 1, **kw}), metadata=L)
+    )
     n_meta, key, val = lim.max_metadata_entries, lim.max_metadata_key_chars, lim.max_metadata_value_chars
     # field -> (a request at the limit (None: see NOT_AT_LIMIT), a request just over it, the code over it)
     probes = {
@@ -213,6 +216,21 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
             _generate(stub, "limits", temperature=lim.max_temperature * 1.01),
             IA,
         ),
+        "max_n": (
+            _generate(stub, "limits", n=lim.max_n, temperature=1),
+            _generate(stub, "limits", n=lim.max_n + 1, temperature=1),
+            RE,
+        ),
+        "max_top_logprobs": (
+            _generate(stub, "limits", logprobs=True, top_logprobs=lim.max_top_logprobs),
+            _generate(stub, "limits", logprobs=True, top_logprobs=lim.max_top_logprobs + 1),
+            RE,
+        ),
+        "max_logit_bias_entries": (  # the tiny vocabulary has fewer ids than the limit: all of them pass
+            _generate(stub, "limits", logit_bias={i % V: 0.5 for i in range(min(V, lim.max_logit_bias_entries))}),
+            _generate(stub, "limits", logit_bias={i: 0.5 for i in range(lim.max_logit_bias_entries + 1)}),
+            RE,
+        ),
         "max_page_size": (
             lambda: stub.ListSessions(pb.ListSessionsRequest(page_size=lim.max_page_size), metadata=L),
             lambda: stub.ListSessions(pb.ListSessionsRequest(page_size=lim.max_page_size + 1), metadata=L),
@@ -237,6 +255,19 @@ def test_get_model_reports_every_limit_and_each_holds(stub, victims) -> None:
         "default_page_size": (None, None, None),
         "default_chunk_bytes": (None, None, None),
         "max_role_chars": (None, None, None),  # the tiny model has no chat template: checked on ROLE_RE below
+        "max_recall_k": (recall(k=lim.max_recall_k), recall(k=lim.max_recall_k + 1), IA),
+        "max_recall_query_chars": (
+            recall(query="q" * lim.max_recall_query_chars),
+            recall(query="q" * (lim.max_recall_query_chars + 1)),
+            IA,
+        ),
+        "max_recall_budget_tokens": (
+            _generate(stub, "limits", recall=pb.RecallOptions(budget_tokens=lim.max_recall_budget_tokens)),
+            _generate(stub, "limits", recall=pb.RecallOptions(budget_tokens=lim.max_recall_budget_tokens + 1)),
+            IA,
+        ),
+        "default_recall_k": (None, None, None),
+        "default_recall_budget_tokens": (None, None, None),
     }
     fields = {f.name for f in pb.ServerLimits.DESCRIPTOR.fields}
     assert set(probes) == fields, (
@@ -411,6 +442,9 @@ def _cases(stub, victim_export: list[pb.SessionChunk]) -> dict[tuple[str, str], 
         ("ImportSession", "RESOURCE_EXHAUSTED"): stream("ImportSession", imported(), U),
         ("ImportSession", "ALREADY_EXISTS"): stream("ImportSession", imported(session_id="victim")),
         ("ImportSession", "FAILED_PRECONDITION"): stream("ImportSession", imported(model_digest=OTHER_DIGEST)),
+        ("Recall", "INVALID_ARGUMENT"): call("Recall", pb.RecallRequest(session_id="victim", query="q", k=0)),
+        ("Recall", "NOT_FOUND"): call("Recall", pb.RecallRequest(session_id="ghost", query="q", k=1)),
+        ("Recall", "FAILED_PRECONDITION"): call("Recall", pb.RecallRequest(session_id="f-snap", query="q", k=1), F),
     }
 
 

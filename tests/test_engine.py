@@ -46,12 +46,13 @@ def decode_ticket(seq: int, solo: bool = False) -> Ticket:
 
 
 def run_tick(waiting: list[Ticket], plan: Plan, tick: int) -> None:
-    """What the engine's update does with a plan: appends advance (stay queued if unfinished)."""
+    """What the engine's update does with a plan: appends advance (unfinished ones go to the back
+    of the queue), everything else is done."""
     for t, n in plan.chunks:
         t.cost -= n
         t.read += n
         t.to_step = (t.to_step - n - 1) % B + 1
-        t.served = tick
+        t.age, t.served = 1_000_000 + tick * 1000 + t.seq, tick
         if t.cost == 0:
             waiting.remove(t)
     for t in [*plan.decodes, *plan.solo, *plan.others]:
@@ -115,13 +116,64 @@ def test_cut_respects_steps_and_room() -> None:
     assert cut(append_ticket(0, 5), 1000) == 5
 
 
-def test_decodes_first_then_others_then_appends() -> None:
-    waiting = [append_ticket(0, 300), Ticket(Rebuild(None, [[1] * 40]), 1, cost=41), decode_ticket(2)]
-    waiting.append(Ticket(Export(FakeState()), 3))
+def test_decodes_on_their_lane_and_the_compute_queue_by_age() -> None:
+    """Appends, rebuilds and exports share one queue in arrival order; the first that does not
+    fit ends the plan (a later small item does not jump it)."""
+    waiting = [append_ticket(0, 100), Ticket(Rebuild(None, [[1] * 40]), 1, cost=41), decode_ticket(2)]
+    waiting += [Ticket(Export(FakeState()), 3), append_ticket(4, 300), Ticket(Export(FakeState()), 5)]
     plan = schedule(waiting, Budget(tokens=200, rows=4))
     assert [t.seq for t in plan.decodes] == [2]
-    assert [t.seq for t in plan.others] == [1, 3]
-    assert [(t.seq, n) for t, n in plan.chunks] == [(0, 129)]
+    assert [(t.seq, n) for t, n in plan.chunks] == [(0, 100)]
+    assert [t.seq for t in plan.others] == [1, 3], "the 300-token append does not fit: the export after it waits"
+
+
+def rebuild_ticket(seq: int, replay: int) -> Ticket:
+    return Ticket(Rebuild(None, [[1] * replay]), seq, cost=1 + replay)
+
+
+def test_rebuilds_and_appends_share_the_lane_neither_starves() -> None:
+    """Issue 20: with a rebuild always waiting (more sessions than fit), appends used to wait for
+    every rebuild.  By age, an append waits only for what arrived before it, and rebuilds still
+    run while appends keep coming."""
+    budget = Budget(tokens=512, rows=8)
+    waiting: list[Ticket] = []
+    seq = iter(range(10**6))
+    arrived: dict[int, int] = {}
+    finished: dict[int, int] = {}
+    kinds: dict[int, str] = {}
+    for tick in range(400):
+        for kind, make in (("rebuild", lambda s: rebuild_ticket(s, 400)), ("append", lambda s: append_ticket(s, 150))):
+            t = make(next(seq))
+            waiting.append(t)
+            arrived[t.seq], kinds[t.seq] = tick, kind
+        plan = schedule(waiting, budget)
+        ahead = sum(t.cost for t in waiting)
+        assert plan.compute_tokens <= budget.tokens + 401, ahead
+        run_tick(waiting, plan, tick)
+        for t in plan.others + [t for t, _ in plan.chunks if t.cost == 0]:
+            finished[t.seq] = tick
+    done = {k: [finished[s] - arrived[s] for s in finished if kinds[s] == k] for k in ("rebuild", "append")}
+    assert len(done["rebuild"]) > 100 and len(done["append"]) > 100, {k: len(v) for k, v in done.items()}
+    # the queue grows (more work arrives than fits), but by age: both kinds wait alike
+    late_r = sorted(done["rebuild"])[len(done["rebuild"]) // 2]
+    late_a = sorted(done["append"])[len(done["append"]) // 2]
+    assert late_a <= late_r + 2, (late_a, late_r)
+
+
+def test_a_wait_is_bounded_by_the_work_ahead_not_by_later_arrivals() -> None:
+    """An item runs after at most one piece of each item queued before it, however much arrives later."""
+    budget = Budget(tokens=256, rows=8)
+    waiting = [append_ticket(0, 5000), rebuild_ticket(1, 200), append_ticket(2, 700)]
+    mine = append_ticket(3, 100)
+    waiting.append(mine)
+    for tick in range(50):
+        waiting += [rebuild_ticket(100 + 10 * tick + i, 100) for i in range(3)]  # later arrivals, every tick
+        plan = schedule(waiting, budget)
+        run_tick(waiting, plan, tick)
+        if mine not in waiting:
+            break
+    # ahead of it: one piece of the 5000 append, the rebuild, one piece of the 700 append (one plan each at most)
+    assert mine not in waiting and tick <= 3, tick
 
 
 def test_lanes_plan_separately_and_solo_decodes_go_to_compute() -> None:
@@ -285,6 +337,34 @@ def test_middle_layer_does_not_import_torch() -> None:
         "import memoryd.engine.scheduler, memoryd.engine.work\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_middle_layer_and_store_do_not_import_grpc() -> None:
+    """Every module of memoryd.sessions, memoryd.store and memoryd.engine imports with grpc and the
+    generated stubs (memoryd_sdk) blocked: forwarding to other daemons lives at the edge (memoryd/api/)."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "sys.modules['grpc'] = None; sys.modules['memoryd_sdk'] = None\n"
+        "import memoryd.sessions, memoryd.store, memoryd.engine\n"
+        "n = 0\n"
+        "for pkg in (memoryd.sessions, memoryd.store, memoryd.engine):\n"
+        "    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(info.name); n += 1\n"
+        "assert n >= 20, n\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_models_state_is_a_state_handle(tiny_model) -> None:  # noqa: F811
+    """What the middle layer may read of a state (memoryd/engine/handle.py) is what the model's state has."""
+    from memoryd.engine.handle import StateHandle
+    from model import StreamState
+
+    state = StreamState.fresh(tiny_model)
+    state.append([1, 2, 3])
+    assert isinstance(state, StateHandle)
+    b = tiny_model.cfg.mini_batch_size
+    assert (state.position, state.pending_count, state.nbytes() > 0) == (3, 3 - b * state.steps, True)
 
 
 # -- in-process engine -----------------------------------------------------------------------------

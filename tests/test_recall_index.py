@@ -10,8 +10,9 @@ from collections import Counter
 
 import pytest
 
+from memoryd.sessions.recall import transfer
 from memoryd.sessions.recall.index import K1, B, SpanIndex
-from memoryd.sessions.recall.pages import pack, unpack
+from memoryd.sessions.recall.pages import Run, pack, unpack
 from memoryd.sessions.recall.spans import Segmenter, Shape, windows
 from memoryd.sessions.recall.words import words
 
@@ -205,3 +206,20 @@ def test_ties_come_earlier_span_first() -> None:
 def test_pack_round_trips() -> None:
     ids = [0, 1, 255, 49151, 2**32 - 1]
     assert unpack(pack(ids)) == ids and len(pack(ids)) == 4 * len(ids)
+
+
+def test_recall_log_bytes_round_trip_and_refuse_what_is_not_one() -> None:
+    runs = [Run(0, [1, 2, 3]), Run(10, [4]), Run(11, [5, 6])]
+    data = transfer.encode(runs)
+    assert transfer.decode(data, 13, 7) == runs
+    assert transfer.decode(transfer.encode([]), 0, 7) == []
+    for bad, why, offset, vocab in [
+        (data, "outside the vocabulary", 13, 6),
+        (data, "past the state's offset", 12, 7),
+        (data[:-1], "bytes follow", 13, 7),
+        (data + b"\0", "run header", 13, 7),
+        (b"x" + data, "does not start with", 13, 7),
+        (transfer.encode([Run(5, [1, 2]), Run(6, [3])]), "overlaps", 13, 7),
+    ]:
+        with pytest.raises(transfer.BadRecallLog, match=why):
+            transfer.decode(bad, offset, vocab)

@@ -16,12 +16,15 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from cluster_fixtures import LocalCluster, redis_cluster  # noqa: F401 (fixture)
 from service_fixtures import RedisServer, tiny_checkpoint, tiny_model  # noqa: F401 (fixtures)
 
 from memoryd.engine.core import Engine
 from memoryd.engine.scheduler import Budget
-from memoryd.errors import NotFound
+from memoryd.errors import InvalidArgument, NotFound
 from memoryd.sessions.calls import Sessions
+from memoryd.sessions.recall import transfer
+from memoryd.sessions.recall.pages import Run
 from memoryd.settings import Settings
 from memoryd.store import heads
 from memoryd.store.db import Store
@@ -240,3 +243,86 @@ async def test_a_stale_tip_of_a_deleted_session_is_not_reused(harness: Harness) 
     await d.append(*key, text_tokens(FILLER), None, "")
     assert not found(await recalled(d, key, QUERIES["vault"], k=8), "vault")
     await asyncio.sleep(0)
+
+
+async def test_on_a_redis_cluster_with_sessions_on_other_slots(
+    redis_cluster: LocalCluster,  # noqa: F811
+    tiny_model: object,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The recall keys of a tenant share one slot; its sessions' keys are spread over the masters."""
+    s = Settings(instance_id="recall-cluster", snapshot_interval=1, data_dir=tmp_path / "data", metrics_port=0)
+    h = Harness(redis_cluster.url, tiny_model, s)
+    try:
+        d = h.start()
+        await d.create("tc", "a", {})
+        await fill(d, "tc", "a", ["vault", "sister"], filler_each=2)
+        await d.fork("tc", "a", "b", None, None)
+        await fill(d, "tc", "b", ["flight"], filler_each=1)
+        want = {f: await recalled(d, ("tc", "b"), QUERIES[f]) for f in ("vault", "sister", "flight")}
+        assert all(found(v[:1], f) for f, v in want.items())
+        await h.crash(d)
+        d2 = h.start()
+        assert {f: await recalled(d2, ("tc", "b"), QUERIES[f]) for f in want} == want
+        assert not found(await recalled(d2, ("tc", "a"), QUERIES["flight"], k=8), "flight")
+        for sid in "ab":
+            await d2.delete("tc", sid)
+        assert await d2.store.r.hlen("md:rx:{tc}:rc") == 0
+    finally:
+        for d in h.daemons:
+            await d.engine.close()
+            await d.store.r.aclose()
+
+
+async def test_import_rebuilds_it_from_the_exports_recall_log(harness: Harness) -> None:
+    d = harness.start()
+    src = ("t1", "src")
+    await d.create(*src, {})
+    await fill(d, *src, ["vault", "invoice"])
+    want = {f: await recalled(d, src, QUERIES[f]) for f in ("vault", "invoice")}
+    head, data = await d.export(*src)
+    log = await d.export_recall(head)
+    assert log.startswith(transfer.MAGIC) and len(log) > 4 * head.offset  # every token, 4 bytes each
+
+    bad = {
+        b"not a recall log": "does not start with",
+        log[:-2]: "bytes follow",
+        transfer.encode([Run(head.offset - 2, [65, 66, 67])]): "past the state's offset",
+        transfer.encode([Run(0, [65, 999])]): "outside the vocabulary",
+        transfer.encode([Run(10, [65, 66]), Run(11, [67])]): "overlaps",
+    }
+    for raw, why in bad.items():
+        with pytest.raises(InvalidArgument, match=why):
+            await d.import_("t2", "copy", {}, data, head.offset, raw)
+        with pytest.raises(NotFound):  # nothing was created
+            await d.get("t2", "copy")
+    with pytest.raises(InvalidArgument, match="offset"):
+        await d.import_("t2", "copy", {}, data, None, log)
+
+    await d.import_("t2", "copy", {}, data, head.offset, log)
+    assert {f: await recalled(d, ("t2", "copy"), QUERIES[f]) for f in want} == want
+    await fill(d, "t2", "copy", ["flight"], filler_each=1)  # and it grows from there
+    grown = {f: await recalled(d, ("t2", "copy"), QUERIES[f]) for f in ("vault", "invoice", "flight")}
+    assert all(found(v[:1], f) for f, v in grown.items())
+    await harness.crash(d)
+    d2 = harness.start()
+    assert {f: await recalled(d2, ("t2", "copy"), QUERIES[f]) for f in grown} == grown
+
+    await d2.import_("t2", "bare", {}, data, head.offset)  # an export without its recall log: no history to recall
+    assert await recalled(d2, ("t2", "bare"), QUERIES["vault"], k=8) == []
+
+
+async def test_ttl_expiry_drops_it(harness: Harness) -> None:
+    harness.s = harness.s.model_copy(update={"ttl_seconds": 4, "snapshot_interval": 10_000})  # recall keys: 8 s
+    d = harness.start()
+    key = ("t1", "ttl")
+    await d.create(*key, {})
+    await d.append(*key, text_tokens(FILLER + FACTS["vault"]), None, "")
+    assert found(await recalled(d, key, QUERIES["vault"]), "vault")
+    assert 4 < await d.store.r.ttl("md:rx:{t1}:tip:ttl") <= 8
+    await harness.crash(d)  # nothing keeps it alive any more
+    await asyncio.sleep(8.5)
+    d2 = harness.start()
+    assert [k async for k in d2.store.r.scan_iter("md:rx:{t1}:*")] in ([], [b"md:rx:{t1}:rc"])
+    with pytest.raises(NotFound):
+        await d2.recall(key, QUERIES["vault"], 3)

@@ -215,6 +215,20 @@ def test_forged_turns_are_refused(served: NoFlags) -> None:
         assert stub.GetSession(pb.GetSessionRequest(session_id=sid)).offset == 0
 
 
+def test_roles_outside_the_templates_are_refused(served: NoFlags) -> None:
+    """Issue 17: SmolLM2's template renders any string as a role; the model was tuned on the standard
+    ones, so `add_message("wizard", "x")` is INVALID_ARGUMENT naming the field and the roles it takes."""
+    from memoryd_sdk import InvalidArgument
+
+    with MemoryClient(served.address) as client:
+        assert client.model_info().chat_roles == ("assistant", "system", "tool", "user")
+        s = client.create_session()
+        with pytest.raises(InvalidArgument, match=r"messages\[0\]\.role 'wizard'.*assistant, system, tool, user"):
+            s.add_message("wizard", "x")
+        assert s.info().offset == 0
+        assert s.add_message("tool", "calendar: review at 10:00").offset > 0
+
+
 def test_a_restart_reuses_the_conversion(served: NoFlags) -> None:
     """Last: restarting finds the converted model and does not convert again."""
     stamp = (served.model_dir / "model.safetensors").stat().st_mtime_ns

@@ -183,7 +183,7 @@ def test_lease_keeps_two_daemons_apart(tmp_path: Path, tiny_checkpoint: Path, ti
         d1.stub().CreateSession(pb.CreateSessionRequest(session_id="shared"))
         d1.stub().Append(pb.AppendRequest(session_id="shared", tokens=[1, 2, 3]))
         time.sleep(2.5)  # longer than the lease: d1 renews it while the session is hot
-        # through d2 the call is forwarded to d1, which keeps the session (memoryd/sessions/routing.py)
+        # through d2 the call is forwarded to d1, which keeps the session (memoryd/api/forward.py)
         r, call = d2.stub().Append.with_call(pb.AppendRequest(session_id="shared", tokens=[4], expected_offset=3))
         assert r.offset == 4 and dict(call.trailing_metadata())["memoryd-holder"] == d1.address
         assert _retry_append(d1, "shared", [5], 4) == (5, 0)

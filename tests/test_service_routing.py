@@ -215,7 +215,7 @@ def test_advertised_address() -> None:
     """The port actually bound (listen on port 0), a wildcard host named, an explicit setting as it is."""
     import socket
 
-    from memoryd.sessions.routing import advertised_address
+    from memoryd.api.forward import advertised_address
     from memoryd.settings import Settings
 
     assert advertised_address("127.0.0.1:0", 43210, None) == "127.0.0.1:43210"

@@ -25,6 +25,15 @@ MIN_CHUNK_BYTES = 4096
 in 1-byte chunks is 10^8 messages. 4 KiB keeps the per-message overhead near 1%."""
 CHUNK_FRAMING = 1024
 """Room left for a SessionChunk's framing under max_message_bytes."""
+MAX_RECALL_K, DEFAULT_RECALL_K = 64, 8
+"""Spans one recall may return: 8 is what the benchmark's hit rate is measured at (bench/recall.py); 64
+bounds one answer (64 turns of text) and one search's ranking work."""
+MAX_RECALL_QUERY_CHARS = 4096
+"""A query is a question or a user turn, not a document: 4096 characters (about 1,000 tokens) is a long
+turn, and bounds the search's per-term work."""
+DEFAULT_RECALL_BUDGET_TOKENS = 512
+"""Tokens of recalled context a generation gets by default: half the default model's 1,024-token
+window, leaving the other half for the prompt and the reply (eight agent turns fit in it)."""
 TEXT_CHARS_PER_TOKEN = 8
 """Text is refused before encoding when it has more characters than this many per allowed token:
 no tokenizer here makes tokens longer than that on average, so nothing encodable is lost."""
@@ -42,10 +51,11 @@ def sampling_limits(s: Settings, vocab_size: int) -> SamplingLimits:
     )
 
 
-def server_limits(s: Settings, vocab_size: int) -> pb.ServerLimits:
+def server_limits(s: Settings, vocab_size: int, window_size: int) -> pb.ServerLimits:
     """The limits of one server (settings + the served model's vocabulary), as GetModel reports them.
 
-    The checks read this very message, so what a client is told is what it is held to."""
+    The checks read this very message, so what a client is told is what it is held to.  `window_size`
+    (0: full attention) caps recalled context, which must fit in the attention window."""
     max_chunk = min(MAX_CHUNK_BYTES, s.max_message_bytes - CHUNK_FRAMING)  # settings: max_message_bytes >= 64 KiB
     sampling = sampling_limits(s, vocab_size)
     return pb.ServerLimits(
@@ -74,4 +84,9 @@ def server_limits(s: Settings, vocab_size: int) -> pb.ServerLimits:
         max_n=sampling.max_n,
         max_top_logprobs=sampling.max_top_logprobs,
         max_logit_bias_entries=sampling.max_logit_bias,
+        max_recall_k=MAX_RECALL_K,
+        default_recall_k=DEFAULT_RECALL_K,
+        max_recall_query_chars=MAX_RECALL_QUERY_CHARS,
+        default_recall_budget_tokens=min(DEFAULT_RECALL_BUDGET_TOKENS, window_size or DEFAULT_RECALL_BUDGET_TOKENS),
+        max_recall_budget_tokens=window_size or s.max_append_tokens,
     )

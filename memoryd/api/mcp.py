@@ -347,7 +347,7 @@ def build_server(daemon: Daemon) -> MCPServer:
         client = await daemon.client(ctx)
         s = client.session(sid)
         try:
-            reply = await s.reply([("user", question)], max_tokens=max_tokens, commit=commit)
+            reply = await s.reply([("user", question)], max_tokens=max_tokens, commit=commit, recall=True)
         except MemorydError as e:
             raise failed(e, sid) from None
         except ValueError as e:

@@ -14,7 +14,9 @@ which are read into the session together with the reply in one committed generat
 they land together or not at all), under the `Idempotency-Key` header as the append id:
 a retried request with the same key lands once and gets the original reply back.  A
 session that does not exist yet is created.  Without a session name the messages go into
-a temporary session that is deleted after the reply (nothing is kept).
+a temporary session that is deleted after the reply (nothing is kept).  Recall is on, as for
+the SDK's `chat`: before the reply the daemon places the session's spans most relevant to
+the last user message just before it (never committed; `GenerateRequest.recall`).
 
 The caller's `Authorization: Bearer <token>` is forwarded as gRPC metadata, so the
 daemon's tokens and tenants apply unchanged.
@@ -229,6 +231,7 @@ class Reply:
             "seed": req.seed,
             "append_id": append_id,
             **dict(req.sampling),
+            "recall": True,
         }
         if req.n > 1:  # n samples of a scratch session: none is committed (a commit keeps one output)
             self.kwargs["commit"] = False

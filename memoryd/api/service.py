@@ -34,7 +34,9 @@ from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 
 from memoryd import metrics
 from memoryd.api.auth import Auth
+from memoryd.api.forward import Router
 from memoryd.api.limits import MAX_META_ENTRIES, sampling_limits, server_limits
+from memoryd.api.model_info import ModelInfo
 from memoryd.api.validation import (
     check_append_id,
     check_metadata,
@@ -44,9 +46,10 @@ from memoryd.api.validation import (
 )
 from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
+from memoryd.sessions.admission import set_deadline
 from memoryd.sessions.calls import CommitRule, Content, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
-from memoryd.sessions.routing import Router
+from memoryd.sessions.recall_prompt import RecallAsk, Span, query_of
 from memoryd.settings import Settings
 from memoryd.store.snapshots import SNAPSHOT_FORMAT
 
@@ -62,6 +65,11 @@ def note(**fields: Any) -> None:
     _call.get().update(fields)
 
 
+def grpc_status(e: ServiceError) -> grpc.StatusCode:
+    """The gRPC status of a ServiceError (memoryd.errors.Status names them as gRPC does)."""
+    return grpc.StatusCode[e.code.name]
+
+
 def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: float) -> None:
     dt = time.perf_counter() - t0
     metrics.CALLS.labels(method, code.name).inc()
@@ -69,13 +77,27 @@ def _finish(method: str, fields: dict[str, Any], code: grpc.StatusCode, t0: floa
     log.info(json.dumps({"call": method, "code": code.name, "ms": round(dt * 1000, 3), **fields}))
 
 
+def _left(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """Why a call was cancelled under its handler: its deadline passed, or its client went away."""
+    left = context.time_remaining()
+    # A client whose deadline passes cancels the call itself, which may arrive just before the
+    # server's own timer fires: within a second of the deadline, it is the deadline.
+    return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 1.0 else grpc.StatusCode.CANCELLED
+
+
+def _read_deadline(context: grpc.aio.ServicerContext) -> None:
+    """The call's gRPC deadline, for everything it does below the edge (memoryd/sessions/admission.py)."""
+    left = context.time_remaining()
+    set_deadline(left if left is not None and left < 10**8 else None)
+
+
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
-    trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/sessions/routing.py)
+    trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/api/forward.py)
     if e.offset is not None and not any(k == "memoryd-offset" for k, _ in trailers):
         trailers += (("memoryd-offset", str(e.offset)),)
     if trailers:
         context.set_trailing_metadata(trailers)
-    await context.abort(e.code, e.message)
+    await context.abort(grpc_status(e), e.message)
 
 
 def decode(cls: type[ProtoMessage], raw: bytes) -> Any:
@@ -135,12 +157,16 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            _read_deadline(context)
             request = request_of(raw)
             return await self.router.unary(method, request, context, lambda req: fn(self, tenant, req, context))
         except ServiceError as e:
-            code = e.code
+            code = grpc_status(e)
             fields["error"] = e.message
             await _abort(context, e)
+        except asyncio.CancelledError:  # the client left or its deadline passed (work safe to finish goes on)
+            code = _left(context)
+            raise
         except grpc.aio.AbortError:
             raise
         except Exception as e:
@@ -166,15 +192,16 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
         try:
             tenant = self.auth.tenant(context.invocation_metadata())
             fields["tenant"] = tenant
+            _read_deadline(context)
             request = request_of(raw)
             async for item in self.router.stream(method, request, context, lambda req: fn(self, tenant, req, context)):
                 yield item
         except ServiceError as e:
-            code = e.code
+            code = grpc_status(e)
             fields["error"] = e.message
             await _abort(context, e)
         except (asyncio.CancelledError, GeneratorExit):
-            code = grpc.StatusCode.CANCELLED
+            code = _left(context)
             raise
         except grpc.aio.AbortError:
             raise
@@ -195,6 +222,10 @@ def _ts(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def span_pb(span: Span) -> pb.RecalledSpan:
+    return pb.RecalledSpan(start_offset=span.start, end_offset=span.end, text=span.text, score=span.score)
 
 
 def session_pb(info: Info) -> pb.Session:
@@ -221,47 +252,46 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         sessions: Sessions,
         settings: Settings,
         auth: Auth,
-        model_name: str = "",
-        adapter: str = "",
+        model: ModelInfo,
         router: Router | None = None,
     ) -> None:
         self.sessions = sessions
+        self.model = model
         self.router = router or Router(settings.daemon_id, "", settings.lease_seconds, None)
         self.s = settings
         self.auth = auth
         self.tok = sessions.tok
         self.chat = sessions.chat
-        self.vocab = sessions.model.cfg.vocab_size
-        self.limits = server_limits(settings, self.vocab)
+        self.vocab = model.vocab_size
+        self.limits = server_limits(settings, self.vocab, model.window_size)
         self.sampling_limits = sampling_limits(settings, self.vocab)
-        self.model_info = self._model_info(model_name, adapter)
+        self.model_info = self._model_info()
 
-    def _model_info(self, name: str, adapter: str) -> pb.ModelInfo:
-        cfg = self.sessions.model.cfg
-        chat = self.chat
+    def _model_info(self) -> pb.ModelInfo:
+        m, chat = self.model, self.chat
         return pb.ModelInfo(
-            digest=self.sessions.digest,
-            model_type=cfg.model_type,
-            name=name,
-            vocab_size=cfg.vocab_size,
-            bos_token_id=cfg.bos_token_id,
-            eos_token_id=cfg.eos_token_id,
-            tokenizer="bytes" if cfg.tokenizer == "bytes" else "huggingface",
-            chat_template=cfg.chat_template or "",
+            digest=m.digest,
+            model_type=m.model_type,
+            name=m.name,
+            vocab_size=m.vocab_size,
+            bos_token_id=m.bos_token_id,
+            eos_token_id=m.eos_token_id,
+            tokenizer=m.tokenizer,
+            chat_template=m.chat_template,
             chat_messages=chat is not None and chat.problem is None,
             chat_problem=(chat.problem or "") if chat is not None else "",
             chat_roles=sorted(chat.roles) if chat is not None else [],
             generation_prompt=chat.generation_prompt if chat is not None else "",
             turn_closing=chat.closing if chat is not None else "",
-            window_size=cfg.window_size or 0,
-            mini_batch_size=cfg.mini_batch_size,
-            num_fast_layers=cfg.num_fast_layers,
-            num_layers=cfg.num_layers,
-            adapter=adapter,
+            window_size=m.window_size,
+            mini_batch_size=m.mini_batch_size,
+            num_fast_layers=m.num_fast_layers,
+            num_layers=m.num_layers,
+            adapter=m.adapter,
             max_append_tokens=self.s.max_append_tokens,
             max_generate_tokens=self.s.max_generate_tokens,
             max_message_bytes=self.s.max_message_bytes,
-            attention_sinks=getattr(cfg, "attention_sinks", 0),
+            attention_sinks=m.attention_sinks,
             limits=self.limits,
         )
 
@@ -341,6 +371,38 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             return ids
 
         return at
+
+    def recall_k(self, k: int, field: str) -> int:
+        if not 1 <= k <= self.limits.max_recall_k:
+            raise InvalidArgument(f"{field} must be 1-{self.limits.max_recall_k} (spans to return), got {k}")
+        return k
+
+    def recall_query(self, query: str, field: str) -> str:
+        if len(query) > self.limits.max_recall_query_chars:
+            raise InvalidArgument(
+                f"{field} has {len(query)} characters; at most {self.limits.max_recall_query_chars} "
+                "(ask with the question or a few key words, not a document)"
+            )
+        return query
+
+    def recall_ask(self, r: pb.GenerateRequest, messages: list[Message]) -> RecallAsk | None:
+        """GenerateRequest.recall checked (zeros are the defaults), with its query (derived from the prompt
+        when the client gave none); None when the request does not ask for recall."""
+        if not r.HasField("recall"):
+            return None
+        o, lim = r.recall, self.limits
+        k = self.recall_k(o.k or lim.default_recall_k, "recall.k")
+        budget = o.budget_tokens or lim.default_recall_budget_tokens
+        if budget > lim.max_recall_budget_tokens:
+            raise InvalidArgument(
+                f"recall.budget_tokens {budget} is over this server's limit {lim.max_recall_budget_tokens} "
+                "(recalled context must fit in the attention window; 0: the default)"
+            )
+        query = self.recall_query(o.query, "recall.query")
+        if not query.strip():
+            text = r.prompt_text or (self.tok.decode(list(r.prompt_tokens)) if len(r.prompt_tokens) else "")
+            query = query_of(messages, text)[-lim.max_recall_query_chars :]
+        return RecallAsk(k, budget, query)
 
     def sampling(self, r: pb.GenerateRequest) -> SamplingParams:
         """The request's `SamplingParams`, checked once, here.  Copied by name: every field of
@@ -509,6 +571,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         sid = check_session_id(r.session_id)
         note(session=sid, commit=r.commit)
         prompt: Content
+        msgs: list[Message] = []
         if len(r.prompt_messages) or r.add_generation_prompt:
             if r.prompt_text or len(r.prompt_tokens):
                 raise InvalidArgument(
@@ -520,6 +583,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             prompt = self.tokens_of(r.prompt_text, r.prompt_tokens, "prompt", allow_empty=True)
         params = self.sampling(r)
         rule = self.commit_rule(r)
+        recall = self.recall_ask(r, msgs)
         aid = check_append_id(r.append_id)
         expected = r.expected_offset if r.HasField("expected_offset") else None
         reasons = {
@@ -529,11 +593,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         }
         if r.commit and params.samples > 1:
             raise InvalidArgument(f"n = {params.n} with commit: a commit keeps one output; ask for n = 1")
-        async for ev in self.sessions.generate(tenant, sid, prompt, params, r.commit, expected, aid, rule):
+        async for ev in self.sessions.generate(
+            tenant, sid, prompt, params, r.commit, expected, aid, rule, recall=recall
+        ):
             logprobs = [self.logprob_pb(lp) for lp in ev.logprobs]
             if ev.done:
                 note(generated=ev.generated, finish=ev.finish, offset=ev.offset)
+                recalled = ev.recalled
+                if recall is not None:
+                    note(recalled_spans=len(recalled.spans), recalled_tokens=len(recalled.tokens))
                 yield pb.GenerateResponse(
+                    recalled_spans=[span_pb(x) for x in recalled.spans],
+                    recalled_tokens=len(recalled.tokens),
                     tokens=ev.tokens,
                     text=ev.text,
                     done=True,
@@ -554,6 +625,22 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     finish_reason=reason,
                     generated_tokens=ev.generated,
                 )
+
+    # -- recall ------------------------------------------------------------------------------
+
+    @unary
+    async def Recall(self, tenant: str, r: pb.RecallRequest, ctx: Any) -> pb.RecallResponse:
+        sid = check_session_id(r.session_id)
+        note(session=sid, k=r.k)
+        k = self.recall_k(r.k, "k")
+        query = self.recall_query(r.query, "query")
+        if not query.strip():
+            raise InvalidArgument("query is empty: give the words to look for (a question, a name, a phrase)")
+        t0 = time.perf_counter()
+        spans = await self.sessions.recall((tenant, sid), query, k)
+        metrics.RECALL_SECONDS.labels("Recall").observe(time.perf_counter() - t0)
+        note(spans=len(spans))
+        return pb.RecallResponse(spans=[span_pb(x) for x in spans])
 
     # -- model -------------------------------------------------------------------------------
 

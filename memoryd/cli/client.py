@@ -1,6 +1,6 @@
-"""`memoryd sessions ...`, `memoryd chat`, `memoryd http` and `memoryd mcp`: commands against a running daemon.
+"""`memoryd sessions ls|show|rm|export|import|recall`, `memoryd chat`, `memoryd http`, `memoryd mcp`.
 
-They use the SDK only (no torch is imported), so they start fast and work from any
+All run against a running daemon.  They use the SDK only (no torch is imported), so they start fast and work from any
 machine that can reach the daemon.  Common flags: `--daemon host:port` (env
 `MEMORYD_DAEMON`), `--token` (env `MEMORYD_TOKEN`), `--tls-ca cert.pem`.
 """
@@ -42,6 +42,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = ss.add_parser("import", parents=[common], help="create a session from an export ('-': stdin)")
     p.add_argument("file")
     p.add_argument("--id", default=None, help="session id to create (default: the exported one)")
+    p = ss.add_parser("recall", parents=[common], help="the spans of a session's history most relevant to a query")
+    p.add_argument("session")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=8, help="how many spans (default 8)")
+    p.add_argument("--json", action="store_true", help="one JSON object per span instead of text")
 
     c = sub.add_parser("chat", parents=[common], help="chat in the terminal; the conversation is a session")
     c.add_argument("session", nargs="?", help="session to continue or create (default: a new one)")
@@ -164,7 +169,21 @@ def import_(client: MemoryClient, args: argparse.Namespace) -> int:
     return 0
 
 
-SESSIONS = {"ls": ls, "show": show, "rm": rm, "export": export, "import": import_}
+def recall(client: MemoryClient, args: argparse.Namespace) -> int:
+    """Most relevant first: a header line per span (its log offsets and score), then its text."""
+    spans = client.recall(args.session, args.query, args.k)
+    for i, sp in enumerate(spans):
+        if args.json:
+            print(json.dumps(asdict(sp)))
+            continue
+        print(f"{'' if i == 0 else chr(10)}[{sp.start_offset}, {sp.end_offset})  score {sp.score:.3f}")
+        print(printable(sp.text))
+    if not spans and not args.json:
+        print(f"nothing recalled from {args.session}", file=sys.stderr)
+    return 0
+
+
+SESSIONS = {"ls": ls, "show": show, "rm": rm, "export": export, "import": import_, "recall": recall}
 
 
 # -- chat -----------------------------------------------------------------------------------------

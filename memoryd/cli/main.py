@@ -1,7 +1,7 @@
 """`memoryd serve [--flag value ...]`: every Settings field is a flag (`--memory-budget 2GiB`).
 
 Also the commands for people against a running daemon (`memoryd_sdk` only, no torch):
-`memoryd sessions ls|show|rm|export|import`, `memoryd chat [SESSION]` and `memoryd http`
+`memoryd sessions ls|show|rm|export|import|recall`, `memoryd chat [SESSION]` and `memoryd http`
 (the OpenAI-compatible gateway alone); see `memoryd/cli/client.py`.
 """
 

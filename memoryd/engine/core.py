@@ -12,7 +12,10 @@ finishes, so its next token never waits for the session layer to ask for it).  S
 64K-token append, or a session's test-time step, runs beside the other sessions' decoding
 instead of between their tokens.  An append with tokens left stays queued with its
 progress; a call or generation that was cancelled (a client went away) is dropped from the
-queue at once, and a result for it that was already running is discarded.
+queue at once, and a result for it that was already running is discarded.  An item
+submitted with a deadline that passes before it runs is dropped too (its call fails with
+DEADLINE_EXCEEDED: nobody will use the result); work that is safe to finish (a rebuild,
+an append with an append_id) is submitted without one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from memoryd import metrics
 from memoryd.engine.scheduler import LANES, Budget, Lane, Plan, schedule
@@ -44,7 +46,8 @@ from memoryd.engine.work import (
     Work,
 )
 from memoryd.engine.worker import Outcome, execute
-from model import StreamState, digest_of
+from memoryd.errors import DeadlineExceeded
+from model import StreamState, TTTModel, digest_of
 from model.batch import counts_at, runs_solo, tokens_to_step
 
 log = logging.getLogger("memoryd.engine")
@@ -53,7 +56,7 @@ log = logging.getLogger("memoryd.engine")
 class Engine:
     """Owns the model, the queue of work, and the lanes' worker threads."""
 
-    def __init__(self, model: Any, budget: Budget) -> None:
+    def __init__(self, model: TTTModel, budget: Budget) -> None:
         self.model = model
         self.budget = budget
         self.digest = digest_of(model)
@@ -70,6 +73,11 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self.ticks = 0
         """Lane runs so far (both lanes)."""
+        self.seconds_per_token = 0.0
+        """The compute lane's recent seconds per token of solo work (a moving average; 0: not measured
+        yet): what admission (memoryd/sessions/admission.py) prices queued work at."""
+        self.seconds_per_item = 0.0
+        """The same for a rebuild, import or export (a session's load, or its snapshot on eviction)."""
 
     # -- what sessions call ----------------------------------------------------------------------
 
@@ -78,10 +86,14 @@ class Engine:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="memoryd-engine")
             self._task.add_done_callback(self._stopped)
 
-    async def submit(self, work: Work) -> Result:
-        """Queue one item and wait for its result (raises what the worker raised, for bugs only)."""
+    async def submit(self, work: Work, deadline: float | None = None) -> Result:
+        """Queue one item and wait for its result (raises what the worker raised, for bugs only).
+
+        `deadline` (time.monotonic()): if it passes before the item runs, the item is dropped and
+        this raises DeadlineExceeded."""
         self._start()
         ticket = self._ticket(work)
+        ticket.deadline = deadline
         fut: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._futures[ticket.seq] = fut
         self._waiting.append(ticket)
@@ -92,12 +104,16 @@ class Engine:
         finally:
             if not fut.done() or fut.cancelled():  # the caller went away: stop its work
                 self._futures.pop(ticket.seq, None)
-                with contextlib.suppress(ValueError):
+                if ticket in self._waiting:
                     self._waiting.remove(ticket)
+                    metrics.DROPPED.inc()
 
-    def generate(self, request: Generate) -> Generation:
+    def generate(self, request: Generate, deadline: float | None = None) -> Generation:
         """Start a generation: each sample decodes on its own fork of the prompt's state, joining every
-        decode batch until it finishes; read its tokens from the returned stream (close it to cancel)."""
+        decode batch until it finishes; read its tokens from the returned stream (close it to cancel).
+
+        `deadline` (time.monotonic()): once it passes, the generation leaves the engine and its stream
+        raises DeadlineExceeded (a dry run nobody will read)."""
         self._start()
         gen = Generation(self, request)
         seed = request.params.seed
@@ -106,6 +122,7 @@ class Engine:
             sample = Sample(request, i, request.state.clone(), rng)
             sample.u = rng.random()
             ticket = Ticket(sample, next(self._seq), step_every=self.model.cfg.mini_batch_size)
+            ticket.deadline = deadline
             gen.tickets.append(ticket)
             self._generations[ticket] = gen
             self._waiting.append(ticket)
@@ -161,6 +178,7 @@ class Engine:
             if not busy and not self._waiting:
                 await self._wake.wait()
             self._wake.clear()
+            self._drop_expired()
             free = [lane for lane in LANES if all(lane != v[0] for v in busy.values())]
             plan = schedule([t for t in self._waiting if not t.running], self.budget, free)
             for lane in free:
@@ -188,8 +206,31 @@ class Engine:
                     outcomes = [Outcome(t, error=e) for t in part.tickets()]
                 self._update(lane, part, outcomes, time.perf_counter() - t0)
 
+    def _drop_expired(self) -> None:
+        """Items whose deadline has passed and that have not started: nobody will use their result."""
+        now = time.monotonic()
+        why = "the call's deadline passed while its work was queued: it did not run"
+        for t in [t for t in self._waiting if t.deadline is not None and t.deadline <= now and not t.running]:
+            if t not in self._waiting:  # a sample of a generation dropped just before
+                continue
+            metrics.DROPPED.inc()
+            gen = self._generations.get(t)
+            if gen is not None:  # the whole generation goes: no one reads it any more
+                gen.close()
+                gen.queue.put_nowait(DeadlineExceeded(why))
+                continue
+            self._waiting.remove(t)
+            fut = self._futures.pop(t.seq, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(DeadlineExceeded(why))
+        metrics.ENGINE_WAITING.set(len(self._waiting))
+
     def _update(self, lane: Lane, plan: Plan, outcomes: list[Outcome], seconds: float) -> None:
         self.ticks += 1
+        if lane == "compute" and plan.chunks and not plan.others:  # a load's snapshot read is not per token
+            self.seconds_per_token = _average(self.seconds_per_token, seconds / plan.compute_tokens)
+        elif lane == "compute" and plan.others and not plan.chunks and not plan.solo:
+            self.seconds_per_item = _average(self.seconds_per_item, seconds / len(plan.others))
         metrics.ENGINE_TICKS.labels(lane).inc()
         metrics.ENGINE_TICK_SECONDS.labels(lane).observe(seconds)
         metrics.ENGINE_TICK_TOKENS.observe(plan.tokens)
@@ -202,7 +243,8 @@ class Engine:
                 self._sampled(o.ticket, o.result, o.error)
                 continue
             if o.result is None and o.error is None:
-                continue  # an append with tokens left: stays queued
+                o.ticket.age = next(self._seq)  # an append with tokens left: back of the queue
+                continue
             if o.ticket in self._waiting:
                 self._waiting.remove(o.ticket)
             fut = self._futures.pop(o.ticket.seq, None)
@@ -308,3 +350,8 @@ class Generation:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _average(old: float, new: float) -> float:
+    """A moving average that follows the last few runs (0: none yet)."""
+    return new if not old else 0.8 * old + 0.2 * new

@@ -7,20 +7,23 @@ Two lanes run at once, each on its own worker thread (memoryd/engine/core.py):
   milliseconds on a CPU, so generation latency does not depend on what else is queued;
 - the **compute lane** runs solo work, which is where test-time steps happen and which is
   bound by arithmetic: samples whose token completes a mini-batch (`Ticket.solo`), then
-  rebuilds, imports and exports, then appends, under a token budget per run.
+  appends, rebuilds, imports and exports in one queue by age, under a token budget per run.
 
 Compute-lane policy, in order:
-1. Solo decodes first, least recently served first: each holds up a generation.
-2. Rebuilds, imports and exports, oldest first, while the budget lasts (a rebuild costs the
-   log tokens it replays, bounded by the snapshot interval).
-3. Appends share what is left, least recently served first, each cut at the end of a
-   test-time step (a mini-batch boundary: what is read provisionally before a cut is
-   recomputed by the step, so cutting elsewhere would waste work).  One 64K-token
-   append therefore runs a budget's worth per run and everyone else's work joins the
-   next one.
-4. No starvation: the least recently served append and the oldest other item always
-   get one piece per run, even when solo decodes have used the budget; so a run may go
-   over budget by at most one mini-batch and one rebuild.
+1. Solo samples first, least recently served first: each holds up a generation (one
+   mini-batch each, and a sample has at most one in flight).
+2. Everything else in one queue ordered by `Ticket.age`: its arrival, or for an append cut
+   into pieces, the moment its last piece ran (it goes to the back of the queue, round
+   robin).  Items are taken in that order while the budget lasts; appends are cut at the
+   end of a test-time step (a mini-batch boundary: what is read provisionally before a cut
+   is recomputed by the step, so cutting elsewhere would waste work); the first item that
+   does not fit ends the plan.  So rebuilds (loading an evicted session: the log tokens it
+   replays, bounded by the snapshot interval) and appends share the lane by age and neither
+   class starves the other (issue 20), and the wait of an item is bounded by the work queued
+   ahead of it (at most one budget's piece of each item ahead), never by arrivals after it.
+   One 64K-token append runs a budget's worth per turn and everyone else's work takes its turn.
+3. No starvation: the oldest item always gets one piece per run, even when solo samples have
+   used the budget; so a run may go over budget by at most one mini-batch or one rebuild.
 Each lane is planned only when it is free; work for a busy lane waits for the next plan.
 """
 
@@ -100,19 +103,20 @@ def schedule(waiting: Sequence[Ticket], budget: Budget, lanes: Collection[Lane] 
             break
         plan.solo.append(t)
         used += t.cost
-    others = sorted((t for t in waiting if not isinstance(t.work, Sample | Append)), key=lambda t: t.seq)
-    for t in others:
-        if plan.others and used + t.cost > budget.tokens:
-            break
-        plan.others.append(t)
-        used += t.cost
-    appends = sorted((t for t in waiting if isinstance(t.work, Append)), key=lambda t: (t.served, t.seq))
-    for i, t in enumerate(appends):
-        n = cut(t, budget.tokens - used)
-        if n == 0 and i == 0:  # the least recently served always moves
-            n = min(t.cost, max(1, t.to_step))
-        if n == 0:
-            continue
-        plan.chunks.append((t, n))
-        used += n
+    queue = sorted((t for t in waiting if not isinstance(t.work, Sample)), key=lambda t: t.age)
+    for i, t in enumerate(queue):
+        first = i == 0  # the oldest always moves
+        if isinstance(t.work, Append):
+            n = cut(t, budget.tokens - used)
+            if n == 0 and first:
+                n = min(t.cost, max(1, t.to_step))
+            if n == 0:
+                break
+            plan.chunks.append((t, n))
+            used += n
+        else:
+            if not first and used + t.cost > budget.tokens:
+                break
+            plan.others.append(t)
+            used += t.cost
     return plan

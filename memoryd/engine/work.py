@@ -14,12 +14,13 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-if TYPE_CHECKING:
-    from model import StreamState as State
-else:
-    State = Any
+from memoryd.engine.handle import StateHandle
+
+State = StateHandle
+"""A session's state as work items carry it: the middle layer reads only StateHandle's members
+(memoryd/engine/handle.py); behind it is the model's StreamState, which only the worker touches."""
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -293,6 +294,8 @@ class Built:
     state: State
     replayed: int = 0
     """Log tokens read on top of the snapshot."""
+    seconds: float = 0.0
+    """The worker's time on it (deserializing the snapshot and replaying), not the wait for the lane."""
 
 
 @dataclass
@@ -337,8 +340,17 @@ class Ticket:
     solo: bool = False
     """A sample whose token takes a test-time step (`model.batch.runs_solo`): the compute lane's."""
     served: int = -1
-    """Last tick that ran part of it (-1: never): the least recently served go first."""
+    """Last tick that ran part of it (-1: never): the least recently served samples go first."""
+    age: int = -1
+    """Its place in the compute lane's queue: `seq` at arrival; an append cut into pieces is given
+    a new one (the back of the queue) each time a piece has run (-1: `seq`)."""
+    deadline: float | None = None
+    """time.monotonic() past which nobody will use the result (None: run it whatever happens)."""
     running: bool = False
     """On a lane now: not planned again until its outcome is back."""
     progress: Any = field(default=None, repr=False)
     """The worker's partial result (an append's state and steps so far)."""
+
+    def __post_init__(self) -> None:
+        if self.age < 0:
+            self.age = self.seq

@@ -8,6 +8,15 @@ by the lease) and only then swaps the copy in: a failure anywhere leaves the hot
 state exactly as it was.  Snapshots are written every `snapshot_interval` steps and
 on eviction; what to stream and commit of a generation is `output`'s policy.
 
+Under load (issue 20): a call pins its session from arrival to end, so a session loaded
+for a call is not evicted before that call has run; a load waits, in arrival order, for
+room in the byte budget (`residency`); a call is refused early when the work queued ahead
+of it is over the limit or would outlast its deadline (`admission`).  Work nobody will use
+once its caller has left (an append without append_id, a dry-run generation) is submitted
+with the call's deadline and dropped when it passes; work that is safe to finish is
+finished: a load runs to the end and stays hot for the retry, and an append with an
+append_id is recorded, so its retry is answered as a duplicate.
+
 No torch here: states are opaque handles that only the engine's worker reads.
 """
 
@@ -16,13 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from memoryd import metrics
+from memoryd import allocator, metrics
+from memoryd.engine.handle import StateHandle
 from memoryd.engine.work import (
     Append,
     Appended,
@@ -35,7 +46,9 @@ from memoryd.engine.work import (
     Rebuild,
     Refused,
     RefusedError,
+    Result,
     SamplingParams,
+    Work,
 )
 from memoryd.errors import (
     Aborted,
@@ -49,11 +62,14 @@ from memoryd.errors import (
     ServiceError,
     Unavailable,
 )
+from memoryd.sessions.admission import Backlog, deadline
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
 from memoryd.sessions.output import CommitRule, GenEvent, SampleText, kept_output, record, replayed
-from memoryd.sessions.recall import RecalledSpan
+from memoryd.sessions.recall import RecalledSpan, transfer
 from memoryd.sessions.recall.indexes import RecallIndexes, recall_indexes
+from memoryd.sessions.recall.pages import Run
+from memoryd.sessions.recall_prompt import NOTHING, RecallAsk, RecallContext, recall_context
 from memoryd.sessions.residency import Hot, Residency
 from memoryd.sessions.routing import Moved
 from memoryd.settings import Settings
@@ -136,6 +152,20 @@ class Sessions:
         """When a call holding the session's lock last failed UNAVAILABLE (cleared by a call that succeeds)."""
         self._bg: set[asyncio.Task] = set()
         self.owner = settings.daemon_id
+        self._loads: dict[Key, asyncio.Task[Hot]] = {}
+        """Loads under way: a retry of a call that left joins its load instead of starting another."""
+        self._admit = asyncio.Lock()
+        """Loads wait for room in the budget one at a time, in arrival order (asyncio.Lock is FIFO)."""
+        self._state_bytes = engine.fresh_bytes
+        """The largest state seen so far: what a load reserves (twice: snapshot bytes and the state)."""
+        self._load_seconds = self._evict_seconds = 0.0
+        """How long a load takes (Redis reads, deserialize, replay) and an eviction to make room for it, lately:
+        loads make room one at a time, so admission prices each cold session ahead at their sum."""
+        self.backlog = Backlog(
+            settings.max_queued_tokens,
+            lambda: engine.seconds_per_token,
+            lambda: self._load_seconds + self._evict_seconds,
+        )
         self.recalls: RecallIndexes = recall_indexes(store, tokenizer, chat, settings.ttl_seconds)
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -149,16 +179,32 @@ class Sessions:
         another Redis timeout to its answer, and a queue of calls would each add one. What it can do
         without Redis (a generation on a hot session, not committed) it still does."""
         since = time.monotonic()
-        async with self.lock(key):
-            _waited.set((key, since))
-            try:
-                yield
-            except Unavailable:
-                self._unavailable_at[key] = time.monotonic()
-                raise
-            finally:
-                _waited.set(None)
-            self._unavailable_at.pop(key, None)
+        self.hot.pin(key)  # from arrival: not evicted while this call waits for it or works on it
+        try:
+            async with self.lock(key):
+                _waited.set((key, since))
+                try:
+                    yield
+                except Unavailable:
+                    self._unavailable_at[key] = time.monotonic()
+                    raise
+                finally:
+                    _waited.set(None)
+                self._unavailable_at.pop(key, None)
+        finally:
+            self.hot.unpin(key)
+
+    def _admitted(self, key: Key, tokens: int) -> contextlib.AbstractContextManager[None]:
+        """The call counted in the backlog (or refused early): its tokens, and a load if its session is cold."""
+        return self.backlog.admitted(tokens, self.hot.peek(key) is None and key not in self._loads)
+
+    async def _finish_anyway(self, coro: Any) -> Any:
+        """Run `coro` to the end even if this call is cancelled (its caller left): work safe to finish."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
 
     def _spawn(self, coro: Any) -> None:
         ctx = contextvars.copy_context()
@@ -184,9 +230,12 @@ class Sessions:
                 self.hot.drop(key)
             raise Unavailable(f"Redis is unavailable ({type(e).__name__}: {e}); retry the call") from e
 
-    async def _compute(self, work: Any) -> Any:
-        """The engine's result, or the model's refusal as the status it means."""
-        res = await self.engine.submit(work)
+    async def _compute(self, work: Work, droppable: bool = False) -> Result:
+        """The engine's result, or the model's refusal as the status it means.
+
+        `droppable`: nobody will use the result once the call's deadline has passed, so the engine drops
+        the work then (DEADLINE_EXCEEDED) instead of running it."""
+        res = await self.engine.submit(work, deadline() if droppable else None)
         if isinstance(res, Refused):
             if res.reason == "input":
                 raise InvalidArgument(res.message)
@@ -198,18 +247,55 @@ class Sessions:
     # -- loading -----------------------------------------------------------------------------
 
     async def _load(self, key: Key) -> Hot:
-        """The hot session (loading it from Redis if needed); caller holds the session's lock."""
+        """The hot session (loading it from Redis if needed); caller holds the session's lock.
+
+        The load runs as its own task: if the caller leaves, it still completes and the session
+        stays hot for the retry, which joins a load still under way instead of starting another."""
         hot = self.hot.use(key)
         if hot is not None:
             return hot
+        task = self._loads.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load_now(key))
+            self._loads[key] = task
+            task.add_done_callback(lambda _: self._loads.pop(key, None))
+            task.add_done_callback(_retrieve)
+        return await asyncio.shield(task)
+
+    async def _room(self, key: Key) -> None:
+        """Reserve budget for loading `key`: evict unpinned sessions, or wait for pins to go (FIFO)."""
+        need = 2 * self._state_bytes
+        async with self._admit:
+            while not self.hot.fits(need):
+                victims = self.hot.victims(extra=need)
+                if not victims:
+                    await self.hot.wait_freed()
+                for victim in victims:
+                    t0 = time.perf_counter()
+                    await self._evict(victim)
+                    self._evict_seconds = _average(self._evict_seconds, time.perf_counter() - t0)
+            self.hot.reserve(key, need)
+
+    async def _load_now(self, key: Key) -> Hot:
+        self.hot.pin(key)
+        try:
+            await self._room(key)
+            return await self._read_and_build(key)
+        finally:
+            self.hot.loading(key, False)
+            self.hot.unreserve(key)
+            self.hot.unpin(key)
+
+    async def _read_and_build(self, key: Key) -> Hot:
         tenant, sid = key
+        t0 = time.perf_counter()
         async with self._redis():
             head = await heads.read(self.store, tenant, sid)
             if head is not None and head.digest != self.digest:  # before the lease: never take another model's
                 raise ForeignSession(head, self.digest)
             match await leases.acquire(self.store, tenant, sid, self.owner, self.s.lease_seconds):
                 case Leased() as lease:
-                    pass
+                    self.hot.loading(key, True)
                 case HeldElsewhere() as held:
                     raise await self._elsewhere(key, held)
                 case Refusal.NOT_FOUND:
@@ -224,20 +310,32 @@ class Sessions:
             pieces = await tokenlog.read(self.store, tenant, sid, head.snap_off, head.offset)
             await heads.touch(self.store, tenant, sid)
             await self.recalls.loaded(key, head, pieces)
+        t1 = time.perf_counter()
         built: Built = await self._compute(Rebuild(data, pieces))
+        t2 = time.perf_counter()
         metrics.LOADS.inc()
+        metrics.LOAD_SECONDS.observe(t2 - t0)
+        event = {"event": "loaded", "session": sid, "replayed": built.replayed, "snapshot_bytes": len(data or b"")}
+        event |= {
+            "read_s": round(t1 - t0, 3),
+            "build_s": round(built.seconds, 3),
+            "wait_s": round(t2 - t1 - built.seconds, 3),
+        }
+        log.info(json.dumps(event))
+        self._load_seconds = _average(self._load_seconds, t1 - t0 + built.seconds)
         metrics.REPLAYED_TOKENS.inc(built.replayed)
         if built.state.position != head.offset:
             raise DataLoss(f"session {sid!r}: rebuilt state is at {built.state.position}, the head says {head.offset}")
         snap_steps = self.engine.counts_at(head.snap_off)[0] if head.snap else 0
         hot = Hot(state=built.state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
         hot.set_state(built.state)
+        self._state_bytes = max(self._state_bytes, hot.nbytes)
         self.hot.put(key, hot)
         self._spawn(self._enforce_budget(key))
         return hot
 
     async def _elsewhere(self, key: Key, lease: HeldElsewhere) -> Moved:
-        """Where the session is served (memoryd/sessions/routing.py forwards the call there).
+        """Where the session is served (memoryd/api/forward.py forwards the call there).
 
         A holder that published no address (an older daemon) is asked to hand the session
         over instead, as before routing existed.
@@ -280,21 +378,26 @@ class Sessions:
         except ServiceError as e:
             log.warning("snapshot of %s failed: %s", key, e.message)
 
-    async def _evict(self, key: Key) -> None:
+    async def _evict(self, key: Key, force: bool = False) -> None:
+        """Snapshot, drop and release a hot session; one a call has pinned meanwhile stays (unless `force`)."""
         async with self.lock(key):
             hot = self.hot.peek(key)
-            if hot is None:
+            if hot is None or (self.hot.pinned(key) and not force):
                 return
             try:
                 await self._snapshot(key, hot, "eviction")
+                if self.hot.pinned(key) and not force:  # a call arrived during the snapshot: keep it hot
+                    return
                 async with self._redis():
                     await leases.renew(self.store, [key], self.owner, 0)
             except ServiceError as e:
                 log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
             self.hot.drop(key)
             metrics.EVICTIONS.inc()
+        allocator.trim()  # the state's memory back to the system, not kept by the allocator
 
     async def _enforce_budget(self, keep: Key) -> None:
+        """States grow (a window fills): evict unpinned sessions until the charge fits again."""
         for key in self.hot.victims(keep):
             if not self.hot.over_budget():
                 break
@@ -309,7 +412,7 @@ class Sessions:
         for task in list(self._bg):
             task.cancel()
         for key in self.hot.resident():
-            await self._evict(key)
+            await self._evict(key, force=True)
         await self.engine.close()
 
     # -- calls -------------------------------------------------------------------------------
@@ -334,6 +437,11 @@ class Sessions:
 
     async def get(self, tenant: str, sid: str) -> Info:
         key = (tenant, sid)
+        with self._admitted(key, 0):
+            return await self._get(key)
+
+    async def _get(self, key: Key) -> Info:
+        tenant, sid = key
         async with self._held(key):
             try:
                 hot = await self._load(key)
@@ -471,7 +579,7 @@ class Sessions:
             return await tokenlog.find_append(self.store, *key, append_id)
 
     async def _commit(
-        self, key: Key, hot: Hot, new: Any, pieces: list[list[int]], append_id: str, record: str = ""
+        self, key: Key, hot: Hot, new: StateHandle, pieces: list[list[int]], append_id: str, record: str = ""
     ) -> Logged:
         """Make pieces durable (CAS on the offset), then swap `new` in (unless an earlier call with the same
         append id logged them: then the duplicate's offsets come back, and the hot copy is reloaded)."""
@@ -511,7 +619,16 @@ class Sessions:
     async def append(
         self, tenant: str, sid: str, content: Content, expected: int | None, append_id: str
     ) -> AppendOutcome:
+        """With an append_id the append is safe to finish: it runs to the end even if its caller leaves
+        (the retry then finds it recorded); without one, nobody could tell it landed, so its work is
+        dropped once the caller's deadline passes."""
         key = (tenant, sid)
+        with self._admitted(key, len(content) if isinstance(content, list) else 0):
+            if append_id:
+                return await self._finish_anyway(self._append(key, content, expected, append_id))
+            return await self._append(key, content, expected, append_id)
+
+    async def _append(self, key: Key, content: Content, expected: int | None, append_id: str) -> AppendOutcome:
         async with self._held(key):
             hot = await self._load(key)
             dup = await self._find_duplicate(key, append_id)
@@ -526,7 +643,7 @@ class Sessions:
             self._check_expected(hot, expected)
             tokens = tokens_at(content, hot.state.position)
             try:
-                done: Appended = await self._compute(Append(hot.state, tokens))
+                done: Appended = await self._compute(Append(hot.state, tokens), droppable=not append_id)
             except InvalidArgument as e:
                 raise InvalidArgument(e.message, offset=hot.state.position) from e
             res = await self._commit(key, hot, done.state, [tokens], append_id)
@@ -546,12 +663,31 @@ class Sessions:
         expected: int | None,
         append_id: str,
         rule: CommitRule = KEEP_SENT,
+        recall: RecallAsk | None = None,
     ) -> AsyncIterator[GenEvent]:
         """Sample on forks; stream tokens and text; with commit, log prompt + output and swap the fork in.
 
         The engine runs the generation (`Engine.generate`); this layer keeps what is not the
-        model's: text and stop strings (`SampleText`), what a commit keeps, and the commit."""
+        model's: text and stop strings (`SampleText`), what a commit keeps, and the commit.
+        `recall`: recalled context is read before the prompt into the forks only (`_recall_context`).
+        A dry run (no commit) is dropped once its caller's deadline passes: nobody will use it."""
         key = (tenant, sid)
+        cost = 1 + (len(prompt) if isinstance(prompt, list) else 0)
+        with self._admitted(key, cost):
+            async for event in self._generate(key, prompt, p, commit, expected, append_id, rule, recall):
+                yield event
+
+    async def _generate(
+        self,
+        key: Key,
+        prompt: Content,
+        p: SamplingParams,
+        commit: bool,
+        expected: int | None,
+        append_id: str,
+        rule: CommitRule,
+        recall: RecallAsk | None,
+    ) -> AsyncIterator[GenEvent]:
         async with self._held(key):
             hot = await self._load(key)
             if commit and append_id:
@@ -563,17 +699,20 @@ class Sessions:
                 raise InvalidArgument(f"n = {p.n} with commit: a commit keeps one output; ask for n = 1")
             self._check_expected(hot, expected)
             prompt_ids = tokens_at(prompt, hot.state.position)
+            ctx = await self._recall_context(key, hot, recall, prompt_ids, p.max_tokens) if recall else NOTHING
             pieces: list[list[int]] = []
             after_prompt = hot.state
+            if prompt_ids or ctx.tokens:  # recalled context goes into this generation's copy only
+                work = Append(hot.state, [*ctx.tokens, *prompt_ids])
+                after_prompt = (await self._compute(work, droppable=not commit)).state
             if prompt_ids:
-                after_prompt = (await self._compute(Append(hot.state, prompt_ids))).state
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
             request = Generate(after_prompt, p, frozenset({self.tok.eos_id, *p.stop_tokens}), tuple(prompt_ids))
             outs = [SampleText(self.tok, p.stop, request.stop_ids) for _ in range(p.samples)]
             ends: dict[int, Finished] = {}
-            async with self.engine.generate(request) as gen:
+            async with self.engine.generate(request, None if commit else deadline()) as gen:
                 try:
                     async for item in gen:
                         if isinstance(item, Finished):
@@ -599,11 +738,13 @@ class Sessions:
                 o, end = outs[0], ends[0]
                 kept = kept_output(self.tok, o.out, o.finish, o.text, rule.stop)
                 read = o.out[: end.read] if end.read <= len(o.out) else None
-                if read is not None and kept[: len(read)] == read:  # the fork has read a prefix of kept: the rest
+                if read is not None and kept[: len(read)] == read and not ctx.tokens:  # the fork read a prefix of kept
                     pieces += [[t] for t in read]
                     state, last = end.state, kept[len(read) :] + list(rule.suffix)
-                else:  # kept diverges from what the fork read (a stop string cut inside a token)
+                else:  # kept diverges from what the fork read (a stop string cut inside a token, or recalled context)
                     state, last = after_prompt, kept + list(rule.suffix)
+                    if ctx.tokens:  # the session reads the prompt and the reply, never the recalled context
+                        state = (await self._compute(Append(hot.state, prompt_ids))).state if prompt_ids else hot.state
                 if last:
                     state = (await self._compute(Append(state, last))).state
                     pieces.append(last)
@@ -614,8 +755,41 @@ class Sessions:
             last_text = tails[0] if len(outs) == 1 else ""
             generated = sum(len(o.out) for o in outs)
             yield GenEvent(
-                [], last_text, True, outs[0].finish, offset, generated, False, committed, prompt=len(prompt_ids)
+                [],
+                last_text,
+                True,
+                outs[0].finish,
+                offset,
+                generated,
+                False,
+                committed,
+                prompt=len(prompt_ids),
+                recalled=ctx,
             )
+
+    async def _recall_context(
+        self, key: Key, hot: Hot, ask: RecallAsk, prompt_ids: list[int], max_tokens: int
+    ) -> RecallContext:
+        """The recalled context of one generation (once per call, before its first token; the caller holds
+        the session's lock): the index's spans for the query, framed and fitted by `recall_prompt`."""
+        if not ask.query.strip() or hot.state.position == 0:
+            return NOTHING
+        t0 = time.perf_counter()
+        async with self._redis():  # the index itself (`recall` would take the lock this call holds)
+            spans = await self.recalls.recall(key, hot.gen, hot.state.position, ask.query, ask.k)
+        metrics.RECALL_SECONDS.labels("Generate").observe(time.perf_counter() - t0)
+        ctx = recall_context(
+            spans,
+            position=hot.state.position,
+            window=self.model.cfg.window_size or 0,
+            prompt_tokens=len(prompt_ids),
+            max_tokens=max_tokens,
+            budget=ask.budget,
+            chat=self.chat,
+            tok=self.tok,
+        )
+        metrics.RECALLED_TOKENS.inc(len(ctx.tokens))
+        return ctx
 
     async def recall(self, key: Key, query: str, k: int) -> list[RecalledSpan]:
         """The k spans of the session's log most relevant to `query`, most relevant first (memoryd/sessions/recall)."""
@@ -656,11 +830,33 @@ class Sessions:
                     raise Unavailable(f"session {head.session_id!r} changed while it was exported; retry") from None
                 raise
 
+    def _recall_runs(self, recall_log: bytes | None, offset: int | None) -> list[Run]:
+        if not recall_log:
+            return []
+        if offset is None:
+            raise InvalidArgument("recall_log needs the header's offset (the state's): send both, or neither")
+        try:
+            return transfer.decode(recall_log, offset, self.model.cfg.vocab_size)
+        except transfer.BadRecallLog as e:
+            raise InvalidArgument(f"recall_log is not a recall log of this export: {e}; send the export's own") from e
+
+    async def export_recall(self, head: Head) -> bytes:
+        """The recall log an export of `head`'s state carries (memoryd/sessions/recall/transfer.py)."""
+        async with self._redis():
+            return await self.recalls.exported(head)
+
     async def import_(
-        self, tenant: str, sid: str, metadata: dict[str, str], data: bytes, offset: int | None = None
+        self,
+        tenant: str,
+        sid: str,
+        metadata: dict[str, str],
+        data: bytes,
+        offset: int | None = None,
+        recall_log: bytes | None = None,
     ) -> Info:
         """A new session from exported bytes: validated (against `offset` too), stored as its first snapshot,
-        then published."""
+        then published; with `recall_log` (from `export_recall`), recall of its history too."""
+        runs = self._recall_runs(recall_log, offset)
         res = await self.engine.submit(Import(data))
         if isinstance(res, Refused):
             if res.reason == "foreign_model":
@@ -682,7 +878,23 @@ class Sessions:
             if not isinstance(created, Ok):
                 await snapshots.drop(self.store, snap)
             head = await heads.read(self.store, tenant, sid) if isinstance(created, Ok) else None
+            if head is not None and runs:
+                await self.recalls.imported(key, head, runs)
         self._check_created(sid, created)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after the import; retry")
         return Info(head, state.pending_count, state.steps, state.nbytes(), False)
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A task whose caller left: its outcome is nobody's, but a bug in it is logged."""
+    if task.cancelled():
+        return
+    e = task.exception()
+    if e is not None and not isinstance(e, ServiceError):
+        log.error("work finished for a caller that left failed", exc_info=e)
+
+
+def _average(old: float, new: float) -> float:
+    """A moving average that follows the last few (0: none yet)."""
+    return new if not old else 0.8 * old + 0.2 * new

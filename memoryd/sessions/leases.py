@@ -1,7 +1,9 @@
 """Leases: this daemon's hold on its hot sessions, kept alive, handed over, let go.
 
-Once a second at most: renew the lease of every hot session (a lost lease means
-another daemon took the session: drop the hot copy), hand over the sessions another
+Once a second at most: renew the lease of every hot session and of every session being
+loaded (a load queued behind other work may take longer than a lease; a hot session with
+calls queued for it is pinned, so it stays hot and renewed) (a lost lease means another
+daemon took the session: drop the hot copy), hand over the sessions another
 daemon asked for (snapshot, drop, release), refresh the Redis TTLs of sessions in
 use, and let go of sessions idle past their TTL (Redis has expired them by then).
 """
@@ -44,8 +46,9 @@ async def maintain_forever(
                     task = asyncio.get_running_loop().create_task(hand_over(key))
                     background.add(task)
                     task.add_done_callback(background.discard)
-            ok = await leases.renew(store, keys, owner, s.lease_seconds)
-            for key, fine in zip(keys, ok, strict=True):
+            held = hot.leased()
+            ok = await leases.renew(store, held, owner, s.lease_seconds)
+            for key, fine in zip(held, ok, strict=True):
                 if not fine:
                     log.warning("lost the lease of %s; dropping it", key)
                     hot.drop(key)

@@ -15,6 +15,7 @@ from typing import Any
 
 from memoryd.engine.work import Logprob
 from memoryd.errors import InvalidArgument
+from memoryd.sessions.recall_prompt import NOTHING, RecallContext
 from memoryd.store.results import Logged
 from memoryd.store.tokenlog import tokens_hash
 
@@ -86,6 +87,8 @@ class GenEvent:
     """One per token, when asked for."""
     prompt: int = 0
     """Last event: tokens of the prompt the call read."""
+    recalled: RecallContext = NOTHING
+    """Last event, with recall: the context placed before the prompt (never committed)."""
 
 
 class SampleText:

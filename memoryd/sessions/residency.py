@@ -1,19 +1,34 @@
 """Residency: which sessions' states are on the device, within a byte budget.
 
-An LRU ordered by use and bounded by bytes: when the hot states together pass the
-budget, the least recently used are the ones to write out and drop (their next call
-brings them back from Redis).  This module only keeps the table and picks victims;
-writing a state out is the durability protocol's job (memoryd/sessions/calls.py).
+An LRU ordered by use and bounded by bytes: when the sessions together pass the budget,
+the least recently used are the ones to write out and drop (their next call brings them
+back from Redis).  This module only keeps the table, the pins and the byte count, and
+picks victims; writing a state out is the durability protocol's job
+(memoryd/sessions/calls.py).
+
+What a session is charged (`charge`), so that the budget bounds what the daemon holds,
+not only the states at rest:
+- a hot session at rest: its state's bytes;
+- a pinned one (a call is working on it or waiting for it): twice that, because the call
+  works on a copy (an append's or a generation's state) until it commits;
+- a session being loaded: the snapshot bytes read plus the state built from them, reserved
+  before the load starts (`reserve`), as twice an estimate of one state.
+A pinned session is never a victim: a session loaded for a call stays hot until that call
+(and any call already waiting for it) has run, so no load is paid twice.  A load waits
+(in arrival order, calls.py) until the budget has room for it once the unpinned sessions
+are evicted; at least one session is always admitted, so a budget smaller than one
+session still serves them one at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 from memoryd import metrics
+from memoryd.engine.handle import StateHandle
 from memoryd.sessions.ordering import Key
 
 
@@ -21,8 +36,8 @@ from memoryd.sessions.ordering import Key
 class Hot:
     """A session loaded on the device."""
 
-    state: Any
-    """Its model state (an opaque handle; only the engine's worker reads it)."""
+    state: StateHandle
+    """Its model state (a handle: sessions read only its offset, steps, pending count and size)."""
     fence: int
     """The fencing token of this daemon's lease: every write to the session's head carries it."""
     gen: int
@@ -37,7 +52,7 @@ class Hot:
     used: float = field(default_factory=time.monotonic)
     """When a call last used it (idle sessions expire: only use refreshes TTLs)."""
 
-    def set_state(self, state: Any) -> None:
+    def set_state(self, state: StateHandle) -> None:
         self.state, self.nbytes = state, state.nbytes()
 
 
@@ -45,6 +60,13 @@ class Residency:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self._hot: OrderedDict[Key, Hot] = OrderedDict()
+        self._pins: Counter[Key] = Counter()
+        self._reserved: dict[Key, int] = {}
+        """Bytes reserved for sessions being loaded."""
+        self._loading: set[Key] = set()
+        """Sessions being loaded whose lease this daemon holds (`leased` renews it)."""
+        self._freed = asyncio.Event()
+        """Set whenever bytes are released (an unpin, a drop): a waiting load looks again."""
 
     def __len__(self) -> int:
         return len(self._hot)
@@ -68,33 +90,97 @@ class Residency:
     def put(self, key: Key, hot: Hot) -> None:
         self._hot[key] = hot
         self._hot.move_to_end(key)
+        self._reserved.pop(key, None)
         self._gauges()
 
     def drop(self, key: Key) -> None:
         self._hot.pop(key, None)
+        self._freed.set()
         self._gauges()
+
+    # -- pins and reservations -------------------------------------------------------------------
+
+    def pin(self, key: Key) -> None:
+        """A call works on (or waits for) the session: not a victim until `unpin`."""
+        self._pins[key] += 1
+        self._gauges()
+
+    def unpin(self, key: Key) -> None:
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
+        self._freed.set()
+        self._gauges()
+
+    def pinned(self, key: Key) -> bool:
+        return self._pins[key] > 0
+
+    def reserve(self, key: Key, nbytes: int) -> None:
+        """Bytes for a session about to be loaded (released by `put` or `unreserve`)."""
+        self._reserved[key] = nbytes
+        self._gauges()
+
+    def unreserve(self, key: Key) -> None:
+        if self._reserved.pop(key, None) is not None:
+            self._freed.set()
+            self._gauges()
+
+    def loading(self, key: Key, leased: bool) -> None:
+        """A load of `key` holds its lease (True) / has ended (False)."""
+        if leased:
+            self._loading.add(key)
+        else:
+            self._loading.discard(key)
+
+    def leased(self) -> list[Key]:
+        """Sessions whose lease this daemon must keep: the hot ones and those being loaded."""
+        return [*self._hot, *(k for k in self._loading if k not in self._hot)]
+
+    def fits(self, nbytes: int) -> bool:
+        """Would `nbytes` more stay within the budget (always, when nothing else is held)?"""
+        held = self.charged()
+        return held == 0 or held + nbytes <= self.budget
+
+    async def wait_freed(self) -> None:
+        """Until some bytes are released."""
+        self._freed.clear()
+        await self._freed.wait()
 
     def changed(self) -> None:
         """A hot state was swapped (its byte count changed)."""
         self._gauges()
 
     def bytes(self) -> int:
+        """Bytes of the hot states at rest."""
         return sum(h.nbytes for h in self._hot.values())
 
-    def over_budget(self) -> bool:
-        return self.bytes() > self.budget
+    def charge(self, key: Key) -> int:
+        hot = self._hot.get(key)
+        if hot is None:
+            return 0
+        return hot.nbytes * (2 if self._pins[key] > 0 else 1)
 
-    def victims(self, keep: Key) -> list[Key]:
-        """Least recently used first, as many as it takes to get within the budget (never `keep`)."""
-        total, out = self.bytes(), []
-        for key, hot in self._hot.items():
+    def charged(self) -> int:
+        """What the budget counts: every session's charge plus the reservations of loads."""
+        return sum(self.charge(k) for k in self._hot) + sum(self._reserved.values())
+
+    def over_budget(self, extra: int = 0) -> bool:
+        return self.charged() + extra > self.budget
+
+    def victims(self, keep: Key | None = None, extra: int = 0) -> list[Key]:
+        """Least recently used unpinned sessions first, as many as it takes to fit `extra` more bytes
+        within the budget (never `keep`)."""
+        total, out = self.charged() + extra, []
+        for key in self._hot:
             if total <= self.budget:
                 break
-            if key != keep:
+            if key != keep and self._pins[key] <= 0:
                 out.append(key)
-                total -= hot.nbytes
+                total -= self.charge(key)
         return out
 
     def _gauges(self) -> None:
         metrics.SESSIONS_HOT.set(len(self._hot))
         metrics.HOT_BYTES.set(self.bytes())
+        metrics.CHARGED_BYTES.set(self.charged())
+        metrics.SESSIONS_PINNED.set(len(self._pins))

@@ -41,23 +41,36 @@ from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, read_hea
 from memoryd_sdk.iterators import aiter_of
 from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.requests import (
+    APPEND_TOKENS_PER_SECOND,
     Content,
     Extras,
     Message,
     SamplingParams,
     StreamBuilder,
     append_request,
+    append_timeout,
+    append_tokens,
     fork_request,
     generate_request,
     messages_request,
     new_append_id,
     new_session_id,
+    recall_options,
     reset_request,
     sampling_params,
 )
 from memoryd_sdk.retry import NO_RETRY, Attempt, RetryPolicy, call_with_retry_async
 from memoryd_sdk.routing import RoutedStub, Routes, Targets
-from memoryd_sdk.types import AppendResult, ExportHeader, GenerateChunk, GenerateResult, ModelInfo, SessionInfo
+from memoryd_sdk.types import (
+    AppendResult,
+    ExportHeader,
+    GenerateChunk,
+    GenerateResult,
+    ModelInfo,
+    RecalledSpan,
+    RecallOptions,
+    SessionInfo,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -69,7 +82,10 @@ class AsyncMemoryClient:
     that resolves to several): each session's calls then go to the daemon holding it
     (`routing.py`); `token` the bearer token when the daemon has auth on; `tls`
     see `connection.TLS`.  `timeout` is the deadline of unary calls and
-    `generate_timeout` of generations and exports/imports (seconds, per attempt).
+    `generate_timeout` of generations and exports/imports (seconds, per attempt); an append
+    without an explicit `timeout` gets `timeout` plus its tokens at `append_rate` tokens per
+    second (`requests.APPEND_TOKENS_PER_SECOND`), so a long one is not cut off and retried
+    from nothing.
     `template`: a `ChatTemplate` for `add_message` / `chat`; None (the default) uses the
     model's own chat template when the server has one, else `PlainTemplate`.
     `metadata`: extra gRPC metadata sent with every call (a gateway forwards its caller's).
@@ -83,6 +99,7 @@ class AsyncMemoryClient:
         *,
         timeout: float = 30.0,
         generate_timeout: float = 600.0,
+        append_rate: float = APPEND_TOKENS_PER_SECOND,
         retry: RetryPolicy | None = None,
         template: ChatTemplate | None = None,
         options: tuple[tuple[str, Any], ...] = (),
@@ -90,6 +107,7 @@ class AsyncMemoryClient:
     ) -> None:
         self.target = target
         self.timeout, self.generate_timeout = timeout, generate_timeout
+        self.append_rate = append_rate
         self.retry = retry or RetryPolicy()
         self.template = template
         self._model: ModelInfo | None = None
@@ -129,6 +147,11 @@ class AsyncMemoryClient:
             return await rpc(request, timeout=timeout or self.timeout, metadata=self._md)
 
         return await call_with_retry_async(once, self.retry, method)
+
+    def _append_timeout(self, req: pb.AppendRequest) -> float:
+        """The default deadline of this append: `timeout` plus its tokens at `append_rate`."""
+        bytes_tokenizer = self._model is not None and self._model.tokenizer == "bytes"
+        return append_timeout(self.timeout, append_tokens(req, bytes_tokenizer), self.append_rate)
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -269,7 +292,7 @@ class AsyncMemoryClient:
         """
         aid = append_id or new_append_id()
         req = append_request(session_id, content, expected_offset, aid)
-        return AppendResult.from_pb(await self._unary("Append", req, timeout), aid)
+        return AppendResult.from_pb(await self._unary("Append", req, timeout or self._append_timeout(req)), aid)
 
     async def append_messages(
         self,
@@ -283,7 +306,7 @@ class AsyncMemoryClient:
         """Append chat turns formatted by the server with the model's chat template (`model_info().chat_messages`)."""
         aid = append_id or new_append_id()
         req = messages_request(session_id, messages, expected_offset, aid)
-        return AppendResult.from_pb(await self._unary("Append", req, timeout), aid)
+        return AppendResult.from_pb(await self._unary("Append", req, timeout or self._append_timeout(req)), aid)
 
     async def append_stream(
         self,
@@ -365,6 +388,7 @@ class AsyncMemoryClient:
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
+        recall: bool | RecallOptions = False,
         timeout: float | None = None,
         **sampling: object,
     ) -> AsyncGenerateStream:
@@ -377,6 +401,7 @@ class AsyncMemoryClient:
         completes (it carries an append id, so a retry lands once); `commit=False` leaves
         the session exactly as it was.  What is committed of the output is exactly the
         text sent (the stop is left out unless `commit_stop=True`), then `commit_suffix`.
+        `recall`: place the session's most relevant earlier spans before the prompt (see `recall`).
         """
         req = generate_request(
             session_id,
@@ -385,7 +410,7 @@ class AsyncMemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
-            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall)),
         )
 
         async def made() -> pb.GenerateRequest:
@@ -404,6 +429,7 @@ class AsyncMemoryClient:
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
+        recall: bool | RecallOptions = False,
         timeout: float | None = None,
         **sampling: object,
     ) -> GenerateResult:
@@ -419,9 +445,23 @@ class AsyncMemoryClient:
             commit,
             expected_offset,
             append_id or new_append_id(),
-            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix),
+            Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall)),
         )
         return await self._complete(req, timeout)
+
+    # -- recall ----------------------------------------------------------------------------------
+
+    async def recall(
+        self, session_id: str, query: str, k: int = 8, *, timeout: float | None = None
+    ) -> list[RecalledSpan]:
+        """The `k` spans of the session's history most relevant to `query`, most relevant first (Recall).
+
+        Exact text from anywhere in the session's log (also long out of the model's window),
+        each with its [start_offset, end_offset).  Reads only: retried like any read.
+        """
+        req = pb.RecallRequest(session_id=session_id, query=query, k=k)
+        m = await self._unary("Recall", req, timeout)
+        return [RecalledSpan.from_pb(x) for x in m.spans]
 
     # -- export / import -------------------------------------------------------------------------
 

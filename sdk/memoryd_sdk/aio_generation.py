@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from memoryd_sdk.errors import Cancelled, from_rpc_error
-from memoryd_sdk.retry import Attempt, RetryPolicy, _should_retry
+from memoryd_sdk.retry import Attempt, RetryPolicy, retry_delay
 from memoryd_sdk.types import GenerateChunk, GenerateResult
 
 
@@ -75,9 +75,10 @@ class AsyncGenerateStream:
                 if self._cancelled and e.code() == grpc.StatusCode.CANCELLED:
                     return
                 err = from_rpc_error(e)
-                if got_any or not _should_retry(err, attempt, self._policy, "Generate"):
+                delay = None if got_any else retry_delay(err, attempt, self._policy, "Generate")
+                if delay is None:
                     raise err from e
-            await asyncio.sleep(self._policy.backoff(attempt))
+            await asyncio.sleep(delay)
             attempt += 1
 
     def chunks(self) -> AsyncIterator[GenerateChunk]:

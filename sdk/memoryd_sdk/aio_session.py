@@ -34,9 +34,19 @@ from memoryd_sdk.requests import (
     generate_request,
     is_message,
     new_append_id,
+    recall_options,
     sampling_params,
 )
-from memoryd_sdk.types import AppendResult, ChatReply, ExportHeader, GenerateChunk, GenerateResult, SessionInfo
+from memoryd_sdk.types import (
+    AppendResult,
+    ChatReply,
+    ExportHeader,
+    GenerateChunk,
+    GenerateResult,
+    RecalledSpan,
+    RecallOptions,
+    SessionInfo,
+)
 
 if TYPE_CHECKING:
     from memoryd_sdk.aio import AsyncMemoryClient
@@ -162,6 +172,7 @@ class AsyncSession:
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
+        recall: bool | RecallOptions = False,
         timeout: float | None = None,
         **sampling: object,
     ) -> AsyncGenerateStream:
@@ -170,10 +181,12 @@ class AsyncSession:
         `commit=True` adds prompt + output to the session when the generation completes
         (cancelling commits nothing); `commit=False` leaves the session untouched.  What is
         committed of the output is exactly the text sent (the stop string or stop token is
-        left out unless `commit_stop=True`), then `commit_suffix`.
+        left out unless `commit_stop=True`), then `commit_suffix`.  `recall=True` (or
+        `RecallOptions`) places the session's most relevant earlier spans before the prompt
+        for this generation only (see `recall`); off by default here, on for `chat`.
         """
         settings = sampling_params(params, sampling)
-        extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix)
+        extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall))
         return self._stream(prompt, settings, commit, append_id, extras, timeout)
 
     def _stream(
@@ -209,12 +222,13 @@ class AsyncSession:
         append_id: str | None = None,
         commit_stop: bool = False,
         commit_suffix: str = "",
+        recall: bool | RecallOptions = False,
         timeout: float | None = None,
         **sampling: object,
     ) -> GenerateResult:
         """The non-streaming `generate`: returns the text and token ids (retried as a whole)."""
         settings = sampling_params(params, sampling)
-        extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix)
+        extras = Extras(commit_stop=commit_stop, commit_suffix=commit_suffix, recall=recall_options(recall))
         return await self._complete(prompt, settings, commit, append_id, extras, timeout)
 
     async def _complete(
@@ -234,6 +248,14 @@ class AsyncSession:
             if commit:
                 self.offset = res.offset
             return res
+
+    async def recall(self, query: str, *, k: int = 8, timeout: float | None = None) -> list[RecalledSpan]:
+        """The `k` spans of this session's history most relevant to `query`, most relevant first.
+
+        Exact text from anywhere in the session (also what the model's window no longer
+        shows), each with its [start_offset, end_offset) in the log.  Changes nothing.
+        """
+        return await self.client.recall(self.id, query, k, timeout=timeout)
 
     async def fork(
         self,
@@ -334,6 +356,7 @@ class AsyncSession:
         role: str = "user",
         reply_role: str = "assistant",
         params: SamplingParams | None = None,
+        recall: bool | RecallOptions = True,
         timeout: float | None = None,
         **sampling: object,
     ) -> ChatReply:
@@ -345,8 +368,15 @@ class AsyncSession:
         (`<|im_end|>\\n` for SmolLM2, `<|end|>\\n` for the plain template) in the same commit,
         so the session holds whole turns whichever way the reply stopped.  With the model's
         own template the reply role is the template's ("assistant").
+
+        Recall is on: before the reply the server places the spans of the session's history
+        most relevant to `text` just before it (exact facts from long out of the window), for
+        this reply only; they are never committed.  `recall=False` turns it off,
+        `RecallOptions(k=..., budget_tokens=...)` tunes it.
         """
-        return await self.reply([(role, text)], reply_role=reply_role, params=params, timeout=timeout, **sampling)
+        return await self.reply(
+            [(role, text)], reply_role=reply_role, params=params, recall=recall, timeout=timeout, **sampling
+        )
 
     async def reply(
         self,
@@ -355,6 +385,7 @@ class AsyncSession:
         reply_role: str = "assistant",
         params: SamplingParams | None = None,
         append_id: str | None = None,
+        recall: bool | RecallOptions = True,
         commit: bool = True,
         timeout: float | None = None,
         **sampling: object,
@@ -363,11 +394,11 @@ class AsyncSession:
 
         `append_id` makes a re-sent request land once: a retry finds the generation already
         committed and gets its original reply back (`generation.duplicate`).  `stop` adds stop
-        strings to the format's own.  `commit=False` leaves the session as it was (for `n` > 1
-        samples, say: a commit keeps one output).
+        strings to the format's own.  Recall as in `chat` (on by default).  `commit=False` leaves the
+        session as it was (a what-if question; or `n` > 1 samples: a commit keeps one output).
         """
         prompt, extras, settings = await self._reply_request(
-            messages, reply_role, sampling_params(params, sampling, max_tokens=CHAT_MAX_TOKENS)
+            messages, reply_role, sampling_params(params, sampling, max_tokens=CHAT_MAX_TOKENS), recall
         )
         gen = await self._complete(prompt, settings, commit, append_id, extras, timeout)
         return ChatReply(gen.text, gen.tokens, gen.finish_reason, gen.offset, gen)
@@ -379,25 +410,28 @@ class AsyncSession:
         reply_role: str = "assistant",
         params: SamplingParams | None = None,
         append_id: str | None = None,
+        recall: bool | RecallOptions = True,
         commit: bool = True,
         timeout: float | None = None,
         **sampling: object,
     ) -> AsyncGenerateStream:
-        """As `reply`, streamed: iterate for the reply's text as it is made (committed when it completes)."""
+        """As `reply`, streamed: iterate for the reply's text as it is made (committed when it completes,
+        unless `commit=False`)."""
         prompt, extras, settings = await self._reply_request(
-            messages, reply_role, sampling_params(params, sampling, max_tokens=CHAT_MAX_TOKENS)
+            messages, reply_role, sampling_params(params, sampling, max_tokens=CHAT_MAX_TOKENS), recall
         )
         return self._stream(prompt, settings, commit, append_id, extras, timeout)
 
     async def _reply_request(
-        self, messages: list[Message], reply_role: str, settings: SamplingParams
+        self, messages: list[Message], reply_role: str, settings: SamplingParams, recall: bool | RecallOptions
     ) -> tuple[Content | None, Extras, SamplingParams]:
         """Prompt, extras and sampling of a chat reply in the session's format (see `chat`)."""
         fmt = await self.chat_format()
+        opts = recall_options(recall)
         if isinstance(fmt, ServerTemplate):
             if reply_role != fmt.reply_role:
                 raise ValueError(f"this model's chat template writes replies as {fmt.reply_role!r}, not {reply_role!r}")
-            return None, Extras(messages=tuple(messages), add_generation_prompt=True), settings
+            return None, Extras(messages=tuple(messages), add_generation_prompt=True, recall=opts), settings
         prompt = "".join(turn_text(fmt, m) for m in messages) + fmt.reply_prefix(reply_role)
         stops = (*fmt.stop(), *(s for s in settings.stop if s not in fmt.stop()))
-        return prompt, Extras(commit_suffix=fmt.close()), replace(settings, stop=stops)
+        return prompt, Extras(commit_suffix=fmt.close(), recall=opts), replace(settings, stop=stops)

@@ -53,7 +53,7 @@ class ChatTemplate(Protocol):
         ...
 
 
-_ROLE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ROLE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # fullmatch: `$` would let a trailing newline through
 
 
 class PlainTemplate:
@@ -62,7 +62,7 @@ class PlainTemplate:
     end = "<|end|>"
 
     def _check_role(self, role: str) -> None:
-        if not _ROLE.match(role):
+        if not _ROLE.fullmatch(role):
             raise ValueError(f"role must be 1-64 characters from [A-Za-z0-9_.-], got {role!r}")
 
     def turn(self, role: str, content: str) -> str:

@@ -18,6 +18,7 @@ from memoryd_sdk.blocking import LoopThread, iterate, mirror
 from memoryd_sdk.chat import ChatTemplate
 from memoryd_sdk.connection import TLS
 from memoryd_sdk.generation import GenerateStream
+from memoryd_sdk.requests import APPEND_TOKENS_PER_SECOND
 from memoryd_sdk.retry import RetryPolicy
 from memoryd_sdk.routing import Targets
 from memoryd_sdk.session import Session
@@ -49,6 +50,7 @@ class MemoryClient:
         *,
         timeout: float = 30.0,
         generate_timeout: float = 600.0,
+        append_rate: float = APPEND_TOKENS_PER_SECOND,
         retry: RetryPolicy | None = None,
         template: ChatTemplate | None = None,
         options: tuple[tuple[str, Any], ...] = (),
@@ -63,6 +65,7 @@ class MemoryClient:
                 tls,
                 timeout=timeout,
                 generate_timeout=generate_timeout,
+                append_rate=append_rate,
                 retry=retry,
                 template=template,
                 options=options,
@@ -74,6 +77,7 @@ class MemoryClient:
     target = _through("target")
     timeout = _through("timeout")
     generate_timeout = _through("generate_timeout")
+    append_rate = _through("append_rate")
     retry = _through("retry")
     template = _through("template")
     _stub = _through("_stub")

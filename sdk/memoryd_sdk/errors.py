@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 
 OFFSET_KEY = "memoryd-offset"
+RETRY_AFTER_KEY = "memoryd-retry-after-ms"
+"""Sent with RESOURCE_EXHAUSTED when the daemon refused a call for load (its queue), not for its size."""
 
 
 class MemorydError(Exception):
@@ -21,6 +23,9 @@ class MemorydError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
     retryable: bool = False
     """Whether the SDK retries it on its own (only statuses where nothing changed, or the server dedups)."""
+
+    retry_after: float | None = None
+    """Seconds the server asked the client to wait before trying again (an overloaded daemon), or None."""
 
     def __init__(self, message: str, offset: int | None = None, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
@@ -160,6 +165,16 @@ def _offset_of(metadata: Any) -> int | None:
     return None
 
 
+def _retry_after_of(metadata: Any) -> float | None:
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, int(value.decode() if isinstance(value, bytes) else value) / 1000)
+            except ValueError:
+                return None
+    return None
+
+
 def from_rpc_error(e: grpc.RpcError) -> MemorydError:
     """The typed exception of a grpc error (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
@@ -167,5 +182,6 @@ def from_rpc_error(e: grpc.RpcError) -> MemorydError:
     trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
     cls = error_class(code)
     err = cls(details, offset=_offset_of(trailing), code=code)
+    err.retry_after = _retry_after_of(trailing)
     err.__cause__ = e
     return err

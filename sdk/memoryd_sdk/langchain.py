@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from langchain_core.callbacks import (
     AsyncCallbackManagerForLLMRun,
@@ -63,7 +63,7 @@ from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.blocking import iterate
 from memoryd_sdk.client import MemoryClient
 from memoryd_sdk.errors import NotFound
-from memoryd_sdk.types import GenerateChunk, GenerateResult, Usage
+from memoryd_sdk.types import GenerateChunk, GenerateResult, RecalledSpan, Usage
 
 Turn = tuple[str, str]
 
@@ -108,6 +108,9 @@ class MemorydChat(BaseChatModel):
     top_p: float = 0.0
     top_k: int = 0
     seed: int | None = None
+    recall: bool = True
+    """Place the session's most relevant earlier spans before each reply (exact facts from long out of
+    the model's window; never committed); False: off."""
 
     _held: list[Turn] = PrivateAttr(default_factory=list)
     _client: MemoryClient | None = PrivateAttr(default=None)
@@ -183,7 +186,7 @@ class MemorydChat(BaseChatModel):
         session = await self._session(client)
         max_tokens = self.max_tokens or min(256, (await client.cached_model_info()).max_generate_tokens)
         kw = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p}
-        kw |= {"top_k": self.top_k, "stop": stop, "seed": self.seed}
+        kw |= {"top_k": self.top_k, "stop": stop, "seed": self.seed, "recall": self.recall}
         if stream:
             return new, await session.reply_stream(new, **kw)
         return new, (await session.reply(new, **kw)).generation
@@ -275,16 +278,7 @@ class MemorydChat(BaseChatModel):
 # -- the retriever ---------------------------------------------------------------------------------
 
 
-class _Span(Protocol):
-    """What a recalled span carries (`memoryd_sdk.types.RecalledSpan`)."""
-
-    start_offset: int
-    end_offset: int
-    text: str
-    score: float
-
-
-def span_document(session_id: str, span: _Span) -> Document:
+def span_document(session_id: str, span: RecalledSpan) -> Document:
     """One recalled span as a Document: its text, and where it lies in the session (token offsets)."""
     meta = {"session_id": session_id, "start_offset": span.start_offset, "end_offset": span.end_offset}
     meta["score"] = span.score

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from memoryd_sdk.proto import memoryd_pb2 as pb
+from memoryd_sdk.types import RecallOptions
 
 Content = str | Sequence[int]
 """What can be appended: text (encoded by the server's tokenizer) or token ids."""
@@ -56,6 +57,26 @@ def new_append_id() -> str:
 def new_session_id() -> str:
     """A session id made by the client, so that a retried create or fork cannot make two sessions."""
     return uuid.uuid4().hex
+
+
+APPEND_TOKENS_PER_SECOND = 20.0
+"""The rate an append's default deadline allows on top of the client's `timeout`.  The default
+model (SmolLM2-135M, CPU, 2 cores) reads 80-100 tokens/s alone (docs/service.md); a daemon
+shared by many sessions gives each less, so the deadline assumes a fifth of that: a
+7,995-token tool output gets 30 s + 400 s instead of 30 s, and lands on its first try."""
+
+
+def append_tokens(req: pb.AppendRequest, bytes_tokenizer: bool) -> int:
+    """Tokens an append request will read (an estimate for text: 3 bytes a token, or 1 with a bytes tokenizer)."""
+    if req.tokens:
+        return len(req.tokens)
+    text = req.text or "".join(m.content for m in req.messages)
+    return len(text.encode()) // (1 if bytes_tokenizer else 3) + 1
+
+
+def append_timeout(base: float, tokens: int, tokens_per_second: float) -> float:
+    """An append's deadline: the client's base timeout plus its tokens at `tokens_per_second`."""
+    return base + tokens / tokens_per_second
 
 
 def append_request(session_id: str, content: Content, expected_offset: int | None, append_id: str) -> pb.AppendRequest:
@@ -183,6 +204,16 @@ class Extras:
     add_generation_prompt: bool = False
     commit_stop: bool = False
     commit_suffix: str = ""
+    recall: RecallOptions | None = None
+    """Recalled context before the prompt (None: off, the request carries no recall field)."""
+
+
+def recall_options(recall: bool | RecallOptions) -> RecallOptions | None:
+    """`recall=` of a generation as the request's options: False off, True the server's defaults (the
+    server then searches for the prompt's last user turn)."""
+    if recall is False:
+        return None
+    return RecallOptions() if recall is True else recall
 
 
 def generate_request(
@@ -204,6 +235,8 @@ def generate_request(
         commit_suffix=extras.commit_suffix,
     )
     s.fill(req)
+    if extras.recall is not None:
+        req.recall.CopyFrom(extras.recall.to_pb())
     if isinstance(prompt, str):
         req.prompt_text = prompt
     elif prompt is not None:

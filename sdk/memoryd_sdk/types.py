@@ -92,6 +92,37 @@ class AppendResult:
 
 
 @dataclass(frozen=True)
+class RecalledSpan:
+    """A stretch of a session's log that `Session.recall` found (or a generation placed before its prompt)."""
+
+    start_offset: int
+    end_offset: int
+    """Its tokens are the log's [start_offset, end_offset)."""
+    text: str
+    score: float
+    """Relevance: higher is more relevant (comparable within one answer only)."""
+
+    @classmethod
+    def from_pb(cls, m: pb.RecalledSpan) -> RecalledSpan:
+        return cls(m.start_offset, m.end_offset, m.text, m.score)
+
+
+@dataclass(frozen=True)
+class RecallOptions:
+    """How a generation recalls (`recall=` of `generate`, `chat`, `reply`; proto `RecallOptions`).
+
+    Zeros are the server's defaults (`limits.default_recall_k`, 8; `default_recall_budget_tokens`,
+    512).  `query` '' searches for the prompt's last user turn."""
+
+    k: int = 0
+    budget_tokens: int = 0
+    query: str = ""
+
+    def to_pb(self) -> pb.RecallOptions:
+        return pb.RecallOptions(k=self.k, budget_tokens=self.budget_tokens, query=self.query)
+
+
+@dataclass(frozen=True)
 class TopLogprob:
     token: int
     logprob: float
@@ -134,6 +165,9 @@ class GenerateChunk:
     """One per token, when asked for (`logprobs=True`)."""
     prompt_tokens: int = 0
     """Last chunk: tokens of the prompt the call read."""
+    recalled_spans: tuple[RecalledSpan, ...] = ()
+    """Last chunk of a generation with recall: the spans placed before its prompt (not in the session)."""
+    recalled_tokens: int = 0
 
     @classmethod
     def from_pb(cls, m: pb.GenerateResponse) -> GenerateChunk:
@@ -149,6 +183,8 @@ class GenerateChunk:
             index=m.index,
             logprobs=tuple(TokenLogprob.from_pb(x) for x in m.logprobs),
             prompt_tokens=m.prompt_tokens,
+            recalled_spans=tuple(RecalledSpan.from_pb(x) for x in m.recalled_spans),
+            recalled_tokens=m.recalled_tokens,
         )
 
 
@@ -185,6 +221,10 @@ class GenerateResult:
     """Every sample, in index order (one when n = 1)."""
     prompt_tokens: int = 0
     """Tokens of the prompt the call read."""
+    recalled_spans: tuple[RecalledSpan, ...] = ()
+    """With recall: the spans placed before the prompt, most relevant first (never part of the session)."""
+    recalled_tokens: int = 0
+    """With recall: tokens of context they made (0: nothing was found, or nothing fitted)."""
 
     @classmethod
     def collect(cls, chunks: list[GenerateChunk], committed: bool) -> GenerateResult:
@@ -218,6 +258,8 @@ class GenerateResult:
             logprobs=first.logprobs,
             samples=tuple(samples),
             prompt_tokens=last.prompt_tokens,
+            recalled_spans=last.recalled_spans,
+            recalled_tokens=last.recalled_tokens,
         )
 
 

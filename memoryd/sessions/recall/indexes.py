@@ -1,11 +1,13 @@
 """The recall indexes of one daemon's sessions, kept in step with their logs.
 
-Where things live (measured in bench/recall_index.py): the tokens in Redis (`pages`, a
-copy the snapshots never trim, about 4 bytes per token), the index in this daemon's
-memory, built from them the first time a session is recalled from and then grown by
-every commit. An index is a few times smaller than the tokens' text and rebuilt in tens
-of milliseconds for 64K tokens, so storing it in Redis would cost more bytes and every
-append a second write for nothing a rebuild does not give back.
+Where things live (measured by bench/recall_index.py and bench/recall_cost.py): the tokens
+in Redis (`pages`, a copy the snapshots never trim, about 4 KB per 1,000 tokens), the index
+in this daemon's memory (about 7.3 KB per 1,000 tokens), built from the tokens the first time
+a session is recalled from (about half a second for 64K tokens on one core) and grown by
+every commit after that. Keeping the index in Redis instead would store about twice the
+bytes, add its postings to every append's write and still need the tokens for span text;
+a fork could not share it either (its postings of [0, X) are not a prefix of anything
+stored). So Redis keeps what cannot be recomputed, and the daemon what can.
 
 Each session incarnation (its head's `created` and `gen`: a reset, or a delete and a new
 session with the same id, is a new one) owns its recall log; a tip left by another
@@ -15,15 +17,16 @@ incarnation is dropped before anything is written.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from memoryd.sessions.ordering import Key
-from memoryd.sessions.recall import RecalledSpan
+from memoryd.sessions.recall import RecalledSpan, transfer
 from memoryd.sessions.recall.index import SpanIndex
-from memoryd.sessions.recall.pages import Pages
+from memoryd.sessions.recall.pages import Pages, Run
 from memoryd.sessions.recall.spans import Shape
 from memoryd.store.db import Store
 from memoryd.store.heads import Head
@@ -34,9 +37,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memoryd.sessions.recall")
 
+MAX_SESSIONS = 1 << 16
+"""Loaded sessions whose incarnation is remembered (least recently loaded first to go: a commit to one
+that was forgotten reloads it, which remembers it again)."""
 MAX_INDEX_BYTES = 256 << 20
 """Memory for the indexes of this daemon's sessions (least recently used ones are dropped past it:
-each is rebuilt from Redis when recalled from again). About 20 KB per 1,000 tokens of log."""
+each is rebuilt from Redis when recalled from again): about 35,000 sessions of 1,000 tokens."""
 
 
 class Decoder(Protocol):
@@ -85,7 +91,9 @@ class RecallIndexes:
         self.max_bytes = max_bytes
         self._cached: OrderedDict[Key, _Cached] = OrderedDict()
         self._bytes = 0
-        self._created: dict[Key, float] = {}
+        self._created: OrderedDict[Key, float] = OrderedDict()
+        self._touched: dict[Key, float] = {}
+        """When each session's recall keys last had their TTL refreshed (monotonic seconds)."""
         """Each loaded session's head `created`: with the hot state's `gen`, its incarnation."""
 
     def _inc(self, key: Key, gen: int) -> str | None:
@@ -115,12 +123,17 @@ class RecallIndexes:
         tokens unless a snapshot trimmed them since (then the recall log has a gap there)."""
         tenant, sid = key
         self._created[key] = head.created
+        self._created.move_to_end(key)
+        if len(self._created) > MAX_SESSIONS:
+            old, _ = self._created.popitem(last=False)
+            self._touched.pop(old, None)
         inc = incarnation(head)
         tip = await self.pages.tip(tenant, sid)
         if tip is not None and tip.inc != inc:
             await self.pages.drop(tenant, sid)
             tip = None
         end = tip.end if tip is not None else None
+        await self._touch(key)
         if end is not None and end >= head.offset:
             return
         start, tokens = head.snap_off, [t for p in pieces for t in p]
@@ -131,6 +144,12 @@ class RecallIndexes:
         if start > (end or 0):
             log.warning("session %s: tokens [%d, %d) are gone from the log: not recallable", key, end or 0, start)
         await self.pages.append(tenant, sid, inc, start, tokens, gap=True)
+
+    async def _touch(self, key: Key) -> None:
+        """The recall keys' TTLs (twice the session's) refreshed on load and then at least every quarter
+        of the session TTL while it is in use, as the session's own keys are."""
+        self._touched[key] = time.monotonic()
+        await self.pages.touch(*key)
 
     async def appended(self, key: Key, gen: int, start: int, pieces: list[list[int]]) -> bool:
         """Committed pieces at `start`: copied to the recall log, added to the index if it is in memory.
@@ -148,6 +167,11 @@ class RecallIndexes:
         if end < 0:
             self._forget(key)
             return False
+        if self.pages.ttl and time.monotonic() - self._touched.get(key, 0.0) > self.pages.ttl / 8:
+            try:
+                await self._touch(key)
+            except UNAVAILABLE_ERRORS as e:
+                log.warning("session %s: refreshing the recall log's TTL failed (%s)", key, e)
         c = self._cached.get(key)
         if c is not None:
             if c.inc == inc and c.index.end == start:
@@ -171,13 +195,26 @@ class RecallIndexes:
         self._forget(key)
         if deleted:
             self._created.pop(key, None)
+            self._touched.pop(key, None)
         try:
             await self.pages.drop(*key)
         except UNAVAILABLE_ERRORS as e:  # what is left belongs to an old incarnation: dropped when next seen
             log.warning("session %s: dropping the recall log failed (%s)", key, e)
 
-    def unloaded(self, key: Key) -> None:
-        self._created.pop(key, None)
+    async def exported(self, head: Head) -> bytes:
+        """The recall log below the head's offset (`transfer` bytes), for an export of that head's state."""
+        got = await self.pages.read(head.tenant, head.session_id, head.offset)
+        if got is None or got[0] != incarnation(head):
+            return transfer.encode([])
+        return transfer.encode(got[1])
+
+    async def imported(self, key: Key, head: Head, runs: list[Run]) -> None:
+        """A session just imported (head at the state's offset): its recall log from the export's."""
+        self._created[key] = head.created
+        inc = incarnation(head)
+        await self.pages.drop(*key)  # a leftover of an earlier session with this id
+        for run in runs:
+            await self.pages.append(*key, inc, run.start, run.tokens, gap=True)
 
     # -- recall --------------------------------------------------------------------------------
 

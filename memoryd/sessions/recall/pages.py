@@ -32,8 +32,13 @@ import sys
 import uuid
 from array import array
 from dataclasses import dataclass
+from typing import Any
 
-from memoryd.store.db import Store
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import AskError, MovedError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from memoryd.store.db import ReplicaTimeout, Store
 
 PAGE_TOKENS = 4096
 """Tokens per sealed page (16 KiB): a 64K-token session reads its chain in 16 steps, and a tail
@@ -174,12 +179,40 @@ class Pages:
     def __init__(self, store: Store, ttl_seconds: int = 0, page_tokens: int = PAGE_TOKENS) -> None:
         self.r = store.r
         self.prefix = store.prefix
+        self.keys = store.keys
         self.ttl = ttl_seconds
         self.page_tokens = page_tokens
+        self.wait_replicas, self.wait_ms = store.wait_replicas, store.wait_ms
         self._s = {name: self.r.register_script(src) for name, src in SCRIPTS.items()}
 
+    async def _write(self, name: str, keys: list[str], args: list[object]) -> Any:
+        """A writing script; with the store's `wait_replicas`, WAIT on the same connection (as the store
+        does for the token log), so what a failover keeps of the recall log is what was acknowledged."""
+        if not self.wait_replicas:
+            return await self._s[name](keys=keys, args=args)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.execute_command("EVAL", SCRIPTS[name], len(keys), *keys, *args)
+        if isinstance(self.r, RedisCluster):
+            await self.r.initialize()
+            node = self.r.get_node_from_key(keys[0])
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms, target_nodes=node)
+            res, waited = await pipe.execute(raise_on_error=False, allow_redirections=False)
+        else:
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
+            res, waited = await pipe.execute(raise_on_error=False)
+        if isinstance(res, (MovedError, AskError, TryAgainError)):
+            await self.r.nodes_manager.initialize()
+            raise RedisConnectionError(f"the slot of {keys[0]} moved ({res}); retry")
+        if isinstance(res, Exception):
+            raise res
+        if isinstance(waited, Exception):
+            raise waited
+        if int(waited) < self.wait_replicas:
+            raise ReplicaTimeout(f"the recall log write to {keys[0]} reached {waited} of {self.wait_replicas} replicas")
+        return res
+
     def _k(self, tenant: str, what: str) -> str:
-        return f"{self.prefix}:rx:{{{tenant}}}:{what}"
+        return self.keys.recall(tenant, what)
 
     def _tip(self, tenant: str, sid: str) -> list[str]:
         return [self._k(tenant, f"tip:{sid}"), self._k(tenant, f"tail:{sid}")]
@@ -201,24 +234,44 @@ class Pages:
         pids = [uuid.uuid4().hex, uuid.uuid4().hex]  # a gap seals the tail, and the new tail may fill a page
         keys += [self._k(tenant, f"p:{pid}") for pid in pids]
         args = [inc, start, pack(tokens), self.page_tokens, pids[0], self.ttl, "1" if gap else "0", pids[1]]
-        code, end = await self._s["append"](keys=keys, args=args)
+        code, end = await self._write("append", keys, args)
         return int(end) if int(code) >= 0 else int(code)
 
     async def fork(self, tenant: str, src: str, dst: str, x: int, src_inc: str, dst_inc: str) -> int | None:
         """The dst's recall log: the src's below x, shared. None when the src has none of this incarnation."""
         pid = uuid.uuid4().hex
         keys = [*self._tip(tenant, src), *self._tip(tenant, dst), self._k(tenant, "rc"), self._k(tenant, f"p:{pid}")]
-        res = await self._s["fork"](keys=keys, args=[x, src_inc, dst_inc, pid, self.ttl])
+        res = await self._write("fork", keys, [x, src_inc, dst_inc, pid, self.ttl])
         if int(res[0]) == -1:  # a leftover of an earlier session with this id: drop it, then share
             await self.drop(tenant, dst)
-            res = await self._s["fork"](keys=keys, args=[x, src_inc, dst_inc, pid, self.ttl])
+            res = await self._write("fork", keys, [x, src_inc, dst_inc, pid, self.ttl])
         return int(res[1]) if int(res[0]) == 1 else None
 
     async def drop(self, tenant: str, sid: str) -> None:
-        base = await self._s["drop"](keys=self._tip(tenant, sid))
+        base = await self._write("drop", self._tip(tenant, sid), [])
         pid = base.decode() if base else ""
         while pid:
-            prev = await self._s["release"](keys=[self._k(tenant, "rc"), self._k(tenant, f"p:{pid}")], args=[pid])
+            prev = await self._write("release", [self._k(tenant, "rc"), self._k(tenant, f"p:{pid}")], [pid])
+            pid = prev.decode() if prev else ""
+
+    async def touch(self, tenant: str, sid: str) -> None:
+        """Refresh the TTL of the tip, its tail and every page of its chain (pages are shared: each
+        session using one refreshes it)."""
+        if not self.ttl:
+            return
+        tip, tail = self._tip(tenant, sid)
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(tip, "base")
+        pipe.expire(tip, self.ttl)
+        pipe.expire(tail, self.ttl)
+        base, *_ = await pipe.execute()
+        pid = base.decode() if base else ""
+        while pid:
+            key = self._k(tenant, f"p:{pid}")
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hget(key, "prev")
+            pipe.expire(key, self.ttl)
+            prev, _ = await pipe.execute()
             pid = prev.decode() if prev else ""
 
     async def read(self, tenant: str, sid: str, upto: int) -> tuple[str, list[Run]] | None:

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 WIDTH = 96
 OVERLAP = 24
 
@@ -78,10 +80,10 @@ class Segmenter:
             self._close(self.end)
             self.turn = self.first_open = self.end = start
         ts = self.shape.turn_start
-        if ts is not None:
-            for i, t in enumerate(tokens):
+        if ts is not None and ts in tokens:
+            for i in np.flatnonzero(np.asarray(tokens) == ts).tolist():
                 at = start + i
-                if t == ts and at != self.turn:
+                if at != self.turn:
                     self._close(at)
                     self.turn = self.first_open = at
         self.end = start + len(tokens)

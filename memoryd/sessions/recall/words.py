@@ -10,19 +10,23 @@ worded differently from the fact miss it; bench/recall_index.py --no-stem measur
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 _WORD = re.compile(r"[a-z0-9]+")
+_SPECIAL = re.compile(r"<\|[^|<>]{0,40}\|>")
+"""Special-token strings such as <|im_start|>: markup, not words."""
 STOP = frozenset(
     re.findall(
         r"\w+",
         """a an and are as at be been but by can could did do does for from had has have he her his how i if in into
         is it its me my no not of on or our she so than that the their them then there these they this to us was we
-        were what when where which who whom whose why will with would you your im_start im_end user assistant system
-        tool""",
+        were what when where which who whom whose why will with would you your user assistant system
+        tool s t d ll re ve m""",
     )
 )
 
 
+@lru_cache(maxsize=1 << 16)  # a log repeats its words: most lookups hit
 def stem(w: str) -> str:
     if w.isdigit() or len(w) <= 3:
         return w
@@ -39,6 +43,14 @@ def stem(w: str) -> str:
     return w
 
 
+@lru_cache(maxsize=1 << 17)
+def _term(w: str) -> str:
+    """A lower-case word as the term it counts for ("" for a stop word)."""
+    return "" if w in STOP else stem(w)
+
+
 def words(text: str, stemmed: bool = True) -> list[str]:
-    out = [w for w in _WORD.findall(text.lower()) if w not in STOP]
-    return [stem(w) for w in out] if stemmed else out
+    found = _WORD.findall(_SPECIAL.sub(" ", text).lower())
+    if not stemmed:
+        return [w for w in found if w not in STOP]
+    return [t for t in map(_term, found) if t]

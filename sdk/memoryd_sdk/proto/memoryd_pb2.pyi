@@ -197,7 +197,7 @@ class AppendResponse(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., start_offset: _Optional[int] = ..., tokens: _Optional[int] = ..., steps: _Optional[int] = ..., duplicate: _Optional[bool] = ..., pending_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_tokens", "commit", "expected_offset", "append_id", "prompt_messages", "add_generation_prompt", "commit_stop", "commit_suffix", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs", "n")
+    __slots__ = ("session_id", "prompt_text", "prompt_tokens", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_tokens", "commit", "expected_offset", "append_id", "prompt_messages", "add_generation_prompt", "commit_stop", "commit_suffix", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "logit_bias", "logprobs", "top_logprobs", "n", "recall")
     class LogitBiasEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +230,7 @@ class GenerateRequest(_message.Message):
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    RECALL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     prompt_text: str
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
@@ -255,7 +256,18 @@ class GenerateRequest(_message.Message):
     logprobs: bool
     top_logprobs: int
     n: int
-    def __init__(self, session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., commit: _Optional[bool] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ..., prompt_messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., commit_stop: _Optional[bool] = ..., commit_suffix: _Optional[str] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., min_p: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ...) -> None: ...
+    recall: RecallOptions
+    def __init__(self, session_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_tokens: _Optional[_Iterable[int]] = ..., commit: _Optional[bool] = ..., expected_offset: _Optional[int] = ..., append_id: _Optional[str] = ..., prompt_messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., add_generation_prompt: _Optional[bool] = ..., commit_stop: _Optional[bool] = ..., commit_suffix: _Optional[str] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., min_p: _Optional[float] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., n: _Optional[int] = ..., recall: _Optional[_Union[RecallOptions, _Mapping]] = ...) -> None: ...
+
+class RecallOptions(_message.Message):
+    __slots__ = ("k", "budget_tokens", "query")
+    K_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    k: int
+    budget_tokens: int
+    query: str
+    def __init__(self, k: _Optional[int] = ..., budget_tokens: _Optional[int] = ..., query: _Optional[str] = ...) -> None: ...
 
 class TopLogprob(_message.Message):
     __slots__ = ("token", "logprob", "text")
@@ -280,7 +292,7 @@ class TokenLogprob(_message.Message):
     def __init__(self, token: _Optional[int] = ..., logprob: _Optional[float] = ..., text: _Optional[str] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("tokens", "text", "done", "finish_reason", "offset", "generated_tokens", "duplicate", "committed_tokens", "index", "logprobs", "prompt_tokens")
+    __slots__ = ("tokens", "text", "done", "finish_reason", "offset", "generated_tokens", "duplicate", "committed_tokens", "index", "logprobs", "prompt_tokens", "recalled_spans", "recalled_tokens")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +304,8 @@ class GenerateResponse(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECALLED_SPANS_FIELD_NUMBER: _ClassVar[int]
+    RECALLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
     done: bool
@@ -303,7 +317,37 @@ class GenerateResponse(_message.Message):
     index: int
     logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     prompt_tokens: int
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., offset: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., duplicate: _Optional[bool] = ..., committed_tokens: _Optional[int] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    recalled_spans: _containers.RepeatedCompositeFieldContainer[RecalledSpan]
+    recalled_tokens: int
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., offset: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., duplicate: _Optional[bool] = ..., committed_tokens: _Optional[int] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., recalled_spans: _Optional[_Iterable[_Union[RecalledSpan, _Mapping]]] = ..., recalled_tokens: _Optional[int] = ...) -> None: ...
+
+class RecallRequest(_message.Message):
+    __slots__ = ("session_id", "query", "k")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    query: str
+    k: int
+    def __init__(self, session_id: _Optional[str] = ..., query: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+
+class RecallResponse(_message.Message):
+    __slots__ = ("spans",)
+    SPANS_FIELD_NUMBER: _ClassVar[int]
+    spans: _containers.RepeatedCompositeFieldContainer[RecalledSpan]
+    def __init__(self, spans: _Optional[_Iterable[_Union[RecalledSpan, _Mapping]]] = ...) -> None: ...
+
+class RecalledSpan(_message.Message):
+    __slots__ = ("start_offset", "end_offset", "text", "score")
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    start_offset: int
+    end_offset: int
+    text: str
+    score: float
+    def __init__(self, start_offset: _Optional[int] = ..., end_offset: _Optional[int] = ..., text: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ()
@@ -360,7 +404,7 @@ class ModelInfo(_message.Message):
     def __init__(self, digest: _Optional[str] = ..., model_type: _Optional[str] = ..., name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., tokenizer: _Optional[str] = ..., chat_template: _Optional[str] = ..., chat_messages: _Optional[bool] = ..., chat_problem: _Optional[str] = ..., chat_roles: _Optional[_Iterable[str]] = ..., generation_prompt: _Optional[str] = ..., turn_closing: _Optional[str] = ..., window_size: _Optional[int] = ..., mini_batch_size: _Optional[int] = ..., num_fast_layers: _Optional[int] = ..., num_layers: _Optional[int] = ..., adapter: _Optional[str] = ..., max_append_tokens: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., attention_sinks: _Optional[int] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_append_tokens", "max_append_text_chars", "max_generate_tokens", "max_message_bytes", "max_metadata_entries", "max_metadata_key_chars", "max_metadata_value_chars", "max_stop_strings", "max_stop_string_chars", "max_stop_tokens", "max_top_k", "max_temperature", "max_import_bytes", "max_sessions_per_tenant", "default_page_size", "max_page_size", "default_chunk_bytes", "min_chunk_bytes", "max_chunk_bytes", "max_session_id_chars", "max_append_id_chars", "max_role_chars", "max_n", "max_top_logprobs", "max_logit_bias_entries")
+    __slots__ = ("max_append_tokens", "max_append_text_chars", "max_generate_tokens", "max_message_bytes", "max_metadata_entries", "max_metadata_key_chars", "max_metadata_value_chars", "max_stop_strings", "max_stop_string_chars", "max_stop_tokens", "max_top_k", "max_temperature", "max_import_bytes", "max_sessions_per_tenant", "default_page_size", "max_page_size", "default_chunk_bytes", "min_chunk_bytes", "max_chunk_bytes", "max_session_id_chars", "max_append_id_chars", "max_role_chars", "max_n", "max_top_logprobs", "max_logit_bias_entries", "max_recall_k", "default_recall_k", "max_recall_query_chars", "default_recall_budget_tokens", "max_recall_budget_tokens")
     MAX_APPEND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_APPEND_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_GENERATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -386,6 +430,11 @@ class ServerLimits(_message.Message):
     MAX_N_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGIT_BIAS_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECALL_K_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_RECALL_K_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECALL_QUERY_CHARS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_RECALL_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECALL_BUDGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_append_tokens: int
     max_append_text_chars: int
     max_generate_tokens: int
@@ -411,7 +460,12 @@ class ServerLimits(_message.Message):
     max_n: int
     max_top_logprobs: int
     max_logit_bias_entries: int
-    def __init__(self, max_append_tokens: _Optional[int] = ..., max_append_text_chars: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_metadata_entries: _Optional[int] = ..., max_metadata_key_chars: _Optional[int] = ..., max_metadata_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_import_bytes: _Optional[int] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_page_size: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., min_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_session_id_chars: _Optional[int] = ..., max_append_id_chars: _Optional[int] = ..., max_role_chars: _Optional[int] = ..., max_n: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_logit_bias_entries: _Optional[int] = ...) -> None: ...
+    max_recall_k: int
+    default_recall_k: int
+    max_recall_query_chars: int
+    default_recall_budget_tokens: int
+    max_recall_budget_tokens: int
+    def __init__(self, max_append_tokens: _Optional[int] = ..., max_append_text_chars: _Optional[int] = ..., max_generate_tokens: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_metadata_entries: _Optional[int] = ..., max_metadata_key_chars: _Optional[int] = ..., max_metadata_value_chars: _Optional[int] = ..., max_stop_strings: _Optional[int] = ..., max_stop_string_chars: _Optional[int] = ..., max_stop_tokens: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_temperature: _Optional[float] = ..., max_import_bytes: _Optional[int] = ..., max_sessions_per_tenant: _Optional[int] = ..., default_page_size: _Optional[int] = ..., max_page_size: _Optional[int] = ..., default_chunk_bytes: _Optional[int] = ..., min_chunk_bytes: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_session_id_chars: _Optional[int] = ..., max_append_id_chars: _Optional[int] = ..., max_role_chars: _Optional[int] = ..., max_n: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., max_logit_bias_entries: _Optional[int] = ..., max_recall_k: _Optional[int] = ..., default_recall_k: _Optional[int] = ..., max_recall_query_chars: _Optional[int] = ..., default_recall_budget_tokens: _Optional[int] = ..., max_recall_budget_tokens: _Optional[int] = ...) -> None: ...
 
 class ExportSessionRequest(_message.Message):
     __slots__ = ("session_id", "chunk_bytes")

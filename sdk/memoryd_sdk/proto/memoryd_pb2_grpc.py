@@ -99,6 +99,11 @@ class MemoryServiceStub:
                 request_serializer=memoryd_dot_v1_dot_memoryd__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Recall = channel.unary_unary(
+                '/memoryd.v1.MemoryService/Recall',
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.RecallRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.RecallResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -255,7 +260,10 @@ class MemoryServiceServicer:
         commit, an empty session with no prompt, bad prompt
         (as Append's content), a reused append_id with another
         prompt, commit_suffix / commit_stop with a chat reply
-        (the template closes it).
+        (the template closes it); recall.k over
+        limits.max_recall_k, recall.budget_tokens over
+        limits.max_recall_budget_tokens, recall.query longer
+        than limits.max_recall_query_chars.
         RESOURCE_EXHAUSTED max_tokens over limits.max_generate_tokens; more than
         limits.max_stop_strings stop strings or one longer than
         limits.max_stop_string_chars; more than
@@ -311,6 +319,22 @@ class MemoryServiceServicer:
         """The served model: digest, shapes, tokenizer, chat template, server limits.
         Clients use it to format chat turns (or to let the server do it) and to
         size their requests. Only the common codes (it needs no Redis).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Recall(self, request, context):
+        """The spans of the session's token log most relevant to `query`, most relevant
+        first: exact text from anywhere in the session's history (also long out of
+        the attention window), each with its [start_offset, end_offset) in the log.
+        Reads the session's recall index (derived from the log); changes nothing.
+        A fork recalls only from its own history.
+        INVALID_ARGUMENT  bad session_id; k 0 or over limits.max_recall_k; an
+        empty query (or one of only spaces), or one longer than
+        limits.max_recall_query_chars.
+        NOT_FOUND         no such session in this tenant.
+        FAILED_PRECONDITION the session was stored under another model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -383,6 +407,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.GetModelRequest.FromString,
                     response_serializer=memoryd_dot_v1_dot_memoryd__pb2.ModelInfo.SerializeToString,
+            ),
+            'Recall': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recall,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.RecallRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.RecallResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -736,6 +765,33 @@ class MemoryService:
             '/memoryd.v1.MemoryService/GetModel',
             memoryd_dot_v1_dot_memoryd__pb2.GetModelRequest.SerializeToString,
             memoryd_dot_v1_dot_memoryd__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.MemoryService/Recall',
+            memoryd_dot_v1_dot_memoryd__pb2.RecallRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.RecallResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,175 @@
+"""Recalled spans as provisional context for one generation: which spans, in what words, how many tokens.
+
+A generation that asks for recall (`GenerateRequest.recall`) gets, once per call and
+before its first token, the spans of the session's log most relevant to its prompt
+(the recall index, `memoryd.sessions.recall`), placed just before the prompt as one
+turn of the model's chat template::
+
+    <|im_start|>system
+    Relevant earlier context:
+    user
+    The storage room code is 4417.<|im_end|>
+    <|im_start|>user
+    What do I type at the storage room door?<|im_end|>
+    <|im_start|>assistant
+
+The tokens this module returns are read into the *sampling copy* of the state only:
+the session's own state, its log and its fast weights never see them (a committed
+generation commits the prompt and the reply, `Sessions.generate`), so they are
+provisional context in the same sense as an uncommitted generation's tokens.
+
+Why these choices:
+
+- **A system turn of the template, not raw text.**  The small instruct model reads
+  turns; text spliced between turns is read as part of a turn it does not belong to.
+  A model without a usable chat template gets the same words as plain text.
+- **Inside the window.**  Context that scrolled out of the attention window before the
+  question is read is no better than the log itself: the budget is capped so that the
+  context, the prompt and the reply's first `reply_reserve` tokens fit in the window.
+- **Spans already in the window are left out.**  The model sees them anyway; spending
+  the budget on them would push out what it cannot see.
+- **Most relevant kept, then placed in log order.**  Spans are taken by relevance until
+  the budget is full (one that does not fit is skipped, a later smaller one may still
+  fit), then written oldest first, as the conversation had them.
+- **Special tokens removed from span text.**  A span of a chat log holds the template's
+  markers (`<|im_start|>user`); written into a turn they would end it and forge others.
+  The template's closing and generation prompt go too (a byte-level model has no special
+  tokens, but the text `<|end|>` still reads as the end of a turn).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from memoryd.sessions.chat import ChatFormat, Message, TemplateError
+
+HEADER = "Relevant earlier context:"
+"""The words that open the recalled context (see bench/recall.py for what the reader answers from)."""
+ROLE = "system"
+"""The turn the context is written as: the role a chat template gives instructions and background."""
+REPLY_RESERVE = 256
+"""Tokens of the reply the context must stay visible to (capped by max_tokens): the answer to a
+recalled fact comes in its first tokens, and a longer reply must not push the context out of the
+window before it is written."""
+
+
+class Span(Protocol):
+    """What is used of a recalled span (memoryd.sessions.recall.RecalledSpan)."""
+
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def score(self) -> float: ...
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RecallAsk:
+    """A generation's request for recall, checked by the API edge (GenerateRequest.recall)."""
+
+    k: int
+    """Spans to retrieve."""
+    budget: int
+    """Tokens the recalled context may take, its turn's framing included."""
+    query: str
+    """What to search for ('': derived from the prompt by the edge, see `query_of`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecallContext:
+    """The provisional tokens to place before the prompt, and the spans they hold (most relevant first)."""
+
+    tokens: tuple[int, ...]
+    spans: tuple[Span, ...]
+
+
+NOTHING = RecallContext((), ())
+
+
+def query_of(messages: Sequence[Message], prompt_text: str) -> str:
+    """The search query of a prompt: its last user turn where it has turns, else its last message, else its text."""
+    for m in reversed(messages):
+        if m.role == "user" and m.content.strip():
+            return m.content
+    for m in reversed(messages):
+        if m.content.strip():
+            return m.content
+    return prompt_text
+
+
+def context_budget(budget: int, window: int, prompt_tokens: int, max_tokens: int) -> int:
+    """Tokens the context may take: the asked budget, capped so that context + prompt + the reply's
+    first tokens fit in the attention window (window 0: full attention, no cap)."""
+    if window <= 0:
+        return budget
+    return max(0, min(budget, window - prompt_tokens - min(max_tokens, REPLY_RESERVE)))
+
+
+def _clean(text: str, specials: Sequence[str]) -> str:
+    """Span text with the chat format's special tokens taken out (they would end or forge a turn)."""
+    for s in specials:
+        if s:
+            text = text.replace(s, "\n")
+    return re.sub(r"\n{2,}", "\n", text).strip()
+
+
+def _render(body: str, chat: ChatFormat | None, tok: Tokenizer) -> list[int]:
+    text = f"{HEADER}\n{body}"
+    if chat is not None and chat.problem is None:
+        try:
+            return tok.encode(chat.render([Message(ROLE, text)], start=False))
+        except TemplateError:  # a template that refuses a lone system turn: plain text, as without one
+            pass
+    return tok.encode(text + "\n\n")
+
+
+def recall_context(
+    spans: Sequence[Span],
+    *,
+    position: int,
+    window: int,
+    prompt_tokens: int,
+    max_tokens: int,
+    budget: int,
+    chat: ChatFormat | None,
+    tok: Tokenizer,
+) -> RecallContext:
+    """The provisional token ids to place before a prompt of `prompt_tokens` tokens read at `position`.
+
+    `spans` most relevant first (as the index returns them).  Empty when nothing is left
+    after dropping the spans the window still shows, or nothing fits the budget."""
+    cap = context_budget(budget, window, prompt_tokens, max_tokens)
+    if cap <= 0 or not spans:
+        return NOTHING
+    # The first token of the reply attends back to position + context + prompt - window; a span
+    # that starts after that (counting the context at its largest) is in the window already.
+    visible_from = position + cap + prompt_tokens - window if window > 0 else position
+    # The template's own turn markers too: a byte-level model has no special tokens, and "<|end|>" in a
+    # span would still end the context's turn as text.
+    specials = (*chat.specials, chat.closing.strip(), chat.generation_prompt.strip()) if chat is not None else ()
+    chosen: list[tuple[Span, str]] = []
+    tokens: list[int] = []
+    for span in spans:
+        if window > 0 and span.start >= visible_from:
+            continue
+        text = _clean(span.text, specials)
+        if not text:
+            continue
+        trial = sorted([*chosen, (span, text)], key=lambda c: c[0].start)
+        ids = _render("\n".join(t for _, t in trial), chat, tok)
+        if len(ids) <= cap:
+            chosen, tokens = trial, ids
+    if not chosen:
+        return NOTHING
+    by_relevance = tuple(s for s in spans if any(s is c for c, _ in chosen))
+    return RecallContext(tuple(tokens), by_relevance)

@@ -1,0 +1,239 @@
+"""Issue 20 through a real daemon and a real redis-server: sessions pinned while a call needs them,
+deadlines honoured (work nobody will use is dropped, work safe to finish is finished), early
+refusals, leases kept for queued work, and long appends through the SDK's defaults.
+
+The blocker in these tests is one long append on another session: with `--tick-tokens` above its
+length it runs as one compute-lane plan, so whatever is queued behind it waits a known while.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from memoryd_sdk import MemoryClient, RetryPolicy
+from memoryd_sdk.proto import memoryd_pb2 as pb
+from memoryd_sdk.requests import APPEND_TOKENS_PER_SECOND
+from service_fixtures import Daemon, RedisServer, redis_server, tiny_checkpoint  # noqa: F401 (fixtures)
+
+BLOCK = 1200
+"""Tokens of the blocking append (the tiny model reads about 270 tokens/s on one thread here: 4-5 s)."""
+DEFAULT_MODEL_TOKENS_PER_SECOND = 90.0
+"""What the default model appends at on this machine alone (docs/service.md, 80-100 tokens/s)."""
+
+
+def metric(d: Daemon, name: str) -> float:
+    """The sum of a Prometheus metric's samples (all labels) from the daemon's exporter."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=5).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})? (\S+)$", line)
+        if m:
+            total += float(m.group(2))
+    return total
+
+
+def calls_logged(d: Daemon, method: str) -> list[dict[str, Any]]:
+    out = []
+    for line in d.log_path.read_text().splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            if rec.get("call") == method:
+                out.append(rec)
+    return out
+
+
+def tokens(n: int, seed: int = 0) -> list[int]:
+    return [1 + (i * 7 + seed) % 250 for i in range(n)]
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, tiny_checkpoint: Path, redis_server: RedisServer) -> Iterator[Callable[..., Daemon]]:  # noqa: F811
+    made: list[Daemon] = []
+
+    def make(*extra: str) -> Daemon:
+        d = Daemon(tmp_path / f"d{len(made)}", tiny_checkpoint, redis_server.url, *extra)
+        made.append(d)
+        d.start()
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+def create(stub: Any, sid: str, n: int = 16) -> int:
+    stub.CreateSession(pb.CreateSessionRequest(session_id=sid), timeout=30)
+    return stub.Append(pb.AppendRequest(session_id=sid, tokens=tokens(n)), timeout=60).offset if n else 0
+
+
+def blocker(stub: Any, sid: str, n: int = BLOCK) -> tuple[threading.Thread, dict[str, Any]]:
+    """A long append on `sid` in a thread (it holds the compute lane for one plan)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        out["resp"] = stub.Append(pb.AppendRequest(session_id=sid, tokens=tokens(n, 3), append_id="block"), timeout=300)
+        out["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_a_session_loaded_for_a_call_is_not_evicted_before_it_runs(daemon_factory) -> None:
+    """Budget for one session.  A call on A runs; B's load must wait for room; a second call on A
+    arrives meanwhile.  It pins A, so A stays hot and B loads after both: two loads in all (before
+    issue 20, B's load queued A's eviction ahead of the second call, which loaded A again)."""
+    d = daemon_factory("--memory-budget", "1", "--tick-tokens", str(BLOCK + 1))
+    stub = d.stub()
+    create(stub, "a")
+    create(stub, "b")
+    d.kill()
+    d.start()
+    stub = d.stub()
+    t, out = blocker(stub, "a")
+    time.sleep(0.5)  # A loaded, its long append running
+    got_b: dict[str, Any] = {}
+    tb = threading.Thread(target=lambda: got_b.setdefault("b", stub.GetSession(pb.GetSessionRequest(session_id="b"))))
+    tb.start()
+    time.sleep(0.3)
+    second = stub.Append(pb.AppendRequest(session_id="a", tokens=tokens(5), append_id="second"), timeout=300)
+    t.join()
+    tb.join()
+    assert out["resp"].offset == 16 + BLOCK and second.offset == 16 + BLOCK + 5
+    assert got_b["b"].offset == 16 and got_b["b"].hot
+    assert metric(d, "memoryd_session_loads_total") == 2, d.log_tail()
+    assert metric(d, "memoryd_evictions_total") == 1  # A, once both its calls had run
+
+
+def test_deadlines_drop_what_nobody_uses_and_finish_what_is_safe(daemon_factory) -> None:
+    """A fresh daemon has not priced its work yet (its first append is the blocker), so nothing is
+    refused early (that is the next test): B's calls queue behind the blocker and their deadlines
+    pass there.  The append without an append_id and the dry-run generation are dropped unrun; the
+    append with one runs to the end, and its retry is answered as a duplicate."""
+    d = daemon_factory("--tick-tokens", str(BLOCK + 1))
+    stub = d.stub()
+    create(stub, "block", 0)
+    start = create(stub, "b", 0)
+    assert stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=30).hot
+    t, out = blocker(stub, "block")
+    time.sleep(0.5)  # the long append runs; B's work queues behind it
+    for call in (
+        lambda: stub.Append(pb.AppendRequest(session_id="b", tokens=tokens(40)), timeout=0.5),
+        lambda: list(
+            stub.Generate(pb.GenerateRequest(session_id="b", prompt_tokens=tokens(9), max_tokens=8), timeout=0.5)
+        ),
+        lambda: stub.Append(pb.AppendRequest(session_id="b", tokens=tokens(30), append_id="keep"), timeout=0.5),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    t.join()
+    assert out["seconds"] > 1.5, "the blocker must outlast the deadlines for this test to mean anything"
+    deadline = time.monotonic() + 30
+    while stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=30).offset == start:
+        assert time.monotonic() < deadline, "the append with an append_id was not finished"
+        time.sleep(0.1)
+    # only the append with an append_id ran: the other two were dropped, no token was generated
+    assert stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=30).offset == start + 30
+    assert metric(d, "memoryd_tokens_generated_total") == 0
+    assert metric(d, "memoryd_dropped_work_total") >= 2
+    retry = stub.Append(pb.AppendRequest(session_id="b", tokens=tokens(30), append_id="keep"), timeout=30)
+    assert retry.duplicate and retry.offset == start + 30
+    codes = [c["code"] for c in calls_logged(d, "Append") if c.get("session") == "b"]
+    assert codes == ["DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", "OK"], codes
+    assert [c["code"] for c in calls_logged(d, "Generate")] == ["DEADLINE_EXCEEDED"]
+
+
+def test_a_full_queue_refuses_at_once_with_a_retry_hint(daemon_factory) -> None:
+    d = daemon_factory("--tick-tokens", str(BLOCK + 1), "--max-queued-tokens", "1000")
+    stub = d.stub()
+    create(stub, "block")
+    start = create(stub, "b")
+    t, _ = blocker(stub, "block")
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Append(pb.AppendRequest(session_id="b", tokens=tokens(10), append_id="x"), timeout=60)
+    took = time.monotonic() - t0
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queued_tokens" in e.value.details()
+    hint = dict(e.value.trailing_metadata() or ())
+    assert int(hint["memoryd-retry-after-ms"]) > 0
+    assert took < 1.0, took
+    t.join()
+    assert stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=30).offset == start
+
+
+def test_a_load_queued_longer_than_the_lease_keeps_its_session(daemon_factory) -> None:
+    d = daemon_factory("--tick-tokens", str(BLOCK + 1), "--lease-seconds", "1")
+    stub = d.stub()
+    create(stub, "block")
+    create(stub, "b")
+    d.kill()
+    d.start()  # both cold
+    stub = d.stub()
+    stub.GetSession(pb.GetSessionRequest(session_id="block"), timeout=30)
+    t, out = blocker(stub, "block")
+    time.sleep(0.3)
+    got = stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=120)  # its replay waits for the blocker
+    t.join()
+    assert out["seconds"] > 3, "the load must wait longer than the 1 s lease for this test to mean anything"
+    assert got.hot
+    time.sleep(1.5)  # a few rounds of lease renewal
+    stub.Append(pb.AppendRequest(session_id="b", tokens=tokens(4), append_id="after"), timeout=30)
+    assert "lost the lease" not in d.log_path.read_text()
+    assert metric(d, "memoryd_session_loads_total") == 2  # block and b, once each
+
+
+def test_a_client_that_gave_up_while_it_loaded_finds_it_hot(daemon_factory) -> None:
+    d = daemon_factory("--tick-tokens", str(BLOCK + 1), "--snapshot-interval", "100000")
+    stub = d.stub()
+    create(stub, "long", 16)
+    stub.Append(pb.AppendRequest(session_id="long", tokens=tokens(BLOCK, 5)), timeout=300)
+    d.kill()  # kill -9: no snapshot, the whole log to replay
+    d.start()
+    stub = d.stub()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetSession(pb.GetSessionRequest(session_id="long"), timeout=0.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 120
+    while metric(d, "memoryd_session_loads_total") < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    t0 = time.monotonic()
+    info = stub.GetSession(pb.GetSessionRequest(session_id="long"), timeout=30)
+    assert info.hot and info.offset == 16 + BLOCK
+    assert time.monotonic() - t0 < 1.0
+    assert metric(d, "memoryd_session_loads_total") == 1, "the retry found the load done, not started another"
+    assert [c["code"] for c in calls_logged(d, "GetSession")][-2:] == ["DEADLINE_EXCEEDED", "OK"]
+
+
+def test_an_8000_token_append_through_the_sdk_defaults_lands_once(daemon_factory) -> None:
+    """The SDK's defaults against the default model, scaled in time to the tiny model: every
+    duration the SDK allows (its timeout, its append rate) is multiplied by how much slower per
+    token the default model is, so the test sees the ratios a user of the default model sees."""
+    d = daemon_factory()
+    with MemoryClient(d.address) as probe:
+        s = probe.create_session("probe")
+        t0 = time.monotonic()
+        s.append(tokens(1000), timeout=300)
+        per_token = (time.monotonic() - t0) / 1000
+    k = per_token * DEFAULT_MODEL_TOKENS_PER_SECOND  # seconds here per second with the default model
+    defaults = MemoryClient.__init__.__kwdefaults__
+    timeout, rate = defaults["timeout"] * k, APPEND_TOKENS_PER_SECOND / k
+    assert 8000 * per_token > timeout, "with a fixed per-attempt deadline it would never land (issue 20)"
+    with MemoryClient(d.address, timeout=timeout, append_rate=rate, retry=RetryPolicy()) as c:
+        s = c.create_session("tool-output")
+        res = s.append(tokens(8000, 9))
+    assert res.offset == 8000 and not res.duplicate
+    mine = [r for r in calls_logged(d, "Append") if r.get("session") == "tool-output"]
+    assert [r["code"] for r in mine] == ["OK"], mine

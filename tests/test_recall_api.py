@@ -1,0 +1,374 @@
+"""Recall at the API edge (issue 19): the Recall rpc, the SDK's `session.recall`, the CLI, and recall in
+generation, through a real daemon, a real redis-server and the real SDK.
+
+The daemon serves the tiny preset with a plain Jinja chat template and a 256-token window
+(byte tokenizer: text length is token count), so a fact pushed 500 bytes back is out of the
+window and recalled context of a few hundred tokens fits in it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from memoryd_sdk import AsyncMemoryClient, MemoryClient, NotFound, RecallOptions, Session
+from memoryd_sdk.proto import memoryd_pb2 as pb
+from memoryd_sdk.types import FinishReason
+
+pytest.register_assert_rewrite("sdk_fixtures")
+from sdk_fixtures import TOKENS, auth_daemon  # noqa: E402
+from service_fixtures import (  # noqa: E402
+    Daemon,
+    assert_same_state,
+    auth_md,
+    child_env,
+    export_bytes,
+    reference_state,
+    state_tensors,
+)
+
+PLAIN = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+WINDOW = 256
+FACT = "The storage room door code is 4417."
+QUESTION = "What do I type at the storage room door?"
+FILLER = [
+    "Weather report for the week: light rain on Monday, sun from Wednesday, wind from the west at night.",
+    "The build on the main branch passed after the flaky network test was retried twice by the runner.",
+    "Lunch options near the office include a noodle bar, a bakery with soup, and a salad place upstairs.",
+    "Reminder that the quarterly all-hands moves to the big auditorium because the usual hall is booked.",
+    "The printer on the third floor jams with thick paper; use the one by the kitchen for the posters.",
+]
+ALICE, BOB = auth_md(TOKENS["alice"]), auth_md(TOKENS["bob"])
+
+
+def turn(role: str, content: str) -> str:
+    return f"<|{role}|>\n{content}<|end|>\n"
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model import init_model, preset, save_checkpoint
+
+    cfg = preset("tiny").model_copy(update={"chat_template": PLAIN, "window_size": WINDOW})
+    out = tmp_path_factory.mktemp("ckpt-recall") / "tiny-chat"
+    save_checkpoint(init_model(cfg, seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_model(chat_checkpoint: Path):
+    import torch
+
+    from model import load_checkpoint
+
+    torch.set_num_threads(1)
+    return load_checkpoint(chat_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, chat_checkpoint: Path) -> Iterator[Daemon]:
+    with auth_daemon(tmp_path_factory, chat_checkpoint, "recall", "--max-generate-tokens", "64") as d:
+        yield d
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[MemoryClient]:
+    with MemoryClient(daemon.address, token=TOKENS["alice"]) as c:
+        yield c
+
+
+@dataclass
+class History:
+    session: Session
+    text: str
+    """Everything the session holds (bytes = tokens)."""
+    fact_start: int
+
+
+def history(c: MemoryClient) -> History:
+    """A session whose fact is stated once, then pushed out of the window by five filler turns."""
+    s = c.create_session()
+    text = ""
+    r = s.add_message("user", FACT)
+    fact_start, text = r.start_offset, text + turn("user", FACT)
+    s.add_message("assistant", "Noted.")
+    text += turn("assistant", "Noted.")
+    for f in FILLER:
+        s.add_message("user", f)
+        text += turn("user", f)
+    assert s.offset == len(text.encode()) and s.offset - fact_start > WINDOW
+    return History(s, text, fact_start)
+
+
+def state_of(d: Daemon, sid: str) -> bytes:
+    return export_bytes(d.stub(), sid, ALICE)
+
+
+def rpc_error(call, *args, **kw) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as e:
+        r = call(*args, **kw)
+        if not isinstance(r, pb.RecallResponse | pb.ModelInfo):  # a stream: read it
+            list(r)
+    return e.value
+
+
+# -- the Recall rpc -------------------------------------------------------------------------------
+
+
+def test_limits_are_reported(daemon: Daemon) -> None:
+    lim = daemon.stub().GetModel(pb.GetModelRequest(), metadata=ALICE).limits
+    assert (lim.max_recall_k, lim.default_recall_k, lim.max_recall_query_chars) == (64, 8, 4096)
+    assert lim.max_recall_budget_tokens == WINDOW and lim.default_recall_budget_tokens == WINDOW  # 512 > the window
+
+
+def test_bad_recall_requests_name_the_field_and_change_nothing(daemon: Daemon, client: MemoryClient) -> None:
+    h = history(client)
+    sid, stub = h.session.id, daemon.stub()
+    lim = stub.GetModel(pb.GetModelRequest(), metadata=ALICE).limits
+    before = state_of(daemon, sid)
+    bad = {
+        "k": pb.RecallRequest(session_id=sid, query="door code", k=0),
+        "k ": pb.RecallRequest(session_id=sid, query="door code", k=lim.max_recall_k + 1),
+        "query": pb.RecallRequest(session_id=sid, query="", k=3),
+        "query ": pb.RecallRequest(session_id=sid, query=" \n\t ", k=3),
+        "query  ": pb.RecallRequest(session_id=sid, query="x" * (lim.max_recall_query_chars + 1), k=3),
+        "session_id": pb.RecallRequest(session_id="not a valid id!", query="door code", k=3),
+    }
+    for field, req in bad.items():
+        e = rpc_error(stub.Recall, req, metadata=ALICE, timeout=30)
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (field, e.details())
+        assert e.details().startswith(field.strip()), (field, e.details())
+    e = rpc_error(stub.Recall, pb.RecallRequest(session_id="no-such-session", query="door", k=3), metadata=ALICE)
+    assert e.code() == grpc.StatusCode.NOT_FOUND and "no-such-session" in e.details()
+    # another tenant: not found, exactly as a session that does not exist (its existence is not revealed)
+    e = rpc_error(stub.Recall, pb.RecallRequest(session_id=sid, query="door code", k=3), metadata=BOB, timeout=30)
+    assert e.code() == grpc.StatusCode.NOT_FOUND and sid in e.details()
+    with MemoryClient(daemon.address, token=TOKENS["bob"]) as bob, pytest.raises(NotFound):
+        bob.session(sid).recall("door code", k=3)
+
+    # generation's recall options: checked before anything is read
+    gen_bad = {
+        "recall.k": pb.RecallOptions(k=lim.max_recall_k + 1),
+        "recall.budget_tokens": pb.RecallOptions(budget_tokens=lim.max_recall_budget_tokens + 1),
+        "recall.query": pb.RecallOptions(query="y" * (lim.max_recall_query_chars + 1)),
+    }
+    for field, opts in gen_bad.items():
+        req = pb.GenerateRequest(session_id=sid, prompt_text="hi", max_tokens=4, commit=True, recall=opts)
+        e = rpc_error(stub.Generate, req, metadata=ALICE, timeout=30)
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details().startswith(field), e.details()
+
+    assert stub.GetSession(pb.GetSessionRequest(session_id=sid), metadata=ALICE).offset == h.session.offset
+    assert_same_state(state_tensors_of(daemon, before), state_tensors_of(daemon, state_of(daemon, sid)))
+
+
+def state_tensors_of(d: Daemon, data: bytes) -> dict:
+    from model import load_checkpoint
+
+    return state_tensors(load_checkpoint(d.checkpoint), data)
+
+
+def test_recall_finds_the_fact_out_of_the_window(client: MemoryClient, daemon: Daemon) -> None:
+    h = history(client)
+    before = state_of(daemon, h.session.id)
+    spans = h.session.recall("storage room door code", k=3)
+    assert 1 <= len(spans) <= 3
+    assert [s.score for s in spans] == sorted((s.score for s in spans), reverse=True)  # most relevant first
+    top = spans[0]  # a turn, or a window of one (this byte-level model has no turn token)
+    fact_end = h.fact_start + len(turn("user", FACT))
+    assert "4417" in top.text and top.start_offset < fact_end and h.fact_start < top.end_offset <= h.session.offset
+    log = h.text.encode()
+    for s in spans:  # exact text of the log at its offsets
+        assert s.text == log[s.start_offset : s.end_offset].decode()
+    assert state_of(daemon, h.session.id) == before  # a read: the state is untouched
+
+
+@pytest.mark.asyncio
+async def test_async_recall(daemon: Daemon, client: MemoryClient) -> None:
+    h = history(client)
+    async with AsyncMemoryClient(daemon.address, token=TOKENS["alice"]) as c:
+        spans = await c.session(h.session.id).recall("door code for the storage room", k=2)
+    assert spans and "4417" in spans[0].text
+
+
+def test_cli_recall(daemon: Daemon, client: MemoryClient) -> None:
+    h = history(client)
+
+    def memoryd(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "memoryd", "sessions", "recall", *args]
+        cmd += ["--daemon", daemon.address, "--token", TOKENS["alice"]]
+        return subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=120)
+
+    out = memoryd(h.session.id, "storage room door code", "-k", "2")
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert first.startswith("[") and "score" in first and "4417" in out.stdout
+    js = memoryd(h.session.id, "storage room door code", "-k", "2", "--json")
+    rows = [json.loads(line) for line in js.stdout.splitlines()]
+    assert js.returncode == 0 and 1 <= len(rows) <= 2 and "4417" in rows[0]["text"]
+    assert set(rows[0]) == {"start_offset", "end_offset", "text", "score"}
+    bad = memoryd(h.session.id, "storage", "-k", "0")
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr and "k must be" in bad.stderr
+    gone = memoryd("no-such-session", "storage")
+    assert gone.returncode == 1 and "NOT_FOUND" in gone.stderr
+
+
+# -- recall in generation -------------------------------------------------------------------------
+
+
+def expected_context(spans, position: int, prompt_tokens: int, max_tokens: int, budget: int) -> list[int]:
+    """The context the daemon should have placed: memoryd's own rule, fed the spans it reported."""
+    from memoryd.sessions.chat import ChatFormat
+    from memoryd.sessions.recall_prompt import recall_context
+    from model.tokenizer import ByteTokenizer
+
+    @dataclass(frozen=True)
+    class S:
+        start: int
+        end: int
+        text: str
+        score: float
+
+    got = [S(s.start_offset, s.end_offset, s.text, s.score) for s in spans]
+    ctx = recall_context(
+        got,
+        position=position,
+        window=WINDOW,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        budget=budget,
+        chat=ChatFormat(PLAIN),
+        tok=ByteTokenizer(),
+    )
+    return list(ctx.tokens)
+
+
+def test_chat_recalls_and_commits_only_prompt_and_reply(client: MemoryClient, daemon: Daemon, chat_model) -> None:
+    """`session.chat` recalls by default; the recalled context conditions the reply (the same tokens as
+    a prompt that spells it out), and the committed state is bit-exact with a solo replay of the log."""
+    h = history(client)
+    s, position = h.session, h.session.offset
+    reply = s.chat(QUESTION, max_tokens=8)
+    gen = reply.generation
+    assert gen.recalled_tokens > 0 and any("4417" in sp.text for sp in gen.recalled_spans)
+    # What was committed: the question's turn, the reply, the closing; never the recalled context.
+    prompt = turn("user", QUESTION) + "<|assistant|>\n"
+    kept = list(gen.tokens[:-1] if gen.finish_reason == FinishReason.STOP_TOKEN else gen.tokens)
+    log = list((h.text + prompt).encode()) + kept + list(b"<|end|>\n")
+    assert reply.offset == len(log) == position + gen.committed_tokens
+    assert_same_state(state_tensors(chat_model, state_of(daemon, s.id)), reference_state(chat_model, [log]))
+
+    # The reply was sampled after exactly the context the recall rule makes, placed right before the prompt:
+    # a generation on the state before the question whose prompt spells that context out gives the same tokens.
+    ctx = expected_context(gen.recalled_spans, position, len(prompt.encode()), 8, WINDOW)
+    assert len(ctx) == gen.recalled_tokens
+    twin = client.create_session()
+    twin.append(list(h.text.encode()))
+    spelled = twin.complete(ctx + list(prompt.encode()), max_tokens=8)
+    assert spelled.tokens == gen.tokens
+
+
+def test_recall_without_commit_changes_nothing(client: MemoryClient, daemon: Daemon) -> None:
+    h = history(client)
+    before = state_of(daemon, h.session.id)
+    r = h.session.reply([("user", QUESTION)], max_tokens=6, commit=False)
+    assert r.generation.recalled_tokens > 0 and r.offset == h.session.offset
+    assert state_of(daemon, h.session.id) == before
+
+
+def test_generate_without_the_field_is_unchanged(client: MemoryClient, daemon: Daemon, chat_model) -> None:
+    """No recall field (the SDK's generate, or chat with recall=False): nothing is recalled, the reply is
+    the one the session alone gives, and the committed state is a replay of the log."""
+    h = history(client)
+    a, b = h.session, h.session.fork()
+    off = a.reply([("user", QUESTION)], max_tokens=8, recall=False)
+    assert off.generation.recalled_tokens == 0 and off.generation.recalled_spans == ()
+    req = pb.GenerateRequest(
+        session_id=b.id,
+        prompt_messages=[pb.ChatMessage(role="user", content=QUESTION)],
+        add_generation_prompt=True,
+        max_tokens=8,
+        commit=True,
+    )
+    raw = list(daemon.stub().Generate(req, metadata=ALICE, timeout=60))
+    assert tuple(t for m in raw for t in m.tokens) == off.generation.tokens
+    assert raw[-1].recalled_tokens == 0 and not raw[-1].recalled_spans
+    assert_same_state(
+        state_tensors(chat_model, state_of(daemon, a.id)), state_tensors(chat_model, state_of(daemon, b.id))
+    )
+    gen = off.generation
+    kept = list(gen.tokens[:-1] if gen.finish_reason == FinishReason.STOP_TOKEN else gen.tokens)
+    log = list((h.text + turn("user", QUESTION) + "<|assistant|>\n").encode()) + kept + list(b"<|end|>\n")
+    assert_same_state(state_tensors(chat_model, state_of(daemon, a.id)), reference_state(chat_model, [log]))
+
+
+def test_recall_options_and_an_empty_session(client: MemoryClient) -> None:
+    """k and the budget are honoured; a session with nothing to recall generates as without recall."""
+    h = history(client)
+    one = RecallOptions(k=1, budget_tokens=160)  # a 96-token window of this turnless log and its framing fit
+    r = h.session.reply([("user", QUESTION)], max_tokens=4, commit=False, recall=one)
+    assert len(r.generation.recalled_spans) == 1 and 0 < r.generation.recalled_tokens <= 160
+    small = RecallOptions(k=8, budget_tokens=100)  # no span fits with the turn's framing: none is cut to fit
+    r = h.session.reply([("user", QUESTION)], max_tokens=4, commit=False, recall=small)
+    assert r.generation.recalled_spans == () and r.generation.recalled_tokens == 0
+    fresh = client.create_session()
+    first = fresh.chat("Hello there", max_tokens=4)
+    assert first.generation.recalled_tokens == 0
+
+
+# -- the placement rule itself (memoryd/sessions/recall_prompt.py) ----------------------------------
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: int
+    end: int
+    text: str
+    score: float
+
+
+def test_context_rule_budget_window_order_and_markers() -> None:
+    from memoryd.sessions.chat import ChatFormat, Message
+    from memoryd.sessions.recall_prompt import HEADER, context_budget, query_of, recall_context
+    from model.tokenizer import ByteTokenizer
+
+    chat, tok = ChatFormat(PLAIN), ByteTokenizer()
+    assert context_budget(512, WINDOW, 70, 8) == WINDOW - 70 - 8  # context + prompt + the reply's start fit
+    assert context_budget(900, 1024, 70, 1000) == 1024 - 70 - 256  # a long reply: its first 256 tokens
+    assert context_budget(512, 0, 70, 8) == 512 and context_budget(512, WINDOW, 250, 8) == 0
+    position = 2000
+    spans = [  # most relevant first, as the index returns them
+        _Span(900, 950, turn("user", "The code is 4417."), 9.0),
+        _Span(100, 140, turn("assistant", "Parking is on level B2."), 5.0),
+        _Span(position - 5, position, turn("user", "recent"), 4.0),  # still in the window after the context: left out
+        _Span(300, 800, turn("tool", "x" * 480), 3.0),  # does not fit: skipped, not cut
+        _Span(1200, 1230, turn("user", "Lunch at noon."), 1.0),
+    ]
+    ctx = recall_context(
+        spans, position=position, window=WINDOW, prompt_tokens=40, max_tokens=8, budget=512, chat=chat, tok=tok
+    )
+    assert [s.start for s in ctx.spans] == [900, 100, 1200]  # by relevance
+    text = bytes(ctx.tokens).decode()
+    # special tokens and the template's closing and generation prompt are taken out ("<|user|>" is plain
+    # text for this byte-level template: it stays)
+    body = "<|user|>\nThe code is 4417.", "Parking is on level B2.", "<|user|>\nLunch at noon."
+    want = f"<|system|>\n{HEADER}\n{body[1]}\n{body[0]}\n{body[2]}<|end|>\n"  # in log order, one system turn
+    assert text == want and len(ctx.tokens) <= context_budget(512, WINDOW, 40, 8)
+    tight = recall_context(
+        spans, position=position, window=WINDOW, prompt_tokens=40, max_tokens=8, budget=75, chat=chat, tok=tok
+    )
+    assert [s.start for s in tight.spans] == [900] and len(tight.tokens) <= 75  # the others no longer fit
+    none = recall_context(
+        spans[2:3], position=position, window=WINDOW, prompt_tokens=40, max_tokens=8, budget=512, chat=chat, tok=tok
+    )
+    assert none.tokens == () and none.spans == ()
+
+    conv = [Message("system", "Be brief."), Message("user", "first?"), Message("assistant", "ok"), Message("user", "q")]
+    assert query_of(conv, "") == "q" and query_of(conv[:1], "") == "Be brief." and query_of([], "text") == "text"
