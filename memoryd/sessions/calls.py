@@ -798,6 +798,15 @@ class Sessions:
             async with self._redis():
                 return await self.recalls.recall(key, hot.gen, hot.state.position, query, k)
 
+    async def tail(self, key: Key, n: int) -> tuple[int, int, str]:
+        """The session's last `n` tokens: (start, end, text), read from the log kept for recall."""
+        async with self._held(key):
+            hot = await self._load(key)
+            position = hot.state.position
+            async with self._redis():
+                start, text = await self.recalls.tail(key, hot.gen, position, n)
+        return start, position, text
+
     async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
         """The session's head and its whole state as snapshot bytes (safetensors)."""
         key = (tenant, sid)
