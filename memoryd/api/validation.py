@@ -72,33 +72,28 @@ def _has_control(text: str) -> bool:
     return any(unicodedata.category(c) == "Cc" for c in text)
 
 
+def _check_entries(m: dict[str, str], field: str) -> dict[str, str]:
+    for k, v in m.items():
+        if not k or len(k) > MAX_META_KEY_CHARS or _has_control(k):
+            raise InvalidArgument(
+                f"{field} keys must be 1-{MAX_META_KEY_CHARS} characters without control characters, got {_shown(k)}"
+            )
+        if len(v) > MAX_META_VALUE_CHARS:
+            raise InvalidArgument(f"{field}[{k!r}] has {len(v)} characters; at most {MAX_META_VALUE_CHARS}")
+    return m
+
+
 def check_metadata(meta: Mapping[str, str], field: str = "metadata") -> dict[str, str]:
     """The metadata as a dict, or INVALID_ARGUMENT naming the entry."""
     m = dict(meta)
     if len(m) > MAX_META_ENTRIES:
         raise InvalidArgument(f"{field} has {len(m)} entries; at most {MAX_META_ENTRIES}")
-    for k, v in m.items():
-        if not k or len(k) > MAX_META_KEY_CHARS or _has_control(k):
-            raise InvalidArgument(
-                f"{field} keys must be 1-{MAX_META_KEY_CHARS} characters without control characters, got {_shown(k)}"
-            )
-        if len(v) > MAX_META_VALUE_CHARS:
-            raise InvalidArgument(f"{field}[{k!r}] has {len(v)} characters; at most {MAX_META_VALUE_CHARS}")
-    return m
+    return _check_entries(m, field)
 
 
 def check_metadata_patch(meta: Mapping[str, str], field: str) -> dict[str, str]:
-    """An UpdateSession map as a dict (an empty value removes the key; the entry count is checked on the
-    result, in the store), or INVALID_ARGUMENT naming the entry."""
-    m = dict(meta)
-    for k, v in m.items():
-        if not k or len(k) > MAX_META_KEY_CHARS or _has_control(k):
-            raise InvalidArgument(
-                f"{field} keys must be 1-{MAX_META_KEY_CHARS} characters without control characters, got {_shown(k)}"
-            )
-        if len(v) > MAX_META_VALUE_CHARS:
-            raise InvalidArgument(f"{field}[{k!r}] has {len(v)} characters; at most {MAX_META_VALUE_CHARS}")
-    return m
+    """Entries of an UpdateSession map, each within the limits; the count is checked on the merged result."""
+    return _check_entries(dict(meta), field)
 
 
 def check_role(role: str, field: str, roles: frozenset[str] | None) -> str:

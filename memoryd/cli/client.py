@@ -1,4 +1,4 @@
-"""`memoryd sessions ls|show|rm|export|import|recall`, `memoryd chat`, `memoryd http`, `memoryd mcp`.
+"""`memoryd sessions ls|show|rm|export|import|recall`, `memoryd chat`, `memoryd http`, `memoryd mcp`: for people.
 
 All run against a running daemon.  They use the SDK only (no torch is imported), so they start fast and work from any
 machine that can reach the daemon.  Common flags: `--daemon host:port` (env
