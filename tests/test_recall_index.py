@@ -223,3 +223,24 @@ def test_recall_log_bytes_round_trip_and_refuse_what_is_not_one() -> None:
     ]:
         with pytest.raises(transfer.BadRecallLog, match=why):
             transfer.decode(bad, offset, vocab)
+
+
+@pytest.mark.parametrize("shape", [Shape(TURN, 96, 24), Shape(TURN, 16, 4), Shape(None, 32, 8)])
+def test_a_prefix_of_an_index_equals_the_index_of_the_prefix(shape: Shape) -> None:
+    rng = random.Random(11)
+    toks, _ = agent_log(rng, 40)
+    full = build(toks, shape, chunked(toks, rng))
+    turn_starts = [i for i, t in enumerate(toks) if t == TURN]
+    cuts = {0, 1, 2, len(toks), *turn_starts[:6], *[t + 1 for t in turn_starts[:6]], *rng.sample(range(len(toks)), 40)}
+    for x in sorted(cuts):
+        got, want = full.prefix(x), build(toks[:x], shape)
+        assert got is not None
+        assert (got.end, got.spans(), got.nbytes()) == (want.end, want.spans(), want.nbytes()), x
+        for q in ["Oslo deploy code", "Margarethe", "invoice euros", "tests plan agent"]:
+            assert got.search(q, 8) == want.search(q, 8), (x, q)
+        more = toks[x : x + 150]  # and it grows as the index of the longer prefix does
+        got.extend(x, more)
+        want.extend(x, more)
+        assert got.search("agent files Oslo", 8) == want.search("agent files Oslo", 8), x
+    gapped = build(toks, shape, [(0, toks[:50]), (80, toks[80:200])])
+    assert gapped.prefix(100) is None

@@ -76,7 +76,16 @@ from memoryd.settings import Settings
 from memoryd.store import heads, leases, snapshots, tokenlog
 from memoryd.store.db import Store
 from memoryd.store.heads import Head
-from memoryd.store.results import HeldElsewhere, Leased, Logged, OffsetDiffers, Ok, Refusal
+from memoryd.store.results import (
+    EntryDiffers,
+    HeldElsewhere,
+    Leased,
+    Logged,
+    OffsetDiffers,
+    Ok,
+    Refusal,
+    TooManyEntries,
+)
 from memoryd.store.tokenlog import tokens_hash
 
 if TYPE_CHECKING:
@@ -457,19 +466,19 @@ class Sessions:
     ) -> Info:
         """Set / remove metadata entries (client data: no lease, no load; the state is not touched)."""
         async with self._redis():
-            res = await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries)
-            if res.outcome == "gone":
-                raise NotFound(f"session {sid!r} does not exist")
-            if res.outcome == "differs":
-                raise Aborted(
-                    f"expected_metadata[{res.key!r}] differs from the session's: nothing was changed; "
-                    "read the session again and retry"
-                )
-            if res.outcome == "too_many":
-                raise ResourceExhausted(
-                    f"the metadata would hold {res.entries} entries; at most {max_entries} "
-                    "(remove entries with empty values in the same update)"
-                )
+            match await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries):
+                case Refusal.NOT_FOUND:
+                    raise NotFound(f"session {sid!r} does not exist")
+                case EntryDiffers(key):
+                    raise Aborted(
+                        f"expected_metadata[{key!r}] differs from the session's: nothing was changed; "
+                        "read the session again and retry"
+                    )
+                case TooManyEntries(entries):
+                    raise ResourceExhausted(
+                        f"the metadata would hold {entries} entries; at most {max_entries} "
+                        "(remove entries with empty values in the same update)"
+                    )
             head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
@@ -793,6 +802,15 @@ class Sessions:
             hot = await self._load(key)
             async with self._redis():
                 return await self.recalls.recall(key, hot.gen, hot.state.position, query, k)
+
+    async def tail(self, key: Key, n: int) -> tuple[int, int, str]:
+        """The session's last `n` tokens: (start, end, text), read from the log kept for recall."""
+        async with self._held(key):
+            hot = await self._load(key)
+            position = hot.state.position
+            async with self._redis():
+                start, text = await self.recalls.tail(key, hot.gen, position, n)
+        return start, position, text
 
     async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
         """The session's head and its whole state as snapshot bytes (safetensors)."""
