@@ -124,10 +124,11 @@ class Settings(BaseSettings):
         "less freed memory; 2 measured lower RSS at the same throughput (docs/service.md, Under load)",
     )
     malloc_mmap_threshold: int = Field(
-        1024**2,
+        0,
         ge=0,
         description="allocations at least this big are mmapped and go back to the system when freed (mallopt "
-        "M_MMAP_THRESHOLD; 0: glibc's default, which rises after the first large free up to 32MiB)",
+        "M_MMAP_THRESHOLD; 0: glibc's default, which rises after the first large free up to 32MiB). 1MiB cut RSS "
+        "a little but made the default model's replay 1.5x slower (docs/service.md, Under load)",
     )
     torch_threads: int = Field(
         1, ge=0, description="torch intra-op threads (0: torch's default; more than 1 only on a dedicated machine)"
