@@ -277,7 +277,7 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
         s = built.session
         opts = RecallOptions(k=args.k, budget_tokens=args.budget)
         lines = []
-        for d in depths:
+        for d in args.ask_depths or depths:
             rows = [f for f in built.facts if f.depth == d]
             hits, on, off, oracle, recall_ms = 0, 0, 0, 0, []
             ttft_on, ttft_off, dec_on, dec_off, ctx = [], [], [], [], []
@@ -327,6 +327,7 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
                             "decode_ms_per_token_recall_on": mean(dec_on),
                             "decode_ms_per_token_recall_off": mean(dec_off),
                             "recall_p95_ms": round(pct(recall_ms, 0.95), 2),
+                            "recall_p50_ms": round(pct(recall_ms, 0.5), 2),
                             "recalled_tokens_mean": mean([float(c) for c in ctx]),
                             "depth_tokens_mean": round(statistics.fmean(built.end - f.start for f in rows)),
                             "session_tokens": built.end,
@@ -361,6 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="more budgets asked side by side (e.g. 128,256): answered share and TTFT under each",
     )
     ap.add_argument("--facts", type=int, default=10, help="facts per depth (five kinds in turn)")
+    ap.add_argument(
+        "--ask-depths",
+        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+        default=[],
+        help="ask only the facts of these depths (the others stay in the session as distractors)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
     ap.add_argument("--torch-threads", type=int, default=1)

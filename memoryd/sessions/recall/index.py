@@ -61,6 +61,10 @@ class SpanIndex:
     def end(self) -> int:
         return self._seg.end
 
+    def text_of(self, s: int, e: int) -> str:
+        """The text of the log's tokens [s, e), clipped to what this index holds ([base, end))."""
+        return self._text(max(s, self.base), min(e, self.end))
+
     def _text(self, s: int, e: int) -> str:
         return self.decode(self.tokens[s - self.base : e - self.base].tolist())
 

@@ -248,6 +248,14 @@ class RecallIndexes:
             index.extend(run.start, run.tokens)
         return index
 
+    async def tail(self, key: Key, gen: int, position: int, n: int) -> tuple[int, str]:
+        """Where the log's last `n` tokens start, and their text (from the start of what is kept, if later)."""
+        index = await self.index(key, gen, position)
+        if index is None:
+            return position, ""
+        start = max(position - n, index.base)
+        return start, index.text_of(start, position)
+
     async def recall(self, key: Key, gen: int, position: int, query: str, k: int) -> list[RecalledSpan]:
         index = await self.index(key, gen, position)
         if index is None:
