@@ -104,6 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4150, help="session length (the issue's: 4,153)")
     ap.add_argument("--small", action="store_true", help="the random `small` preset instead of the default model")
+    ap.add_argument("--daemon-arg", action="append", default=[], help="extra `memoryd serve` flag (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -117,7 +118,7 @@ def main() -> None:
     data_dir = None if args.small else default_data_dir()
     daemon = None
     try:
-        daemon, address = start_daemon(work, ckpt, port, 1, "--log-level", "INFO", data_dir=data_dir)
+        daemon, address = start_daemon(work, ckpt, port, 1, "--log-level", "INFO", *args.daemon_arg, data_dir=data_dir)
         model, *_ = load_model(load_settings({"checkpoint": ckpt, "data_dir": data_dir or work}), "cpu")
         vocab = model.cfg.vocab_size
         with grpc.insecure_channel(address) as ch:
@@ -126,7 +127,9 @@ def main() -> None:
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(30)
         t0 = time.perf_counter()
-        daemon, address = start_daemon(work, ckpt, port, 1, "--log-level", "INFO", data_dir=data_dir, address=address)
+        daemon, address = start_daemon(
+            work, ckpt, port, 1, "--log-level", "INFO", *args.daemon_arg, data_dir=data_dir, address=address
+        )
         restart = time.perf_counter() - t0
         with grpc.insecure_channel(address) as ch:
             t0 = time.perf_counter()
@@ -139,6 +142,7 @@ def main() -> None:
         base = sum(bases) / 2
         out = {
             "model": "small (random)" if args.small else "default",
+            "daemon_args": args.daemon_arg,
             "restart_seconds": round(restart, 2),
             "load_seconds": round(load, 3),
             "reference_seconds": round(base, 3),
