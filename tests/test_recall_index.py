@@ -244,3 +244,46 @@ def test_a_prefix_of_an_index_equals_the_index_of_the_prefix(shape: Shape) -> No
         assert got.search("agent files Oslo", 8) == want.search("agent files Oslo", 8), x
     gapped = build(toks, shape, [(0, toks[:50]), (80, toks[80:200])])
     assert gapped.prefix(100) is None
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_chat_turns_are_spans_with_a_real_tokenizer_and_template(tmp_path) -> None:
+    """The turn-start token is found from the template's generation prompt; every turn is a span."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from memoryd.sessions.chat import ChatFormat, Message
+    from memoryd.sessions.recall.indexes import turn_start
+    from model.tokenizer import HFTokenizer
+
+    msgs = [Message("user", "the vault code is QX 7731"), Message("tool", "ran tests all passed")]
+    msgs += [
+        Message("assistant", "noted the code for the vault"),
+        Message("user", "Valparaiso is where Margarethe lives"),
+    ]
+    text_words = {w for m in msgs for w in (m.role + " " + m.content).split()}
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0} | {w: i + 1 for i, w in enumerate(sorted(text_words))}, "[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path / "tokenizer.json", 1, 2)
+    chat = ChatFormat(CHATML, specials=["<|im_start|>", "<|im_end|>"])
+    assert chat.problem is None
+    ts = turn_start(tok, chat)
+    assert ts is not None and tok.decode([ts]) == "<|im_start|>"
+    ids: list[int] = []
+    starts = []
+    for i, m in enumerate(msgs):
+        starts.append(len(ids))
+        ids += tok.encode(chat.render([m], start=i == 0))
+    ix = SpanIndex(Shape(ts), tok.decode)
+    ix.extend(0, ids)
+    hits = ix.search("Where does Margarethe live?", 4)
+    assert hits[0].start == starts[3] and hits[0].end == len(ids)
+    assert {(h.start, h.end) for h in ix.search("vault code", 4)} == {(starts[0], starts[1]), (starts[2], starts[3])}
+    assert turn_start(tok, None) is None

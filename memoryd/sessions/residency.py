@@ -47,7 +47,11 @@ class Hot:
     """Offset of the newest published snapshot (or 0: none)."""
     snap_steps: int
     nbytes: int = 0
-    """state.nbytes(), kept up to date on every swap (the LRU's byte count)."""
+    """state.nbytes(), kept up to date on every swap (the LRU's byte count): what the session
+    owns (its caches, pending tokens, and its fast weights once a step has made them its own),
+    never the model's initial fast weights, which every session that has taken no step shares
+    with the model (model/state.py, `initial_theta`).  So a new or short session costs the
+    budget its caches only."""
     touched: float = field(default_factory=time.monotonic)
     """When its Redis keys' TTLs were last refreshed."""
     used: float = field(default_factory=time.monotonic)
