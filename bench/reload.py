@@ -3,10 +3,12 @@
 Builds a session the way an agent does (appends of 100-300 tokens, and committed
 generations, whose tokens the log holds one per piece) to `--tokens` tokens with the
 daemon's default snapshot interval, kills the daemon with SIGKILL, restarts it and times
-the first GetSession (snapshot read + replay of the log since the snapshot).  Then, in
-this process, with the same model: the reference a load should cost, reading the same
-snapshot from Redis and deserializing it, plus appending the tokens since it in one call;
-and, for the record, the replay as it was before issue 20 (piece by piece).
+the first GetSession (snapshot read + replay of the log since the snapshot).  Just before
+the kill and just after the load, in this process, with the same model: the reference a
+load should cost, reading the same snapshot from Redis and deserializing it, plus
+appending the tokens since it in one call (the ratio uses the mean of the two: timings
+drift on a shared machine); and, for the record, the replay as it was before issue 20
+(piece by piece).
 
     .venv/bin/python bench/reload.py --json          # default model (converted once)
     .venv/bin/python bench/reload.py --small --json  # the random `small` preset, quick
@@ -34,13 +36,14 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 import grpc  # noqa: E402
 import torch  # noqa: E402
 from harness import start_daemon, start_redis, stop_all  # noqa: E402
-from memoryd.store.store import Store  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
+from memoryd.store import heads, snapshots, tokenlog  # noqa: E402
+from memoryd.store.db import Store  # noqa: E402
 from memoryd.store.redis_client import connect  # noqa: E402
 from model import StreamState, init_model, preset, save_checkpoint, state_from_bytes  # noqa: E402
 
@@ -64,14 +67,14 @@ def build(stub: pb_grpc.MemoryServiceStub, sid: str, target: int, vocab: int, rn
 
 async def reference(url: str, model: torch.nn.Module, sid: str) -> dict[str, float | int]:
     store = Store(connect(url, 30))
-    head = await store.head("default", sid)
+    head = await heads.read(store, "default", sid)
     assert head is not None
     t0 = time.perf_counter()
-    data = await store.read_snapshot(head.snap) if head.snap else None
+    data = await snapshots.read(store, head.snap) if head.snap else None
     t1 = time.perf_counter()
     state = state_from_bytes(model, data) if data is not None else StreamState.fresh(model)
     t2 = time.perf_counter()
-    pieces = await store.read_log("default", sid, head.snap_off, head.offset)
+    pieces = await tokenlog.read(store, "default", sid, head.snap_off, head.offset)
     tail = [t for p in pieces for t in p]
     t3 = time.perf_counter()
     if tail:
@@ -101,6 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=4150, help="session length (the issue's: 4,153)")
     ap.add_argument("--small", action="store_true", help="the random `small` preset instead of the default model")
+    ap.add_argument("--daemon-arg", action="append", default=[], help="extra `memoryd serve` flag (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -114,15 +118,18 @@ def main() -> None:
     data_dir = None if args.small else default_data_dir()
     daemon = None
     try:
-        daemon, address = start_daemon(work, ckpt, port, 1, "--log-level", "INFO", data_dir=data_dir)
+        daemon, address = start_daemon(work, ckpt, port, 1, "--log-level", "INFO", *args.daemon_arg, data_dir=data_dir)
         model, *_ = load_model(load_settings({"checkpoint": ckpt, "data_dir": data_dir or work}), "cpu")
         vocab = model.cfg.vocab_size
         with grpc.insecure_channel(address) as ch:
             offset = build(pb_grpc.MemoryServiceStub(ch), "reload", args.tokens, vocab, random.Random(0))
+        before = asyncio.run(reference(url, model, "reload"))  # the same work in this process, just before
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(30)
         t0 = time.perf_counter()
-        daemon, address = start_daemon(work, ckpt, port, 1, "--log-level", "INFO", data_dir=data_dir, address=address)
+        daemon, address = start_daemon(
+            work, ckpt, port, 1, "--log-level", "INFO", *args.daemon_arg, data_dir=data_dir, address=address
+        )
         restart = time.perf_counter() - t0
         with grpc.insecure_channel(address) as ch:
             t0 = time.perf_counter()
@@ -130,13 +137,16 @@ def main() -> None:
             load = time.perf_counter() - t0
         assert info.offset == offset and info.hot
         loaded = [json.loads(x) for x in (work / "memoryd.log").read_text().splitlines() if '"event": "loaded"' in x]
-        ref = asyncio.run(reference(url, model, "reload"))
-        base = ref["read_seconds"] + ref["tail_append_seconds"]
+        ref = asyncio.run(reference(url, model, "reload"))  # and just after (timings drift on a shared machine)
+        bases = [r["read_seconds"] + r["tail_append_seconds"] for r in (before, ref)]
+        base = sum(bases) / 2
         out = {
             "model": "small (random)" if args.small else "default",
+            "daemon_args": args.daemon_arg,
             "restart_seconds": round(restart, 2),
             "load_seconds": round(load, 3),
             "reference_seconds": round(base, 3),
+            "reference_before_after": [round(b, 3) for b in bases],
             "ratio": round(load / base, 2),
             "daemon_load": {k: loaded[-1][k] for k in ("read_s", "wait_s", "build_s", "replayed")},
             **ref,

@@ -74,6 +74,19 @@ _INITIAL: weakref.WeakKeyDictionary[TTTModel, tuple[tuple, dict[str, torch.Tenso
 _INITIAL_LOCK = threading.Lock()
 
 
+def full_state_bytes(model: TTTModel) -> int:
+    """Bytes a session's state grows to once it has stepped and filled its window: its own theta
+    (every fast layer's weights, no longer shared after the first step), the window's key/value
+    cache with room for a mini-batch (attention sinks included), and the pending tokens'
+    activations; float32, the compute dtype.  A full-attention model has no bound: its window is
+    counted as 4,096 tokens.  What a memory budget should plan a session at (memoryd)."""
+    cfg = model.cfg
+    theta = sum(t.numel() * 4 for t in model.initial_fast_weights().values())
+    slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
+    kv = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * slots * 4
+    return theta + kv + cfg.mini_batch_size * cfg.hidden_size * 4
+
+
 def initial_theta(model: TTTModel) -> dict[str, torch.Tensor]:
     """theta_0 as every state that has taken no step holds it: each [1, out, in], in the
     compute dtype (`upcast`), one set of tensors per model shared by all those states.

@@ -72,7 +72,7 @@ def agent(d: Daemon) -> Agent:
 
 def test_runner_conversation_survives_kill_9(daemon: Daemon) -> None:
     set_tracing_disabled(True)  # nothing leaves the machine
-    session = MemorydSession("agents-conv", target=daemon.address, token=TOKEN)
+    session = MemorydSession("agents-conv", target=daemon.address, token=TOKEN, timeout=300)
     assert isinstance(session, AgentsSession)  # the Agents SDK's runtime-checkable protocol
     said = ["My cat is called Miso.", "I live in Lisbon.", "What is my cat called?"]
 
@@ -99,7 +99,7 @@ def test_runner_conversation_survives_kill_9(daemon: Daemon) -> None:
         assert after.offset == info.offset and after.metadata == info.metadata
 
     async def reread() -> list:
-        fresh = MemorydSession("agents-conv", target=daemon.address, token=TOKEN)  # a new process, say
+        fresh = MemorydSession("agents-conv", target=daemon.address, token=TOKEN, timeout=300)  # a new process, say
         try:
             return await fresh.get_items()
         finally:
@@ -121,18 +121,18 @@ def test_get_items_limit_pop_and_clear(daemon: Daemon) -> None:
         {"role": "assistant", "content": [{"type": "output_text", "text": "second", "annotations": []}]},
         {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": '{"q": "x"}'},
         {"type": "function_call_output", "call_id": "c1", "output": "found\nit"},
-        {"role": "user", "content": 'ünïcode and "quotes"\n' + "long " * 2000},  # several metadata chunks
+        {"role": "user", "content": 'ünïcode and "quotes"\n' + "long " * 1000},  # several metadata chunks
     ]
 
     async def go() -> None:
-        s = MemorydSession("agents-proto", target=daemon.address, token=TOKEN)
+        s = MemorydSession("agents-proto", target=daemon.address, token=TOKEN, timeout=300)
         assert await s.get_items() == [] and await s.pop_item() is None  # created on first use, empty
         await s.add_items(items[:2])
         await s.add_items(items[2:])
         assert await s.get_items() == items
         assert await s.get_items(limit=2) == items[-2:]
         assert await s.get_items(limit=0) == []
-        client = AsyncMemoryClient(daemon.address, token=TOKEN)
+        client = AsyncMemoryClient(daemon.address, token=TOKEN, timeout=300)
         offset = (await client.get_session("agents-proto")).offset
         assert offset == plain([t for i in items for t in turns_of(i)])
         assert turns_of(items[2]) == [("assistant", '[tool call lookup({"q": "x"})]')]
@@ -155,8 +155,8 @@ def test_get_items_limit_pop_and_clear(daemon: Daemon) -> None:
 
 def test_a_concurrent_writer_is_detected(daemon: Daemon) -> None:
     async def go() -> None:
-        a = MemorydSession("agents-race", target=daemon.address, token=TOKEN)
-        b = MemorydSession("agents-race", target=daemon.address, token=TOKEN)
+        a = MemorydSession("agents-race", target=daemon.address, token=TOKEN, timeout=300)
+        b = MemorydSession("agents-race", target=daemon.address, token=TOKEN, timeout=300)
         await a.add_items([{"role": "user", "content": "one"}])
         stale = await b._info()  # b read the items, then a wrote
         await a.add_items([{"role": "user", "content": "two"}])
@@ -171,12 +171,12 @@ def test_a_concurrent_writer_is_detected(daemon: Daemon) -> None:
 
 def test_too_many_items_are_refused_before_anything_changes(daemon: Daemon) -> None:
     async def go() -> None:
-        s = MemorydSession("agents-full", target=daemon.address, token=TOKEN)
+        s = MemorydSession("agents-full", target=daemon.address, token=TOKEN, timeout=300)
         await s.add_items([{"role": "user", "content": "hi"}])
         with pytest.raises(ResourceExhausted, match="clear_session"):
             await s.add_items([{"role": "user", "content": "x" * 4000} for _ in range(70)])
         assert await s.get_items() == [{"role": "user", "content": "hi"}]
-        client = AsyncMemoryClient(daemon.address, token=TOKEN)
+        client = AsyncMemoryClient(daemon.address, token=TOKEN, timeout=300)
         assert (await client.get_session("agents-full")).offset == plain([("user", "hi")])
         await client.close()
         await s.close()

@@ -445,6 +445,9 @@ def _cases(stub, victim_export: list[pb.SessionChunk]) -> dict[tuple[str, str], 
         ("Recall", "INVALID_ARGUMENT"): call("Recall", pb.RecallRequest(session_id="victim", query="q", k=0)),
         ("Recall", "NOT_FOUND"): call("Recall", pb.RecallRequest(session_id="ghost", query="q", k=1)),
         ("Recall", "FAILED_PRECONDITION"): call("Recall", pb.RecallRequest(session_id="f-snap", query="q", k=1), F),
+        ("ReadLog", "INVALID_ARGUMENT"): call("ReadLog", pb.ReadLogRequest(session_id="victim", last_tokens=0)),
+        ("ReadLog", "NOT_FOUND"): call("ReadLog", pb.ReadLogRequest(session_id="ghost", last_tokens=1)),
+        ("ReadLog", "FAILED_PRECONDITION"): call("ReadLog", pb.ReadLogRequest(session_id="f-snap", last_tokens=1), F),
     }
 
 

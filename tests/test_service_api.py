@@ -473,11 +473,14 @@ def test_fork_costs_constant_redis_bytes(stub, redis_mod: RedisServer) -> None:
         after = {k: r.memory_usage(k) for k in r.scan_iter(match="*")}
         assert sorted(r.scan_iter(match="md:snap:*")) == snaps, "a fork writes no snapshot bytes"
         new_keys = [k for k in after if k not in before]
-        # the fork's own keys, and at most one recall page: the source's tail, sealed so that both share it
-        # (memoryd/sessions/recall/pages.py); its bytes count in the cost below, which stays bounded
+        # the fork's own keys, and at most one recall page: the source's recall tail, sealed so that both share
+        # it (memoryd/sessions/recall/pages.py), and the tenant's page reference counts the first time: the
+        # page's bytes move from the tail key, so the cost is counted net (after less before)
         pages = [k for k in new_keys if k.startswith(b"md:rx:{alice}:p:")]
-        assert len(pages) <= 1 and all(f.session_id.encode() in k for k in new_keys if k not in pages), new_keys
-        costs[size] = sum(after[k] for k in new_keys) + sum(after[k] - before[k] for k in before if k in after)
+        shared = [*pages, b"md:rx:{alice}:rc"]
+        assert len(pages) <= 1 and all(f.session_id.encode() in k for k in new_keys if k not in shared), new_keys
+        assert all(k.startswith(b"md:rx:{alice}:tail:") for k in before if k not in after), "only a tail moves"
+        costs[size] = sum(after.values()) - sum(before.values())
     snap_bytes = max(int(m) for m in (r.strlen(k) for k in r.scan_iter(match="md:snap:*:c:*")))
     print(f"fork cost in Redis bytes: {costs}, one snapshot chunk: {snap_bytes}")
     # measured: a few KiB whatever the length (head + the log tail after the last snapshot)

@@ -206,3 +206,28 @@ def test_theta_marked_stored_but_missing_is_refused(model):
     data = state_to_bytes(s)
     with pytest.raises(SnapshotError, match=r"tensor fast\..* is missing"):
         state_from_bytes(model, _forge(data, dict(safetensors.torch.load(data)), theta="stored"))
+
+
+# -- through a real daemon and Redis ------------------------------------------------------------
+
+
+def test_bench_session_bytes_through_the_daemon():
+    """bench/session_bytes.py on the tiny preset: an unstepped session's snapshot (written by the
+    daemon's SIGTERM, read back from Redis) holds no theta and its hot bytes none either; a
+    stepped one holds its theta; both restore bit for bit as a solo replay."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "bench" / "session_bytes.py"), "--json", "--preset", "tiny", "--sizes", "0,5,20"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    out = json.loads(run.stdout)
+    theta = out["model"]["theta_bytes"]
+    s = out["sessions"]
+    assert all(r["bit_exact"] for r in s.values()), s
+    assert (s["5"]["steps"], s["5"]["export_theta"], s["5"]["snapshot_position"]) == (0, "initial", 5)
+    assert s["5"]["snapshot_bytes"] < theta and 0 < s["5"]["hot_bytes"] < theta
+    assert s["0"]["hot_bytes"] == 0
+    assert s["20"]["steps"] == 2 and s["20"]["export_theta"] == "stored"
+    assert s["20"]["snapshot_bytes"] > theta and s["20"]["hot_bytes"] > theta

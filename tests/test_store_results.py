@@ -2,7 +2,8 @@
 real redis-server: create (-1 taken, -2 at the limit), fork (-1 no source, -2 target taken, -3 offset,
 -4 at the limit, -5 another model), reset (-1 gone, -2 fenced, -3 offset), delete (gone), publish
 (-1 gone, -2 fenced, -3 reset meanwhile, -4 ahead of the log, -5 too late / swept), append (gone, fenced,
-mismatch, duplicate) and the lease (no session, held elsewhere)."""
+mismatch, duplicate), the lease (no session, held elsewhere) and a metadata update (gone, an expected
+entry differs, too many entries)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from service_fixtures import RedisServer, redis_server  # noqa: F401 (fixture)
 from memoryd.store import heads, leases, snapshots, tokenlog
 from memoryd.store.db import Store
 from memoryd.store.redis_client import connect
-from memoryd.store.results import HeldElsewhere, Leased, Logged, OffsetDiffers, Ok, Refusal
+from memoryd.store.results import (
+    EntryDiffers,
+    HeldElsewhere,
+    Leased,
+    Logged,
+    OffsetDiffers,
+    Ok,
+    Refusal,
+    TooManyEntries,
+)
 
 DIGEST = "sha256:model-a"
 
@@ -150,5 +160,18 @@ def test_lease(redis_server: RedisServer) -> None:  # noqa: F811
         assert again == Leased(first + 1), "taking one's own lease again bumps the fence"
         other = await leases.acquire(st, "t", "s", "d2", 30)
         assert isinstance(other, HeldElsewhere) and other.holder == "d1" and 0 < other.ttl_ms <= 30_000
+
+    run(redis_server, body)
+
+
+def test_update_metadata(redis_server: RedisServer) -> None:  # noqa: F811
+    async def body(st: Store) -> None:
+        assert await heads.create(st, "t", "s", {"a": "1"}, DIGEST) == Ok()
+        assert await heads.update_metadata(st, "t", "nope", {"b": "2"}, {}, 4) is Refusal.NOT_FOUND
+        assert await heads.update_metadata(st, "t", "s", {"b": "2"}, {"a": "0"}, 4) == EntryDiffers("a")
+        assert await heads.update_metadata(st, "t", "s", {"b": "2", "c": "3"}, {}, 2) == TooManyEntries(3)
+        assert (await heads.read(st, "t", "s")).metadata == {"a": "1"}, "a refused update changes nothing"
+        assert await heads.update_metadata(st, "t", "s", {"b": "2", "a": ""}, {"a": "1"}, 2) == Ok()
+        assert (await heads.read(st, "t", "s")).metadata == {"b": "2"}
 
     run(redis_server, body)

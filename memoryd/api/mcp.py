@@ -6,9 +6,10 @@ agent framework) four tools over memoryd sessions: `remember` (append text or a 
 exactly once with an idempotency key), `recall` (the spans of the session's history that
 match a query, with their offsets and scores), `ask` (a question answered by the
 session's own model from its compressed memory plus recall; not committed unless asked)
-and `sessions` (list / info / create / fork / reset / delete), and the resource
-`memoryd://sessions/{session}` (a session's info; a template, so that over HTTP it is read
-with the caller's token).
+and `sessions` (list / info / create / fork / reset / delete), and the resources
+`memoryd://sessions/{session}` (a session's info) and `memoryd://sessions/{session}/log` (the
+text of what it read most recently); templates, so that over HTTP they are read with the
+caller's token.
 
 It is a client of the daemon through the public SDK, as `memoryd http --daemon` is: the
 daemon stays the one place where sessions, tenants, limits and exactly-once appends are
@@ -56,6 +57,8 @@ CREATED_BY = {"created_by": "memoryd mcp"}
 CALL_TIMEOUT = 600.0
 """Seconds per daemon call: reading a few thousand tokens into a session is seconds on a GPU but can be
 minutes on a busy CPU, and a daemon that is down still fails at once (UNAVAILABLE, no wait for ready)."""
+LOG_TOKENS = 512
+"""Tokens of a session's recent log the log resource shows (about a page of text)."""
 CLIENTS_KEPT = 64
 """Daemon clients kept for distinct HTTP callers' tokens (one gRPC channel each); the least recent goes first."""
 
@@ -347,7 +350,7 @@ def build_server(daemon: Daemon) -> MCPServer:
         client = await daemon.client(ctx)
         s = client.session(sid)
         try:
-            reply = await s.reply([("user", question)], max_tokens=max_tokens, commit=commit)
+            reply = await s.reply([("user", question)], max_tokens=max_tokens, commit=commit, recall=True)
         except MemorydError as e:
             raise failed(e, sid) from None
         except ValueError as e:
@@ -418,6 +421,19 @@ def build_server(daemon: Daemon) -> MCPServer:
         for k in ("created_at", "last_used_at"):
             d[k] = d[k].isoformat() if d[k] else None
         return json.dumps(d, indent=1)
+
+    @server.resource("memoryd://sessions/{session}/log", name="session-log", mime_type="text/plain")
+    async def session_log(session: str, ctx: Context) -> str:
+        """The text of the session's last LOG_TOKENS tokens (what it read most recently), after a line
+        giving their [start, end) offsets."""
+        if not SESSION_ID.match(session):
+            raise ResourceError(f"session {session[:140]!r} is not a valid id: use 1-128 of A-Z a-z 0-9 . _ : -")
+        client = await daemon.client(ctx)
+        try:
+            tail = await client.read_log(session, LOG_TOKENS)
+        except MemorydError as e:
+            raise ResourceError(fix_of(e, session, daemon.target)) from None
+        return f"[tokens {tail.start_offset}-{tail.end_offset} of session {session}]\n{tail.text}"
 
     return server
 

@@ -642,6 +642,16 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         note(spans=len(spans))
         return pb.RecallResponse(spans=[span_pb(x) for x in spans])
 
+    @unary
+    async def ReadLog(self, tenant: str, r: pb.ReadLogRequest, ctx: Any) -> pb.LogText:
+        sid = check_session_id(r.session_id)
+        note(session=sid, last_tokens=r.last_tokens)
+        ceiling = self.limits.max_append_tokens
+        if not 1 <= r.last_tokens <= ceiling:
+            raise InvalidArgument(f"last_tokens must be 1-{ceiling} (limits.max_append_tokens), got {r.last_tokens}")
+        start, end, text = await self.sessions.tail((tenant, sid), r.last_tokens)
+        return pb.LogText(start_offset=start, end_offset=end, text=text)
+
     # -- model -------------------------------------------------------------------------------
 
     @unary

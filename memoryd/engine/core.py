@@ -49,6 +49,7 @@ from memoryd.engine.worker import Outcome, execute
 from memoryd.errors import DeadlineExceeded
 from model import StreamState, TTTModel, digest_of
 from model.batch import counts_at, runs_solo, tokens_to_step
+from model.state import full_state_bytes
 
 log = logging.getLogger("memoryd.engine")
 
@@ -62,6 +63,8 @@ class Engine:
         self.digest = digest_of(model)
         """The model's digest: a session stored under another one is not this model's to read."""
         self.fresh_bytes = StreamState.fresh(model).nbytes()
+        self.full_bytes = full_state_bytes(model)
+        """Bytes a state grows to (stepped, window full): what residency plans a session at."""
         """Device bytes of a new session's state (what `create` reports)."""
         self._waiting: list[Ticket] = []
         self._futures: dict[int, asyncio.Future[Result]] = {}

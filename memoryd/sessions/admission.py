@@ -13,7 +13,10 @@ anything when
   measured rates (`Engine.seconds_per_token` for appended tokens; for a session to load,
   the recent time of a load plus the eviction that makes room for it: loads make room one
   at a time).
-The hint is the time the work ahead takes to drain at those rates.  The call's own work
+Whatever those rates miss (evictions, decoding, Redis, a budget that lets few calls work at
+once) the daemon's recent pace catches: the calls ahead times the interval between calls
+finishing while busy; the larger of the two estimates counts.  The hint is the time the
+work ahead takes to drain.  The call's own work
 never refuses it: a long append with a long enough deadline is the caller's to make.
 """
 
@@ -51,10 +54,16 @@ class Backlog:
         """Tokens of model work the admitted calls still bring."""
         self.loads = 0
         """Cold sessions the admitted calls still have to load."""
+        self.calls = 0
+        """Calls admitted and not finished."""
+        self.pace = 0.0
+        """Seconds between calls served while others were waiting (a moving average)."""
+        self._last_done = 0.0
 
     def drain(self) -> float:
-        """Seconds the work ahead takes at the measured rates (0 until they are measured)."""
-        return self.tokens * self.per_token() + self.loads * self.per_load()
+        """Seconds the work ahead takes (0 until rates are measured)."""
+        by_rates = self.tokens * self.per_token() + self.loads * self.per_load()
+        return max(by_rates, self.calls * self.pace)
 
     def check(self, tokens: int) -> None:
         """Refuse (Overloaded) if the work ahead is over the limit or past this call's deadline."""
@@ -70,7 +79,8 @@ class Backlog:
         if end is not None and drain > 0 and time.monotonic() + drain > end:
             metrics.REFUSED.labels("deadline").inc()
             raise Overloaded(
-                f"the work queued ahead of this call ({ahead} tokens, {self.loads} sessions to load) takes about "
+                f"the work queued ahead of this call ({self.calls} calls: {ahead} tokens, {self.loads} sessions to "
+                "load) takes about "
                 f"{drain:.1f} s, past its deadline (in {max(0.0, end - time.monotonic()):.1f} s): retry in about "
                 f"{drain:.1f} s, or with a longer deadline",
                 retry_after=drain,
@@ -82,10 +92,20 @@ class Backlog:
         self.check(tokens)
         self.tokens += tokens
         self.loads += load
+        self.calls += 1
         metrics.BACKLOG_TOKENS.set(self.tokens)
+        served = False
         try:
             yield
+            served = True
         finally:
             self.tokens -= tokens
             self.loads -= load
+            self.calls -= 1
             metrics.BACKLOG_TOKENS.set(self.tokens)
+            if served:  # the pace of calls served (one that failed or left says nothing of it)
+                now = time.monotonic()
+                if self.calls and self._last_done:  # busy: the interval is the daemon's pace, not idle time
+                    gap = now - self._last_done
+                    self.pace = gap if not self.pace else 0.9 * self.pace + 0.1 * gap
+                self._last_done = now

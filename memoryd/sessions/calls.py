@@ -76,7 +76,16 @@ from memoryd.settings import Settings
 from memoryd.store import heads, leases, snapshots, tokenlog
 from memoryd.store.db import Store
 from memoryd.store.heads import Head
-from memoryd.store.results import HeldElsewhere, Leased, Logged, OffsetDiffers, Ok, Refusal
+from memoryd.store.results import (
+    EntryDiffers,
+    HeldElsewhere,
+    Leased,
+    Logged,
+    OffsetDiffers,
+    Ok,
+    Refusal,
+    TooManyEntries,
+)
 from memoryd.store.tokenlog import tokens_hash
 
 if TYPE_CHECKING:
@@ -147,8 +156,10 @@ class Sessions:
         """Loads under way: a retry of a call that left joins its load instead of starting another."""
         self._admit = asyncio.Lock()
         """Loads wait for room in the budget one at a time, in arrival order (asyncio.Lock is FIFO)."""
-        self._state_bytes = engine.fresh_bytes
-        """The largest state seen so far: what a load reserves (twice: snapshot bytes and the state)."""
+        self._state_bytes = engine.full_bytes
+        """A full state's bytes (or a larger one seen): a load reserves twice that (the snapshot's bytes
+        and the state built from them), and a call in progress is charged it for its working copy."""
+        self.hot.copy_bytes = self._state_bytes
         self._load_seconds = self._evict_seconds = 0.0
         """How long a load takes (Redis reads, deserialize, replay) and an eviction to make room for it, lately:
         loads make room one at a time, so admission prices each cold session ahead at their sum."""
@@ -320,7 +331,7 @@ class Sessions:
         snap_steps = self.engine.counts_at(head.snap_off)[0] if head.snap else 0
         hot = Hot(state=built.state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
         hot.set_state(built.state)
-        self._state_bytes = max(self._state_bytes, hot.nbytes)
+        self._state_bytes = self.hot.copy_bytes = max(self._state_bytes, hot.nbytes)
         self.hot.put(key, hot)
         self._spawn(self._enforce_budget(key))
         return hot
@@ -377,14 +388,17 @@ class Sessions:
                 return
             try:
                 await self._snapshot(key, hot, "eviction")
-                if self.hot.pinned(key) and not force:  # a call arrived during the snapshot: keep it hot
-                    return
+            except ServiceError as e:
+                log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
+            if self.hot.pinned(key) and not force:  # a call arrived during the snapshot: keep it hot
+                return
+            self.hot.drop(key)  # before the release: a renewal on its way then sees it is not ours to keep
+            metrics.EVICTIONS.inc()
+            try:
                 async with self._redis():
                     await leases.renew(self.store, [key], self.owner, 0)
             except ServiceError as e:
-                log.warning("eviction snapshot of %s failed (the log still has every token): %s", key, e.message)
-            self.hot.drop(key)
-            metrics.EVICTIONS.inc()
+                log.warning("releasing the lease of %s failed (it expires on its own): %s", key, e.message)
         allocator.trim()  # the state's memory back to the system, not kept by the allocator
 
     async def _enforce_budget(self, keep: Key) -> None:
@@ -452,19 +466,19 @@ class Sessions:
     ) -> Info:
         """Set / remove metadata entries (client data: no lease, no load; the state is not touched)."""
         async with self._redis():
-            res = await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries)
-            if res.outcome == "gone":
-                raise NotFound(f"session {sid!r} does not exist")
-            if res.outcome == "differs":
-                raise Aborted(
-                    f"expected_metadata[{res.key!r}] differs from the session's: nothing was changed; "
-                    "read the session again and retry"
-                )
-            if res.outcome == "too_many":
-                raise ResourceExhausted(
-                    f"the metadata would hold {res.entries} entries; at most {max_entries} "
-                    "(remove entries with empty values in the same update)"
-                )
+            match await heads.update_metadata(self.store, tenant, sid, patch, expected, max_entries):
+                case Refusal.NOT_FOUND:
+                    raise NotFound(f"session {sid!r} does not exist")
+                case EntryDiffers(key):
+                    raise Aborted(
+                        f"expected_metadata[{key!r}] differs from the session's: nothing was changed; "
+                        "read the session again and retry"
+                    )
+                case TooManyEntries(entries):
+                    raise ResourceExhausted(
+                        f"the metadata would hold {entries} entries; at most {max_entries} "
+                        "(remove entries with empty values in the same update)"
+                    )
             head = await heads.read(self.store, tenant, sid)
         if head is None:
             raise NotFound(f"session {sid!r} does not exist")
@@ -788,6 +802,15 @@ class Sessions:
             hot = await self._load(key)
             async with self._redis():
                 return await self.recalls.recall(key, hot.gen, hot.state.position, query, k)
+
+    async def tail(self, key: Key, n: int) -> tuple[int, int, str]:
+        """The session's last `n` tokens: (start, end, text), read from the log kept for recall."""
+        async with self._held(key):
+            hot = await self._load(key)
+            position = hot.state.position
+            async with self._redis():
+                start, text = await self.recalls.tail(key, hot.gen, position, n)
+        return start, position, text
 
     async def export(self, tenant: str, sid: str) -> tuple[Head, bytes]:
         """The session's head and its whole state as snapshot bytes (safetensors)."""

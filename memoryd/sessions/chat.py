@@ -38,12 +38,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from model.config import ModelConfig
+if TYPE_CHECKING:  # annotations only: importing model/ would import torch into the session layer
+    from model.config import ModelConfig
 
 ROLE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 """Matched with fullmatch (`^...$` with `match` lets a trailing newline through)."""

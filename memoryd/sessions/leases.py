@@ -47,9 +47,12 @@ async def maintain_forever(
                     background.add(task)
                     task.add_done_callback(background.discard)
             held = hot.leased()
+            before = [hot.peek(key) for key in held]
             ok = await leases.renew(store, held, owner, s.lease_seconds)
-            for key, fine in zip(held, ok, strict=True):
-                if not fine:
+            still = set(hot.leased())
+            for key, was, fine in zip(held, before, ok, strict=True):
+                # an eviction that released the lease while the renewal was on its way is not a loss
+                if not fine and key in still and hot.peek(key) is was:
                     log.warning("lost the lease of %s; dropping it", key)
                     hot.drop(key)
             metrics.SESSIONS_STORED.set(await heads.count(store))

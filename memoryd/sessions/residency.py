@@ -9,10 +9,11 @@ picks victims; writing a state out is the durability protocol's job
 What a session is charged (`charge`), so that the budget bounds what the daemon holds,
 not only the states at rest:
 - a hot session at rest: its state's bytes;
-- a pinned one (a call is working on it or waiting for it): twice that, because the call
-  works on a copy (an append's or a generation's state) until it commits;
+- a pinned one (a call is working on it or waiting for it): that plus `copy_bytes`, a full
+  state's bytes, because the call works on a copy (an append's or a generation's state)
+  until it commits, and the copy may step and fill its window;
 - a session being loaded: the snapshot bytes read plus the state built from them, reserved
-  before the load starts (`reserve`), as twice an estimate of one state.
+  before the load starts (`reserve`), as twice a full state.
 A pinned session is never a victim: a session loaded for a call stays hot until that call
 (and any call already waiting for it) has run, so no load is paid twice.  A load waits
 (in arrival order, calls.py) until the budget has room for it once the unpinned sessions
@@ -46,7 +47,11 @@ class Hot:
     """Offset of the newest published snapshot (or 0: none)."""
     snap_steps: int
     nbytes: int = 0
-    """state.nbytes(), kept up to date on every swap (the LRU's byte count)."""
+    """state.nbytes(), kept up to date on every swap (the LRU's byte count): what the session
+    owns (its caches, pending tokens, and its fast weights once a step has made them its own),
+    never the model's initial fast weights, which every session that has taken no step shares
+    with the model (model/state.py, `initial_theta`).  So a new or short session costs the
+    budget its caches only."""
     touched: float = field(default_factory=time.monotonic)
     """When its Redis keys' TTLs were last refreshed."""
     used: float = field(default_factory=time.monotonic)
@@ -65,6 +70,8 @@ class Residency:
         """Bytes reserved for sessions being loaded."""
         self._loading: set[Key] = set()
         """Sessions being loaded whose lease this daemon holds (`leased` renews it)."""
+        self.copy_bytes = 0
+        """What a call's working copy of a state may grow to (a full state: `model.state.full_state_bytes`)."""
         self._freed = asyncio.Event()
         """Set whenever bytes are released (an unpin, a drop): a waiting load looks again."""
 
@@ -158,7 +165,7 @@ class Residency:
         hot = self._hot.get(key)
         if hot is None:
             return 0
-        return hot.nbytes * (2 if self._pins[key] > 0 else 1)
+        return hot.nbytes + (self.copy_bytes if self._pins[key] > 0 else 0)
 
     def charged(self) -> int:
         """What the budget counts: every session's charge plus the reservations of loads."""

@@ -14,7 +14,7 @@ import enum
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from memoryd.errors import DataLoss
 from memoryd.store import snapshots
 from memoryd.store.db import Store
-from memoryd.store.results import OffsetDiffers, Ok, Refusal
+from memoryd.store.results import EntryDiffers, OffsetDiffers, Ok, Refusal, TooManyEntries
 
 
 @dataclass
@@ -54,17 +54,6 @@ class _Stalled(enum.Enum):
 
 
 _Created = Ok | Literal[Refusal.TAKEN, Refusal.AT_LIMIT] | _Stalled
-
-
-@dataclass
-class MetaUpdate:
-    """Outcome of update_metadata: ok (with the new metadata), differs (an expected entry, `key`),
-    too_many (the result would hold `entries`), gone."""
-
-    outcome: Literal["ok", "differs", "too_many", "gone"]
-    metadata: dict[str, str] = field(default_factory=dict)
-    key: str = ""
-    entries: int = 0
 
 
 async def _forget(st: Store, tenant: str, sid: str, stamp: int | None) -> None:
@@ -348,21 +337,21 @@ async def list_page(st: Store, tenant: str, after: str, limit: int) -> tuple[lis
 
 async def update_metadata(
     st: Store, tenant: str, sid: str, patch: dict[str, str], expected: dict[str, str], max_entries: int
-) -> MetaUpdate:
-    """Set / remove metadata entries ("" removes) in one step, if every `expected` entry holds.
+) -> Ok | EntryDiffers | TooManyEntries | Literal[Refusal.NOT_FOUND]:
+    """Metadata entries set / removed ("" removes) in one step (Ok), if every `expected` entry holds.
 
     Not fenced: metadata is client data, not model state, so no lease is needed to change it.
     """
     args = [time.time(), json.dumps(patch), json.dumps(expected), max_entries]
     res = await st.write("update_meta", [st.keys.head(tenant, sid)], args)
-    code = int(res[0])
+    code = int(res[0])  # scripts._UPDATE_META: {1, meta}, {-1} gone, {-3, key}, {-2, entries}
     if code == 1:
-        return MetaUpdate("ok", metadata=json.loads(res[1]))
+        return Ok()
     if code == -3:
-        return MetaUpdate("differs", key=res[1].decode())
+        return EntryDiffers(res[1].decode())
     if code == -2:
-        return MetaUpdate("too_many", entries=int(res[1]))
-    return MetaUpdate("gone")
+        return TooManyEntries(int(res[1]))
+    return Refusal.NOT_FOUND
 
 
 async def touch(st: Store, tenant: str, sid: str) -> None:

@@ -61,10 +61,6 @@ class Layout:
         """Every tenant's index (SCAN pattern)."""
         return f"{self.prefix}:t:*:idx"
 
-    def recall(self, tenant: str, what: str) -> str:
-        """`md:rx:{tenant}:tip:{sid}`, `:tail:{sid}`, `:p:{pid}`, `:rc`: the recall log (sessions/recall/pages.py)."""
-        return f"{self.prefix}:rx:{{{tenant}}}:{what}"
-
     # -- a snapshot's slot: {snapshot id} ------------------------------------------------------------
 
     def snap(self, snap: str, what: str) -> str:

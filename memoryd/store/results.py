@@ -84,3 +84,17 @@ class HeldElsewhere:
 
     holder: str
     ttl_ms: int
+
+
+@dataclass(frozen=True)
+class EntryDiffers:
+    """Refusal (UpdateSession): the caller's expected metadata entry `key` is not the session's."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class TooManyEntries:
+    """Refusal (UpdateSession): the metadata would hold `entries` entries, over the limit."""
+
+    entries: int

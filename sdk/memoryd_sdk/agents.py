@@ -158,9 +158,10 @@ def items_update(old: Mapping[str, str], items: list[Any]) -> tuple[dict[str, st
 class MemorydSession:
     """An Agents SDK `Session` over the memoryd session `session_id` (created on first use).
 
-    `target` / `token` / `tls` as `AsyncMemoryClient`; or pass `client` (then used on the
-    loop it belongs to).  Without one, a client is made per event loop (the Runner's
-    `run_sync` runs a fresh loop each time, and a gRPC channel belongs to one loop).
+    `target` / `token` / `tls` / `timeout` (seconds per call: reading a long item's text takes
+    longer on a CPU) as `AsyncMemoryClient`; or pass `client` (then used on the loop it belongs
+    to).  Without one, a client is made per event loop (the Runner's `run_sync` runs a fresh
+    loop each time, and a gRPC channel belongs to one loop).
     `metadata`: labels for the session when this object creates it.
     """
 
@@ -174,11 +175,12 @@ class MemorydSession:
         token: str | None = None,
         tls: TLS = None,
         client: AsyncMemoryClient | None = None,
+        timeout: float = 30.0,
         metadata: dict[str, str] | None = None,
         session_settings: SessionSettings | None = None,
     ) -> None:
         self.session_id = session_id
-        self.target, self.token, self.tls = target, token, tls
+        self.target, self.token, self.tls, self.timeout = target, token, tls, timeout
         self.metadata = {"created_by": "openai-agents", **(metadata or {})}
         self.session_settings = session_settings
         self._client = client
@@ -192,7 +194,7 @@ class MemorydSession:
         loop = asyncio.get_running_loop()
         held = self._clients.get(id(loop))
         if held is None or held[0] is not loop:
-            held = (loop, AsyncMemoryClient(self.target, self.token, self.tls))
+            held = (loop, AsyncMemoryClient(self.target, self.token, self.tls, timeout=self.timeout))
             self._clients[id(loop)] = held
         return held[1]
 

@@ -66,6 +66,7 @@ from memoryd_sdk.types import (
     ExportHeader,
     GenerateChunk,
     GenerateResult,
+    LogText,
     ModelInfo,
     RecalledSpan,
     RecallOptions,
@@ -462,6 +463,11 @@ class AsyncMemoryClient:
         req = pb.RecallRequest(session_id=session_id, query=query, k=k)
         m = await self._unary("Recall", req, timeout)
         return [RecalledSpan.from_pb(x) for x in m.spans]
+
+    async def read_log(self, session_id: str, last_tokens: int, *, timeout: float | None = None) -> LogText:
+        """The text of the session's last `last_tokens` tokens (what it read most recently; ReadLog)."""
+        m = await self._unary("ReadLog", pb.ReadLogRequest(session_id=session_id, last_tokens=last_tokens), timeout)
+        return LogText.from_pb(m)
 
     # -- export / import -------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from memoryd_sdk.types import (
     ExportHeader,
     GenerateChunk,
     GenerateResult,
+    LogText,
     RecalledSpan,
     RecallOptions,
     SessionInfo,
@@ -256,6 +257,10 @@ class AsyncSession:
         shows), each with its [start_offset, end_offset) in the log.  Changes nothing.
         """
         return await self.client.recall(self.id, query, k, timeout=timeout)
+
+    async def read_log(self, last_tokens: int = 512, *, timeout: float | None = None) -> LogText:
+        """The text of this session's last `last_tokens` tokens, with their offsets (changes nothing)."""
+        return await self.client.read_log(self.id, last_tokens, timeout=timeout)
 
     async def fork(
         self,

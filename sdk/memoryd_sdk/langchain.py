@@ -1,4 +1,5 @@
-"""`MemorydChat`: a LangChain chat model whose conversation is a memoryd session.
+"""LangChain over memoryd: `MemorydChat`, a chat model whose conversation is a memoryd session,
+and `MemorydRetriever`, a retriever over a session's history (the `Recall` rpc).
 
 LangChain hands a chat model the whole conversation on every call; an agent's history
 grows, and every other backend reads all of it again each turn.  Here the conversation
@@ -15,6 +16,13 @@ Install with the SDK's `langchain` extra: `pip install "memoryd-sdk[langchain]"`
     llm = MemorydChat(target="127.0.0.1:50051", session_id="agent-7")
     llm.invoke("Remember: the key is under the mat.")
 
+`MemorydRetriever` (bottom of this module) returns the spans of a session's history that
+best match a query, as Documents whose metadata carry the span's [start, end) offsets and
+score, most relevant first:
+
+    from memoryd_sdk.langchain import MemorydRetriever
+    docs = MemorydRetriever(target="127.0.0.1:50051", session_id="agent-7", k=4).invoke("where is the key?")
+
 One object per conversation; a new object on a session that already holds turns treats
 the first messages it is given as new (give it only the new ones).  Sync calls run on the
 SDK's sync client, async calls on an async client of the running loop; both go through
@@ -27,7 +35,13 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    AsyncCallbackManagerForRetrieverRun,
+    CallbackManagerForLLMRun,
+    CallbackManagerForRetrieverRun,
+)
+from langchain_core.documents import Document
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -40,6 +54,7 @@ from langchain_core.messages import (
 )
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, PrivateAttr
 
 from memoryd_sdk.aio import DEFAULT_TARGET, AsyncMemoryClient
@@ -48,7 +63,7 @@ from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.blocking import iterate
 from memoryd_sdk.client import MemoryClient
 from memoryd_sdk.errors import NotFound
-from memoryd_sdk.types import GenerateChunk, GenerateResult, Usage
+from memoryd_sdk.types import GenerateChunk, GenerateResult, RecalledSpan, Usage
 
 Turn = tuple[str, str]
 
@@ -258,3 +273,54 @@ class MemorydChat(BaseChatModel):
             if run_manager and chunk.text:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
+
+
+# -- the retriever ---------------------------------------------------------------------------------
+
+
+def span_document(session_id: str, span: RecalledSpan) -> Document:
+    """One recalled span as a Document: its text, and where it lies in the session (token offsets)."""
+    meta = {"session_id": session_id, "start_offset": span.start_offset, "end_offset": span.end_offset}
+    meta["score"] = span.score
+    return Document(page_content=span.text, metadata=meta)
+
+
+class MemorydRetriever(BaseRetriever):
+    """The spans of session `session_id`'s history that best match a query (memoryd's `Recall`), most relevant
+    first, as Documents with `session_id`, `start_offset`, `end_offset` (tokens, [start, end)) and `score` in
+    their metadata.  Sync calls run on the SDK's sync client, async calls on an async client of the running loop."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    target: str = DEFAULT_TARGET
+    token: str | None = None
+    tls: Any = None
+    session_id: str
+    k: int = 4
+    """Spans per query (at most the daemon's recall limit)."""
+
+    _client: MemoryClient | None = PrivateAttr(default=None)
+    _aclients: dict[int, tuple[asyncio.AbstractEventLoop, AsyncMemoryClient]] = PrivateAttr(default_factory=dict)
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+        if self._client is None:
+            self._client = MemoryClient(self.target, self.token, self.tls)
+        spans = self._client.session(self.session_id).recall(query, k=self.k)
+        return [span_document(self.session_id, s) for s in spans]
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun
+    ) -> list[Document]:
+        loop = asyncio.get_running_loop()
+        held = self._aclients.get(id(loop))
+        if held is None or held[0] is not loop:
+            held = (loop, AsyncMemoryClient(self.target, self.token, self.tls))
+            self._aclients[id(loop)] = held
+        spans = await held[1].session(self.session_id).recall(query, k=self.k)
+        return [span_document(self.session_id, s) for s in spans]
+
+    def close(self) -> None:
+        """Close the sync client (async clients close with their loop)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None

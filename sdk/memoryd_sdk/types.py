@@ -92,6 +92,19 @@ class AppendResult:
 
 
 @dataclass(frozen=True)
+class LogText:
+    """The tail of a session's log (`Session.read_log`): its tokens [start_offset, end_offset) as text."""
+
+    start_offset: int
+    end_offset: int
+    text: str
+
+    @classmethod
+    def from_pb(cls, m: pb.LogText) -> LogText:
+        return cls(m.start_offset, m.end_offset, m.text)
+
+
+@dataclass(frozen=True)
 class RecalledSpan:
     """A stretch of a session's log that `Session.recall` found (or a generation placed before its prompt)."""
 

@@ -13,6 +13,7 @@ positive for terms in most spans; k1 = 1.2, b = 0.75 (the usual defaults, bm25s'
 
 from __future__ import annotations
 
+import bisect
 import math
 from array import array
 from collections import Counter
@@ -50,6 +51,8 @@ class SpanIndex:
         self.total_len = 0
         self.postings: dict[str, tuple[array, array]] = {}
         self._posting_bytes = 0
+        self.gaps = False
+        """Whether the log had a gap (then `prefix` is not offered: a rebuild handles gaps)."""
         self._open: tuple[int, int] | None = None
         self._open_tf: Counter[str] = Counter()
         self._seg = Segmenter(shape, self._final, start)
@@ -57,6 +60,10 @@ class SpanIndex:
     @property
     def end(self) -> int:
         return self._seg.end
+
+    def text_of(self, s: int, e: int) -> str:
+        """The text of the log's tokens [s, e), clipped to what this index holds ([base, end))."""
+        return self._text(max(s, self.base), min(e, self.end))
 
     def _text(self, s: int, e: int) -> str:
         return self.decode(self.tokens[s - self.base : e - self.base].tolist())
@@ -82,12 +89,40 @@ class SpanIndex:
         """Tokens at [start, start + len) of the log; a start past `end` leaves a gap (nothing there to recall)."""
         if start > self.end:  # keep `tokens` dense: pad the gap with zeros no span covers
             self.tokens.extend([0] * (start - self.end))
+            self.gaps = True
         self.tokens.extend(tokens)
         self._seg.push(start, tokens)
         span = self._seg.open_span()
         if span != self._open:
             self._open = span
             self._open_tf = Counter(words(self._text(*span))) if span else Counter()
+
+    def prefix(self, x: int) -> SpanIndex | None:
+        """The index of the log's tokens [base, x), from this one (a fork at x): its spans and postings
+        below the first span that ends at x or later are copied, that span and what follows it are
+        re-read from the tokens (at most a window or two). Equal to an index built from [base, x).
+        None when the log has a gap (a rebuild from Redis handles that)."""
+        if self.gaps or not self.base <= x <= self.end:
+            return None
+        n = bisect.bisect_left(self.ends, x)
+        if n < len(self.starts):
+            r = self.starts[n]
+        elif self._open is not None and self._open[1] >= x:
+            r = self._open[0]
+        else:
+            r = x
+        out = SpanIndex(self.shape, self.decode, self.base)
+        out.tokens = self.tokens[: r - self.base]
+        out.starts, out.ends, out.lengths = self.starts[:n], self.ends[:n], self.lengths[:n]
+        out.total_len = sum(out.lengths)
+        for term, (ids, tfs) in self.postings.items():
+            m = bisect.bisect_left(ids, n)
+            if m:
+                out.postings[term] = (ids[:m], tfs[:m])
+                out._posting_bytes += len(term) + 8 * m
+        out._seg = Segmenter(self.shape, out._final, r)
+        out.extend(r, self.tokens[r - self.base : x - self.base].tolist())
+        return out
 
     def spans(self) -> int:
         return len(self.starts) + (1 if self._open else 0)

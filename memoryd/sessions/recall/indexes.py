@@ -16,6 +16,7 @@ incarnation is dropped before anything is written.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -186,9 +187,17 @@ class RecallIndexes:
         if src is None:
             return
         try:
-            await self.pages.fork(tenant, src.session_id, dst.session_id, offset, incarnation(src), incarnation(dst))
+            x = await self.pages.fork(
+                tenant, src.session_id, dst.session_id, offset, incarnation(src), incarnation(dst)
+            )
         except UNAVAILABLE_ERRORS as e:  # the fork stands; its recall log starts from its own token log
             log.warning("fork %s/%s: sharing the recall log failed (%s)", tenant, dst.session_id, e)
+            return
+        c = self._cached.get((tenant, src.session_id))
+        if x == offset and c is not None and c.inc == incarnation(src) and c.index.end >= offset:
+            index = c.index.prefix(offset)  # milliseconds, where a rebuild from Redis reads and re-indexes it all
+            if index is not None:
+                self._keep((tenant, dst.session_id), _Cached(incarnation(dst), index, 0))
 
     async def dropped(self, key: Key, deleted: bool) -> None:
         """Deleted or reset: the recall log and index go."""
@@ -229,12 +238,23 @@ class RecallIndexes:
         got = await self.pages.read(*key, position)
         if got is None or got[0] != inc or not got[1]:
             return None
-        runs = got[1]
+        index = await asyncio.to_thread(self._build, got[1])  # ~0.5 s at 64K tokens: not on the event loop
+        self._keep(key, _Cached(inc, index, 0))
+        return index
+
+    def _build(self, runs: list[Run]) -> SpanIndex:
         index = SpanIndex(self.shape, self.decode, runs[0].start)
         for run in runs:
             index.extend(run.start, run.tokens)
-        self._keep(key, _Cached(inc, index, 0))
         return index
+
+    async def tail(self, key: Key, gen: int, position: int, n: int) -> tuple[int, str]:
+        """Where the log's last `n` tokens start, and their text (from the start of what is kept, if later)."""
+        index = await self.index(key, gen, position)
+        if index is None:
+            return position, ""
+        start = max(position - n, index.base)
+        return start, index.text_of(start, position)
 
     async def recall(self, key: Key, gen: int, position: int, query: str, k: int) -> list[RecalledSpan]:
         index = await self.index(key, gen, position)

@@ -179,7 +179,6 @@ class Pages:
     def __init__(self, store: Store, ttl_seconds: int = 0, page_tokens: int = PAGE_TOKENS) -> None:
         self.r = store.r
         self.prefix = store.prefix
-        self.keys = store.keys
         self.ttl = ttl_seconds
         self.page_tokens = page_tokens
         self.wait_replicas, self.wait_ms = store.wait_replicas, store.wait_ms
@@ -212,7 +211,7 @@ class Pages:
         return res
 
     def _k(self, tenant: str, what: str) -> str:
-        return self.keys.recall(tenant, what)
+        return f"{self.prefix}:rx:{{{tenant}}}:{what}"
 
     def _tip(self, tenant: str, sid: str) -> list[str]:
         return [self._k(tenant, f"tip:{sid}"), self._k(tenant, f"tail:{sid}")]

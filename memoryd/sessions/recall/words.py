@@ -4,7 +4,7 @@ The same function reads the log and the query, so a rule here only has to be con
 not linguistically right. Stop words are the question words and glue that every turn has
 ("what", "the", "was"): left in, a question matches every span on them. The stemmer folds
 the plural and tense endings ("flights", "departed", "departing") that make a question
-worded differently from the fact miss it; bench/recall_index.py --no-stem measures it.
+worded differently from the fact miss it.
 """
 
 from __future__ import annotations

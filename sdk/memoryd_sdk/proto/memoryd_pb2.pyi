@@ -337,6 +337,24 @@ class RecallResponse(_message.Message):
     spans: _containers.RepeatedCompositeFieldContainer[RecalledSpan]
     def __init__(self, spans: _Optional[_Iterable[_Union[RecalledSpan, _Mapping]]] = ...) -> None: ...
 
+class ReadLogRequest(_message.Message):
+    __slots__ = ("session_id", "last_tokens")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    last_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., last_tokens: _Optional[int] = ...) -> None: ...
+
+class LogText(_message.Message):
+    __slots__ = ("start_offset", "end_offset", "text")
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    END_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    start_offset: int
+    end_offset: int
+    text: str
+    def __init__(self, start_offset: _Optional[int] = ..., end_offset: _Optional[int] = ..., text: _Optional[str] = ...) -> None: ...
+
 class RecalledSpan(_message.Message):
     __slots__ = ("start_offset", "end_offset", "text", "score")
     START_OFFSET_FIELD_NUMBER: _ClassVar[int]

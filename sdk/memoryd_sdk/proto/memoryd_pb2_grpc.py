@@ -104,6 +104,11 @@ class MemoryServiceStub:
                 request_serializer=memoryd_dot_v1_dot_memoryd__pb2.RecallRequest.SerializeToString,
                 response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.RecallResponse.FromString,
                 _registered_method=True)
+        self.ReadLog = channel.unary_unary(
+                '/memoryd.v1.MemoryService/ReadLog',
+                request_serializer=memoryd_dot_v1_dot_memoryd__pb2.ReadLogRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memoryd__pb2.LogText.FromString,
+                _registered_method=True)
 
 
 class MemoryServiceServicer:
@@ -340,6 +345,19 @@ class MemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadLog(self, request, context):
+        """The text of the session's last tokens (the tail of its log): what it read
+        most recently, for a person or a tool (the MCP server's log resource) to
+        look at. Read from the log kept for recall; changes nothing.
+        INVALID_ARGUMENT  bad session_id; last_tokens 0 or over
+        limits.max_append_tokens.
+        NOT_FOUND         no such session in this tenant.
+        FAILED_PRECONDITION the session was stored under another model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -412,6 +430,11 @@ def add_MemoryServiceServicer_to_server(servicer, server):
                     servicer.Recall,
                     request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.RecallRequest.FromString,
                     response_serializer=memoryd_dot_v1_dot_memoryd__pb2.RecallResponse.SerializeToString,
+            ),
+            'ReadLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadLog,
+                    request_deserializer=memoryd_dot_v1_dot_memoryd__pb2.ReadLogRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memoryd__pb2.LogText.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -792,6 +815,33 @@ class MemoryService:
             '/memoryd.v1.MemoryService/Recall',
             memoryd_dot_v1_dot_memoryd__pb2.RecallRequest.SerializeToString,
             memoryd_dot_v1_dot_memoryd__pb2.RecallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.MemoryService/ReadLog',
+            memoryd_dot_v1_dot_memoryd__pb2.ReadLogRequest.SerializeToString,
+            memoryd_dot_v1_dot_memoryd__pb2.LogText.FromString,
             options,
             channel_credentials,
             insecure,
