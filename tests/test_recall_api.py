@@ -359,7 +359,7 @@ def test_context_rule_budget_window_order_and_markers() -> None:
     # special tokens and the template's closing and generation prompt are taken out ("<|user|>" is plain
     # text for this byte-level template: it stays)
     body = "<|user|>\nThe code is 4417.", "Parking is on level B2.", "<|user|>\nLunch at noon."
-    want = f"<|system|>\n{HEADER}\n{body[1]}\n{body[0]}\n{body[2]}<|end|>\n"  # in log order, one system turn
+    want = f"<|system|>\n{HEADER}\n{body[2]}\n{body[1]}\n{body[0]}<|end|>\n"  # most relevant last, one turn
     assert text == want and len(ctx.tokens) <= context_budget(512, WINDOW, 40, 8)
     tight = recall_context(
         spans, position=position, window=WINDOW, prompt_tokens=40, max_tokens=8, budget=75, chat=chat, tok=tok

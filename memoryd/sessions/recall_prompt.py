@@ -28,9 +28,13 @@ Why these choices:
   context, the prompt and the reply's first `reply_reserve` tokens fit in the window.
 - **Spans already in the window are left out.**  The model sees them anyway; spending
   the budget on them would push out what it cannot see.
-- **Most relevant kept, then placed in log order.**  Spans are taken by relevance until
-  the budget is full (one that does not fit is skipped, a later smaller one may still
-  fit), then written oldest first, as the conversation had them.
+- **Most relevant kept, and written last.**  Spans are taken by relevance until the budget
+  is full (one that does not fit is skipped, a later smaller one may still fit), then
+  written least relevant first, so the best match sits right before the question.
+  Measured (bench/recall.py, depth 8192, the same session and 10 facts): written in log
+  order the small reader answered 3 of 10, often with a number from a similar turn placed
+  after the right one; most relevant last, 5 of 10, as many as with the fact alone
+  before the question (the oracle).
 - **Special tokens removed from span text.**  A span of a chat log holds the template's
   markers (`<|im_start|>user`); written into a turn they would end it and forge others.
   The template's closing and generation prompt go too (a byte-level model has no special
@@ -165,8 +169,8 @@ def recall_context(
         text = _clean(span.text, specials)
         if not text:
             continue
-        trial = sorted([*chosen, (span, text)], key=lambda c: c[0].start)
-        ids = _render("\n".join(t for _, t in trial), chat, tok)
+        trial = [*chosen, (span, text)]  # most relevant first; written most relevant last, next to the prompt
+        ids = _render("\n".join(t for _, t in reversed(trial)), chat, tok)
         if len(ids) <= cap:
             chosen, tokens = trial, ids
     if not chosen:
