@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.commands.core import AsyncScript
 from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -91,7 +92,13 @@ class Store:
         """Run a writing script; with wait_replicas, WAIT for the replicas on the same connection."""
         if not self.wait_replicas:
             return await self.call(name, keys, args)
-        script = self._s[name]
+        return await self.write_script(self._s[name], keys, args)
+
+    async def write_script(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a registered writing script (this store's or another module's, e.g. the recall log's) and
+        WAIT for `wait_replicas` on the same connection, so what a failover keeps is what was acknowledged."""
+        if not self.wait_replicas:
+            return await script(keys=list(keys), args=list(args))
         for cmd in (("EVALSHA", script.sha), ("EVAL", script.script)):
             res, waited = await self._eval_and_wait(cmd, keys, args)
             if isinstance(res, NoScriptError):
@@ -109,7 +116,7 @@ class Store:
                     f"{self.wait_ms} ms (redis_wait_replicas / redis_wait_timeout); retry"
                 )
             return res
-        raise NoScriptError(f"Redis refused script {name}")
+        raise NoScriptError(f"Redis refused a script ({script.sha})")
 
     async def unjournal(self, *entries: str) -> None:
         """Remove finished operations from the journal: the one write that is not a script (no WAIT:

@@ -34,11 +34,7 @@ from array import array
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import AskError, MovedError, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
-
-from memoryd.store.db import ReplicaTimeout, Store
+from memoryd.store.db import Store
 
 PAGE_TOKENS = 4096
 """Tokens per sealed page (16 KiB): a 64K-token session reads its chain in 16 steps, and a tail
@@ -181,34 +177,13 @@ class Pages:
         self.prefix = store.prefix
         self.ttl = ttl_seconds
         self.page_tokens = page_tokens
-        self.wait_replicas, self.wait_ms = store.wait_replicas, store.wait_ms
+        self.store = store
         self._s = {name: self.r.register_script(src) for name, src in SCRIPTS.items()}
 
     async def _write(self, name: str, keys: list[str], args: list[object]) -> Any:
-        """A writing script; with the store's `wait_replicas`, WAIT on the same connection (as the store
-        does for the token log), so what a failover keeps of the recall log is what was acknowledged."""
-        if not self.wait_replicas:
-            return await self._s[name](keys=keys, args=args)
-        pipe = self.r.pipeline(transaction=False)
-        pipe.execute_command("EVAL", SCRIPTS[name], len(keys), *keys, *args)
-        if isinstance(self.r, RedisCluster):
-            await self.r.initialize()
-            node = self.r.get_node_from_key(keys[0])
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms, target_nodes=node)
-            res, waited = await pipe.execute(raise_on_error=False, allow_redirections=False)
-        else:
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_ms)
-            res, waited = await pipe.execute(raise_on_error=False)
-        if isinstance(res, (MovedError, AskError, TryAgainError)):
-            await self.r.nodes_manager.initialize()
-            raise RedisConnectionError(f"the slot of {keys[0]} moved ({res}); retry")
-        if isinstance(res, Exception):
-            raise res
-        if isinstance(waited, Exception):
-            raise waited
-        if int(waited) < self.wait_replicas:
-            raise ReplicaTimeout(f"the recall log write to {keys[0]} reached {waited} of {self.wait_replicas} replicas")
-        return res
+        """A writing script, WAITing for the store's `wait_replicas` as the token log's writes do
+        (`Store.write_script`), so what a failover keeps of the recall log is what was acknowledged."""
+        return await self.store.write_script(self._s[name], keys, args)
 
     def _k(self, tenant: str, what: str) -> str:
         return f"{self.prefix}:rx:{{{tenant}}}:{what}"
