@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -78,6 +79,17 @@ def start_daemon(
                 pass
             time.sleep(0.05)
     raise RuntimeError("memoryd did not become SERVING")
+
+
+def machine_env(daemon_torch_threads: int) -> dict[str, object]:
+    """What a figure depends on besides the code: cores, the load while it ran (these machines are
+    shared: compare ratios within one run), Python, and the daemon's torch threads."""
+    return {
+        "cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "daemon_torch_threads": daemon_torch_threads,
+    }
 
 
 def pct(xs: list[float], q: float) -> float:

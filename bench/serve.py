@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import signal
 import statistics
 import sys
@@ -53,7 +51,7 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
 
 import grpc  # noqa: E402
 import torch  # noqa: E402
-from harness import free_port, pct, start_daemon, start_redis, stop_all  # noqa: E402
+from harness import free_port, machine_env, pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -242,12 +240,7 @@ def main() -> int:
                 str(n): round(out["generate_speedup"][str(n)] / out["bandwidth_ceiling"]["speedup"][str(n)], 3)
                 for n in levels
             }
-        out["env"] = {
-            "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
-            "python": platform.python_version(),
-            "daemon_torch_threads": args.torch_threads,
-        }
+        out["env"] = machine_env(args.torch_threads)
     finally:
         stop_all(daemon, redis_proc, work)
     if args.json:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import signal
 import sys
 import tempfile
@@ -46,7 +44,7 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
 import grpc  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
-from harness import start_daemon, start_redis, stop_all  # noqa: E402
+from harness import machine_env, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from serve import tokens_of  # noqa: E402
@@ -248,12 +246,7 @@ def main() -> int:
             "sessions": sessions,
             "redis": {"dataset_bytes": used, "aof_bytes": aof},
             "theta_difference": theta_difference(model, longest_stepped) if longest_stepped is not None else None,
-            "env": {
-                "cpus": os.cpu_count(),
-                "load_avg_1m": round(os.getloadavg()[0], 2),
-                "python": platform.python_version(),
-                "torch_threads": args.torch_threads,
-            },
+            "env": machine_env(args.torch_threads),
         }
     finally:
         stop_all(daemon, redis_proc, work)
