@@ -24,8 +24,10 @@ from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.requests import APPEND_TOKENS_PER_SECOND
 from service_fixtures import Daemon, RedisServer, redis_server, tiny_checkpoint, tiny_model  # noqa: F401 (fixtures)
 
-BLOCK = 1200
-"""Tokens of the blocking append (the tiny model reads about 270 tokens/s on one thread here: 4-5 s)."""
+BLOCK_SECONDS = 6.0
+"""How long the blocking append holds the compute lane: several times the 1 s lease and the 0.5 s
+deadlines below.  A fixed token count does not say that: 1,200 tokens took 4-5 s on a busy machine
+and 0.6 s on a quiet one, so the count comes from the tiny model's measured rate (`block`)."""
 DEFAULT_MODEL_TOKENS_PER_SECOND = 90.0
 """What the default model appends at on this machine alone (docs/service.md, 80-100 tokens/s)."""
 
@@ -75,7 +77,22 @@ def create(stub: Any, sid: str, n: int = 16) -> int:
     return stub.Append(pb.AppendRequest(session_id=sid, tokens=tokens(n)), timeout=60).offset if n else 0
 
 
-def blocker(stub: Any, sid: str, n: int = BLOCK) -> tuple[threading.Thread, dict[str, Any]]:
+@pytest.fixture(scope="module")
+def block(tiny_model) -> int:  # noqa: F811
+    """Tokens of the blocking append: the tiny model's append rate on one thread, as the daemon runs it,
+    measured here, times BLOCK_SECONDS (never fewer than 1,200)."""
+    import torch
+
+    from model import StreamState
+
+    torch.set_num_threads(1)
+    n = 1024
+    t0 = time.perf_counter()
+    StreamState.fresh(tiny_model).append(tokens(n, 3))
+    return max(1200, int(n / (time.perf_counter() - t0) * BLOCK_SECONDS))
+
+
+def blocker(stub: Any, sid: str, n: int) -> tuple[threading.Thread, dict[str, Any]]:
     """A long append on `sid` in a thread (it holds the compute lane for one plan)."""
     out: dict[str, Any] = {}
 
@@ -89,18 +106,18 @@ def blocker(stub: Any, sid: str, n: int = BLOCK) -> tuple[threading.Thread, dict
     return t, out
 
 
-def test_a_session_loaded_for_a_call_is_not_evicted_before_it_runs(daemon_factory) -> None:
+def test_a_session_loaded_for_a_call_is_not_evicted_before_it_runs(daemon_factory, block: int) -> None:
     """Budget for one session.  A call on A runs; B's load must wait for room; a second call on A
     arrives meanwhile.  It pins A, so A stays hot and B loads after both: two loads in all (before
     issue 20, B's load queued A's eviction ahead of the second call, which loaded A again)."""
-    d = daemon_factory("--memory-budget", "1", "--tick-tokens", str(BLOCK + 1))
+    d = daemon_factory("--memory-budget", "1", "--tick-tokens", str(block + 1))
     stub = d.stub()
     create(stub, "a")
     create(stub, "b")
     d.kill()
     d.start()
     stub = d.stub()
-    t, out = blocker(stub, "a")
+    t, out = blocker(stub, "a", block)
     time.sleep(0.5)  # A loaded, its long append running
     got_b: dict[str, Any] = {}
     tb = threading.Thread(target=lambda: got_b.setdefault("b", stub.GetSession(pb.GetSessionRequest(session_id="b"))))
@@ -109,24 +126,24 @@ def test_a_session_loaded_for_a_call_is_not_evicted_before_it_runs(daemon_factor
     second = stub.Append(pb.AppendRequest(session_id="a", tokens=tokens(5), append_id="second"), timeout=300)
     t.join()
     tb.join()
-    assert out["resp"].offset == 16 + BLOCK and second.offset == 16 + BLOCK + 5
+    assert out["resp"].offset == 16 + block and second.offset == 16 + block + 5
     assert got_b["b"].offset == 16 and got_b["b"].hot
     assert metric(d, "memoryd_session_loads_total") == 2, d.log_tail()
     assert metric(d, "memoryd_evictions_total") == 1  # A, once both its calls had run
 
 
-def test_deadlines_drop_what_nobody_uses_and_finish_what_is_safe(daemon_factory) -> None:
+def test_deadlines_drop_what_nobody_uses_and_finish_what_is_safe(daemon_factory, block: int) -> None:
     """A fresh daemon has not priced its work yet (its first append is the blocker), so nothing is
     refused early (that is the next test): B's calls queue behind the blocker and their deadlines
     pass there.  The append without an append_id and the dry-run generation are dropped unrun; the
     append with one runs to the end, and its retry is answered as a duplicate."""
-    d = daemon_factory("--tick-tokens", str(BLOCK + 1))
+    d = daemon_factory("--tick-tokens", str(block + 1))
     stub = d.stub()
     create(stub, "block", 0)
     start = create(stub, "b", 0)
     for sid in ("b", "block"):  # both hot: nothing ahead of B's calls is priced yet
         assert stub.GetSession(pb.GetSessionRequest(session_id=sid), timeout=30).hot
-    t, out = blocker(stub, "block")
+    t, out = blocker(stub, "block", block)
     time.sleep(0.5)  # the long append runs; B's work queues behind it
     for call in (
         lambda: stub.Append(pb.AppendRequest(session_id="b", tokens=tokens(40)), timeout=0.5),
@@ -155,12 +172,12 @@ def test_deadlines_drop_what_nobody_uses_and_finish_what_is_safe(daemon_factory)
     assert [c["code"] for c in calls_logged(d, "Generate")] == ["DEADLINE_EXCEEDED"]
 
 
-def test_a_full_queue_refuses_at_once_with_a_retry_hint(daemon_factory) -> None:
-    d = daemon_factory("--tick-tokens", str(BLOCK + 1), "--max-queued-tokens", "1000")
+def test_a_full_queue_refuses_at_once_with_a_retry_hint(daemon_factory, block: int) -> None:
+    d = daemon_factory("--tick-tokens", str(block + 1), "--max-queued-tokens", "1000")
     stub = d.stub()
     create(stub, "block")
     start = create(stub, "b")
-    t, _ = blocker(stub, "block")
+    t, _ = blocker(stub, "block", block)
     time.sleep(0.5)
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:
@@ -174,8 +191,8 @@ def test_a_full_queue_refuses_at_once_with_a_retry_hint(daemon_factory) -> None:
     assert stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=30).offset == start
 
 
-def test_a_load_queued_longer_than_the_lease_keeps_its_session(daemon_factory) -> None:
-    d = daemon_factory("--tick-tokens", str(BLOCK + 1), "--lease-seconds", "1")
+def test_a_load_queued_longer_than_the_lease_keeps_its_session(daemon_factory, block: int) -> None:
+    d = daemon_factory("--tick-tokens", str(block + 1), "--lease-seconds", "1")
     stub = d.stub()
     create(stub, "block")
     create(stub, "b")
@@ -183,7 +200,7 @@ def test_a_load_queued_longer_than_the_lease_keeps_its_session(daemon_factory) -
     d.start()  # both cold
     stub = d.stub()
     stub.GetSession(pb.GetSessionRequest(session_id="block"), timeout=30)
-    t, out = blocker(stub, "block")
+    t, out = blocker(stub, "block", block)
     time.sleep(0.3)
     got = stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=120)  # its replay waits for the blocker
     t.join()
@@ -195,11 +212,11 @@ def test_a_load_queued_longer_than_the_lease_keeps_its_session(daemon_factory) -
     assert metric(d, "memoryd_session_loads_total") == 2  # block and b, once each
 
 
-def test_a_client_that_gave_up_while_it_loaded_finds_it_hot(daemon_factory) -> None:
-    d = daemon_factory("--tick-tokens", str(BLOCK + 1), "--snapshot-interval", "100000")
+def test_a_client_that_gave_up_while_it_loaded_finds_it_hot(daemon_factory, block: int) -> None:
+    d = daemon_factory("--tick-tokens", str(block + 1), "--snapshot-interval", "100000")
     stub = d.stub()
     create(stub, "long", 16)
-    stub.Append(pb.AppendRequest(session_id="long", tokens=tokens(BLOCK, 5)), timeout=300)
+    stub.Append(pb.AppendRequest(session_id="long", tokens=tokens(block, 5)), timeout=300)
     d.kill()  # kill -9: no snapshot, the whole log to replay
     d.start()
     stub = d.stub()
@@ -212,7 +229,7 @@ def test_a_client_that_gave_up_while_it_loaded_finds_it_hot(daemon_factory) -> N
         time.sleep(0.1)
     t0 = time.monotonic()
     info = stub.GetSession(pb.GetSessionRequest(session_id="long"), timeout=30)
-    assert info.hot and info.offset == 16 + BLOCK
+    assert info.hot and info.offset == 16 + block
     assert time.monotonic() - t0 < 1.0
     assert metric(d, "memoryd_session_loads_total") == 1, "the retry found the load done, not started another"
     assert [c["code"] for c in calls_logged(d, "GetSession")][-2:] == ["DEADLINE_EXCEEDED", "OK"]
