@@ -268,3 +268,20 @@ def test_the_budget_plans_a_session_at_its_full_size(tiny_model) -> None:  # noq
     state.append(tokens(cfg.window_size + 3 * cfg.mini_batch_size + 5))
     assert state.steps > 0
     assert state.nbytes() <= full_state_bytes(tiny_model) <= 1.1 * state.nbytes()
+
+
+def test_idle_time_before_a_busy_spell_is_not_the_daemons_pace() -> None:
+    """The pace is the interval between calls served while others wait.  A daemon idle for a while, then
+    given two calls at once, must not take the idle time for its pace: it once priced one 10-token call
+    ahead at 270 s after an idle spell and refused every call with a 30 s deadline."""
+    from memoryd.sessions.admission import Backlog
+
+    backlog = Backlog(0, lambda: 0.0, lambda: 0.0)
+    with backlog.admitted(1, False):
+        pass
+    time.sleep(0.5)  # idle
+    with backlog.admitted(1, False):  # busy from here
+        time.sleep(0.2)
+        with backlog.admitted(1, False):
+            pass  # served 0.2 s into the busy spell, 0.7 s after the last call served: the pace is 0.2 s
+    assert 0.15 < backlog.pace < 0.45, backlog.pace

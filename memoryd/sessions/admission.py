@@ -59,6 +59,8 @@ class Backlog:
         self.pace = 0.0
         """Seconds between calls served while others were waiting (a moving average)."""
         self._last_done = 0.0
+        self._busy_since = 0.0
+        """When the calls in progress last went from none to some: idle time before it is not pace."""
 
     def drain(self) -> float:
         """Seconds the work ahead takes (0 until rates are measured)."""
@@ -90,6 +92,8 @@ class Backlog:
     def admitted(self, tokens: int, load: bool) -> Iterator[None]:
         """Checked, then counted in the backlog until the call ends."""
         self.check(tokens)
+        if not self.calls:
+            self._busy_since = time.monotonic()
         self.tokens += tokens
         self.loads += load
         self.calls += 1
@@ -105,7 +109,9 @@ class Backlog:
             metrics.BACKLOG_TOKENS.set(self.tokens)
             if served:  # the pace of calls served (one that failed or left says nothing of it)
                 now = time.monotonic()
-                if self.calls and self._last_done:  # busy: the interval is the daemon's pace, not idle time
-                    gap = now - self._last_done
+                # busy: the interval since the last call served (or since the daemon became busy, if that is
+                # later: the idle time before it is not the daemon's pace) is the daemon's pace
+                if self.calls and self._last_done:
+                    gap = now - max(self._last_done, self._busy_since)
                     self.pace = gap if not self.pace else 0.9 * self.pace + 0.1 * gap
                 self._last_done = now
