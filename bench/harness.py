@@ -81,6 +81,18 @@ def start_daemon(
     raise RuntimeError("memoryd did not become SERVING")
 
 
+def bench_checkpoint(checkpoint: str | None, preset_name: str | None, work: Path) -> Path | None:
+    """The checkpoint a bench serves: `--checkpoint`, or a random `--preset` saved under `work`, or
+    None (the daemon's default model)."""
+    if preset_name:
+        from model import init_model, preset, save_checkpoint
+
+        ckpt = work / "ckpt"
+        save_checkpoint(init_model(preset(preset_name), seed=0), ckpt)
+        return ckpt
+    return Path(checkpoint) if checkpoint else None
+
+
 def machine_env(daemon_torch_threads: int) -> dict[str, object]:
     """What a figure depends on besides the code: cores, the load while it ran (these machines are
     shared: compare ratios within one run), Python, and the daemon's torch threads."""

@@ -51,14 +51,14 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
 
 import grpc  # noqa: E402
 import torch  # noqa: E402
-from harness import free_port, machine_env, pct, start_daemon, start_redis, stop_all  # noqa: E402
+from harness import bench_checkpoint, free_port, machine_env, pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
-from model import StreamState, init_model, preset, save_checkpoint  # noqa: E402
+from model import StreamState  # noqa: E402
 from model.batch import DecodeBytes, decode_bytes  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
@@ -182,10 +182,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="memoryd-serve-bench-"))
     redis_proc = daemon = None
     try:
-        ckpt: Path | None = Path(args.checkpoint) if args.checkpoint else None
-        if args.preset:
-            ckpt = work / "ckpt"
-            save_checkpoint(init_model(preset(args.preset), seed=0), ckpt)
+        ckpt = bench_checkpoint(args.checkpoint, args.preset, work)
         redis_proc, redis_port = start_redis(work)
         metrics_port = free_port()
         extra = [

@@ -44,7 +44,7 @@ for _p in (ROOT, ROOT / "sdk", ROOT / "bench"):
 import grpc  # noqa: E402
 import redis  # noqa: E402
 import torch  # noqa: E402
-from harness import machine_env, start_daemon, start_redis, stop_all  # noqa: E402
+from harness import bench_checkpoint, machine_env, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 from serve import tokens_of  # noqa: E402
@@ -54,7 +54,7 @@ from memoryd.api.auth import DEFAULT_TENANT  # noqa: E402
 from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
 from memoryd.store.layout import Layout  # noqa: E402
-from model import StreamState, init_model, preset, save_checkpoint, state_from_bytes  # noqa: E402
+from model import StreamState, state_from_bytes  # noqa: E402
 from model.snapshot import read_metadata  # noqa: E402
 from model.state import initial_theta  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
@@ -174,10 +174,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="memoryd-bytes-bench-"))
     redis_proc = daemon = None
     try:
-        ckpt: Path | None = Path(args.checkpoint) if args.checkpoint else None
-        if args.preset:
-            ckpt = work / "ckpt"
-            save_checkpoint(init_model(preset(args.preset), seed=0), ckpt)
+        ckpt = bench_checkpoint(args.checkpoint, args.preset, work)
         data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
         served = {"checkpoint": ckpt} if ckpt is not None else {"data_dir": data_dir}
         model, path, name, adapter = load_model(load_settings(served), "cpu")  # the daemon's own rule
