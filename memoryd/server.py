@@ -44,6 +44,7 @@ from memoryd.sessions.chat import ChatFormat, chat_format_for
 from memoryd.sessions.leases import redis_errors
 from memoryd.settings import Settings
 from memoryd.store.db import Store
+from memoryd.store.layout import LAYOUT_VERSION
 from memoryd.store.leases import publish_forever, withdraw_address
 from memoryd.store.redis_client import connect
 from memoryd.store.redis_embed import EmbeddedRedis
@@ -166,6 +167,18 @@ async def reach_redis(s: Settings) -> tuple[EmbeddedRedis | None, str, Redis | R
             ) from e
 
 
+async def check_layout(r: Redis | RedisCluster) -> None:
+    """Refuse (StartupError) a Redis whose data another layout version wrote (`md:layout`, docs/service.md
+    "The Redis layout"); an empty Redis (or one of this version) is claimed for LAYOUT_VERSION."""
+    found = await Store(r).claim_layout()
+    if found != str(LAYOUT_VERSION):
+        raise StartupError(
+            f"Redis holds memoryd data of key layout version {found!r} (key md:layout); this daemon reads and writes "
+            f"layout {LAYOUT_VERSION}: point --redis-url at an empty Redis or one of layout {LAYOUT_VERSION}, or "
+            f"serve this one with the memoryd release of layout {found}"
+        )
+
+
 async def serve(s: Settings) -> None:
     """Check every start-up precondition, reach Redis, then load the model and serve until SIGTERM."""
     malloc = allocator.configure(s.malloc_arena_max, s.malloc_mmap_threshold)
@@ -178,6 +191,7 @@ async def serve(s: Settings) -> None:
     check_startup(s)  # ports, files, dirs, redis-server, conversion deps: before the slow model load
     embedded, url, r = await reach_redis(s)
     try:
+        await check_layout(r)  # before the model loads, like check_startup
         await _serve(s, auth, creds, url, r, embedded is not None)
     finally:
         with contextlib.suppress(Exception):

@@ -23,7 +23,7 @@ from redis.exceptions import AskError, MovedError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from memoryd.store.layout import Layout
+from memoryd.store.layout import LAYOUT_VERSION, Layout
 from memoryd.store.scripts import SCRIPTS
 
 WINDOW_SECONDS = 30.0
@@ -74,6 +74,13 @@ class Store:
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())
+
+    async def claim_layout(self) -> str:
+        """The layout version this Redis holds (as stored), after storing this code's LAYOUT_VERSION if it held
+        none: the first daemon to start on a Redis claims it; one of another layout must not write there."""
+        await self.r.set(self.keys.version, LAYOUT_VERSION, nx=True)
+        raw = await self.r.get(self.keys.version)
+        return raw.decode() if raw is not None else ""
 
     async def bytes_used(self, pattern: str) -> int:
         """Sum of MEMORY USAGE over keys matching `pattern` (for tests and the benchmark)."""

@@ -74,6 +74,11 @@ class Layout:
     # -- their own slots -----------------------------------------------------------------------------
 
     @property
+    def version(self) -> str:
+        """`md:layout`, the layout version this Redis holds (written by the first daemon to start on it)."""
+        return f"{self.prefix}:layout"
+
+    @property
     def journal(self) -> str:
         """`md:gc`, the journal of cross-slot operations in flight."""
         return f"{self.prefix}:gc"
