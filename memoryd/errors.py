@@ -60,7 +60,15 @@ class AlreadyExists(ServiceError):
 
 
 class Aborted(ServiceError):
+    """A compare-and-set refused, nothing changed. `conflict` says on what, sent as the trailing metadata
+    `memoryd-conflict` (so a client tells them apart): "offset" (the session is not at the expected offset;
+    `offset` says where it is) or "metadata" (an expected metadata entry differs)."""
+
     code = Status.ABORTED
+
+    def __init__(self, message: str, offset: int | None = None, conflict: str = "offset") -> None:
+        super().__init__(message, offset)
+        self.conflict = conflict
 
 
 class ResourceExhausted(ServiceError):

@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
 from agents.memory.session import Session as AgentsSession
-from memoryd_sdk import AsyncMemoryClient, MemoryClient, NotFound, OffsetConflict, ResourceExhausted
+from memoryd_sdk import (
+    AsyncMemoryClient,
+    MemoryClient,
+    MetadataConflict,
+    NotFound,
+    OffsetConflict,
+    ResourceExhausted,
+)
 from memoryd_sdk.agents import HEADER, MemorydSession, turns_of
 from openai import AsyncOpenAI
 
@@ -160,7 +167,7 @@ def test_a_concurrent_writer_is_detected(daemon: Daemon) -> None:
         await a.add_items([{"role": "user", "content": "one"}])
         stale = await b._info()  # b read the items, then a wrote
         await a.add_items([{"role": "user", "content": "two"}])
-        with pytest.raises(OffsetConflict, match="another writer"):
+        with pytest.raises(MetadataConflict, match="another writer"):
             await b._store(stale, [])
         assert [i["content"] for i in await a.get_items()] == ["one", "two"]
         await a.close()
@@ -192,8 +199,9 @@ def test_update_session_metadata(daemon: Daemon) -> None:
         info = s.update_metadata({"b": "2", "a": ""})
         assert info.metadata == {"b": "2"} and info.offset == 5
         assert c.update_session("agents-meta", {"c": "3"}, {"b": "2", "zz": ""}).metadata == {"b": "2", "c": "3"}
-        with pytest.raises(OffsetConflict, match="expected_metadata\\['b'\\]"):
+        with pytest.raises(MetadataConflict, match="expected_metadata\\['b'\\]") as e:
             c.update_session("agents-meta", {"c": "4"}, {"b": "other"})
+        assert not isinstance(e.value, OffsetConflict) and e.value.offset is None  # no offset conflicted
         with pytest.raises(NotFound):
             bob.update_session("agents-meta", {"x": "y"})
         assert c.get_session("agents-meta").metadata == {"b": "2", "c": "3"}

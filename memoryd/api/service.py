@@ -45,7 +45,7 @@ from memoryd.api.validation import (
     check_session_id,
 )
 from memoryd.engine.work import Logprob, SamplingError, SamplingParams
-from memoryd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
+from memoryd.errors import Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
 from memoryd.sessions.admission import set_deadline
 from memoryd.sessions.calls import CommitRule, Content, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
@@ -95,6 +95,8 @@ async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
     trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/api/forward.py)
     if e.offset is not None and not any(k == "memoryd-offset" for k, _ in trailers):
         trailers += (("memoryd-offset", str(e.offset)),)
+    if isinstance(e, Aborted):  # what conflicted: the SDK raises OffsetConflict only for "offset"
+        trailers += (("memoryd-conflict", e.conflict),)
     if trailers:
         context.set_trailing_metadata(trailers)
     await context.abort(grpc_status(e), e.message)

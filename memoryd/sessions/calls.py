@@ -472,7 +472,8 @@ class Sessions:
                 case EntryDiffers(key):
                     raise Aborted(
                         f"expected_metadata[{key!r}] differs from the session's: nothing was changed; "
-                        "read the session again and retry"
+                        "read the session again and retry",
+                        conflict="metadata",
                     )
                 case TooManyEntries(entries):
                     raise ResourceExhausted(

@@ -22,6 +22,7 @@ from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.chat import DEFAULT_TEMPLATE, ChatTemplate, PlainTemplate, ServerTemplate
 from memoryd_sdk.client import MemoryClient
 from memoryd_sdk.errors import (
+    Aborted,
     AlreadyExists,
     Cancelled,
     DataLoss,
@@ -30,6 +31,7 @@ from memoryd_sdk.errors import (
     Internal,
     InvalidArgument,
     MemorydError,
+    MetadataConflict,
     NotFound,
     OffsetConflict,
     PermissionDenied,
@@ -63,6 +65,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "Aborted",
     "AlreadyExists",
     "AppendResult",
     "AsyncGenerateStream",
@@ -85,6 +88,7 @@ __all__ = [
     "LogText",
     "MemoryClient",
     "MemorydError",
+    "MetadataConflict",
     "ModelInfo",
     "NotFound",
     "OffsetConflict",

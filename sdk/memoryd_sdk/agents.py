@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 from memoryd_sdk.aio import DEFAULT_TARGET, AsyncMemoryClient
 from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.connection import TLS
-from memoryd_sdk.errors import AlreadyExists, NotFound, OffsetConflict, ResourceExhausted
+from memoryd_sdk.errors import AlreadyExists, MetadataConflict, NotFound, OffsetConflict, ResourceExhausted
 from memoryd_sdk.types import SessionInfo
 
 if TYPE_CHECKING:
@@ -223,11 +223,11 @@ class MemorydSession:
         expected = {HEADER: old.metadata.get(HEADER, "")}
         try:
             await self._aclient().update_session(self.session_id, patch, expected)
-        except OffsetConflict:
+        except MetadataConflict:
             now = (await self._info()).metadata.get(HEADER, "")
             if header and now == header:
                 return  # our own write landed and its answer was lost: the retry saw it
-            raise OffsetConflict(
+            raise MetadataConflict(
                 f"the items of session {self.session_id!r} were changed by another writer meanwhile; "
                 "nothing was stored: read them again (get_items) and retry"
             ) from None

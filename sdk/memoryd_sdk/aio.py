@@ -267,10 +267,10 @@ class AsyncMemoryClient:
         """Set metadata entries (an empty value removes one) in one atomic step; the state is not touched.
 
         With `expected_metadata` it is a compare-and-set: unless every entry holds (an empty
-        value: the key is absent), nothing changes and `OffsetConflict` (ABORTED) is raised.
+        value: the key is absent), nothing changes and `MetadataConflict` (ABORTED) is raised.
         Retrying is safe: the same update applied twice leaves the same metadata (a retried
         compare-and-set whose first attempt landed sees its own result and is refused; callers
-        that use `expected_metadata` read the session again on `OffsetConflict`).
+        that use `expected_metadata` read the session again on `MetadataConflict`).
         """
         req = pb.UpdateSessionRequest(session_id=session_id, metadata=metadata, expected_metadata=expected_metadata)
         return SessionInfo.from_pb(await self._unary("UpdateSession", req, timeout))

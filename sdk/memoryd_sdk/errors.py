@@ -13,6 +13,8 @@ from typing import Any
 import grpc
 
 OFFSET_KEY = "memoryd-offset"
+CONFLICT_KEY = "memoryd-conflict"
+"""Sent with ABORTED: what the refused compare-and-set was on ("offset" or "metadata")."""
 RETRY_AFTER_KEY = "memoryd-retry-after-ms"
 """Sent with RESOURCE_EXHAUSTED when the daemon refused a call for load (its queue), not for its size."""
 
@@ -57,14 +59,24 @@ class AlreadyExists(MemorydError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
-class OffsetConflict(MemorydError):
+class Aborted(MemorydError):
+    """ABORTED: a compare-and-set was refused and nothing changed (the base of the two below; raised as
+    itself only when the server did not say what conflicted, e.g. a proxy's ABORTED)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class OffsetConflict(Aborted):
     """ABORTED: the session is not at the offset this client expected (someone else appended or reset).
 
     `offset` is the session's current offset, so the caller can re-read and decide; the
     `Session` object has already moved its own `offset` there.
     """
 
-    code = grpc.StatusCode.ABORTED
+
+class MetadataConflict(Aborted):
+    """ABORTED: an entry of `expected_metadata` differs from the session's (update_session's compare-and-set);
+    nothing changed: read the session again and decide."""
 
 
 class ResourceExhausted(MemorydError):
@@ -135,7 +147,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MemorydError]] = {
         InvalidArgument,
         NotFound,
         AlreadyExists,
-        OffsetConflict,
+        Aborted,
         ResourceExhausted,
         FailedPrecondition,
         Unauthenticated,
@@ -175,13 +187,31 @@ def _retry_after_of(metadata: Any) -> float | None:
     return None
 
 
+def _conflict_of(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == CONFLICT_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def _aborted_class(conflict: str, offset: int | None) -> type[Aborted]:
+    """Which ABORTED: the server names the conflict (a daemon before `memoryd-conflict` sent the offset only
+    with offset conflicts)."""
+    if conflict == "metadata":
+        return MetadataConflict
+    if conflict == "offset" or (not conflict and offset is not None):
+        return OffsetConflict
+    return Aborted
+
+
 def from_rpc_error(e: grpc.RpcError) -> MemorydError:
     """The typed exception of a grpc error (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = (e.details() if hasattr(e, "details") else None) or str(code.name)
     trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
-    cls = error_class(code)
-    err = cls(details, offset=_offset_of(trailing), code=code)
+    offset = _offset_of(trailing)
+    cls = _aborted_class(_conflict_of(trailing), offset) if code == grpc.StatusCode.ABORTED else error_class(code)
+    err = cls(details, offset=offset, code=code)
     err.retry_after = _retry_after_of(trailing)
     err.__cause__ = e
     return err
