@@ -329,6 +329,27 @@ def test_cancelling_a_generation_removes_it_at_the_next_tick(tiny_model) -> None
     assert other == greedy_reference(tiny_model, [4, 5, 6], 5)
 
 
+def test_attribute_docstrings_follow_their_attribute() -> None:
+    """An attribute's docstring is the string right after its assignment; a second string after it documents
+    nothing, and its neighbour reads as the wrong attribute's (Engine's fresh_bytes / full_bytes were swapped
+    so)."""
+    import ast
+    import itertools
+
+    dangling = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "memoryd").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            body = getattr(node, "body", None)
+            if not isinstance(body, list):
+                continue
+            for prev, st in itertools.pairwise(body):
+                value = st.value if isinstance(st, ast.Expr) else None
+                text = isinstance(value, ast.Constant) and isinstance(value.value, str)
+                if text and not isinstance(prev, (ast.Assign, ast.AnnAssign)):
+                    dangling.append(f"{path.name}:{st.lineno}")
+    assert dangling == []
+
+
 def test_middle_layer_does_not_import_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"

@@ -63,9 +63,9 @@ class Engine:
         self.digest = digest_of(model)
         """The model's digest: a session stored under another one is not this model's to read."""
         self.fresh_bytes = StreamState.fresh(model).nbytes()
+        """Device bytes of a new session's state (what `create` reports)."""
         self.full_bytes = full_state_bytes(model)
         """Bytes a state grows to (stepped, window full): what residency plans a session at."""
-        """Device bytes of a new session's state (what `create` reports)."""
         self._waiting: list[Ticket] = []
         self._futures: dict[int, asyncio.Future[Result]] = {}
         self._generations: dict[Ticket, Generation] = {}

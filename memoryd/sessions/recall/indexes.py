@@ -93,9 +93,9 @@ class RecallIndexes:
         self._cached: OrderedDict[Key, _Cached] = OrderedDict()
         self._bytes = 0
         self._created: OrderedDict[Key, float] = OrderedDict()
+        """Each loaded session's head `created`: with the hot state's `gen`, its incarnation."""
         self._touched: dict[Key, float] = {}
         """When each session's recall keys last had their TTL refreshed (monotonic seconds)."""
-        """Each loaded session's head `created`: with the hot state's `gen`, its incarnation."""
 
     def _inc(self, key: Key, gen: int) -> str | None:
         created = self._created.get(key)
