@@ -5,7 +5,11 @@ gRPC call at a time traced with sys.setprofile (and threading.setprofile for the
 threads). Counted: every Python call into a file under memoryd/ or model/ (a coroutine counts when it
 starts, not on each resume); an *entry* into a file is a call from a frame of another file (or from
 outside: grpc, asyncio, a thread pool). Prints JSON: per traced call, the files in first-visit order,
-the entries per file, and the path with consecutive calls in one file merged.
+the entries per file, the path with consecutive calls in one file merged, and per layer (api,
+sessions, store, engine, model: memoryd's folders and model/) how often the path enters it from
+another layer ("runs"; "layer_hops" is the path with consecutive files of one layer merged) and how
+many calls come into its files from outside it ("calls_in": the issue's "re-enters store.py 6 times"
+counted calls into the one store file, whose internal calls were not counted).
 
     .venv/bin/python bench/call_path.py            # docs/architecture.md's counts come from this
 """
@@ -84,8 +88,20 @@ class Tracer:
         for f, caller in self.calls:
             if caller != f and (not path or path[-1] != f):
                 path.append(f)
+
+        def layer(f: str) -> str:
+            return "model" if f.startswith("model/") else f.split("/")[1]
+
+        hops: list[str] = []
+        for f in path:
+            if not hops or hops[-1] != layer(f):
+                hops.append(layer(f))
+        calls_in = Counter(layer(f) for f, caller in self.calls if caller is None or layer(caller) != layer(f))
         return {
             "files": len(files),
+            "layer_hops": len(hops),
+            "runs": dict(Counter(hops)),
+            "calls_in": dict(calls_in),
             "memoryd_files": len([f for f in files if f.startswith("memoryd/")]),
             "entries": dict(sorted(entries.items(), key=lambda kv: -kv[1])),
             "files_in_order": files,

@@ -2,7 +2,8 @@
 real redis-server: create (-1 taken, -2 at the limit), fork (-1 no source, -2 target taken, -3 offset,
 -4 at the limit, -5 another model), reset (-1 gone, -2 fenced, -3 offset), delete (gone), publish
 (-1 gone, -2 fenced, -3 reset meanwhile, -4 ahead of the log, -5 too late / swept), append (gone, fenced,
-mismatch, duplicate), the lease (no session, held elsewhere) and a metadata update (gone, an expected
+mismatch, duplicate), the lease (no session, held elsewhere), a load's take (no session, another model,
+held elsewhere) and a metadata update (gone, an expected
 entry differs, too many entries)."""
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from memoryd.store.results import (
     Logged,
     OffsetDiffers,
     Ok,
+    OtherModel,
     Refusal,
+    Taken,
     TooManyEntries,
 )
 
@@ -159,6 +162,25 @@ def test_lease(redis_server: RedisServer) -> None:  # noqa: F811
         again = await leases.acquire(st, "t", "s", "d1", 30)
         assert again == Leased(first + 1), "taking one's own lease again bumps the fence"
         other = await leases.acquire(st, "t", "s", "d2", 30)
+        assert isinstance(other, HeldElsewhere) and other.holder == "d1" and 0 < other.ttl_ms <= 30_000
+
+    run(redis_server, body)
+
+
+def test_take(redis_server: RedisServer) -> None:  # noqa: F811
+    """A load's one step: the lease, the head under the new fence and the log tail, or why not (another
+    model's session is refused before its lease is taken)."""
+
+    async def body(st: Store) -> None:
+        assert await leases.take(st, "t", "nope", "d1", 30, DIGEST) is Refusal.NOT_FOUND
+        fence = await session(st, "s", [1, 2])
+        assert await tokenlog.append(st, "t", "s", fence, 2, [[3]]) == Logged(2, 3)
+        assert await leases.take(st, "t", "s", "d1", 30, "sha256:model-b") == OtherModel(await heads.read(st, "t", "s"))
+        assert await st.r.get(st.keys.lease("t", "s")) == b"d1"  # untouched by the refusal
+        taken = await leases.take(st, "t", "s", "d1", 30, DIGEST)
+        assert isinstance(taken, Taken) and taken.pieces == [[1, 2], [3]]
+        assert taken.head == await heads.read(st, "t", "s") and taken.head.fence == fence + 1
+        other = await leases.take(st, "t", "s", "d2", 30, DIGEST)
         assert isinstance(other, HeldElsewhere) and other.holder == "d1" and 0 < other.ttl_ms <= 30_000
 
     run(redis_server, body)

@@ -180,74 +180,96 @@ class Router:
     # -- unary responses ---------------------------------------------------------------------
 
     async def unary(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext, local: Callable[[Any], Awaitable[Any]]
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        local: Callable[[Any], Awaitable[Any]],
+        moved: Moved | None = None,
     ) -> Any:
-        """`local(request)` here, or the holder's answer to the same call."""
+        """`local(request)` here, or the holder's answer to the same call. `moved`: the call already ran
+        here once and found the session held elsewhere (the edge runs a call here first, and comes here
+        only then; a client stream comes here first)."""
         if self.forwarded(context):
+            if moved is not None:
+                raise moved
             return await local(request)
         streamed = hasattr(request, "__aiter__")
         replay = _Replay(request) if streamed else None
         deadline = time.monotonic() + min(_remaining(context) or self.wait_limit, self.wait_limit)
         while True:
-            try:
-                return await local(replay.stream() if replay is not None else request)
-            except Moved as moved:
-                if replay is not None and replay.pulled > 1:
-                    raise  # messages before this one were applied here: the caller retries the rest
-                if moved.address:
-                    stub = await self._reachable(moved.address)
-                    if stub is not None:
-                        call = self._send(stub, method, replay.stream() if replay is not None else request, context)
-                        try:
-                            response = await call
-                        except grpc.aio.AioRpcError as e:
-                            if not self._refused_as_moved(e) or replay is not None:
-                                raise self._relayed(e, moved.address) from None
-                        else:
-                            context.set_trailing_metadata(((HOLDER_KEY, moved.address),))
-                            return response
-                if time.monotonic() >= deadline:
-                    raise
+            if moved is None:
+                try:
+                    return await local(replay.stream() if replay is not None else request)
+                except Moved as m:
+                    moved = m
+            if replay is not None and replay.pulled > 1:
+                raise moved  # messages before this one were applied here: the caller retries the rest
+            if moved.address:
+                stub = await self._reachable(moved.address)
+                if stub is not None:
+                    call = self._send(stub, method, replay.stream() if replay is not None else request, context)
+                    try:
+                        response = await call
+                    except grpc.aio.AioRpcError as e:
+                        if not self._refused_as_moved(e) or replay is not None:
+                            raise self._relayed(e, moved.address) from None
+                    else:
+                        context.set_trailing_metadata(((HOLDER_KEY, moved.address),))
+                        return response
+            if time.monotonic() >= deadline:
+                raise moved
+            moved = None
             await asyncio.sleep(POLL)
 
     # -- streamed responses ------------------------------------------------------------------
 
     async def stream(
-        self, method: str, request: Any, context: grpc.aio.ServicerContext, local: Callable[[Any], AsyncIterator[Any]]
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        local: Callable[[Any], AsyncIterator[Any]],
+        moved: Moved | None = None,
     ) -> AsyncIterator[Any]:
-        """`local(request)`'s messages here, or the holder's for the same call."""
+        """`local(request)`'s messages here, or the holder's for the same call (`moved`: as in `unary`)."""
         if self.forwarded(context):
+            if moved is not None:
+                raise moved
             async for item in local(request):
                 yield item
             return
         deadline = time.monotonic() + min(_remaining(context) or self.wait_limit, self.wait_limit)
         while True:
-            items = local(request)
-            try:
-                first = await anext(items)
-            except StopAsyncIteration:
-                return
-            except Moved as moved:
-                if moved.address:
-                    stub = await self._reachable(moved.address)
-                    if stub is not None:
-                        call = self._send(stub, method, request, context)
-                        got = False
-                        try:
-                            async for item in call:
-                                got = True
-                                yield item
-                        except grpc.aio.AioRpcError as e:
-                            if got or not self._refused_as_moved(e):
-                                raise self._relayed(e, moved.address) from None
-                        else:
-                            context.set_trailing_metadata(((HOLDER_KEY, moved.address),))
-                            return
-                if time.monotonic() >= deadline:
-                    raise
-            else:
-                yield first
-                async for item in items:
-                    yield item
-                return
+            if moved is None:
+                items = local(request)
+                try:
+                    first = await anext(items)
+                except StopAsyncIteration:
+                    return
+                except Moved as m:
+                    moved = m
+                else:
+                    yield first
+                    async for item in items:
+                        yield item
+                    return
+            if moved.address:
+                stub = await self._reachable(moved.address)
+                if stub is not None:
+                    call = self._send(stub, method, request, context)
+                    got = False
+                    try:
+                        async for item in call:
+                            got = True
+                            yield item
+                    except grpc.aio.AioRpcError as e:
+                        if got or not self._refused_as_moved(e):
+                            raise self._relayed(e, moved.address) from None
+                    else:
+                        context.set_trailing_metadata(((HOLDER_KEY, moved.address),))
+                        return
+            if time.monotonic() >= deadline:
+                raise moved
+            moved = None
             await asyncio.sleep(POLL)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -46,10 +47,10 @@ from memoryd.api.validation import (
 )
 from memoryd.engine.work import Logprob, SamplingError, SamplingParams
 from memoryd.errors import Aborted, FailedPrecondition, InvalidArgument, ResourceExhausted, ServiceError
-from memoryd.sessions.admission import set_deadline
 from memoryd.sessions.calls import CommitRule, Content, Info, Sessions
 from memoryd.sessions.chat import Message, TemplateError
 from memoryd.sessions.recall_prompt import RecallAsk, Span, query_of
+from memoryd.sessions.routing import Moved
 from memoryd.settings import Settings
 from memoryd.store.snapshots import SNAPSHOT_FORMAT
 
@@ -85,10 +86,11 @@ def _left(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 1.0 else grpc.StatusCode.CANCELLED
 
 
-def _read_deadline(context: grpc.aio.ServicerContext) -> None:
-    """The call's gRPC deadline, for everything it does below the edge (memoryd/sessions/admission.py)."""
+def timeout_of(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds left before the call's gRPC deadline (None: the caller set none), handed to the session
+    calls that admit work against it (memoryd/sessions/admission.py)."""
     left = context.time_remaining()
-    set_deadline(left if left is not None and left < 10**8 else None)
+    return left if left is not None and left < 10**8 else None
 
 
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
@@ -146,37 +148,58 @@ def add_to_server(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
 
 
+@contextlib.asynccontextmanager
+async def _served(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[dict[str, Any]]:
+    """One call's error mapping, metrics and log line (the same for unary and streamed answers): a
+    ServiceError becomes its status (with its trailers), anything else INTERNAL; a call cancelled under
+    its handler is logged as DEADLINE_EXCEEDED or CANCELLED. Yields the call's log fields."""
+    t0, fields = time.perf_counter(), {}
+    _call.set(fields)
+    code = grpc.StatusCode.OK
+    try:
+        yield fields
+    except ServiceError as e:
+        code = grpc_status(e)
+        fields["error"] = e.message
+        await _abort(context, e)
+    except (asyncio.CancelledError, GeneratorExit):  # the client left or its deadline passed (work safe to
+        code = _left(context)  # finish goes on)
+        raise
+    except grpc.aio.AbortError:
+        raise
+    except Exception as e:
+        code = grpc.StatusCode.INTERNAL
+        log.exception("%s failed", method)
+        await context.abort(code, f"internal error: {type(e).__name__}: {e}")
+    finally:
+        _finish(method, fields, code, t0)
+
+
 def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a unary-response handler: auth, decode, error mapping, metrics, one log line."""
+    """Wrap a unary-response handler: auth, decode, error mapping, metrics, one log line.
+
+    The call runs here first; only if the session layer says the session is held elsewhere (`Moved`)
+    does memoryd/api/forward.py take over (a client stream goes through it from the start: its first
+    message may have to be sent again to the holder)."""
     method = fn.__name__
     request_of = _request_decoder(method)
+    client_streaming = SERVICE.methods_by_name[method].client_streaming
 
     @functools.wraps(fn)
     async def wrapper(self: MemoryServicer, raw: Any, context: grpc.aio.ServicerContext) -> Any:
-        t0, fields = time.perf_counter(), {}
-        _call.set(fields)
-        code = grpc.StatusCode.OK
-        try:
-            tenant = self.auth.tenant(context.invocation_metadata())
-            fields["tenant"] = tenant
-            _read_deadline(context)
+        async with _served(method, context) as fields:
+            tenant = fields["tenant"] = self.auth.tenant(context.invocation_metadata())
             request = request_of(raw)
-            return await self.router.unary(method, request, context, lambda req: fn(self, tenant, req, context))
-        except ServiceError as e:
-            code = grpc_status(e)
-            fields["error"] = e.message
-            await _abort(context, e)
-        except asyncio.CancelledError:  # the client left or its deadline passed (work safe to finish goes on)
-            code = _left(context)
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", method)
-            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
-        finally:
-            _finish(method, fields, code, t0)
+
+            def local(req: Any) -> Any:
+                return fn(self, tenant, req, context)
+
+            if client_streaming:
+                return await self.router.unary(method, request, context, local)
+            try:
+                return await local(request)
+            except Moved as moved:
+                return await self.router.unary(method, request, context, local, moved)
 
     return wrapper
 
@@ -188,31 +211,25 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
 
     @functools.wraps(fn)
     async def wrapper(self: MemoryServicer, raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        t0, fields = time.perf_counter(), {}
-        _call.set(fields)
-        code = grpc.StatusCode.OK
-        try:
-            tenant = self.auth.tenant(context.invocation_metadata())
-            fields["tenant"] = tenant
-            _read_deadline(context)
+        async with _served(method, context) as fields:
+            tenant = fields["tenant"] = self.auth.tenant(context.invocation_metadata())
             request = request_of(raw)
-            async for item in self.router.stream(method, request, context, lambda req: fn(self, tenant, req, context)):
+
+            def local(req: Any) -> AsyncIterator[Any]:
+                return fn(self, tenant, req, context)
+
+            items = local(request)
+            try:
+                first = await anext(items)
+            except StopAsyncIteration:
+                return
+            except Moved as moved:
+                async for item in self.router.stream(method, request, context, local, moved):
+                    yield item
+                return
+            yield first
+            async for item in items:
                 yield item
-        except ServiceError as e:
-            code = grpc_status(e)
-            fields["error"] = e.message
-            await _abort(context, e)
-        except (asyncio.CancelledError, GeneratorExit):
-            code = _left(context)
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("%s failed", method)
-            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
-        finally:
-            _finish(method, fields, code, t0)
 
     return wrapper
 
@@ -457,7 +474,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @unary
     async def GetSession(self, tenant: str, r: pb.GetSessionRequest, ctx: Any) -> pb.Session:
         note(session=r.session_id)
-        return session_pb(await self.sessions.get(tenant, check_session_id(r.session_id)))
+        return session_pb(await self.sessions.get(tenant, check_session_id(r.session_id), timeout_of(ctx)))
 
     @unary
     async def ListSessions(self, tenant: str, r: pb.ListSessionsRequest, ctx: Any) -> pb.ListSessionsResponse:
@@ -510,7 +527,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
 
     # -- append ------------------------------------------------------------------------------
 
-    async def _append_one(self, tenant: str, sid: str, r: pb.AppendRequest) -> Any:
+    async def _append_one(self, tenant: str, sid: str, r: pb.AppendRequest, ctx: Any) -> Any:
         tokens: Content
         if len(r.messages):
             if r.text or len(r.tokens):
@@ -520,13 +537,13 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
             tokens = self.tokens_of(r.text, r.tokens, "append")
         aid = check_append_id(r.append_id)
         expected = r.expected_offset if r.HasField("expected_offset") else None
-        return await self.sessions.append(tenant, sid, tokens, expected, aid)
+        return await self.sessions.append(tenant, sid, tokens, expected, aid, timeout_of(ctx))
 
     @unary
     async def Append(self, tenant: str, r: pb.AppendRequest, ctx: Any) -> pb.AppendResponse:
         sid = check_session_id(r.session_id)
         note(session=sid, append_id=r.append_id or None)
-        out = await self._append_one(tenant, sid, r)
+        out = await self._append_one(tenant, sid, r, ctx)
         note(tokens=out.tokens, offset=out.offset, steps=out.steps, duplicate=out.duplicate)
         return pb.AppendResponse(
             offset=out.offset,
@@ -548,7 +565,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     note(session=sid)
                 elif r.session_id and r.session_id != sid:
                     raise InvalidArgument(f"message {n} names session {r.session_id!r}; this stream appends to {sid!r}")
-                out = await self._append_one(tenant, sid, r)
+                out = await self._append_one(tenant, sid, r, ctx)
                 first = out.start if first is None else first
                 n += 1
                 resp.offset, resp.pending_tokens = out.offset, out.pending
@@ -596,7 +613,7 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         if r.commit and params.samples > 1:
             raise InvalidArgument(f"n = {params.n} with commit: a commit keeps one output; ask for n = 1")
         async for ev in self.sessions.generate(
-            tenant, sid, prompt, params, r.commit, expected, aid, rule, recall=recall
+            tenant, sid, prompt, params, r.commit, expected, aid, rule, recall=recall, timeout=timeout_of(ctx)
         ):
             logprobs = [self.logprob_pb(lp) for lp in ev.logprobs]
             if ev.done:

@@ -296,7 +296,8 @@ class Engine:
             self._waiting.remove(ticket)
         sample = ticket.work
         assert isinstance(sample, Sample)
-        gen.queue.put_nowait(Finished(sample.index, reason, sample.state, sample.read))
+        nbytes = sample.state.nbytes() if sample.request.keep else 0
+        gen.queue.put_nowait(Finished(sample.index, reason, sample.state, sample.read, nbytes))
 
     def _drop(self, tickets: list[Ticket]) -> None:
         """A generation's samples leave the engine now (a running tick's result is then discarded)."""

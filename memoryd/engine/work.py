@@ -193,6 +193,9 @@ class Generate:
     """The request's stop ids and the model's end-of-sequence id."""
     prompt: tuple[int, ...] = ()
     """This call's prompt tokens: the repetition penalty counts them as seen."""
+    keep: bool = False
+    """The caller keeps a sample's end state (a commit): its `Finished` then carries the state's bytes
+    (measuring them walks the state's tensors: not done for states nobody keeps)."""
 
 
 @dataclass(eq=False)
@@ -253,6 +256,9 @@ class Appended:
     """The new state (a copy; the submitted one is unchanged)."""
     steps: int
     """Test-time steps the append took."""
+    nbytes: int = 0
+    """`state.nbytes()`, measured by the worker when the append is done: residency's byte count, so the
+    session layer never calls into the model for it."""
 
 
 @dataclass(frozen=True)
@@ -287,6 +293,8 @@ class Finished:
     state: State
     read: int
     """Output tokens `state` has read (a prefix of what was streamed)."""
+    nbytes: int = 0
+    """`state.nbytes()` when the request keeps its states (`Generate.keep`), else 0."""
 
 
 @dataclass(eq=False)
@@ -296,6 +304,8 @@ class Built:
     """Log tokens read on top of the snapshot."""
     seconds: float = 0.0
     """The worker's time on it (deserializing the snapshot and replaying), not the wait for the lane."""
+    nbytes: int = 0
+    """`state.nbytes()` (as `Appended.nbytes`)."""
 
 
 @dataclass

@@ -106,7 +106,10 @@ def _append(ticket: Ticket, n: int) -> Result | None:
     ticket.read += n
     ticket.cost -= n
     ticket.to_step = tokens_to_step(done.state)
-    return done if ticket.cost == 0 else None
+    if ticket.cost:
+        return None
+    done.nbytes = done.state.nbytes()
+    return done
 
 
 def _other(model: torch.nn.Module, work: object) -> Result:
@@ -114,7 +117,8 @@ def _other(model: torch.nn.Module, work: object) -> Result:
         return Exported(state_to_bytes(work.state))
     try:
         if isinstance(work, Import):
-            return Built(state_from_bytes(model, work.data))
+            state = state_from_bytes(model, work.data)
+            return Built(state, nbytes=state.nbytes())
         if isinstance(work, Rebuild):
             t0 = time.perf_counter()
             state = state_from_bytes(model, work.snapshot) if work.snapshot is not None else StreamState.fresh(model)
@@ -125,7 +129,7 @@ def _other(model: torch.nn.Module, work: object) -> Result:
             tail = [t for piece in work.pieces for t in piece]
             if tail:
                 state.append(tail)
-            return Built(state, len(tail), time.perf_counter() - t0)
+            return Built(state, len(tail), time.perf_counter() - t0, state.nbytes())
     except ModelMismatchError as e:
         return Refused("foreign_model", str(e))
     except (SnapshotError, InputError) as e:

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from memoryd import allocator, metrics
-from memoryd.engine.handle import StateHandle
 from memoryd.engine.work import (
     Append,
     Appended,
@@ -62,7 +61,7 @@ from memoryd.errors import (
     ServiceError,
     Unavailable,
 )
-from memoryd.sessions.admission import Backlog, deadline
+from memoryd.sessions.admission import Backlog, deadline, set_deadline
 from memoryd.sessions.leases import maintain_forever, redis_errors
 from memoryd.sessions.ordering import Key, SessionLocks
 from memoryd.sessions.output import CommitRule, GenEvent, SampleText, kept_output, record, replayed
@@ -79,11 +78,12 @@ from memoryd.store.heads import Head
 from memoryd.store.results import (
     EntryDiffers,
     HeldElsewhere,
-    Leased,
     Logged,
     OffsetDiffers,
     Ok,
+    OtherModel,
     Refusal,
+    Taken,
     TooManyEntries,
 )
 from memoryd.store.tokenlog import tokens_hash
@@ -196,8 +196,11 @@ class Sessions:
         finally:
             self.hot.unpin(key)
 
-    def _admitted(self, key: Key, tokens: int) -> contextlib.AbstractContextManager[None]:
-        """The call counted in the backlog (or refused early): its tokens, and a load if its session is cold."""
+    def _admitted(self, key: Key, tokens: int, timeout: float | None) -> contextlib.AbstractContextManager[None]:
+        """The call counted in the backlog (or refused early): its tokens, and a load if its session is cold.
+        `timeout`: seconds left before the caller's deadline (None: none), kept for everything the call does
+        (the engine drops work nobody will use once it passes)."""
+        set_deadline(timeout)
         return self.backlog.admitted(tokens, self.hot.peek(key) is None and key not in self._loads)
 
     async def _finish_anyway(self, coro: Any) -> Any:
@@ -292,25 +295,16 @@ class Sessions:
         tenant, sid = key
         t0 = time.perf_counter()
         async with self._redis():
-            head = await heads.read(self.store, tenant, sid)
-            if head is not None and head.digest != self.digest:  # before the lease: never take another model's
-                raise ForeignSession(head, self.digest)
-            match await leases.acquire(self.store, tenant, sid, self.owner, self.s.lease_seconds):
-                case Leased() as lease:
+            match await leases.take(self.store, tenant, sid, self.owner, self.s.lease_seconds, self.digest):
+                case Taken(head, pieces):
                     self.hot.loading(key, True)
+                case OtherModel(head):  # refused before the lease: never take another model's session
+                    raise ForeignSession(head, self.digest)
                 case HeldElsewhere() as held:
                     raise await self._elsewhere(key, held)
                 case Refusal.NOT_FOUND:
                     raise NotFound(f"session {sid!r} does not exist")
-            head = await heads.read(self.store, tenant, sid)
-            if head is None:
-                raise NotFound(f"session {sid!r} does not exist")
-            if head.digest != self.digest:  # replaced by another model's session since the first look
-                await leases.renew(self.store, [key], self.owner, 0)
-                raise ForeignSession(head, self.digest)
             data = await snapshots.read(self.store, head.snap) if head.snap else None
-            pieces = await tokenlog.read(self.store, tenant, sid, head.snap_off, head.offset)
-            await heads.touch(self.store, tenant, sid)
             await self.recalls.loaded(key, head, pieces)
         t1 = time.perf_counter()
         built: Built = await self._compute(Rebuild(data, pieces))
@@ -329,8 +323,8 @@ class Sessions:
         if built.state.position != head.offset:
             raise DataLoss(f"session {sid!r}: rebuilt state is at {built.state.position}, the head says {head.offset}")
         snap_steps = self.engine.counts_at(head.snap_off)[0] if head.snap else 0
-        hot = Hot(state=built.state, fence=lease.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
-        hot.set_state(built.state)
+        hot = Hot(state=built.state, fence=head.fence, gen=head.gen, snap_pos=head.snap_off, snap_steps=snap_steps)
+        hot.set_state(built.state, built.nbytes)
         self._state_bytes = self.hot.copy_bytes = max(self._state_bytes, hot.nbytes)
         self.hot.put(key, hot)
         self._spawn(self._enforce_budget(key))
@@ -440,9 +434,9 @@ class Sessions:
         steps, pending = self.engine.counts_at(head.offset)
         return Info(head, pending, steps, 0, False)
 
-    async def get(self, tenant: str, sid: str) -> Info:
+    async def get(self, tenant: str, sid: str, timeout: float | None = None) -> Info:
         key = (tenant, sid)
-        with self._admitted(key, 0):
+        with self._admitted(key, 0, timeout):
             return await self._get(key)
 
     async def _get(self, key: Key) -> Info:
@@ -532,7 +526,8 @@ class Sessions:
                         self.hot.drop(key)
                         raise Unavailable(f"session {sid!r} was taken over by another daemon; retry")
             await self.recalls.dropped(key, deleted=False)
-            hot.set_state((await self._compute(Rebuild(None, []))).state)
+            fresh: Built = await self._compute(Rebuild(None, []))
+            hot.set_state(fresh.state, fresh.nbytes)
             hot.gen, hot.snap_pos, hot.snap_steps = hot.gen + 1, 0, 0
             self.hot.changed()
             async with self._redis():
@@ -585,9 +580,9 @@ class Sessions:
             return await tokenlog.find_append(self.store, *key, append_id)
 
     async def _commit(
-        self, key: Key, hot: Hot, new: StateHandle, pieces: list[list[int]], append_id: str, record: str = ""
+        self, key: Key, hot: Hot, new: Appended | Finished, pieces: list[list[int]], append_id: str, record: str = ""
     ) -> Logged:
-        """Make pieces durable (CAS on the offset), then swap `new` in (unless an earlier call with the same
+        """Make pieces durable (CAS on the offset), then swap `new.state` in (unless an earlier call with the same
         append id logged them: then the duplicate's offsets come back, and the hot copy is reloaded)."""
         tenant, sid = key
         async with self._redis(key):
@@ -595,11 +590,11 @@ class Sessions:
                 self.store, tenant, sid, hot.fence, hot.state.position, pieces, append_id, record
             )
         if isinstance(res, Logged) and not res.duplicate:
-            hot.set_state(new)
+            hot.set_state(new.state, new.nbytes)
             self.hot.put(key, hot)
             if not await self.recalls.appended(key, hot.gen, res.start, pieces):
                 self.hot.drop(key)  # reloading catches the recall log up from the token log
-            if new.steps - hot.snap_steps >= self.s.snapshot_interval:
+            if new.state.steps - hot.snap_steps >= self.s.snapshot_interval:
                 self._spawn(self._periodic_snapshot(key))
             if self.hot.over_budget():
                 self._spawn(self._enforce_budget(key))
@@ -623,13 +618,19 @@ class Sessions:
             )
 
     async def append(
-        self, tenant: str, sid: str, content: Content, expected: int | None, append_id: str
+        self,
+        tenant: str,
+        sid: str,
+        content: Content,
+        expected: int | None,
+        append_id: str,
+        timeout: float | None = None,
     ) -> AppendOutcome:
         """With an append_id the append is safe to finish: it runs to the end even if its caller leaves
         (the retry then finds it recorded); without one, nobody could tell it landed, so its work is
         dropped once the caller's deadline passes."""
         key = (tenant, sid)
-        with self._admitted(key, len(content) if isinstance(content, list) else 0):
+        with self._admitted(key, len(content) if isinstance(content, list) else 0, timeout):
             if append_id:
                 return await self._finish_anyway(self._append(key, content, expected, append_id))
             return await self._append(key, content, expected, append_id)
@@ -652,7 +653,7 @@ class Sessions:
                 done: Appended = await self._compute(Append(hot.state, tokens), droppable=not append_id)
             except InvalidArgument as e:
                 raise InvalidArgument(e.message, offset=hot.state.position) from e
-            res = await self._commit(key, hot, done.state, [tokens], append_id)
+            res = await self._commit(key, hot, done, [tokens], append_id)
             if res.duplicate:
                 return AppendOutcome(res.start, res.offset, res.offset - res.start, 0, True, hot.state.pending_count)
         metrics.TOKENS_READ.inc(len(tokens))
@@ -670,6 +671,7 @@ class Sessions:
         append_id: str,
         rule: CommitRule = KEEP_SENT,
         recall: RecallAsk | None = None,
+        timeout: float | None = None,
     ) -> AsyncIterator[GenEvent]:
         """Sample on forks; stream tokens and text; with commit, log prompt + output and swap the fork in.
 
@@ -679,7 +681,7 @@ class Sessions:
         A dry run (no commit) is dropped once its caller's deadline passes: nobody will use it."""
         key = (tenant, sid)
         cost = 1 + (len(prompt) if isinstance(prompt, list) else 0)
-        with self._admitted(key, cost):
+        with self._admitted(key, cost, timeout):
             async for event in self._generate(key, prompt, p, commit, expected, append_id, rule, recall):
                 yield event
 
@@ -707,15 +709,17 @@ class Sessions:
             prompt_ids = tokens_at(prompt, hot.state.position)
             ctx = await self._recall_context(key, hot, recall, prompt_ids, p.max_tokens) if recall else NOTHING
             pieces: list[list[int]] = []
-            after_prompt = hot.state
+            prompted = Appended(hot.state, 0, hot.nbytes)
             if prompt_ids or ctx.tokens:  # recalled context goes into this generation's copy only
                 work = Append(hot.state, [*ctx.tokens, *prompt_ids])
-                after_prompt = (await self._compute(work, droppable=not commit)).state
+                prompted = await self._compute(work, droppable=not commit)
+            after_prompt = prompted.state
             if prompt_ids:
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
                 raise InvalidArgument("the session is empty: give a prompt (or append first) before generating")
-            request = Generate(after_prompt, p, frozenset({self.tok.eos_id, *p.stop_tokens}), tuple(prompt_ids))
+            stop_ids = frozenset({self.tok.eos_id, *p.stop_tokens})
+            request = Generate(after_prompt, p, stop_ids, tuple(prompt_ids), keep=commit)
             outs = [SampleText(self.tok, p.stop, request.stop_ids) for _ in range(p.samples)]
             ends: dict[int, Finished] = {}
             async with self.engine.generate(request, None if commit else deadline()) as gen:
@@ -744,18 +748,20 @@ class Sessions:
                 o, end = outs[0], ends[0]
                 kept = kept_output(self.tok, o.out, o.finish, o.text, rule.stop)
                 read = o.out[: end.read] if end.read <= len(o.out) else None
+                new: Appended | Finished
                 if read is not None and kept[: len(read)] == read and not ctx.tokens:  # the fork read a prefix of kept
                     pieces += [[t] for t in read]
-                    state, last = end.state, kept[len(read) :] + list(rule.suffix)
+                    new, last = end, kept[len(read) :] + list(rule.suffix)
                 else:  # kept diverges from what the fork read (a stop string cut inside a token, or recalled context)
-                    state, last = after_prompt, kept + list(rule.suffix)
+                    new, last = prompted, kept + list(rule.suffix)
                     if ctx.tokens:  # the session reads the prompt and the reply, never the recalled context
-                        state = (await self._compute(Append(hot.state, prompt_ids))).state if prompt_ids else hot.state
+                        unchanged = Appended(hot.state, 0, hot.nbytes)
+                        new = await self._compute(Append(hot.state, prompt_ids)) if prompt_ids else unchanged
                 if last:
-                    state = (await self._compute(Append(state, last))).state
+                    new = await self._compute(Append(new.state, last))
                     pieces.append(last)
                 rec = record(prompt_ids, o.out, "".join(o.sent), o.finish)
-                res_c = await self._commit(key, hot, state, pieces, append_id, rec)
+                res_c = await self._commit(key, hot, new, pieces, append_id, rec)
                 offset, committed = res_c.offset, res_c.offset - res_c.start
                 metrics.TOKENS_READ.inc(sum(len(x) for x in pieces))
             last_text = tails[0] if len(outs) == 1 else ""
@@ -898,7 +904,7 @@ class Sessions:
         self._check_created(sid, created)
         if head is None:
             raise Unavailable(f"session {sid!r} vanished right after the import; retry")
-        return Info(head, state.pending_count, state.steps, state.nbytes(), False)
+        return Info(head, state.pending_count, state.steps, res.nbytes, False)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

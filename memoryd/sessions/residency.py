@@ -57,8 +57,9 @@ class Hot:
     used: float = field(default_factory=time.monotonic)
     """When a call last used it (idle sessions expire: only use refreshes TTLs)."""
 
-    def set_state(self, state: StateHandle) -> None:
-        self.state, self.nbytes = state, state.nbytes()
+    def set_state(self, state: StateHandle, nbytes: int) -> None:
+        """Swap `state` in; `nbytes`: its `nbytes()` as the engine measured it with the result."""
+        self.state, self.nbytes = state, nbytes
 
 
 class Residency:

@@ -171,8 +171,11 @@ async def create(
 
 async def read(st: Store, tenant: str, sid: str) -> Head | None:
     raw = await st.r.hgetall(st.keys.head(tenant, sid))
-    if not raw:
-        return None
+    return head_of(tenant, sid, raw) if raw else None
+
+
+def head_of(tenant: str, sid: str, raw: dict[bytes, bytes]) -> Head:
+    """A head from its hash's fields (DataLoss if one is missing or malformed)."""
     f = {k.decode(): v.decode() for k, v in raw.items()}
     try:
         return Head(

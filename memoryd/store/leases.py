@@ -13,9 +13,12 @@ import asyncio
 import logging
 from typing import Literal
 
+from memoryd.store import snapshots
 from memoryd.store.db import Store
+from memoryd.store.heads import head_of
 from memoryd.store.redis_client import UNAVAILABLE_ERRORS
-from memoryd.store.results import HeldElsewhere, Leased, Refusal
+from memoryd.store.results import HeldElsewhere, Leased, OtherModel, Refusal, Taken
+from memoryd.store.tokenlog import pieces_of
 
 log = logging.getLogger("memoryd.store.leases")
 
@@ -32,6 +35,29 @@ async def acquire(
     if code == -1:
         return Refusal.NOT_FOUND
     return HeldElsewhere(res[1].decode(), int(res[2]))
+
+
+async def take(
+    st: Store, tenant: str, sid: str, owner: str, seconds: float, digest: str
+) -> Taken | OtherModel | HeldElsewhere | Literal[Refusal.NOT_FOUND]:
+    """A load's reads and its lease in one script (scripts._TAKE, one round trip): another model's session
+    is refused before its lease is taken; else the lease (fencing token bumped), the head as it is then,
+    the log from its snapshot to its offset, and (with ttl_seconds) the session's and its snapshot's TTLs
+    refreshed. Atomic: the head and log are the ones the new fencing token guards."""
+    keys = [*st.keys.session_keys(tenant, sid), st.keys.lease(tenant, sid)]
+    res = await st.write("take", keys, [owner, int(seconds * 1000), digest, st.ttl])
+    code = int(res[0])
+    if code == -1:
+        return Refusal.NOT_FOUND
+    if code == -2:
+        return HeldElsewhere(res[1].decode(), int(res[2]))
+    head = head_of(tenant, sid, dict(zip(res[1][::2], res[1][1::2], strict=True)))
+    if code == -3:
+        return OtherModel(head)
+    pieces = pieces_of(sid, res[2], head.snap_off, head.offset)
+    if st.ttl > 0 and head.snap:
+        await snapshots.touch(st, head.snap)
+    return Taken(head, pieces)
 
 
 async def renew(st: Store, sessions: list[tuple[str, str]], owner: str, seconds: float) -> list[bool]:

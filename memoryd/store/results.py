@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from memoryd.store.heads import Head
 
 
 class Refusal(enum.Enum):
@@ -76,6 +80,23 @@ class Leased:
     """This daemon holds the session's lease now; `fence` is the fencing token its head writes carry."""
 
     fence: int
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A load's step (memoryd/store/leases.py `take`): this daemon holds the lease now (`head.fence` is the
+    fencing token its head writes carry), and `pieces` is the token log from the head's snapshot to its
+    offset, read in the same script."""
+
+    head: Head
+    pieces: list[list[int]]
+
+
+@dataclass(frozen=True)
+class OtherModel:
+    """Refusal (a load): the session was stored under another model (`head`); no lease was taken."""
+
+    head: Head
 
 
 @dataclass(frozen=True)

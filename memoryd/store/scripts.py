@@ -249,6 +249,24 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 return {1, redis.call('HINCRBY', KEYS[1], 'fence', 1)}
 """
 
+# KEYS: head, log, ids, lease.  ARGV: owner, ms, digest, ttl.  A load's one step in the session's slot:
+# {1, head (HGETALL, fence bumped), log (LRANGE)} | {-1} no head | {-3, head} another model's (no lease taken)
+# | {-2, holder, pttl} leased to another daemon.  With ttl > 0 the head, log and ids keys' TTLs are refreshed.
+_TAKE = """
+local head = redis.call('HGETALL', KEYS[1])
+if #head == 0 then return {-1} end
+if redis.call('HGET', KEYS[1], 'digest') ~= ARGV[3] then return {-3, head} end
+local cur = redis.call('GET', KEYS[4])
+if cur and cur ~= ARGV[1] then return {-2, cur, redis.call('PTTL', KEYS[4])} end
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'fence', 1)
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 1, 3 do if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('EXPIRE', KEYS[i], ttl) end end
+end
+return {1, redis.call('HGETALL', KEYS[1]), redis.call('LRANGE', KEYS[2], 0, -1)}
+"""
+
 # KEYS: lease.  ARGV: owner, ms (0 = release)
 _RENEW = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -303,6 +321,7 @@ SCRIPTS = {
     "reset": _RESET,
     "delete": _DELETE,
     "lease": _LEASE,
+    "take": _TAKE,
     "renew": _RENEW,
     "touch": _TOUCH,
     "update_meta": _UPDATE_META,

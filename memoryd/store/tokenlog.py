@@ -82,7 +82,11 @@ async def find_append(st: Store, tenant: str, sid: str, append_id: str) -> Logge
 
 async def read(st: Store, tenant: str, sid: str, from_offset: int, to_offset: int) -> list[list[int]]:
     """The pieces from `from_offset` to `to_offset`, checked to be contiguous."""
-    raw = await st.r.lrange(st.keys.log(tenant, sid), 0, -1)
+    return pieces_of(sid, await st.r.lrange(st.keys.log(tenant, sid), 0, -1), from_offset, to_offset)
+
+
+def pieces_of(sid: str, raw: list[bytes], from_offset: int, to_offset: int) -> list[list[int]]:
+    """The log entries `raw` (the whole list) from `from_offset` to `to_offset`, checked to be contiguous."""
     pieces, pos = [], from_offset
     for item in raw:
         try:
