@@ -26,7 +26,7 @@ import itertools
 import logging
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from memoryd import metrics
 from memoryd.engine.scheduler import LANES, Budget, Lane, Plan, schedule
@@ -74,6 +74,10 @@ class Engine:
         self._wake = asyncio.Event()
         self._lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"memoryd-{lane}") for lane in LANES}
         self._task: asyncio.Task[None] | None = None
+        self._tick_metrics = {
+            lane: (metrics.ENGINE_TICKS.labels(lane), metrics.ENGINE_TICK_SECONDS.labels(lane)) for lane in LANES
+        }
+        """Each lane's tick counter and timer (looked up once, not per tick)."""
         self.ticks = 0
         """Lane runs so far (both lanes)."""
         self.seconds_per_token = 0.0
@@ -175,32 +179,19 @@ class Engine:
         return t
 
     async def _run(self) -> None:
+        """One pass per wake-up: results of finished lanes in, expired work out, a plan on every free lane,
+        then sleep until a lane finishes or new work arrives (both set `_wake`). A lane's thread wakes the
+        loop itself (`lane_done`): no asyncio future chained to each run, no task and `asyncio.wait` per
+        tick, so a tick costs the loop one wake-up."""
         loop = asyncio.get_running_loop()
-        busy: dict[asyncio.Future[list[Outcome]], tuple[Lane, Plan, float]] = {}
+        busy: dict[Future[list[Outcome]], tuple[Lane, Plan, float]] = {}
+
+        def lane_done(_: object) -> None:  # on the lane's thread: wake the loop
+            loop.call_soon_threadsafe(self._wake.set)
+
         while True:
-            if not busy and not self._waiting:
-                await self._wake.wait()
             self._wake.clear()
-            self._drop_expired()
-            free = [lane for lane in LANES if all(lane != v[0] for v in busy.values())]
-            plan = schedule([t for t in self._waiting if not t.running], self.budget, free)
-            for lane in free:
-                part = plan.lane(lane)
-                if not part:
-                    continue
-                for t in part.tickets():
-                    t.served, t.running = self.ticks, True
-                fut = loop.run_in_executor(self._lanes[lane], execute, self.model, part)
-                busy[fut] = (lane, part, time.perf_counter())
-            if not busy:  # nothing could run (the scheduler always plans something for free lanes)
-                await self._wake.wait()
-                continue
-            wake = loop.create_task(self._wake.wait())
-            done, _ = await asyncio.wait([*busy, wake], return_when=asyncio.FIRST_COMPLETED)
-            wake.cancel()
-            for fut in done:
-                if fut is wake:
-                    continue
+            for fut in [f for f in busy if f.done()]:
                 lane, part, t0 = busy.pop(fut)
                 try:
                     outcomes = fut.result()
@@ -208,6 +199,20 @@ class Engine:
                     log.exception("the engine's %s lane failed on a plan", lane)
                     outcomes = [Outcome(t, error=e) for t in part.tickets()]
                 self._update(lane, part, outcomes, time.perf_counter() - t0)
+            self._drop_expired()
+            free = [lane for lane in LANES if all(lane != v[0] for v in busy.values())]
+            if free and self._waiting:
+                plan = schedule([t for t in self._waiting if not t.running], self.budget, free)
+                for lane in free:
+                    part = plan.lane(lane)
+                    if not part:
+                        continue
+                    for t in part.tickets():
+                        t.served, t.running = self.ticks, True
+                    fut = self._lanes[lane].submit(execute, self.model, part)
+                    fut.add_done_callback(lane_done)
+                    busy[fut] = (lane, part, time.perf_counter())
+            await self._wake.wait()
 
     def _drop_expired(self) -> None:
         """Items whose deadline has passed and that have not started: nobody will use their result."""
@@ -234,8 +239,9 @@ class Engine:
             self.seconds_per_token = _average(self.seconds_per_token, seconds / plan.compute_tokens)
         elif lane == "compute" and plan.others and not plan.chunks and not plan.solo:
             self.seconds_per_item = _average(self.seconds_per_item, seconds / len(plan.others))
-        metrics.ENGINE_TICKS.labels(lane).inc()
-        metrics.ENGINE_TICK_SECONDS.labels(lane).observe(seconds)
+        ticks, tick_seconds = self._tick_metrics[lane]
+        ticks.inc()
+        tick_seconds.observe(seconds)
         metrics.ENGINE_TICK_TOKENS.observe(plan.tokens)
         if plan.decodes:
             metrics.ENGINE_DECODE_ROWS.observe(len(plan.decodes))
