@@ -27,6 +27,7 @@ from mcp.client.streamable_http import streamable_http_client
 from memoryd_sdk import MemoryClient
 
 pytest.register_assert_rewrite("sdk_fixtures")
+from default_fixtures import DefaultDaemon  # noqa: E402
 from sdk_fixtures import TOKENS, auth_daemon  # noqa: E402
 from service_fixtures import Daemon, child_env, free_port, tiny_checkpoint  # noqa: E402, F401
 
@@ -59,7 +60,7 @@ def observer(mcp_daemon: Daemon) -> Iterator[MemoryClient]:
 
 
 @asynccontextmanager
-async def mcp_client(d: Daemon, token: str | None = TOKENS["alice"]) -> AsyncIterator[Client]:
+async def mcp_client(d: Daemon | DefaultDaemon, token: str | None = TOKENS["alice"]) -> AsyncIterator[Client]:
     args = ["-m", "memoryd", "mcp", "--daemon", d.address]
     if token is not None:
         args += ["--token", token]
@@ -249,7 +250,7 @@ def test_streamable_http_passes_each_callers_token(mcp_daemon: Daemon) -> None:
 
 
 @pytest.mark.slow
-def test_ask_answers_from_recalled_memory(default_daemon: Daemon) -> None:
+def test_ask_answers_from_recalled_memory(default_daemon: DefaultDaemon) -> None:
     """The fact, 3,000 tokens of other text (past the 1,024-token window), then `ask`: the session's model
     answers from the recalled fact, and the session is left as it was."""
 
