@@ -213,6 +213,7 @@ REFUSED = [
     ({"top_logprobs": 3}, None, openai.BadRequestError),  # without logprobs
     ({"response_format": {"type": "json_object"}}, "response_format", openai.BadRequestError),
     ({"temperature": 3}, "temperature", openai.BadRequestError),
+    ({"n": 0}, "n", openai.BadRequestError),  # proto3 would read 0 as unset (one sample); OpenAI refuses it
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", openai.BadRequestError),
     ({"model": "gpt-4o"}, "model", openai.NotFoundError),
     ({"max_tokens": MAX_GENERATE + 1}, None, openai.BadRequestError),  # the daemon's own limit, as 400

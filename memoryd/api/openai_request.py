@@ -229,6 +229,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
             "recall",
             "invalid_type",
         )
+    _int(body, "n", 1)  # the daemon reads n = 0 as proto3's unset (one sample); OpenAI refuses it
     temperature = _number(body, "temperature", 0, 2)
     top_p = _number(body, "top_p", 0, 1)
     return ChatRequest(

@@ -195,7 +195,7 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ServiceError as e:
             code = grpc_status(e)
             fields["error"] = e.message
-            if client_streaming:
+            if client_streaming and "tenant" in fields:  # an unauthenticated caller's stream is not read
                 await _drain(raw)
             await _abort(context, e)
         except asyncio.CancelledError:  # the client left or its deadline passed (work safe to finish goes on)
