@@ -127,6 +127,9 @@ class Residency:
         self._reserved[key] = nbytes
         self._gauges()
 
+    def reserved(self, key: Key) -> bool:
+        return key in self._reserved
+
     def unreserve(self, key: Key) -> None:
         if self._reserved.pop(key, None) is not None:
             self._freed.set()
