@@ -364,3 +364,51 @@ def test_an_eviction_writes_a_snapshot_only_when_the_state_stepped_since_the_las
     solo.append(more)
     ref = solo.tensors()
     assert sorted(served) == sorted(ref) and all(torch.equal(served[k], ref[k]) for k in ref)
+
+
+def test_a_pinned_short_session_is_charged_what_its_call_can_hold(tiny_model) -> None:  # noqa: F811
+    """Residency charges a pinned session its state and its call's working copy.  The copy shares the
+    state's tensors and owns what it makes new, at most a state of position + tokens (`Engine.copy_bytes`):
+    measured here, a copy owns no more than that; a short session's call is charged that, not a full
+    state; a call that does not say what it reads, a full one."""
+    from memoryd.engine.core import Engine
+    from memoryd.engine.scheduler import Budget
+    from memoryd.sessions.residency import Hot, Residency
+    from model import StreamState
+
+    def owned(copy: StreamState, orig: StreamState) -> int:
+        def storages(s: StreamState) -> dict[int, int]:
+            ts = [*s.tensors().values(), s.pending_out]
+            ts += [t for live in s.live_kv if live is not None for t in (live.buf.k, live.buf.v)]
+            return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
+
+        mine, theirs = storages(copy), storages(orig)
+        return sum(n for ptr, n in mine.items() if ptr not in theirs)
+
+    engine = Engine(tiny_model, Budget(tokens=512, rows=8))
+    full, b = engine.full_bytes, tiny_model.cfg.mini_batch_size
+    for position in (0, 3, b, 2 * b + 1):
+        for n in (1, b - 1, b + 2, 2 * b):
+            state = StreamState.fresh(tiny_model)
+            if position:
+                state.append(tokens(position))
+            copy = state.clone()
+            copy.append(tokens(n, 4))
+            bound = engine.copy_bytes(position, n)
+            assert owned(copy, state) <= bound, (position, n)
+    assert engine.copy_bytes(10**6, 1) == full, "a long session's copy is a full state"
+
+    state = StreamState.fresh(tiny_model)
+    state.append(tokens(5))
+    hot = Residency(budget=10 * full)
+    hot.copy_bytes, hot.copy_bound = full, engine.copy_bytes
+    key = ("t", "short")
+    hot.put(key, Hot(state=state, fence=1, gen=0, snap_pos=0, snap_steps=0, nbytes=state.nbytes()))
+    assert hot.charge(key) == state.nbytes()
+    hot.pin(key, 3)
+    assert hot.charge(key) == state.nbytes() + engine.copy_bytes(5, 3) < state.nbytes() + full
+    hot.pin(key, None)  # a second call, reading what it does not say: a full copy
+    assert hot.charge(key) == state.nbytes() + full
+    hot.unpin(key, None)
+    hot.unpin(key, 3)
+    assert hot.charge(key) == state.nbytes() and not hot.pinned(key)

@@ -160,6 +160,7 @@ class Sessions:
         """A full state's bytes (or a larger one seen): a load reserves twice that (the snapshot's bytes
         and the state built from them), and a call in progress is charged it for its working copy."""
         self.hot.copy_bytes = self._state_bytes
+        self.hot.copy_bound = engine.copy_bytes
         self._load_seconds = self._evict_seconds = 0.0
         """How long a load takes (Redis reads, deserialize, replay) and an eviction to make room for it, lately:
         loads make room one at a time, so admission prices each cold session ahead at their sum."""
@@ -173,15 +174,16 @@ class Sessions:
     # -- plumbing ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _held(self, key: Key, load: bool = True) -> AsyncIterator[None]:
+    async def _held(self, key: Key, load: bool = True, tokens: int | None = None) -> AsyncIterator[None]:
         """The session's turn (`_turn`; `load=False`: a call that never loads the state), then its lock.
+        `tokens`: what the call reads into its copy of the state, if known (residency charges the copy).
 
         A call that waited for the lock while its holder failed UNAVAILABLE (Redis stalled or gone)
         answers UNAVAILABLE as soon as it needs Redis (see `_redis`): trying Redis again would add
         another Redis timeout to its answer, and a queue of calls would each add one. What it can do
         without Redis (a generation on a hot session, not committed) it still does."""
         since = time.monotonic()
-        await self._turn(key, load)  # pinned from here: not evicted while it waits for the lock or works
+        await self._turn(key, load, tokens)  # pinned from here: not evicted while it waits for the lock or works
         try:
             async with self.lock(key):
                 _waited.set((key, since))
@@ -196,7 +198,7 @@ class Sessions:
         finally:
             if key not in self._loads:  # room reserved by its turn that no load took (the call left or failed)
                 self.hot.unreserve(key)
-            self.hot.unpin(key)
+            self.hot.unpin(key, tokens)
 
     def _admitted(self, key: Key, tokens: int) -> contextlib.AbstractContextManager[None]:
         """The call counted in the backlog (or refused early): its tokens, and a load unless its turn will find
@@ -269,7 +271,7 @@ class Sessions:
             task.add_done_callback(_retrieve)
         return await asyncio.shield(task)
 
-    async def _turn(self, key: Key, load: bool = True) -> None:
+    async def _turn(self, key: Key, load: bool = True, tokens: int | None = None) -> None:
         """Pin `key` for a call, in arrival order with every other call that needs a session (issue 20).
 
         A call whose session is pinned already (a call is working on it, loading it, or waiting for it)
@@ -282,12 +284,12 @@ class Sessions:
         by coming back at once, and a call that needed a load waited for as long as the hot ones kept
         coming (bench/overload.py: Append p50 0.47 s, p99 28.5 s)."""
         if self.hot.pinned(key) or not load:  # `load=False`: a call that never loads the state (delete, import)
-            self.hot.pin(key)
+            self.hot.pin(key, tokens)
             return
         async with self._admit:
             if self.hot.peek(key) is None and not self.hot.pinned(key) and not self.hot.reserved(key):
                 await self._make_room(key)
-            self.hot.pin(key)
+            self.hot.pin(key, tokens)
 
     async def _room(self, key: Key) -> None:
         """Reserve budget for loading `key` (FIFO with the calls' turns)."""
@@ -308,7 +310,7 @@ class Sessions:
         self.hot.reserve(key, need)
 
     async def _load_now(self, key: Key) -> Hot:
-        self.hot.pin(key)
+        self.hot.pin(key, 0)  # kept hot until its caller's turn has it, which pins it for its own copy
         try:
             if not self.hot.reserved(key):  # its call's turn reserved room (unless the session was dropped since)
                 await self._room(key)
@@ -316,7 +318,7 @@ class Sessions:
         finally:
             self.hot.loading(key, False)
             self.hot.unreserve(key)
-            self.hot.unpin(key)
+            self.hot.unpin(key, 0)
 
     async def _read_and_build(self, key: Key) -> Hot:
         tenant, sid = key
@@ -668,7 +670,7 @@ class Sessions:
             return await self._append(key, content, expected, append_id)
 
     async def _append(self, key: Key, content: Content, expected: int | None, append_id: str) -> AppendOutcome:
-        async with self._held(key):
+        async with self._held(key, tokens=len(content) if isinstance(content, list) else None):
             hot = await self._load(key)
             dup = await self._find_duplicate(key, append_id)
             if dup is not None:
@@ -727,7 +729,8 @@ class Sessions:
         rule: CommitRule,
         recall: RecallAsk | None,
     ) -> AsyncIterator[GenEvent]:
-        async with self._held(key):
+        reads = len(prompt) + p.max_tokens if isinstance(prompt, list) and p.samples == 1 and not recall else None
+        async with self._held(key, tokens=reads):
             hot = await self._load(key)
             if commit and append_id:
                 dup = await self._find_duplicate(key, append_id)
