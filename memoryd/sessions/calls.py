@@ -305,7 +305,7 @@ class Sessions:
                 await self.hot.wait_freed()
             for victim in victims:
                 t0 = time.perf_counter()
-                await self._evict(victim)
+                await self._finish_anyway(self._evict(victim))  # a caller leaving its turn never cuts a snapshot short
                 self._evict_seconds = _average(self._evict_seconds, time.perf_counter() - t0)
         self.hot.reserve(key, need)
 
