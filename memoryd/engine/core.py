@@ -68,7 +68,7 @@ class Engine:
         """Bytes a state grows to (stepped, window full): what residency plans a session at."""
         cfg = model.cfg
         self._slot_bytes = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * 4
-        self._window_slots = (cfg.window_size or 4096) + cfg.attention_sinks + cfg.mini_batch_size
+        self._window_slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
         self._fixed_bytes = self.full_bytes - self._window_slots * self._slot_bytes
         """The terms of `full_state_bytes` (float32): one token's keys and values in every layer, the slots a
         window holds, and what does not grow with tokens (its own theta, a mini-batch of activations)."""
