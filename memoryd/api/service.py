@@ -93,6 +93,36 @@ def timeout_of(context: grpc.aio.ServicerContext) -> float | None:
     return left if left is not None and left < 10**8 else None
 
 
+DRAIN_BYTES = 256 << 20
+"""The most of a refused request stream read before answering: enough for any session export of the default
+model, while a refused 4 GiB import (max_import_bytes) is cut off rather than read for nothing."""
+DRAIN_SECONDS = 10.0
+"""The longest a refused request stream is read before answering: a client that stalls mid-stream gets its
+status then, racy or not."""
+
+
+async def _drain(raw: Any) -> None:
+    """Read and discard the rest of a client stream that was refused before its end.
+
+    grpc's asyncio client reports `INTERNAL: Internal error from Core` instead of the status the server
+    sent when one of its stream's writes fails because the server ended the call first and that failure
+    is processed after the status (grpc/grpc#36066: an import of a foreign model's export got INTERNAL,
+    not FAILED_PRECONDITION).  A client that has sent its whole stream has no write left to fail, so the
+    refusal waits for the client to finish (within DRAIN_BYTES and DRAIN_SECONDS).  Nothing read is used.
+    """
+
+    async def rest() -> None:
+        got = 0
+        async for item in raw:
+            got += len(item)
+            if got > DRAIN_BYTES:
+                return
+
+    # A stream already ended, broken, or read by a forwarded call's task: nothing more to wait for.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(rest(), DRAIN_SECONDS)
+
+
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
     trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/api/forward.py)
     if e.offset is not None and not any(k == "memoryd-offset" for k, _ in trailers):
@@ -149,10 +179,12 @@ def add_to_server(servicer: MemoryServicer, server: grpc.aio.Server) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _served(method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[dict[str, Any]]:
+async def _served(method: str, context: grpc.aio.ServicerContext, stream: Any = None) -> AsyncIterator[dict[str, Any]]:
     """One call's error mapping, metrics and log line (the same for unary and streamed answers): a
     ServiceError becomes its status (with its trailers), anything else INTERNAL; a call cancelled under
-    its handler is logged as DEADLINE_EXCEEDED or CANCELLED. Yields the call's log fields."""
+    its handler is logged as DEADLINE_EXCEEDED or CANCELLED. Yields the call's log fields. `stream`: a
+    client stream's raw messages, read to its end before a refusal is sent (`_drain`; not for an
+    unauthenticated caller)."""
     t0, fields = time.perf_counter(), {}
     _call.set(fields)
     code = grpc.StatusCode.OK
@@ -161,6 +193,8 @@ async def _served(method: str, context: grpc.aio.ServicerContext) -> AsyncIterat
     except ServiceError as e:
         code = grpc_status(e)
         fields["error"] = e.message
+        if stream is not None and "tenant" in fields:  # an unauthenticated caller's stream is not read
+            await _drain(stream)
         await _abort(context, e)
     except (asyncio.CancelledError, GeneratorExit):  # the client left or its deadline passed (work safe to
         code = _left(context)  # finish goes on)
@@ -170,6 +204,8 @@ async def _served(method: str, context: grpc.aio.ServicerContext) -> AsyncIterat
     except Exception as e:
         code = grpc.StatusCode.INTERNAL
         log.exception("%s failed", method)
+        if stream is not None:
+            await _drain(stream)
         await context.abort(code, f"internal error: {type(e).__name__}: {e}")
     finally:
         _finish(method, fields, code, t0)
@@ -187,7 +223,7 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     async def wrapper(self: MemoryServicer, raw: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with _served(method, context) as fields:
+        async with _served(method, context, raw if client_streaming else None) as fields:
             tenant = fields["tenant"] = self.auth.tenant(context.invocation_metadata())
             request = request_of(raw)
 

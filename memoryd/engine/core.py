@@ -66,6 +66,12 @@ class Engine:
         """Device bytes of a new session's state (what `create` reports)."""
         self.full_bytes = full_state_bytes(model)
         """Bytes a state grows to (stepped, window full): what residency plans a session at."""
+        cfg = model.cfg
+        self._slot_bytes = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * 4
+        self._window_slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
+        self._fixed_bytes = self.full_bytes - self._window_slots * self._slot_bytes
+        """The terms of `full_state_bytes` (float32): one token's keys and values in every layer, the slots a
+        window holds, and what does not grow with tokens (its own theta, a mini-batch of activations)."""
         self._waiting: list[Ticket] = []
         self._futures: dict[int, asyncio.Future[Result]] = {}
         self._generations: dict[Ticket, Generation] = {}
@@ -136,6 +142,16 @@ class Engine:
         metrics.ENGINE_WAITING.set(len(self._waiting))
         self._wake.set()
         return gen
+
+    def copy_bytes(self, position: int, tokens: int) -> int:
+        """At most what a call's working copy of a state at `position` owns once it has read `tokens` more
+        (residency charges a pinned session for it): the copy shares every tensor of the state it was made
+        from (`fork`) and owns only what it makes new, which is never more than a state holds at
+        `position + tokens`: the key/value cache of that many tokens and a mini-batch more (at most the
+        window's slots), its own theta if it steps, and a mini-batch of activations.  So a short session's
+        call is charged a short state's bytes, not a full state's (`full_bytes`, what a long one's is)."""
+        slots = min(self._window_slots, position + tokens + self.model.cfg.mini_batch_size)
+        return min(self.full_bytes, self._fixed_bytes + slots * self._slot_bytes)
 
     def counts_at(self, offset: int) -> tuple[int, int]:
         """(test-time steps, pending tokens) of a session at `offset` (the model's rule)."""
