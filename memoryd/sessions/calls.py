@@ -707,9 +707,12 @@ class Sessions:
             ctx = await self._recall_context(key, hot, recall, prompt_ids, p.max_tokens) if recall else NOTHING
             pieces: list[list[int]] = []
             after_prompt = hot.state
-            if prompt_ids or ctx.tokens:  # recalled context goes into this generation's copy only
-                work = Append(hot.state, [*ctx.tokens, *prompt_ids])
+            if ctx.tokens:  # recalled context, and the prompt after it, read into this generation's copy only,
+                # forward only: never stepped into the fast weights (model.StreamState.frozen_copy)
+                work = Append(hot.state, [*ctx.tokens, *prompt_ids], frozen=True)
                 after_prompt = (await self._compute(work, droppable=not commit)).state
+            elif prompt_ids:
+                after_prompt = (await self._compute(Append(hot.state, prompt_ids), droppable=not commit)).state
             if prompt_ids:
                 pieces.append(prompt_ids)
             if after_prompt.position == 0:
@@ -748,10 +751,12 @@ class Sessions:
                     state, last = end.state, kept[len(read) :] + list(rule.suffix)
                 else:  # kept diverges from what the fork read (a stop string cut inside a token, or recalled context)
                     state, last = after_prompt, kept + list(rule.suffix)
-                    if ctx.tokens:  # the session reads the prompt and the reply, never the recalled context
-                        state = (await self._compute(Append(hot.state, prompt_ids))).state if prompt_ids else hot.state
+                to_read = last
+                if ctx.tokens:  # the session reads the prompt and the reply with steps, never the recalled context
+                    state, to_read = hot.state, [*prompt_ids, *last]
+                if to_read:  # one append: a state does not depend on how its tokens were cut
+                    state = (await self._compute(Append(state, to_read))).state
                 if last:
-                    state = (await self._compute(Append(state, last))).state
                     pieces.append(last)
                 rec = record(prompt_ids, o.out, "".join(o.sent), o.finish)
                 res_c = await self._commit(key, hot, state, pieces, append_id, rec)
