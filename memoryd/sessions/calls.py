@@ -875,7 +875,6 @@ class Sessions:
     ) -> Info:
         """A new session from exported bytes: validated (against `offset` too), stored as its first snapshot,
         then published; with `recall_log` (from `export_recall`), recall of its history too."""
-        runs = self._recall_runs(recall_log, offset)
         res = await self.engine.submit(Import(data))
         if isinstance(res, Refused):
             if res.reason == "foreign_model":
@@ -887,6 +886,7 @@ class Sessions:
             raise InvalidArgument(
                 f"the header's offset {offset} differs from the offset of the state it carries ({state.position})"
             )
+        runs = self._recall_runs(recall_log, offset)  # checked against the state's offset, before anything is written
         key = (tenant, sid)
         async with self._held(key), self._redis():
             snap = await snapshots.write(self.store, data, self.digest, state.position)
