@@ -92,9 +92,19 @@ def full_state_bytes(model: TTTModel) -> int:
     cache with room for a mini-batch (attention sinks included), and the pending tokens'
     activations; float32, the compute dtype.  A full-attention model has no bound: its window is
     counted as 4,096 tokens.  What a memory budget should plan a session at (memoryd)."""
+    return state_bytes_bound(model, None)
+
+
+def state_bytes_bound(model: TTTModel, position: int | None) -> int:
+    """At most the bytes a state that has read `position` tokens owns (None: any position,
+    `full_state_bytes`): its theta, the key/value slots of min(position + a mini-batch, the
+    window's slots) tokens, and a mini-batch of activations.  A copy made by `clone` shares its
+    source's tensors and owns only what it makes new, so this also bounds a working copy that
+    has read up to `position` tokens (memoryd charges a call's copy by it)."""
     cfg = model.cfg
     theta = sum(t.numel() * 4 for t in model.initial_fast_weights().values())
-    slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
+    window_slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
+    slots = window_slots if position is None else min(window_slots, position + cfg.mini_batch_size)
     kv = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * slots * 4
     return theta + kv + cfg.mini_batch_size * cfg.hidden_size * 4
 

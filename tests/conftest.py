@@ -11,7 +11,9 @@ import torch
 # Test helpers (e.g. naive_ttt) live beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cluster_fixtures import redis_cluster  # noqa: F401 (here, so the whole run shares one cluster)
+pytest.register_assert_rewrite("default_fixtures")  # test files import it before loading it as a plugin
+
+from cluster_fixtures import redis_cluster  # noqa: E402, F401 (here, so the whole run shares one cluster)
 
 
 @pytest.fixture(autouse=True)

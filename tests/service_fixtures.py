@@ -133,6 +133,15 @@ class Daemon:
             self.wait_serving(timeout)
 
     def wait_serving(self, timeout: float = 60.0) -> None:
+        """Until gRPC health says SERVING.  A daemon that exits first, or is not serving within `timeout`
+        seconds (it is then killed: nothing outlives the test), raises RuntimeError with its log's tail."""
+        try:
+            self._wait_serving(timeout)
+        except BaseException:  # timed out, or the test was interrupted: stop it before saying why
+            self.kill()
+            raise
+
+    def _wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.address) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
@@ -146,7 +155,7 @@ class Daemon:
                 except grpc.RpcError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"memoryd did not become SERVING:\n{self.log_tail()}")
+                    raise RuntimeError(f"memoryd did not become SERVING within {timeout} s:\n{self.log_tail()}")
                 time.sleep(0.05)
 
     def log_tail(self, n: int = 30) -> str:

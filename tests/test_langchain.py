@@ -18,6 +18,7 @@ from memoryd_sdk import MemoryClient, NotFound
 from memoryd_sdk.langchain import MemorydChat, MemorydRetriever
 
 pytest.register_assert_rewrite("sdk_fixtures")
+from default_fixtures import DefaultDaemon  # noqa: E402
 from sdk_fixtures import TOKENS  # noqa: E402
 from service_fixtures import Daemon  # noqa: E402
 
@@ -124,7 +125,7 @@ def noise(i: int) -> str:
 
 
 @pytest.mark.slow
-def test_retriever_returns_the_answer_span_first(default_daemon: Daemon) -> None:
+def test_retriever_returns_the_answer_span_first(default_daemon: DefaultDaemon) -> None:
     """The recall benchmark's facts (bench/recall.py: five kinds, questions worded differently from the facts),
     each stated once, as a turn, among other turns of an agent's session on the default model (whose chat
     template gives the log its turns, so spans are turns): `invoke(question)` gives the fact's turn first, as

@@ -108,7 +108,8 @@ def test_multi_turn_sends_only_new_messages(alice: openai.OpenAI, sdk: MemoryCli
     )
     o1 = sdk.get_session(sid).offset
     assert o1 == len(turns(*first)) + kept(r1) + len(CLOSE) == r1.usage.prompt_tokens + kept(r1)
-    assert r1.model_extra["memoryd"] == {"session": sid, "offset": o1, "duplicate": False}
+    ext = {"session": sid, "offset": o1, "duplicate": False, "kept": True, "recalled_tokens": 0}  # window 32: no room
+    assert r1.model_extra["memoryd"] == ext
 
     # turn 2 names the session by `user` and carries only the new message: the offset grows by that turn
     r2 = alice.chat.completions.create(
@@ -158,7 +159,13 @@ def test_retry_with_the_same_idempotency_key_lands_once(alice: openai.OpenAI, sd
     r2 = alice.chat.completions.create(**req, extra_headers=headers)  # the client's retry of the same request
     assert sdk.get_session(sid).offset == o1  # landed once
     assert r2.choices[0].message.content == r1.choices[0].message.content
-    assert r2.model_extra["memoryd"] == {"session": sid, "offset": o1, "duplicate": True}
+    assert r2.model_extra["memoryd"] == {
+        "session": sid,
+        "offset": o1,
+        "duplicate": True,
+        "kept": True,
+        "recalled_tokens": 0,
+    }
     assert r2.usage.model_dump() == r1.usage.model_dump()
     streamed = alice.chat.completions.create(**req, extra_headers=headers, stream=True)  # streamed retry too
     assert "".join(e.choices[0].delta.content or "" for e in streamed) == r1.choices[0].message.content
@@ -197,7 +204,7 @@ def test_tenant_walls(http_daemon: Daemon, alice: openai.OpenAI, sdk: MemoryClie
 
 
 REFUSED = [
-    ({"n": 2}, "n", openai.BadRequestError),  # with a session: a session keeps one reply
+    ({"extra_body": {"recall": "off"}}, "recall", openai.BadRequestError),  # memoryd's extension: true or false
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", openai.BadRequestError),
     ({"logprobs": "yes"}, "logprobs", openai.BadRequestError),
     ({"frequency_penalty": "high"}, "frequency_penalty", openai.BadRequestError),
@@ -206,6 +213,7 @@ REFUSED = [
     ({"top_logprobs": 3}, None, openai.BadRequestError),  # without logprobs
     ({"response_format": {"type": "json_object"}}, "response_format", openai.BadRequestError),
     ({"temperature": 3}, "temperature", openai.BadRequestError),
+    ({"n": 0}, "n", openai.BadRequestError),  # proto3 would read 0 as unset (one sample); OpenAI refuses it
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop", openai.BadRequestError),
     ({"model": "gpt-4o"}, "model", openai.NotFoundError),
     ({"max_tokens": MAX_GENERATE + 1}, None, openai.BadRequestError),  # the daemon's own limit, as 400
@@ -316,7 +324,8 @@ def test_the_clients_own_retry_after_a_lost_answer_lands_once(http_daemon: Daemo
             r = fut.result(timeout=60)
             pool.shutdown()
         assert proxy.connections >= 2  # answered on a second connection: the client's retry
-        assert r.model_extra["memoryd"] == {"session": sid, "offset": landed, "duplicate": True}
+        ext = {"session": sid, "offset": landed, "duplicate": True, "kept": True, "recalled_tokens": 0}
+        assert r.model_extra["memoryd"] == ext
         assert sdk.get_session(sid).offset == landed
     finally:
         proxy.close()
@@ -398,3 +407,94 @@ def test_n_choices_without_a_session(alice: openai.OpenAI, sdk: MemoryClient) ->
     finishes = {e.choices[0].index: e.choices[0].finish_reason for e in events if e.choices[0].finish_reason}
     assert finishes == {c.index: c.finish_reason for c in r.choices}
     assert {s.session_id for s in sdk.list_sessions()} == before
+
+
+def test_n_choices_with_a_session(alice: openai.OpenAI, sdk: MemoryClient) -> None:
+    """n = 3 on a named session: the choices are sampled from forks of the session's state after the new
+    message (choice i is the seeded sample the SDK's uncommitted reply gives with seed + i), in the reply and
+    in the stream, and nothing is kept (a commit keeps one output; the client picks the one it sends back)."""
+    sid = "openai-n-session"
+    alice.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "The key is under the mat."}], max_tokens=4, user=sid
+    )
+    before = sdk.get_session(sid).offset
+    msgs = [{"role": "user", "content": "Tell me"}]
+    kw = {"model": MODEL, "messages": msgs, "max_tokens": 6, "temperature": 1.5, "seed": 77, "user": sid}
+    headers = {"Idempotency-Key": "n-1"}  # nothing lands, so nothing is held against the key
+    r = alice.chat.completions.create(n=3, extra_headers=headers, **kw)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    ext = {"session": sid, "offset": before, "duplicate": False, "kept": False, "recalled_tokens": 0}
+    assert r.model_extra["memoryd"] == ext
+    assert sdk.get_session(sid).offset == before
+    assert r.usage.prompt_tokens == len(turns(("user", "Tell me")))
+    sampled = 0
+    for c in r.choices:
+        alone = sdk.session(sid).reply(
+            [("user", "Tell me")], max_tokens=6, temperature=1.5, seed=77 + c.index, commit=False
+        )
+        assert c.message.content == alone.text, c.index
+        sampled += alone.generation.generated_tokens
+    assert r.usage.completion_tokens == sampled
+    events = list(alice.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw))
+    texts = {
+        i: "".join(e.choices[0].delta.content or "" for e in events if e.choices and e.choices[0].index == i)
+        for i in range(3)
+    }
+    assert texts == {c.index: c.message.content for c in r.choices}
+    assert events[-1].model_extra["memoryd"] == ext
+    assert sdk.get_session(sid).offset == before
+    # the same key with n = 1 is a new turn that lands once
+    one = alice.chat.completions.create(extra_headers=headers, **kw)
+    assert one.model_extra["memoryd"]["kept"] and sdk.get_session(sid).offset > before
+
+
+RECALL_WINDOW = 256
+RECALL_FACT = "The storage room door code is 4417."
+RECALL_FILLER = [
+    "Weather report for the week: light rain on Monday, sun from Wednesday, wind from the west at night.",
+    "The build on the main branch passed after the flaky network test was retried twice by the runner.",
+    "Lunch options near the office include a noodle bar, a bakery with soup, and a salad place upstairs.",
+    "Reminder that the quarterly all-hands moves to the big auditorium because the usual hall is booked.",
+]
+
+
+@pytest.fixture(scope="module")
+def recall_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The tiny model with a window of 256 tokens (room for recalled context, which a window of 32 has not)."""
+    from model import init_model, preset, save_checkpoint
+
+    out = tmp_path_factory.mktemp("ckpt-recall-http") / "tiny"
+    save_checkpoint(init_model(preset("tiny").model_copy(update={"window_size": RECALL_WINDOW}), seed=0), out)
+    port = free_port()
+    with auth_daemon(tmp_path_factory, out, "http-recall", "--http-listen", f"127.0.0.1:{port}") as d:
+        d.http_port = port
+        yield d
+
+
+def test_recall_can_be_turned_off(recall_daemon: Daemon) -> None:
+    """memoryd's extension field `recall` (`extra_body={"recall": False}` with the official client) is the
+    generation's recall ask: on by default (the fact, out of the window, is read before the prompt), off on
+    request (nothing recalled); each reply is the one the SDK gives with the same recall, and either way the
+    session keeps the new message and the reply, never the recalled context."""
+    question = [{"role": "user", "content": "What is the storage room door code?"}]
+    with MemoryClient(recall_daemon.address, token=TOKENS["alice"]) as sdk, oai(recall_daemon) as client:
+        s = sdk.create_session("openai-recall")
+        s.add_message("user", RECALL_FACT)
+        for f in RECALL_FILLER:
+            s.add_message("user", f)
+        assert s.offset > RECALL_WINDOW  # the fact is out of the window
+        on, off = s.fork("openai-recall-on"), s.fork("openai-recall-off")
+        refs = {}
+        for recall in (True, False):
+            with s.fork(temporary=True) as twin:
+                refs[recall] = twin.reply(
+                    [("user", question[0]["content"])], max_tokens=8, temperature=0, recall=recall
+                ).generation
+        assert refs[True].recalled_tokens > 0 and refs[False].recalled_tokens == 0
+        kw = {"model": MODEL, "messages": question, "max_tokens": 8, "temperature": 0}
+        r_on = client.chat.completions.create(user=on.id, **kw)
+        r_off = client.chat.completions.create(user=off.id, extra_body={"recall": False}, **kw)
+        for r, ref, session in ((r_on, refs[True], on), (r_off, refs[False], off)):
+            assert r.choices[0].message.content == ref.text
+            assert r.model_extra["memoryd"]["recalled_tokens"] == ref.recalled_tokens
+            assert session.info().offset == s.offset + ref.committed_tokens  # the recalled context is not kept

@@ -285,3 +285,130 @@ def test_idle_time_before_a_busy_spell_is_not_the_daemons_pace() -> None:
         with backlog.admitted(1, False):
             pass  # served 0.2 s into the busy spell, 0.7 s after the last call served: the pace is 0.2 s
     assert 0.15 < backlog.pace < 0.45, backlog.pace
+
+
+def log_records(d: Daemon) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines, in order."""
+    return [json.loads(line) for line in d.log_path.read_text().splitlines() if line.startswith("{")]
+
+
+def test_a_hot_idle_session_takes_its_turn_behind_an_earlier_load(daemon_factory, block: int, tiny_model) -> None:  # noqa: F811
+    """Calls take turns in arrival order (issue 20, the tail).  Room for A, C working and B's load
+    only once A is evicted.  B's load evicts A, whose snapshot waits behind C's long append; a call
+    on A arrives meanwhile.  It waits for its turn behind B, so A goes and is loaded again after B:
+    before, it pinned A on arrival, A stayed hot, and B waited for whatever A's client sent next
+    (a closed loop of clients kept their sessions hot, and calls needing a load waited up to 30 s)."""
+    from model import StreamState
+    from model.state import full_state_bytes
+
+    full = full_state_bytes(tiny_model)
+    small = StreamState.fresh(tiny_model)
+    small.append(tokens(16))
+    # held while B waits: A (idle) + C (working: its state and a full copy) + B's reservation (two full states)
+    budget = 3 * full + small.nbytes() + small.nbytes() // 2
+    d = daemon_factory("--memory-budget", str(budget), "--tick-tokens", str(block + 1))
+    stub = d.stub()
+    for sid in ("a", "b", "c"):
+        create(stub, sid)
+    d.kill()
+    d.start()  # all cold, A's log not in any snapshot (its eviction writes one)
+    stub = d.stub()
+    before = len(log_records(d))
+    stub.GetSession(pb.GetSessionRequest(session_id="a"), timeout=30)
+    t, out = blocker(stub, "c", block)
+    time.sleep(0.5)  # C loaded, its long append running
+    got: dict[str, Any] = {}
+    tb = threading.Thread(target=lambda: got.setdefault("b", stub.GetSession(pb.GetSessionRequest(session_id="b"))))
+    tb.start()
+    time.sleep(0.5)  # B's turn evicts A: A's snapshot waits behind C's append
+    second = stub.Append(pb.AppendRequest(session_id="a", tokens=tokens(5), append_id="later"), timeout=120)
+    t.join()
+    tb.join()
+    assert out["seconds"] > 1.5, "the blocker must outlast the arrivals for this test to mean anything"
+    assert second.offset == 16 + 5 and got["b"].offset == 16
+    records = log_records(d)[before:]
+    assert [r["session"] for r in records if r.get("event") == "loaded"] == ["a", "c", "b", "a"], d.log_tail()
+    served = [(r["call"], r.get("session")) for r in records if r.get("code") == "OK"]
+    assert served.index(("GetSession", "b")) < served.index(("Append", "a")), served
+
+
+def test_an_eviction_writes_a_snapshot_only_when_the_state_stepped_since_the_last(daemon_factory, tiny_model) -> None:  # noqa: F811
+    """Room for one session.  A session that took no test-time step since its newest snapshot is
+    evicted without writing one (its reload replays the log's tail, under one mini-batch, exactly);
+    once it has stepped, its eviction writes one, and the reload replays nothing."""
+    import torch
+
+    from model import StreamState, state_from_bytes
+
+    b = tiny_model.cfg.mini_batch_size
+    d = daemon_factory("--memory-budget", "1")
+    stub = d.stub()
+    create(stub, "a", b - 3)  # no step yet
+    create(stub, "b", b - 3)  # its load evicts A
+    stub.GetSession(pb.GetSessionRequest(session_id="a"), timeout=30)  # evicts B, reloads A
+    assert metric(d, "memoryd_snapshots_total") == 0
+    assert metric(d, "memoryd_evictions_total") == 2
+    reload = [r for r in log_records(d) if r.get("event") == "loaded" and r["session"] == "a"][-1]
+    assert reload["replayed"] == b - 3 and reload["snapshot_bytes"] == 0
+    more = tokens(3 * b, 1)
+    stub.Append(pb.AppendRequest(session_id="a", tokens=more), timeout=30)  # steps
+    stub.GetSession(pb.GetSessionRequest(session_id="b"), timeout=30)  # evicts A: a snapshot now
+    assert metric(d, "memoryd_snapshots_total") == 1
+    got = stub.GetSession(pb.GetSessionRequest(session_id="a"), timeout=30)
+    reload = [r for r in log_records(d) if r.get("event") == "loaded" and r["session"] == "a"][-1]
+    assert got.offset == 4 * b - 3 and reload["replayed"] == 0 and reload["snapshot_bytes"] > 0
+    chunks = list(stub.ExportSession(pb.ExportSessionRequest(session_id="a"), timeout=60))
+    served = state_from_bytes(tiny_model, b"".join(x.data for x in chunks[1:])).tensors()
+    solo = StreamState.fresh(tiny_model)
+    solo.append(tokens(b - 3))
+    solo.append(more)
+    ref = solo.tensors()
+    assert sorted(served) == sorted(ref) and all(torch.equal(served[k], ref[k]) for k in ref)
+
+
+def test_a_pinned_short_session_is_charged_what_its_call_can_hold(tiny_model) -> None:  # noqa: F811
+    """Residency charges a pinned session its state and its call's working copy.  The copy shares the
+    state's tensors and owns what it makes new, at most a state of position + tokens (`Engine.copy_bytes`):
+    measured here, a copy owns no more than that; a short session's call is charged that, not a full
+    state; a call that does not say what it reads, a full one."""
+    from memoryd.engine.core import Engine
+    from memoryd.engine.scheduler import Budget
+    from memoryd.sessions.residency import Hot, Residency
+    from model import StreamState
+
+    def owned(copy: StreamState, orig: StreamState) -> int:
+        def storages(s: StreamState) -> dict[int, int]:
+            ts = [*s.tensors().values(), s.pending_out]
+            ts += [t for live in s.live_kv if live is not None for t in (live.buf.k, live.buf.v)]
+            return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
+
+        mine, theirs = storages(copy), storages(orig)
+        return sum(n for ptr, n in mine.items() if ptr not in theirs)
+
+    engine = Engine(tiny_model, Budget(tokens=512, rows=8))
+    full, b = engine.full_bytes, tiny_model.cfg.mini_batch_size
+    for position in (0, 3, b, 2 * b + 1):
+        for n in (1, b - 1, b + 2, 2 * b):
+            state = StreamState.fresh(tiny_model)
+            if position:
+                state.append(tokens(position))
+            copy = state.clone()
+            copy.append(tokens(n, 4))
+            bound = engine.copy_bytes(position, n)
+            assert owned(copy, state) <= bound, (position, n)
+    assert engine.copy_bytes(10**6, 1) == full, "a long session's copy is a full state"
+
+    state = StreamState.fresh(tiny_model)
+    state.append(tokens(5))
+    hot = Residency(budget=10 * full)
+    hot.copy_bytes, hot.copy_bound = full, engine.copy_bytes
+    key = ("t", "short")
+    hot.put(key, Hot(state=state, fence=1, gen=0, snap_pos=0, snap_steps=0, nbytes=state.nbytes()))
+    assert hot.charge(key) == state.nbytes()
+    hot.pin(key, 3)
+    assert hot.charge(key) == state.nbytes() + engine.copy_bytes(5, 3) < state.nbytes() + full
+    hot.pin(key, None)  # a second call, reading what it does not say: a full copy
+    assert hot.charge(key) == state.nbytes() + full
+    hot.unpin(key, None)
+    hot.unpin(key, 3)
+    assert hot.charge(key) == state.nbytes() and not hot.pinned(key)

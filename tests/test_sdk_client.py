@@ -3,6 +3,8 @@ cancelling, chat helpers, export/import, paging, and each status's typed excepti
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import io
 import shutil
 import subprocess
@@ -286,6 +288,47 @@ def test_export_import_file_and_stream(client: MemoryClient, tmp_path: Path) -> 
         out.write(rest)
     with pytest.raises(FailedPrecondition, match="this daemon serves"):
         client.import_session(other_model, session_id="never2")
+
+
+def test_a_refused_import_says_why_while_the_client_still_streams(sdk_daemon: Daemon) -> None:
+    """The server refuses an import at its header while the client is still writing data: each caller gets
+    FAILED_PRECONDITION, never grpc's asyncio client's `INTERNAL: Internal error from Core`, which that client
+    reports when a write fails because the call already ended (grpc/grpc#36066) unless the daemon reads the
+    refused stream to its end first.  Many concurrent imports of small chunks make the race likely: without
+    the daemon's drain, about 1 in 10 of these calls got INTERNAL."""
+    from memoryd_sdk.proto import memoryd_pb2 as pb
+    from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
+
+    chunk, chunks, concurrent, rounds = b"x" * 1024, 100, 32, 10
+    md = (("authorization", f"Bearer {TOKENS['alice']}"),)
+
+    async def one(stub: pb_grpc.MemoryServiceStub, i: int) -> tuple[str, str]:
+        header = pb.ExportHeader(
+            session_id=f"refused-{i}",
+            model_digest="sha256:" + "0" * 64,
+            total_bytes=len(chunk) * chunks,
+            sha256="0" * 64,
+            format="memoryd-session-state/1",
+        )
+        messages = [pb.SessionChunk(header=header)] + [pb.SessionChunk(data=chunk)] * chunks
+        try:
+            await stub.ImportSession(iter(messages), metadata=md, timeout=60)
+        except grpc.aio.AioRpcError as e:
+            return e.code().name, e.details() or ""
+        return "OK", ""
+
+    async def run() -> list[tuple[str, str]]:
+        async with grpc.aio.insecure_channel(sdk_daemon.address) as channel:
+            stub = pb_grpc.MemoryServiceStub(channel)
+            got = []
+            for r in range(rounds):
+                got += await asyncio.gather(*(one(stub, r * concurrent + j) for j in range(concurrent)))
+            return got
+
+    got = asyncio.run(run())
+    codes = collections.Counter(code for code, _ in got)
+    assert codes == {"FAILED_PRECONDITION": concurrent * rounds}, codes
+    assert all("this daemon serves" in details for _, details in got)
 
 
 # -- listing ------------------------------------------------------------------------------------

@@ -14,9 +14,12 @@ which are read into the session together with the reply in one committed generat
 they land together or not at all), under the `Idempotency-Key` header as the append id:
 a retried request with the same key lands once and gets the original reply back.  A
 session that does not exist yet is created.  Without a session name the messages go into
-a temporary session that is deleted after the reply (nothing is kept).  Recall is on, as for
-the SDK's `chat`: before the reply the daemon places the session's spans most relevant to
-the last user message just before it (never committed; `GenerateRequest.recall`).
+a temporary session that is deleted after the reply (nothing is kept).  With `n` > 1 the n
+choices are sampled from forks of the session's state after the new messages, and nothing is
+kept (a commit keeps one output, and the client, not the server, picks the choice it keeps).
+Recall is on, as for the SDK's `chat`: before the reply the daemon places the session's spans
+most relevant to the last user message just before it (never committed;
+`GenerateRequest.recall`); the body's `"recall": false` (memoryd's extension) turns it off.
 
 The caller's `Authorization: Bearer <token>` is forwarded as gRPC metadata, so the
 daemon's tokens and tenants apply unchanged.
@@ -161,16 +164,10 @@ class Gateway:
                     status=404,
                 )
             name = request.headers.get(SESSION_HEADER) or req.user
-            if name and req.n > 1:
-                raise RequestError(
-                    f"'n' = {req.n} with a session: a session keeps one reply; use n = 1, or name no session "
-                    "(then nothing is kept and every sample is returned)",
-                    "n",
-                    "unsupported_value",
-                )
             key = request.headers.get(IDEMPOTENCY_HEADER)
             session = await open_session(client, name) if name else await scratch_session(client)
-            reply = Reply(self, req, info, session, temporary=not name, append_id=key if name else None)
+            kept = name and req.n == 1  # n > 1 lands nothing, so a key has nothing to land once
+            reply = Reply(self, req, info, session, temporary=not name, append_id=key if kept else None)
             return await reply.respond()
         except RequestError as e:
             return error_response(e)
@@ -231,16 +228,24 @@ class Reply:
             "seed": req.seed,
             "append_id": append_id,
             **dict(req.sampling),
-            "recall": True,
+            "recall": req.recall,
         }
-        if req.n > 1:  # n samples of a scratch session: none is committed (a commit keeps one output)
+        if req.n > 1:  # n samples on forks of the prompt's state: none is committed (a commit keeps one output)
             self.kwargs["commit"] = False
 
     def extension(self, last: GenerateChunk | GenerateResult) -> dict[str, Any]:
-        """memoryd's own fields (ignored by OpenAI clients): where the session stands now."""
+        """memoryd's own fields (ignored by OpenAI clients): where the session stands now, whether this
+        request's messages and reply are in it (`kept`: false for n > 1), and the tokens of recalled context
+        read before the prompt (never kept)."""
         if not self.named:
             return {"session": None}
-        return {"session": self.session.id, "offset": last.offset, "duplicate": last.duplicate}
+        return {
+            "session": self.session.id,
+            "offset": last.offset,
+            "duplicate": last.duplicate,
+            "kept": self.req.n == 1,
+            "recalled_tokens": last.recalled_tokens,
+        }
 
     async def respond(self) -> Response:
         if not self.req.stream:

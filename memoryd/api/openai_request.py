@@ -3,7 +3,7 @@
 Why a refusal list rather than ignoring what we do not support: an agent that asks for
 tools or a JSON response format and silently gets one plain reply will misbehave in ways
 that are hard to trace.  Every field is either mapped (model, messages, stop, seed,
-max_tokens, stream, user), forwarded by name to the daemon's sampling settings (any field of
+max_tokens, stream, user, and memoryd's own `recall`), forwarded by name to the daemon's sampling settings (any field of
 `memoryd_sdk.SamplingParams`: temperature, top_p, top_k, min_p, the penalties, logit_bias,
 logprobs, top_logprobs, n; their types are checked here, their ranges by the daemon, so a
 new sampling parameter needs nothing here), accepted only at its neutral value
@@ -61,6 +61,10 @@ class ChatRequest:
     user: str | None = None
     sampling: tuple[tuple[str, Any], ...] = ()
     """Further sampling settings, by their `memoryd_sdk.SamplingParams` names."""
+    recall: bool = True
+    """memoryd's extension field (`extra_body={"recall": False}`): whether the reply is generated with the
+    session's recalled spans placed before the prompt (the generation's recall ask; on by default, as for
+    the SDK's `chat`)."""
 
     @property
     def n(self) -> int:
@@ -89,6 +93,7 @@ MAPPED = {
     "stop",
     "seed",
     "user",
+    "recall",
 }
 _DEFAULTS = SamplingParams()
 FORWARDED = {f.name: getattr(_DEFAULTS, f.name) for f in fields(SamplingParams) if f.name not in MAPPED}
@@ -217,6 +222,14 @@ def parse_chat_request(body: Any) -> ChatRequest:
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise RequestError("'user' must be a string (it names the memoryd session)", "user")
+    recall = body.get("recall")
+    if recall is not None and not isinstance(recall, bool):
+        raise RequestError(
+            f"'recall' must be true or false (memoryd's extension: recall the session's spans), got {recall!r}",
+            "recall",
+            "invalid_type",
+        )
+    _int(body, "n", 1)  # the daemon reads n = 0 as proto3's unset (one sample); OpenAI refuses it
     temperature = _number(body, "temperature", 0, 2)
     top_p = _number(body, "top_p", 0, 1)
     return ChatRequest(
@@ -231,5 +244,6 @@ def parse_chat_request(body: Any) -> ChatRequest:
         stop=_stop(body.get("stop")),
         seed=_int(body, "seed", 0),
         user=user or None,
+        recall=True if recall is None else recall,
         sampling=tuple((k, _forwarded(k, v)) for k, v in body.items() if k in FORWARDED and v is not None),
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import dataclasses
 import functools
@@ -91,6 +92,36 @@ def _read_deadline(context: grpc.aio.ServicerContext) -> None:
     set_deadline(left if left is not None and left < 10**8 else None)
 
 
+DRAIN_BYTES = 256 << 20
+"""The most of a refused request stream read before answering: enough for any session export of the default
+model, while a refused 4 GiB import (max_import_bytes) is cut off rather than read for nothing."""
+DRAIN_SECONDS = 10.0
+"""The longest a refused request stream is read before answering: a client that stalls mid-stream gets its
+status then, racy or not."""
+
+
+async def _drain(raw: Any) -> None:
+    """Read and discard the rest of a client stream that was refused before its end.
+
+    grpc's asyncio client reports `INTERNAL: Internal error from Core` instead of the status the server
+    sent when one of its stream's writes fails because the server ended the call first and that failure
+    is processed after the status (grpc/grpc#36066: an import of a foreign model's export got INTERNAL,
+    not FAILED_PRECONDITION).  A client that has sent its whole stream has no write left to fail, so the
+    refusal waits for the client to finish (within DRAIN_BYTES and DRAIN_SECONDS).  Nothing read is used.
+    """
+
+    async def rest() -> None:
+        got = 0
+        async for item in raw:
+            got += len(item)
+            if got > DRAIN_BYTES:
+                return
+
+    # A stream already ended, broken, or read by a forwarded call's task: nothing more to wait for.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(rest(), DRAIN_SECONDS)
+
+
 async def _abort(context: grpc.aio.ServicerContext, e: ServiceError) -> None:
     trailers = tuple(getattr(e, "trailers", ()))  # routing: the holder's address (memoryd/api/forward.py)
     if e.offset is not None and not any(k == "memoryd-offset" for k, _ in trailers):
@@ -148,6 +179,7 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a unary-response handler: auth, decode, error mapping, metrics, one log line."""
     method = fn.__name__
     request_of = _request_decoder(method)
+    client_streaming = SERVICE.methods_by_name[method].client_streaming
 
     @functools.wraps(fn)
     async def wrapper(self: MemoryServicer, raw: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -163,6 +195,8 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ServiceError as e:
             code = grpc_status(e)
             fields["error"] = e.message
+            if client_streaming and "tenant" in fields:  # an unauthenticated caller's stream is not read
+                await _drain(raw)
             await _abort(context, e)
         except asyncio.CancelledError:  # the client left or its deadline passed (work safe to finish goes on)
             code = _left(context)
@@ -172,6 +206,8 @@ def unary(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as e:
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", method)
+            if client_streaming:
+                await _drain(raw)
             await context.abort(code, f"internal error: {type(e).__name__}: {e}")
         finally:
             _finish(method, fields, code, t0)

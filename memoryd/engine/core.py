@@ -49,7 +49,7 @@ from memoryd.engine.worker import Outcome, execute
 from memoryd.errors import DeadlineExceeded
 from model import StreamState, TTTModel, digest_of
 from model.batch import counts_at, runs_solo, tokens_to_step
-from model.state import full_state_bytes
+from model.state import full_state_bytes, state_bytes_bound
 
 log = logging.getLogger("memoryd.engine")
 
@@ -63,9 +63,9 @@ class Engine:
         self.digest = digest_of(model)
         """The model's digest: a session stored under another one is not this model's to read."""
         self.fresh_bytes = StreamState.fresh(model).nbytes()
+        """Device bytes of a new session's state (what `create` reports)."""
         self.full_bytes = full_state_bytes(model)
         """Bytes a state grows to (stepped, window full): what residency plans a session at."""
-        """Device bytes of a new session's state (what `create` reports)."""
         self._waiting: list[Ticket] = []
         self._futures: dict[int, asyncio.Future[Result]] = {}
         self._generations: dict[Ticket, Generation] = {}
@@ -132,6 +132,15 @@ class Engine:
         metrics.ENGINE_WAITING.set(len(self._waiting))
         self._wake.set()
         return gen
+
+    def copy_bytes(self, position: int, tokens: int) -> int:
+        """At most what a call's working copy of a state at `position` owns once it has read `tokens` more
+        (residency charges a pinned session for it): the copy shares every tensor of the state it was made
+        from (`fork`) and owns only what it makes new, which is never more than a state holds at
+        `position + tokens`: the key/value cache of that many tokens and a mini-batch more (at most the
+        window's slots), its own theta if it steps, and a mini-batch of activations.  So a short session's
+        call is charged a short state's bytes, not a full state's (`full_bytes`, what a long one's is)."""
+        return state_bytes_bound(self.model, position + tokens)
 
     def counts_at(self, offset: int) -> tuple[int, int]:
         """(test-time steps, pending tokens) of a session at `offset` (the model's rule)."""

@@ -9,9 +9,11 @@ picks victims; writing a state out is the durability protocol's job
 What a session is charged (`charge`), so that the budget bounds what the daemon holds,
 not only the states at rest:
 - a hot session at rest: its state's bytes;
-- a pinned one (a call is working on it or waiting for it): that plus `copy_bytes`, a full
-  state's bytes, because the call works on a copy (an append's or a generation's state)
-  until it commits, and the copy may step and fill its window;
+- a pinned one (a call is working on it or waiting for it): that plus what the call's copy
+  (an append's or a generation's state, until it commits) may own: at most `copy_bytes`, a
+  full state's bytes, since the copy may step and fill its window, and when the call said how
+  many tokens it reads, at most what a state holds after reading them (`copy_bound`, the
+  engine's `Engine.copy_bytes`): a short session's call is charged a short state's bytes;
 - a session being loaded: the snapshot bytes read plus the state built from them, reserved
   before the load starts (`reserve`), as twice a full state.
 A pinned session is never a victim: a session loaded for a call stays hot until that call
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from memoryd import metrics
@@ -72,6 +75,10 @@ class Residency:
         """Sessions being loaded whose lease this daemon holds (`leased` renews it)."""
         self.copy_bytes = 0
         """What a call's working copy of a state may grow to (a full state: `model.state.full_state_bytes`)."""
+        self.copy_bound: Callable[[int, int], int] | None = None
+        """(position, tokens) -> what a copy of a state at `position` may own once it has read `tokens`."""
+        self._reads: dict[Key, list[int | None]] = {}
+        """Per pinned session, the tokens each of its calls reads (None: not known, charged a full copy)."""
         self._freed = asyncio.Event()
         """Set whenever bytes are released (an unpin, a drop): a waiting load looks again."""
 
@@ -107,15 +114,21 @@ class Residency:
 
     # -- pins and reservations -------------------------------------------------------------------
 
-    def pin(self, key: Key) -> None:
-        """A call works on (or waits for) the session: not a victim until `unpin`."""
+    def pin(self, key: Key, tokens: int | None = None) -> None:
+        """A call works on (or waits for) the session: not a victim until `unpin`.  `tokens`: what the call
+        reads into its copy (0: it makes none, as a load; None: not known)."""
         self._pins[key] += 1
+        self._reads.setdefault(key, []).append(tokens)
         self._gauges()
 
-    def unpin(self, key: Key) -> None:
+    def unpin(self, key: Key, tokens: int | None = None) -> None:
         self._pins[key] -= 1
+        reads = self._reads.get(key, [])
+        if tokens in reads:
+            reads.remove(tokens)
         if self._pins[key] <= 0:
             del self._pins[key]
+            self._reads.pop(key, None)
         self._freed.set()
         self._gauges()
 
@@ -126,6 +139,9 @@ class Residency:
         """Bytes for a session about to be loaded (released by `put` or `unreserve`)."""
         self._reserved[key] = nbytes
         self._gauges()
+
+    def reserved(self, key: Key) -> bool:
+        return key in self._reserved
 
     def unreserve(self, key: Key) -> None:
         if self._reserved.pop(key, None) is not None:
@@ -162,10 +178,18 @@ class Residency:
         return sum(h.nbytes for h in self._hot.values())
 
     def charge(self, key: Key) -> int:
+        """A hot session's bytes, and while pinned its calls' copy (one at a time: a session's calls take
+        turns, so the largest of their copies)."""
         hot = self._hot.get(key)
         if hot is None:
             return 0
-        return hot.nbytes + (self.copy_bytes if self._pins[key] > 0 else 0)
+        if self._pins[key] <= 0:
+            return hot.nbytes
+        reads = self._reads.get(key) or [None]
+        if self.copy_bound is None or None in reads:
+            return hot.nbytes + self.copy_bytes
+        copy = max(self.copy_bound(hot.state.position, n) if n else 0 for n in reads)
+        return hot.nbytes + min(self.copy_bytes, copy)
 
     def charged(self) -> int:
         """What the budget counts: every session's charge plus the reservations of loads."""
