@@ -17,11 +17,14 @@ that completes one triggers a test-time step, which runs solo
 (`StreamState.append`), so theta and the stepped caches, everything a state is
 made of (`StreamState.tensors`), are bit-identical to a solo replay of the token
 log; the pending tokens' provisional activations, which a step throws away, are
-the only thing a batch touches.
+the only thing a batch touches.  A frozen state (`StreamState.frozen_copy`: a generation's
+copy holding recalled context) never steps, so its rows are always batched; its
+activations are provisional by definition and persist nowhere.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,10 +34,17 @@ from model.cache import cache_spec
 from model.network import TTTModel, fast_weight_names
 from model.state import InputError, StreamState
 
+NEVER = sys.maxsize
+"""`tokens_to_step` of a frozen state (`StreamState.frozen_copy`): it never steps, so no count of
+tokens brings a step (and a server may cut its reads anywhere)."""
+
 
 def tokens_to_step(state: StreamState) -> int:
     """Tokens `state` must read before its next test-time step: mini-batch s is stepped when
-    its target, the token after its last, arrives, i.e. when more than b tokens are pending."""
+    its target, the token after its last, arrives, i.e. when more than b tokens are pending
+    (`NEVER` for a frozen state)."""
+    if state.frozen:
+        return NEVER
     return state.model.cfg.mini_batch_size - state.pending_count + 1
 
 
@@ -107,8 +117,8 @@ def decode(states: Sequence[StreamState], tokens: Sequence[int | None]) -> torch
     """Append tokens[i] to states[i] (distinct states of one model; None: read nothing, as the
     first token after a prompt); return every state's next-token logits [N, V].
 
-    Rows whose token completes a mini-batch step solo; the others run as one ragged
-    batch.  Validates every token before changing any state.
+    Rows whose token completes a mini-batch step solo; the others (frozen states' always)
+    run as one ragged batch.  Validates every token before changing any state.
     """
     if len(states) != len(tokens) or not states:
         raise ValueError(f"decode needs one token per state, got {len(states)} states and {len(tokens)} tokens")

@@ -67,6 +67,8 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def state_to_bytes(state: StreamState) -> bytes:
+    if state.frozen:  # it read tokens that no log holds, and never stepped them (model/state.py)
+        raise ValueError("a frozen state (provisional context, StreamState.frozen_copy) is never persisted")
     initial = state.theta_is_initial()
     tensors = {
         k: v.detach().to("cpu").contiguous()

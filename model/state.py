@@ -32,6 +32,18 @@ counts only what the state owns, and a snapshot of it stores no theta at all.  T
 place, the growing key/value cache of the pending tokens (`cache.LiveKV`), is
 written only past every sharer's length, so a decoded token writes one slot per
 layer instead of copying the window.
+
+A *frozen* copy (`frozen_copy()`, issue 19) reads tokens as provisional context only:
+forward under the current theta, never a test-time step.  It is what a generation reads
+recalled context into: context that is not part of the session's token log must never
+move the fast weights.  Its invariants differ from a stream's in one way: its pending
+tokens may exceed a mini-batch (nothing ever steps them), so its growing caches get
+room as it reads (`live_past`), and sliding-window attention (`attention.window_mask`,
+exact for any query start) keeps each query to its last `window` keys.  Everything else
+holds as above: it shares the source's tensors and writes only slots no sharer can see,
+so the source is bit-identical after the copy reads.  A frozen state is the state of no
+token log: it is never stepped, snapshotted (`snapshot.state_to_bytes` refuses it) or
+committed; its `clone()` (a generation's sample) is frozen too.
 """
 
 from __future__ import annotations
@@ -80,9 +92,19 @@ def full_state_bytes(model: TTTModel) -> int:
     cache with room for a mini-batch (attention sinks included), and the pending tokens'
     activations; float32, the compute dtype.  A full-attention model has no bound: its window is
     counted as 4,096 tokens.  What a memory budget should plan a session at (memoryd)."""
+    return state_bytes_bound(model, None)
+
+
+def state_bytes_bound(model: TTTModel, position: int | None) -> int:
+    """At most the bytes a state that has read `position` tokens owns (None: any position,
+    `full_state_bytes`): its theta, the key/value slots of min(position + a mini-batch, the
+    window's slots) tokens, and a mini-batch of activations.  A copy made by `clone` shares its
+    source's tensors and owns only what it makes new, so this also bounds a working copy that
+    has read up to `position` tokens (memoryd charges a call's copy by it)."""
     cfg = model.cfg
     theta = sum(t.numel() * 4 for t in model.initial_fast_weights().values())
-    slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
+    window_slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
+    slots = window_slots if position is None else min(window_slots, position + cfg.mini_batch_size)
     kv = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * slots * 4
     return theta + kv + cfg.mini_batch_size * cfg.hidden_size * 4
 
@@ -136,6 +158,8 @@ class StreamState:
     steps: int = 0
     inner_lr: float = 1.0
     impl: AttnImpl = "sdpa"
+    frozen: bool = False
+    """Reads tokens as provisional context only, never stepping (`frozen_copy`)."""
 
     # -- construction ------------------------------------------------------------------------
 
@@ -159,18 +183,28 @@ class StreamState:
         """An independent copy that shares tensors (they are never written in place)."""
         return replace(self, fast=dict(self.fast), kv=list(self.kv), live_kv=list(self.live_kv))
 
+    def frozen_copy(self) -> StreamState:
+        """An O(1) copy that reads every later token forward only, under this state's theta: no
+        test-time step however many tokens it reads (see the module docstring).  Its logits are
+        those of one forward over its pending tokens with theta fixed, the stepped caches as
+        they are, and the sliding window; this state is untouched."""
+        out = self.clone()
+        out.frozen = True
+        return out
+
     # -- reading tokens ----------------------------------------------------------------------
 
     @torch.no_grad()
     def append(self, tokens: Sequence[int] | torch.Tensor) -> AppendReport:
-        """Read tokens; take a test-time step for every mini-batch whose targets are known.
+        """Read tokens; take a test-time step for every mini-batch whose targets are known
+        (a frozen state takes none: every token stays pending, provisional).
 
         Validates everything before changing anything: on InputError the state is untouched.
         """
         ids = validate_tokens(tokens, self.model.cfg.vocab_size).to(self.pending_tokens.device)
         report = AppendReport()
         self.take_pending(ids)
-        while self.pending_tokens.numel() > self.model.cfg.mini_batch_size:
+        while not self.frozen and self.pending_tokens.numel() > self.model.cfg.mini_batch_size:
             self._step(report)
         self.refresh_pending()
         return report
@@ -211,7 +245,8 @@ class StreamState:
         model = self.model
         h = model.embed_tokens(todo[None])
         start = self.position - todo.numel()
-        h, live = model.run_blocks(h, range(model.cfg.num_layers), self.live_past(), start, self.fast, self.impl)
+        past = self.live_past(todo.numel())
+        h, live = model.run_blocks(h, range(model.cfg.num_layers), past, start, self.fast, self.impl)
         self.record_provisional(h, live)
 
     def take_pending(self, ids: torch.Tensor) -> None:
@@ -225,22 +260,28 @@ class StreamState:
         self.live_kv = list(live)
         self.pending_out = torch.cat((self.pending_out, h), 1)
 
-    def live_past(self) -> list[LiveKV]:
-        """Per layer, the growing cache the next pending token attends over (started from
+    def live_past(self, n: int = 1) -> list[LiveKV]:
+        """Per layer, the growing cache the next `n` pending tokens attend over (started from
         `kv` with room for a whole mini-batch after a step).
 
         Starting one copies the stepped cache into the buffer's prefix; `kv` then becomes a
         view of that prefix (the same values; slots are only ever written past it), so a
-        session holds its window once, not twice.
+        session holds its window once, not twice.  A stream's pending tokens never outgrow
+        that room (it steps first); a frozen state's do, so it moves to a buffer with room
+        for the `n` tokens and a mini-batch more (one copy of its keys per mini-batch read,
+        not one per token, as `LiveKV.extend` would make at a full buffer).
         """
         cfg = self.model.cfg
+        b = cfg.mini_batch_size
         empty = self.pending_out.new_zeros(1, cfg.kv_heads, 0, cfg.head_dim)
         out = []
         for i, (live, c) in enumerate(zip(self.live_kv, self.kv, strict=True)):
             if live is None:
-                live = LiveKV.start(c, empty, cfg.mini_batch_size)
-                if c is not None:
+                live = LiveKV.start(c, empty, max(b, n) if self.frozen else b)
+                if c is not None and not self.frozen:
                     self.kv[i] = live.keys()
+            elif self.frozen and live.length + n > live.buf.capacity:
+                live = LiveKV.start(live.keys(), empty, n + b)
             out.append(live)
         return out
 

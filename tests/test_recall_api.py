@@ -198,6 +198,78 @@ async def test_async_recall(daemon: Daemon, client: MemoryClient) -> None:
     assert spans and "4417" in spans[0].text
 
 
+def spans_of(spans) -> list[tuple[int, int, str, float]]:
+    return [(s.start_offset, s.end_offset, s.text, s.score) for s in spans]
+
+
+def test_export_carries_the_recall_log(client: MemoryClient, daemon: Daemon, tmp_path: Path) -> None:
+    """An import recalls the source's history (the same spans and scores) from the recall log the export
+    carries: its own token log holds nothing from before the import, so nothing else could give them.
+    An export without it (cleared from the header, as exports before it) still imports; the session then
+    recalls only what it reads after the import."""
+    from memoryd_sdk.export_file import read_header, write_header
+
+    h = history(client)
+    query = "storage room door code"
+    want = spans_of(h.session.recall(query, k=3))
+    assert want and "4417" in want[0][2]
+    path = tmp_path / "with-log.memoryd"
+    header = h.session.export(path, chunk_bytes=4096)
+    assert header.recall_log_bytes > 4 * header.offset  # every token, 4 bytes each, and the run headers
+    copy = client.import_session(path, session_id=h.session.id + "-copy")
+    assert spans_of(copy.recall(query, k=3)) == want
+    assert state_of(daemon, copy.id) == state_of(daemon, h.session.id)
+
+    bare = tmp_path / "bare.memoryd"
+    with open(path, "rb") as f:
+        head = read_header(f)
+        state = f.read(head.total_bytes)
+    head.recall_log_bytes, head.recall_log_sha256 = 0, ""
+    with open(bare, "wb") as out:
+        write_header(out, head)
+        out.write(state)
+    plain = client.import_session(bare, session_id=h.session.id + "-bare")
+    assert plain.offset == h.session.offset and plain.recall(query, k=3) == []
+    r = plain.add_message("user", "The loading dock door code is 9051.")
+    later = plain.recall("loading dock door code", k=3)
+    assert later and "9051" in later[0].text and later[0].start_offset >= r.start_offset
+
+
+def test_import_refuses_a_bad_recall_log_and_creates_nothing(client: MemoryClient, daemon: Daemon) -> None:
+    import hashlib
+
+    h = history(client)
+    stub = daemon.stub()
+    chunks = list(stub.ExportSession(pb.ExportSessionRequest(session_id=h.session.id), metadata=ALICE, timeout=30))
+    data = [c for c in chunks[1:] if c.HasField("data")]
+    logs = [c for c in chunks[1:] if c.HasField("recall_log")]
+    assert data and logs and chunks[1:] == data + logs  # the state, then the recall log
+
+    def attempt(log: list[pb.SessionChunk], **header) -> grpc.RpcError:
+        head = pb.ExportHeader()
+        head.CopyFrom(chunks[0].header)
+        head.session_id = "never"
+        for k, v in header.items():
+            setattr(head, k, v)
+        return rpc_error(lambda: stub.ImportSession(iter([pb.SessionChunk(header=head), *log]), metadata=ALICE))
+
+    junk = b"not a recall log"
+    cases = {
+        "does not match": attempt([*data, pb.SessionChunk(recall_log=junk)], recall_log_bytes=len(junk)),
+        "not a recall log": attempt(
+            [*data, pb.SessionChunk(recall_log=junk)],
+            recall_log_bytes=len(junk),
+            recall_log_sha256=hashlib.sha256(junk).hexdigest(),
+        ),
+        "after a recall_log": attempt([*data[:-1], *logs, data[-1]]),
+        "recall_log ": attempt(data),  # announced, never sent
+    }
+    for why, e in cases.items():
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.details(), e.details()
+    with pytest.raises(NotFound):
+        client.session("never").info()
+
+
 def test_cli_recall(daemon: Daemon, client: MemoryClient) -> None:
     h = history(client)
 
@@ -265,14 +337,29 @@ def test_chat_recalls_and_commits_only_prompt_and_reply(client: MemoryClient, da
     assert reply.offset == len(log) == position + gen.committed_tokens
     assert_same_state(state_tensors(chat_model, state_of(daemon, s.id)), reference_state(chat_model, [log]))
 
-    # The reply was sampled after exactly the context the recall rule makes, placed right before the prompt:
-    # a generation on the state before the question whose prompt spells that context out gives the same tokens.
+    # The reply was sampled after exactly the context the recall rule makes, placed right before the prompt
+    # and read forward only (no test-time step: the context never moves the fast weights): greedy decoding
+    # of the session's history, then that context and the prompt read into a frozen copy, gives the same tokens.
     ctx = expected_context(gen.recalled_spans, position, len(prompt.encode()), 8, WINDOW)
     assert len(ctx) == gen.recalled_tokens
-    twin = client.create_session()
-    twin.append(list(h.text.encode()))
-    spelled = twin.complete(ctx + list(prompt.encode()), max_tokens=8)
-    assert spelled.tokens == gen.tokens
+    assert greedy_frozen(chat_model, list(h.text.encode()), ctx + list(prompt.encode()), len(gen.tokens)) == gen.tokens
+
+
+def greedy_frozen(model, history: list[int], provisional: list[int], n: int) -> tuple[int, ...]:
+    """n greedy tokens after `history` (read as a session reads it) and then `provisional` read frozen."""
+    from model import StreamState
+
+    s = StreamState.fresh(model)
+    s.append(history)
+    steps = s.steps
+    f = s.frozen_copy()
+    f.append(provisional)
+    out: list[int] = []
+    for _ in range(n):
+        out.append(int(f.logits().argmax()))
+        f.append(out[-1:])
+    assert f.steps == steps  # the context (a few hundred tokens: many mini-batches of 8) stepped nothing
+    return tuple(out)
 
 
 def test_recall_without_commit_changes_nothing(client: MemoryClient, daemon: Daemon) -> None:

@@ -326,7 +326,7 @@ def _import_stream(kind: str, export: list[pb.SessionChunk]) -> list[pb.SessionC
     elif kind == "garbage":
         junk = b"\x00" * header.total_bytes
         header.sha256 = hashlib.sha256(junk).hexdigest()
-        data = [pb.SessionChunk(data=junk)]
+        data = [pb.SessionChunk(data=junk), *(c for c in export[1:] if c.HasField("recall_log"))]
     elif kind == "other-model":
         header.model_digest = "sha256:" + "1" * 64
     elif kind == "existing":

@@ -301,6 +301,38 @@ def session_pb(info: Info) -> pb.Session:
     )
 
 
+class _Received:
+    """One kind of an import's byte chunks (the state's data, or its recall log), checked as they come:
+    at least the floor each but the last, never more than the header announced."""
+
+    def __init__(self, announced: int) -> None:
+        self.announced, self.got, self.short = announced, 0, -1  # short: a chunk under the floor, if any
+        self.pieces: list[bytes] = []
+
+    def add(self, kind: str, raw: bytes, floor: int) -> None:
+        if self.short >= 0:
+            raise InvalidArgument(
+                f"{kind} chunk {self.short} has fewer than {floor} bytes but is not the last: "
+                f"send {kind} in chunks of at least {floor} bytes (only the last may be shorter)"
+            )
+        if len(raw) < floor:
+            self.short = len(self.pieces)
+        self.got += len(raw)
+        if self.got > self.announced:
+            raise InvalidArgument(f"more {kind} than the header announced ({self.announced} bytes)")
+        self.pieces.append(raw)
+
+    def check(self, kind: str, size_field: str, sha256: str) -> bytes:
+        raw = b"".join(self.pieces)
+        unsigned = not raw and not sha256  # nothing announced, nothing sent (an export without a recall log)
+        if len(raw) != self.announced or (hashlib.sha256(raw).hexdigest() != sha256 and not unsigned):
+            raise InvalidArgument(
+                f"import {kind} ({len(raw)} bytes) does not match the header's {size_field} {self.announced} "
+                "and sha256: send the export unchanged"
+            )
+        return raw
+
+
 class MemoryServicer(pb_grpc.MemoryServiceServicer):
     def __init__(
         self,
@@ -727,7 +759,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 "(0: the default)"
             )
         head, data = await self.sessions.export(tenant, sid)
-        note(bytes=len(data))
+        log = await self.sessions.export_recall(head)  # the history recall searches: the state holds no tokens
+        note(bytes=len(data) + len(log))
         yield pb.SessionChunk(
             header=pb.ExportHeader(
                 session_id=sid,
@@ -738,18 +771,24 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                 sha256=hashlib.sha256(data).hexdigest(),
                 format=SNAPSHOT_FORMAT,
                 source_session_id=sid,
+                recall_log_bytes=len(log),
+                recall_log_sha256=hashlib.sha256(log).hexdigest(),
             )
         )
         for i in range(0, len(data), size):
             yield pb.SessionChunk(data=data[i : i + size])
+        for i in range(0, len(log), size):
+            yield pb.SessionChunk(recall_log=log[i : i + size])
 
     def _import_header(self, header: pb.ExportHeader) -> tuple[str, dict[str, str]]:
         """The header checked before any data is read: the session id to create and its metadata."""
         if header.format != SNAPSHOT_FORMAT:
             raise InvalidArgument(f"export format {header.format!r} is not {SNAPSHOT_FORMAT!r}")
-        if header.total_bytes > self.limits.max_import_bytes:
+        size = header.total_bytes + header.recall_log_bytes
+        if size > self.limits.max_import_bytes:
             raise ResourceExhausted(
-                f"export of {header.total_bytes} bytes is over this server's limit {self.limits.max_import_bytes}"
+                f"export of {size} bytes (state and recall log) is over this server's limit "
+                f"{self.limits.max_import_bytes}"
             )
         if header.model_digest != self.sessions.digest:
             raise FailedPrecondition(
@@ -763,9 +802,8 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
     @unary
     async def ImportSession(self, tenant: str, it: AsyncIterator[pb.SessionChunk], ctx: Any) -> pb.Session:
         header: pb.ExportHeader | None = None
-        parts: list[bytes] = []
-        got, short = 0, -1  # short: index of a data chunk under the floor (only the last may be)
         floor = self.limits.min_chunk_bytes
+        parts: dict[str, _Received] = {}
         async for chunk in it:
             kind = chunk.WhichOneof("chunk")
             if header is None:
@@ -773,28 +811,18 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
                     raise InvalidArgument("the first chunk of an import must be the header")
                 header = chunk.header
                 sid, metadata = self._import_header(header)
+                parts = {"data": _Received(header.total_bytes), "recall_log": _Received(header.recall_log_bytes)}
                 note(session=sid)
                 continue
-            if kind != "data":
+            if kind not in parts:
                 raise InvalidArgument("an import has exactly one header, first")
-            if short >= 0:
-                raise InvalidArgument(
-                    f"data chunk {short} has fewer than {floor} bytes but is not the last: "
-                    f"send data in chunks of at least {floor} bytes (only the last may be shorter)"
-                )
-            if len(chunk.data) < floor:
-                short = len(parts)
-            got += len(chunk.data)
-            if got > header.total_bytes:
-                raise InvalidArgument(f"more data than the header's total_bytes {header.total_bytes}")
-            parts.append(chunk.data)
+            if kind == "data" and parts["recall_log"].pieces:
+                raise InvalidArgument("data chunk after a recall_log chunk: send the state's data first")
+            parts[kind].add(kind, getattr(chunk, kind), floor)
         if header is None:
             raise InvalidArgument("the import stream was empty: send a header, then the data")
-        data = b"".join(parts)
-        if len(data) != header.total_bytes or hashlib.sha256(data).hexdigest() != header.sha256:
-            raise InvalidArgument(
-                f"import data ({len(data)} bytes) does not match the header's size {header.total_bytes} and sha256"
-            )
-        note(bytes=len(data))
-        info = await self.sessions.import_(tenant, sid, metadata, data, header.offset)
+        data = parts["data"].check("data", "total_bytes", header.sha256)
+        log = parts["recall_log"].check("recall_log", "recall_log_bytes", header.recall_log_sha256)
+        note(bytes=len(data) + len(log))
+        info = await self.sessions.import_(tenant, sid, metadata, data, header.offset, log or None)
         return session_pb(info)

@@ -49,7 +49,7 @@ from memoryd.engine.worker import Outcome, execute
 from memoryd.errors import DeadlineExceeded
 from model import StreamState, TTTModel, digest_of
 from model.batch import counts_at, runs_solo, tokens_to_step
-from model.state import full_state_bytes
+from model.state import full_state_bytes, state_bytes_bound
 
 log = logging.getLogger("memoryd.engine")
 
@@ -66,12 +66,6 @@ class Engine:
         """Device bytes of a new session's state (what `create` reports)."""
         self.full_bytes = full_state_bytes(model)
         """Bytes a state grows to (stepped, window full): what residency plans a session at."""
-        cfg = model.cfg
-        self._slot_bytes = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * 4
-        self._window_slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
-        self._fixed_bytes = self.full_bytes - self._window_slots * self._slot_bytes
-        """The terms of `full_state_bytes` (float32): one token's keys and values in every layer, the slots a
-        window holds, and what does not grow with tokens (its own theta, a mini-batch of activations)."""
         self._waiting: list[Ticket] = []
         self._futures: dict[int, asyncio.Future[Result]] = {}
         self._generations: dict[Ticket, Generation] = {}
@@ -150,8 +144,7 @@ class Engine:
         `position + tokens`: the key/value cache of that many tokens and a mini-batch more (at most the
         window's slots), its own theta if it steps, and a mini-batch of activations.  So a short session's
         call is charged a short state's bytes, not a full state's (`full_bytes`, what a long one's is)."""
-        slots = min(self._window_slots, position + tokens + self.model.cfg.mini_batch_size)
-        return min(self.full_bytes, self._fixed_bytes + slots * self._slot_bytes)
+        return state_bytes_bound(self.model, position + tokens)
 
     def counts_at(self, offset: int) -> tuple[int, int]:
         """(test-time steps, pending tokens) of a session at `offset` (the model's rule)."""

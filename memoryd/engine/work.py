@@ -179,6 +179,10 @@ class Append:
 
     state: State
     tokens: list[int]
+    frozen: bool = False
+    """Read them into a frozen copy (`model.StreamState.frozen_copy`): forward only under the state's
+    fast weights, never a test-time step.  For tokens no log holds (a generation's recalled context,
+    issue 19); the copy can be generated from, never committed."""
 
 
 @dataclass(eq=False)

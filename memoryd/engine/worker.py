@@ -99,7 +99,7 @@ def _append(ticket: Ticket, n: int) -> Result | None:
             validate_tokens(work.tokens, work.state.model.cfg.vocab_size)
         except InputError as e:
             return Refused("input", str(e))
-        ticket.progress = Appended(work.state.clone(), 0)
+        ticket.progress = Appended(work.state.frozen_copy() if work.frozen else work.state.clone(), 0)
     done: Appended = ticket.progress
     report = done.state.append(work.tokens[ticket.read : ticket.read + n])
     done.steps += report.steps

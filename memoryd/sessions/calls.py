@@ -747,9 +747,12 @@ class Sessions:
             ctx = await self._recall_context(key, hot, recall, prompt_ids, p.max_tokens) if recall else NOTHING
             pieces: list[list[int]] = []
             prompted = Appended(hot.state, 0, hot.nbytes)
-            if prompt_ids or ctx.tokens:  # recalled context goes into this generation's copy only
-                work = Append(hot.state, [*ctx.tokens, *prompt_ids])
+            if ctx.tokens:  # recalled context, and the prompt after it, read into this generation's copy only,
+                # forward only: never stepped into the fast weights (model.StreamState.frozen_copy)
+                work = Append(hot.state, [*ctx.tokens, *prompt_ids], frozen=True)
                 prompted = await self._compute(work, droppable=not commit)
+            elif prompt_ids:
+                prompted = await self._compute(Append(hot.state, prompt_ids), droppable=not commit)
             after_prompt = prompted.state
             if prompt_ids:
                 pieces.append(prompt_ids)
@@ -791,11 +794,12 @@ class Sessions:
                     new, last = end, kept[len(read) :] + list(rule.suffix)
                 else:  # kept diverges from what the fork read (a stop string cut inside a token, or recalled context)
                     new, last = prompted, kept + list(rule.suffix)
-                    if ctx.tokens:  # the session reads the prompt and the reply, never the recalled context
-                        unchanged = Appended(hot.state, 0, hot.nbytes)
-                        new = await self._compute(Append(hot.state, prompt_ids)) if prompt_ids else unchanged
+                to_read = last
+                if ctx.tokens:  # the session reads the prompt and the reply with steps, never the recalled context
+                    new, to_read = Appended(hot.state, 0, hot.nbytes), [*prompt_ids, *last]
+                if to_read:  # one append: a state does not depend on how its tokens were cut
+                    new = await self._compute(Append(new.state, to_read))
                 if last:
-                    new = await self._compute(Append(new.state, last))
                     pieces.append(last)
                 rec = record(prompt_ids, o.out, "".join(o.sent), o.finish)
                 res_c = await self._commit(key, hot, new, pieces, append_id, rec)
@@ -914,7 +918,6 @@ class Sessions:
     ) -> Info:
         """A new session from exported bytes: validated (against `offset` too), stored as its first snapshot,
         then published; with `recall_log` (from `export_recall`), recall of its history too."""
-        runs = self._recall_runs(recall_log, offset)
         res = await self.engine.submit(Import(data))
         if isinstance(res, Refused):
             if res.reason == "foreign_model":
@@ -926,6 +929,7 @@ class Sessions:
             raise InvalidArgument(
                 f"the header's offset {offset} differs from the offset of the state it carries ({state.position})"
             )
+        runs = self._recall_runs(recall_log, offset)  # checked against the state's offset, before anything is written
         key = (tenant, sid)
         async with self._held(key, load=False), self._redis():
             snap = await snapshots.write(self.store, data, self.digest, state.position)

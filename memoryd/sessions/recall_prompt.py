@@ -13,10 +13,11 @@ turn of the model's chat template::
     What do I type at the storage room door?<|im_end|>
     <|im_start|>assistant
 
-The tokens this module returns are read into the *sampling copy* of the state only:
-the session's own state, its log and its fast weights never see them (a committed
-generation commits the prompt and the reply, `Sessions.generate`), so they are
-provisional context in the same sense as an uncommitted generation's tokens.
+The tokens this module returns are read into the *sampling copy* of the state only, and
+forward only (`model.StreamState.frozen_copy`: no test-time step, so they never reach the
+fast weights, not even the copy's): the session's own state and its log never see them (a
+committed generation commits the prompt and the reply, `Sessions.generate`).  What they
+cost is that forward: time to first token grows with the recalled tokens (bench/recall.py).
 
 Why these choices:
 

@@ -37,7 +37,7 @@ from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.chat import ChatTemplate
 from memoryd_sdk.connection import TLS, auth_metadata
 from memoryd_sdk.errors import AlreadyExists, MemorydError, NotFound, OffsetConflict, from_rpc_error
-from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, read_header, write_header
+from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, iter_recall_log, read_header, write_header
 from memoryd_sdk.iterators import aiter_of
 from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.requests import (
@@ -474,7 +474,8 @@ class AsyncMemoryClient:
     async def export_session(
         self, session_id: str, dest: Dest, *, chunk_bytes: int = 0, timeout: float | None = None
     ) -> ExportHeader:
-        """Write the session (header + state bytes, see `export_file`) to a path or a binary stream.
+        """Write the session (header, state bytes and recall log, see `export_file`) to a path or a binary
+        stream.
 
         Each chunk is written as it arrives (the state is never held whole in memory).  To a
         path: written to a temporary file and renamed, so a reader never sees half an export,
@@ -485,17 +486,26 @@ class AsyncMemoryClient:
 
         async def into(out: IO[bytes]) -> ExportHeader:
             header: pb.ExportHeader | None = None
-            got = 0
+            got, log = 0, 0
             call = self._stub.ExportSession(req, timeout=timeout or self.generate_timeout, metadata=self._md)
             async for chunk in call:
-                if chunk.WhichOneof("chunk") == "header":
+                kind = chunk.WhichOneof("chunk")
+                if kind == "header":
                     header = chunk.header
                     await asyncio.to_thread(write_header, out, header)
-                else:
+                elif kind == "data" and not log:  # the file holds the state, then the recall log
                     got += len(chunk.data)
                     await asyncio.to_thread(out.write, chunk.data)
-            if header is None or got != header.total_bytes:
-                raise MemorydError(f"export of {session_id!r} ended after {got} bytes without a complete state")
+                elif kind == "recall_log":
+                    log += len(chunk.recall_log)
+                    await asyncio.to_thread(out.write, chunk.recall_log)
+                else:
+                    raise MemorydError(f"export of {session_id!r} sent a {kind} chunk out of order")
+            if header is None or got != header.total_bytes or log != header.recall_log_bytes:
+                raise MemorydError(
+                    f"export of {session_id!r} ended after {got} state and {log} recall log bytes without a complete "
+                    "export"
+                )
             return ExportHeader.from_pb(header)
 
         if isinstance(dest, str | os.PathLike):
@@ -555,6 +565,8 @@ class AsyncMemoryClient:
             try:
                 for data in iter_data(src, header):
                     yield pb.SessionChunk(data=data)
+                for log in iter_recall_log(src, header):
+                    yield pb.SessionChunk(recall_log=log)
             except ExportFormatError as e:
                 bad_file.append(e)  # end the stream short: the server refuses it, and we say why
 

@@ -6,10 +6,13 @@ Layout (all of it, in order)::
     4 bytes, big-endian unsigned         length N of the header
     N bytes                              memoryd.v1.ExportHeader (protobuf; size, sha256, model digest)
     header.total_bytes bytes             the session state (safetensors; never pickle)
+    header.recall_log_bytes bytes        the recall log: the history recall searches (none in
+                                         exports from before it; then 0)
 
 The header is the server's own message, so import sends it back unchanged and the
-server checks the state bytes against its size and sha256; the SDK checks them too
-on the way in and out, so a truncated file fails before any network traffic.
+server checks the state bytes and the recall log against their sizes and sha256s; the
+SDK checks them too on the way in and out, so a truncated file fails before any network
+traffic.
 """
 
 from __future__ import annotations
@@ -59,13 +62,25 @@ def read_header(src: BinaryIO) -> pb.ExportHeader:
 
 def iter_data(src: BinaryIO, header: pb.ExportHeader, chunk: int = READ_CHUNK) -> Iterator[bytes]:
     """The state bytes in pieces, checked against the header's size and sha256 once all are read."""
-    left, digest = header.total_bytes, hashlib.sha256()
+    return _checked(src, header.total_bytes, header.sha256, "state", chunk)
+
+
+def iter_recall_log(src: BinaryIO, header: pb.ExportHeader, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+    """The recall log's bytes (after the state's) in pieces, checked like the state's; none if the
+    header announces none."""
+    if not header.recall_log_bytes and not header.recall_log_sha256:
+        return iter(())
+    return _checked(src, header.recall_log_bytes, header.recall_log_sha256, "recall log", chunk)
+
+
+def _checked(src: BinaryIO, size: int, sha256: str, what: str, chunk: int) -> Iterator[bytes]:
+    left, digest = size, hashlib.sha256()
     while left:
         piece = src.read(min(chunk, left))
         if not piece:
-            raise ExportFormatError(f"the export ends early: {left} of {header.total_bytes} state bytes missing")
+            raise ExportFormatError(f"the export ends early: {left} of {size} {what} bytes missing")
         digest.update(piece)
         left -= len(piece)
         yield piece
-    if digest.hexdigest() != header.sha256:
-        raise ExportFormatError("the export's state bytes do not match the sha256 in its header")
+    if digest.hexdigest() != sha256:
+        raise ExportFormatError(f"the export's {what} bytes do not match the sha256 in its header")

@@ -287,10 +287,23 @@ class ExportHeader:
     total_bytes: int
     sha256: str
     format: str
+    recall_log_bytes: int = 0
+    """The recall log that follows the state (0: none; the imported session recalls only what it reads)."""
+    recall_log_sha256: str = ""
 
     @classmethod
     def from_pb(cls, m: pb.ExportHeader) -> ExportHeader:
-        return cls(m.session_id, dict(m.metadata), m.model_digest, m.offset, m.total_bytes, m.sha256, m.format)
+        return cls(
+            m.session_id,
+            dict(m.metadata),
+            m.model_digest,
+            m.offset,
+            m.total_bytes,
+            m.sha256,
+            m.format,
+            m.recall_log_bytes,
+            m.recall_log_sha256,
+        )
 
     def to_pb(self) -> pb.ExportHeader:
         return pb.ExportHeader(
@@ -301,6 +314,8 @@ class ExportHeader:
             total_bytes=self.total_bytes,
             sha256=self.sha256,
             format=self.format,
+            recall_log_bytes=self.recall_log_bytes,
+            recall_log_sha256=self.recall_log_sha256,
         )
 
 

@@ -494,7 +494,7 @@ class ExportSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class ExportHeader(_message.Message):
-    __slots__ = ("session_id", "metadata", "model_digest", "offset", "total_bytes", "sha256", "format", "source_session_id")
+    __slots__ = ("session_id", "metadata", "model_digest", "offset", "total_bytes", "sha256", "format", "source_session_id", "recall_log_bytes", "recall_log_sha256")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -510,6 +510,8 @@ class ExportHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RECALL_LOG_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RECALL_LOG_SHA256_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     metadata: _containers.ScalarMap[str, str]
     model_digest: str
@@ -518,12 +520,16 @@ class ExportHeader(_message.Message):
     sha256: str
     format: str
     source_session_id: str
-    def __init__(self, session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., model_digest: _Optional[str] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., source_session_id: _Optional[str] = ...) -> None: ...
+    recall_log_bytes: int
+    recall_log_sha256: str
+    def __init__(self, session_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., model_digest: _Optional[str] = ..., offset: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., format: _Optional[str] = ..., source_session_id: _Optional[str] = ..., recall_log_bytes: _Optional[int] = ..., recall_log_sha256: _Optional[str] = ...) -> None: ...
 
 class SessionChunk(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "recall_log")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    RECALL_LOG_FIELD_NUMBER: _ClassVar[int]
     header: ExportHeader
     data: bytes
-    def __init__(self, header: _Optional[_Union[ExportHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    recall_log: bytes
+    def __init__(self, header: _Optional[_Union[ExportHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., recall_log: _Optional[bytes] = ...) -> None: ...

@@ -286,7 +286,9 @@ class MemoryServiceServicer:
 
     def ExportSession(self, request, context):
         """A session as a stream of chunks: first a header, then the state bytes
-        (safetensors) in pieces of exactly chunk_bytes (the last may be shorter).
+        (safetensors) in pieces of exactly chunk_bytes (the last may be shorter),
+        then the recall log (header.recall_log_bytes, in recall_log pieces of the
+        same size), so the imported session recalls its whole history.
         Move it to another deployment with ImportSession.
         INVALID_ARGUMENT  bad session_id, or chunk_bytes outside
         [limits.min_chunk_bytes, limits.max_chunk_bytes].
@@ -301,16 +303,22 @@ class MemoryServiceServicer:
 
     def ImportSession(self, request_iterator, context):
         """Rebuild a session from an export: first chunk a header, then data chunks of
-        at least limits.min_chunk_bytes each (the last may be shorter). The new
-        session's id is header.session_id, else header.source_session_id (the
-        exported id: an unchanged export keeps its id), else a fresh one.
+        at least limits.min_chunk_bytes each (the last may be shorter), then the
+        recall log's chunks (recall_log, the same rule) when the header announces
+        one. The new session's id is header.session_id, else
+        header.source_session_id (the exported id: an unchanged export keeps its
+        id), else a fresh one. Without a recall log (recall_log_bytes 0) the
+        session recalls only what it reads after the import.
         INVALID_ARGUMENT  no header first, a second header, an unknown format, a
-        data chunk under limits.min_chunk_bytes that is not the
-        last, bytes that do not match the header's size or
-        sha256, bytes that are not a session snapshot, a header
-        offset that differs from the state's, bad session_id /
-        metadata.
-        RESOURCE_EXHAUSTED the export is larger than limits.max_import_bytes, or
+        data or recall_log chunk under limits.min_chunk_bytes
+        that is not the last of its kind, data after recall_log,
+        bytes that do not match the header's sizes or sha256s,
+        bytes that are not a session snapshot, a recall log that
+        is not one of this state (runs past its offset, tokens
+        outside the vocabulary), a header offset that differs
+        from the state's, bad session_id / metadata.
+        RESOURCE_EXHAUSTED the export (state and recall log) is larger than
+        limits.max_import_bytes, or
         the tenant has reached its session limit
         (limits.max_sessions_per_tenant).
         ALREADY_EXISTS    the target session id is taken.
