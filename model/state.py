@@ -95,18 +95,27 @@ def full_state_bytes(model: TTTModel) -> int:
     return state_bytes_bound(model, None)
 
 
-def state_bytes_bound(model: TTTModel, position: int | None) -> int:
+def state_bytes_bound(model: TTTModel, position: int | None, frozen: int = 0) -> int:
     """At most the bytes a state that has read `position` tokens owns (None: any position,
     `full_state_bytes`): its theta, the key/value slots of min(position + a mini-batch, the
     window's slots) tokens, and a mini-batch of activations.  A copy made by `clone` shares its
     source's tensors and owns only what it makes new, so this also bounds a working copy that
-    has read up to `position` tokens (memoryd charges a call's copy by it)."""
+    has read up to `position` tokens (memoryd charges a call's copy by it).
+
+    `frozen` > 0: instead, a `frozen_copy` of a state at `position` that reads `frozen` tokens.
+    It shares theta (it never steps) but keeps every token it reads, past the window too: its
+    buffer holds the stepped window, the pending mini-batch and all `frozen` tokens, with room
+    for a mini-batch more (`live_past` grows it a mini-batch at a time), and their activations, so its bound grows with `frozen` and is not capped by a full state's."""
     cfg = model.cfg
-    theta = sum(t.numel() * 4 for t in model.initial_fast_weights().values())
+    slot = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * 4
+    activation = cfg.hidden_size * 4
     window_slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
+    if frozen > 0:
+        stepped = window_slots if position is None else min(window_slots, position + cfg.mini_batch_size)
+        return (stepped + frozen + cfg.mini_batch_size) * slot + (cfg.mini_batch_size + frozen) * activation
+    theta = sum(t.numel() * 4 for t in model.initial_fast_weights().values())
     slots = window_slots if position is None else min(window_slots, position + cfg.mini_batch_size)
-    kv = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * slots * 4
-    return theta + kv + cfg.mini_batch_size * cfg.hidden_size * 4
+    return theta + slots * slot + cfg.mini_batch_size * activation
 
 
 def initial_theta(model: TTTModel) -> dict[str, torch.Tensor]:

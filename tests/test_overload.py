@@ -397,6 +397,17 @@ def test_a_pinned_short_session_is_charged_what_its_call_can_hold(tiny_model) ->
             bound = engine.copy_bytes(position, n)
             assert owned(copy, state) <= bound, (position, n)
     assert engine.copy_bytes(10**6, 1) == full, "a long session's copy is a full state"
+    window = tiny_model.cfg.window_size
+    for position in (0, b + 3, window + 2 * b):  # a frozen copy (a recall generation's) keeps all it reads
+        for n in (1, b + 2, 2 * window):
+            state = StreamState.fresh(tiny_model)
+            if position:
+                state.append(tokens(position))
+            copy = state.frozen_copy()
+            for piece in range(0, n, 50):  # as a generation reads it: context, then a token at a time
+                copy.append(tokens(min(50, n - piece), 7))
+            assert owned(copy, state) <= engine.copy_bytes(position, 0, n), (position, n)
+    assert engine.copy_bytes(10**6, 1, 4 * window) > full, "a long frozen read outgrows a full state"
 
     state = StreamState.fresh(tiny_model)
     state.append(tokens(5))
@@ -410,5 +421,8 @@ def test_a_pinned_short_session_is_charged_what_its_call_can_hold(tiny_model) ->
     hot.pin(key, None)  # a second call, reading what it does not say: a full copy
     assert hot.charge(key) == state.nbytes() + full
     hot.unpin(key, None)
+    hot.pin(key, 3, 4 * window)  # a generation with recall: its frozen copy, larger than a full state here
+    assert hot.charge(key) == state.nbytes() + engine.copy_bytes(5, 3, 4 * window) > state.nbytes() + full
+    hot.unpin(key, 3, 4 * window)
     hot.unpin(key, 3)
     assert hot.charge(key) == state.nbytes() and not hot.pinned(key)

@@ -137,14 +137,18 @@ class Engine:
         self._wake.set()
         return gen
 
-    def copy_bytes(self, position: int, tokens: int) -> int:
+    def copy_bytes(self, position: int, tokens: int, frozen: int = 0) -> int:
         """At most what a call's working copy of a state at `position` owns once it has read `tokens` more
         (residency charges a pinned session for it): the copy shares every tensor of the state it was made
         from (`fork`) and owns only what it makes new, which is never more than a state holds at
-        `position + tokens`: the key/value cache of that many tokens and a mini-batch more (at most the
-        window's slots), its own theta if it steps, and a mini-batch of activations.  So a short session's
-        call is charged a short state's bytes, not a full state's (`full_bytes`, what a long one's is)."""
-        return state_bytes_bound(self.model, position + tokens)
+        `position + tokens` (`model.state.state_bytes_bound`), and never more than a full state
+        (`full_bytes`).  So a short session's call is charged a short state's bytes.
+
+        `frozen`: tokens a generation reads forward only into a frozen copy (its recalled context, its
+        prompt, its reply; `Append(frozen=True)`), which keeps every one of them, past the window too:
+        the larger of the two copies is charged (the frozen one, then the commit's)."""
+        stepping = min(self.full_bytes, state_bytes_bound(self.model, position + tokens))
+        return max(stepping, state_bytes_bound(self.model, position, frozen)) if frozen else stepping
 
     def counts_at(self, offset: int) -> tuple[int, int]:
         """(test-time steps, pending tokens) of a session at `offset` (the model's rule)."""

@@ -174,16 +174,21 @@ class Sessions:
     # -- plumbing ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _held(self, key: Key, load: bool = True, tokens: int | None = None) -> AsyncIterator[None]:
+    async def _held(
+        self, key: Key, load: bool = True, tokens: int | None = None, frozen: int = 0
+    ) -> AsyncIterator[None]:
         """The session's turn (`_turn`; `load=False`: a call that never loads the state), then its lock.
-        `tokens`: what the call reads into its copy of the state, if known (residency charges the copy).
+        `tokens`: what the call reads into its copy of the state, if known, and `frozen`, what it reads
+        into a frozen copy besides (residency charges the copies: `Engine.copy_bytes`).
 
         A call that waited for the lock while its holder failed UNAVAILABLE (Redis stalled or gone)
         answers UNAVAILABLE as soon as it needs Redis (see `_redis`): trying Redis again would add
         another Redis timeout to its answer, and a queue of calls would each add one. What it can do
         without Redis (a generation on a hot session, not committed) it still does."""
         since = time.monotonic()
-        await self._turn(key, load, tokens)  # pinned from here: not evicted while it waits for the lock or works
+        await self._turn(
+            key, load, tokens, frozen
+        )  # pinned from here: not evicted while it waits for the lock or works
         try:
             async with self.lock(key):
                 _waited.set((key, since))
@@ -198,7 +203,7 @@ class Sessions:
         finally:
             if key not in self._loads:  # room reserved by its turn that no load took (the call left or failed)
                 self.hot.unreserve(key)
-            self.hot.unpin(key, tokens)
+            self.hot.unpin(key, tokens, frozen)
 
     def _admitted(self, key: Key, tokens: int, timeout: float | None) -> contextlib.AbstractContextManager[None]:
         """The call counted in the backlog (or refused early): its tokens, and a load unless its turn will find
@@ -274,7 +279,7 @@ class Sessions:
             task.add_done_callback(_retrieve)
         return await asyncio.shield(task)
 
-    async def _turn(self, key: Key, load: bool = True, tokens: int | None = None) -> None:
+    async def _turn(self, key: Key, load: bool = True, tokens: int | None = None, frozen: int = 0) -> None:
         """Pin `key` for a call, in arrival order with every other call that needs a session (issue 20).
 
         A call whose session is pinned already (a call is working on it, loading it, or waiting for it)
@@ -287,12 +292,12 @@ class Sessions:
         by coming back at once, and a call that needed a load waited for as long as the hot ones kept
         coming (bench/overload.py: Append p50 0.47 s, p99 28.5 s)."""
         if self.hot.pinned(key) or not load:  # `load=False`: a call that never loads the state (delete, import)
-            self.hot.pin(key, tokens)
+            self.hot.pin(key, tokens, frozen)
             return
         async with self._admit:
             if self.hot.peek(key) is None and not self.hot.pinned(key) and not self.hot.reserved(key):
                 await self._make_room(key)
-            self.hot.pin(key, tokens)
+            self.hot.pin(key, tokens, frozen)
 
     async def _room(self, key: Key) -> None:
         """Reserve budget for loading `key` (FIFO with the calls' turns)."""
@@ -732,8 +737,11 @@ class Sessions:
         rule: CommitRule,
         recall: RecallAsk | None,
     ) -> AsyncIterator[GenEvent]:
-        reads = len(prompt) + p.max_tokens if isinstance(prompt, list) and p.samples == 1 and not recall else None
-        async with self._held(key, tokens=reads):
+        reads = len(prompt) + p.max_tokens if isinstance(prompt, list) and p.samples == 1 else None
+        # with recall, the prompt and the reply go into a frozen copy after the recalled context (at most the
+        # ask's budget), and a commit reads them again, with steps, onto a copy of the session's state
+        frozen = reads + recall.budget if recall is not None and reads is not None else 0
+        async with self._held(key, tokens=reads, frozen=frozen):
             hot = await self._load(key)
             if commit and append_id:
                 dup = await self._find_duplicate(key, append_id)

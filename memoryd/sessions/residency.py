@@ -76,10 +76,14 @@ class Residency:
         """Sessions being loaded whose lease this daemon holds (`leased` renews it)."""
         self.copy_bytes = 0
         """What a call's working copy of a state may grow to (a full state: `model.state.full_state_bytes`)."""
-        self.copy_bound: Callable[[int, int], int] | None = None
-        """(position, tokens) -> what a copy of a state at `position` may own once it has read `tokens`."""
-        self._reads: dict[Key, list[int | None]] = {}
-        """Per pinned session, the tokens each of its calls reads (None: not known, charged a full copy)."""
+        self.copy_bound: Callable[[int, int, int], int] | None = None
+        """(position, tokens, frozen) -> what a copy of a state at `position` may own once it has read `tokens`
+        (and `frozen` more into a frozen copy, a generation's recalled context: `Engine.copy_bytes`)."""
+        self._bounds: dict[tuple[int, int, int], int] = {}
+        """`copy_bound`'s answers, kept: `charge` runs on every pin, unpin and budget check."""
+        self._reads: dict[Key, list[tuple[int | None, int]]] = {}
+        """Per pinned session, what each of its calls reads: (tokens, frozen); tokens None: not known, charged
+        a full copy."""
         self._freed = asyncio.Event()
         """Set whenever bytes are released (an unpin, a drop): a waiting load looks again."""
 
@@ -115,18 +119,19 @@ class Residency:
 
     # -- pins and reservations -------------------------------------------------------------------
 
-    def pin(self, key: Key, tokens: int | None = None) -> None:
+    def pin(self, key: Key, tokens: int | None = None, frozen: int = 0) -> None:
         """A call works on (or waits for) the session: not a victim until `unpin`.  `tokens`: what the call
-        reads into its copy (0: it makes none, as a load; None: not known)."""
+        reads into its copy (0: it makes none, as a load; None: not known); `frozen`: what it reads into a
+        frozen copy besides (a generation with recall)."""
         self._pins[key] += 1
-        self._reads.setdefault(key, []).append(tokens)
+        self._reads.setdefault(key, []).append((tokens, frozen))
         self._gauges()
 
-    def unpin(self, key: Key, tokens: int | None = None) -> None:
+    def unpin(self, key: Key, tokens: int | None = None, frozen: int = 0) -> None:
         self._pins[key] -= 1
         reads = self._reads.get(key, [])
-        if tokens in reads:
-            reads.remove(tokens)
+        if (tokens, frozen) in reads:
+            reads.remove((tokens, frozen))
         if self._pins[key] <= 0:
             del self._pins[key]
             self._reads.pop(key, None)
@@ -186,11 +191,21 @@ class Residency:
             return 0
         if self._pins[key] <= 0:
             return hot.nbytes
-        reads = self._reads.get(key) or [None]
-        if self.copy_bound is None or None in reads:
-            return hot.nbytes + self.copy_bytes
-        copy = max(self.copy_bound(hot.state.position, n) if n else 0 for n in reads)
-        return hot.nbytes + min(self.copy_bytes, copy)
+        reads = self._reads.get(key) or [(None, 0)]
+        if self.copy_bound is None or any(n is None for n, _ in reads):
+            return hot.nbytes + self.copy_bytes + max(self._bound(hot.state.position, 0, f) for _, f in reads)
+        return hot.nbytes + max(self._bound(hot.state.position, n, f) if n or f else 0 for n, f in reads)
+
+    def _bound(self, position: int, tokens: int, frozen: int) -> int:
+        if not frozen and not tokens:
+            return 0
+        got = self._bounds.get((position, tokens, frozen))
+        if got is None:
+            if len(self._bounds) > 4096:  # positions move on: keep the recent ones
+                self._bounds.clear()
+            assert self.copy_bound is not None
+            got = self._bounds[(position, tokens, frozen)] = self.copy_bound(position, tokens, frozen)
+        return got
 
     def charged(self) -> int:
         """What the budget counts: every session's charge plus the reservations of loads."""
