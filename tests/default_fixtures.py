@@ -21,15 +21,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from service_fixtures import child_env, free_port
+from service_fixtures import child_env, free_port, wait_serving
 
 from memoryd.default_model import DEFAULT_NAME
 
@@ -93,21 +90,7 @@ class DefaultDaemon:
             raise
 
     def _wait_serving(self, timeout: float) -> None:
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as ch:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"memoryd exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"memoryd did not become SERVING within {timeout} s:\n{self.log_tail()}")
-                time.sleep(0.2)
+        wait_serving(self.address, self.proc, self.log_tail, timeout, poll=0.2)
 
     def stop(self) -> int | None:
         """SIGTERM, and its exit status (killed, and None, if it has not exited within two minutes)."""

@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -100,6 +100,33 @@ class RedisServer:
         return redis.Redis(port=self.port)
 
 
+def wait_serving(
+    address: str,
+    proc: subprocess.Popen | None,
+    log_tail: Callable[[], str],
+    timeout: float,
+    service: str = "",
+    poll: float = 0.05,
+) -> None:
+    """Until the daemon at `address` says SERVING (for `service`; "": the server as a whole), or raise
+    RuntimeError with its log tail when `proc` exits or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"memoryd exited with {proc.returncode}:\n{log_tail()}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"memoryd did not become SERVING within {timeout} s:\n{log_tail()}")
+            time.sleep(poll)
+
+
 class Daemon:
     """`python -m memoryd serve` in a subprocess, waited on until gRPC health says SERVING."""
 
@@ -142,21 +169,7 @@ class Daemon:
             raise
 
     def _wait_serving(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            while True:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"memoryd exited with {self.proc.returncode}:\n{self.log_tail()}")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service="memoryd.v1.MemoryService"), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"memoryd did not become SERVING within {timeout} s:\n{self.log_tail()}")
-                time.sleep(0.05)
+        wait_serving(self.address, self.proc, self.log_tail, timeout, service="memoryd.v1.MemoryService")
 
     def log_tail(self, n: int = 30) -> str:
         try:
