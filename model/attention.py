@@ -120,6 +120,32 @@ def sees_every_key(n: int, m: int, window: int | None) -> bool:
     return n == 1 and (window is None or m <= window)
 
 
+SinkRope = tuple[int, float, "RopeScaling | None"]
+"""(horizon, rope theta, rope scaling) of a model whose queries see the sinks at most `horizon` back."""
+
+
+def far_sinks(
+    q: torch.Tensor, k: torch.Tensor, q_start: int, sinks: int, sink_rope: SinkRope
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k widened so one product scores the sinks from at most the horizon back (config.sink_horizon).
+
+    A query at position p sees sink j at distance min(p, horizon) - j: for the sink columns it is
+    rotated back to position min(p, horizon) (RoPE rotations add, so rotating a query of position p
+    by min(p, horizon) - p makes it the query of that position).  Returned: q' = [q, q_far] and
+    k' = [k, 0] for the other keys, [0, k] for the sinks (the first `sinks` columns), so
+    q' . k' is q . k or q_far . k_sink: attention with scale hd ** -0.5 over q', k' is the rule."""
+    horizon, theta, scaling = sink_rope
+    n, hd = q.shape[-2], q.shape[-1]
+    pos = torch.arange(q_start, q_start + n, device=q.device)
+    cos, sin = rope_cos_sin(pos.clamp(max=horizon) - pos, hd, theta, torch.float64, scaling)
+    q_far = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
+    zero = torch.zeros_like(k)
+    is_sink = torch.zeros(k.shape[-2], 1, dtype=torch.bool, device=k.device)
+    is_sink[:sinks] = True
+    k_wide = torch.cat((torch.where(is_sink, zero, k), torch.where(is_sink, k, zero)), -1)
+    return torch.cat((q, q_far), -1), k_wide
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,8 +154,10 @@ def attend(
     window: int | None,
     impl: AttnImpl,
     sinks: int = 0,
+    sink_rope: SinkRope | None = None,
 ) -> torch.Tensor:
-    """Causal sliding-window attention (plus `sinks` leading positions always visible).
+    """Causal sliding-window attention (plus `sinks` leading positions always visible, seen at
+    most `sink_rope`'s horizon back when given: `far_sinks`).
 
     q [B, H, n, hd]; k, v [B, Hkv, m, hd] with m >= n, the last n keys being the
     queries' own.  Returns [B, H, n, hd].
@@ -137,6 +165,10 @@ def attend(
     n, m = q.shape[-2], k.shape[-2]
     if m < n:
         raise ValueError(f"attention needs the queries' own keys: {m} keys < {n} queries")
+    scale = q.shape[-1] ** -0.5
+    holds_sinks = sinks > 0 and (m == q_start + n or m - n > sinks)  # the first columns are positions 0..sinks-1
+    if sink_rope is not None and holds_sinks and q_start + n - 1 > sink_rope[0]:
+        q, k = far_sinks(q, k, q_start, sinks, sink_rope)
     if impl == "flash" and sinks:
         impl = "sdpa"  # flash-attn's window has no sinks
     if impl == "flash":
@@ -153,17 +185,17 @@ def attend(
         return out.transpose(1, 2)
     gqa = k.shape[1] != q.shape[1]
     if impl == "sdpa" and sees_every_key(n, m, window):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, scale=scale)
     mask = window_mask(q_start, n, m, window, q.device, sinks)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
     if impl != "math":
         raise ValueError(f"unknown attention kernel {impl!r}; use math, sdpa or flash")
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    scores = (q @ k.transpose(-1, -2)) * scale
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return probs @ v

@@ -68,6 +68,14 @@ class ModelConfig(BaseModel):
     sinks).  0 for TTT-E2E as the paper trains it; converted full-attention models
     lean on their first token and lose most of what they lose beyond the window
     without it."""
+    sink_horizon: int | None = Field(default=None, gt=0)
+    """How far back a query sees the attention sinks (None: at their own positions).  A query
+    at position p sees sink j at distance min(p, horizon) - j, so no distance it sees exceeds
+    the horizon however long the session grows; up to the horizon nothing changes.  Without
+    it a query at p sees the sinks p tokens back, past the range the model was trained on once
+    a session is long: the default model (SmolLM2, trained to 8,192 positions) predicts noise
+    from about 16K tokens on, with or without test-time steps (bench/long_session.py).  Per
+    query, so appending in any cut gives the same result (model.md)."""
     qk_norm: bool = True
     post_norm: bool = True
     tie_embeddings: bool = True
@@ -114,6 +122,14 @@ class ModelConfig(BaseModel):
                     f"window_size {self.window_size} must be >= mini_batch_size {self.mini_batch_size}: "
                     "the window has to cover a whole mini-batch"
                 )
+        if self.sink_horizon is not None:
+            if not self.attention_sinks or self.window_size is None:
+                raise ValueError("sink_horizon needs attention_sinks and a window: set it null, or set both")
+            if self.sink_horizon < self.window_size + self.attention_sinks:
+                raise ValueError(
+                    f"sink_horizon {self.sink_horizon} must be >= window_size + attention_sinks "
+                    f"({self.window_size + self.attention_sinks}): a sink inside a query's window is an ordinary key"
+                )
         return self
 
     @property
@@ -137,6 +153,8 @@ class ModelConfig(BaseModel):
             del out["rope_scaling"]
         if out["attention_sinks"] == 0:
             del out["attention_sinks"]
+        if out["sink_horizon"] is None:
+            del out["sink_horizon"]
         return out
 
 

@@ -80,6 +80,7 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.cfg = cfg
+        self._sink_rope = None if cfg.sink_horizon is None else (cfg.sink_horizon, cfg.rope_theta, cfg.rope_scaling)
         self.q = nn.Linear(d, cfg.num_heads * hd, bias=False)
         self.k = nn.Linear(d, cfg.kv_heads * hd, bias=False)
         self.v = nn.Linear(d, cfg.kv_heads * hd, bias=False)
@@ -110,12 +111,14 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(start, int):
             keys, values, kept = combine(past, k, v)
-            out = attend(q, keys, values, start, cfg.window_size, impl, cfg.attention_sinks)
+            out = attend(q, keys, values, start, cfg.window_size, impl, cfg.attention_sinks, self._sink_rope)
         else:
             outs, kept = [], []
             for r, (p, s) in enumerate(zip(past, start, strict=True)):
                 keys, values, kr = combine(p, k[r : r + 1], v[r : r + 1])
-                outs.append(attend(q[r : r + 1], keys, values, s, cfg.window_size, impl, cfg.attention_sinks))
+                outs.append(
+                    attend(q[r : r + 1], keys, values, s, cfg.window_size, impl, cfg.attention_sinks, self._sink_rope)
+                )
                 kept.append(kr)
             out = torch.cat(outs)
         return self.o(out.transpose(1, 2).reshape(b, n, -1)), kept

@@ -105,7 +105,8 @@ def state_bytes_bound(model: TTTModel, position: int | None, frozen: int = 0) ->
     `frozen` > 0: instead, a `frozen_copy` of a state at `position` that reads `frozen` tokens.
     It shares theta (it never steps) but keeps every token it reads, past the window too: its
     buffer holds the stepped window, the pending mini-batch and all `frozen` tokens, with room
-    for a mini-batch more (`live_past` grows it a mini-batch at a time), and their activations, so its bound grows with `frozen` and is not capped by a full state's."""
+    for a mini-batch more (`live_past` grows it a mini-batch at a time), and their activations,
+    so its bound grows with `frozen` and is not capped by a full state's."""
     cfg = model.cfg
     slot = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * 4
     activation = cfg.hidden_size * 4
