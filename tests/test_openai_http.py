@@ -353,7 +353,7 @@ def test_readme_quick_start(http_daemon: Daemon) -> None:
     assert len([line for line in code.splitlines() if line.strip()]) == 3  # the import and two lines
     code = code.replace("http://127.0.0.1:8080/v1", f"http://127.0.0.1:{http_daemon.http_port}/v1")
     code = code.replace('api_key="-"', f"api_key={TOKENS['alice']!r}")
-    code = code.replace('"smollm2-135m-instruct-v2"', repr(MODEL))
+    code = code.replace('"smollm2-135m-instruct-v3"', repr(MODEL))
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["r"].choices[0].message.content is not None
