@@ -12,10 +12,11 @@ At each checkpoint (1K, 2K, 4K, ... tokens) it measures, on copies that leave th
   ceiling of bench/recall.py), and whether it contains the fact's value.
 
 `--sink-horizon N` serves the same weights with `config.sink_horizon = N` (attention sinks seen at
-most N tokens back) and `--inner-lr 0` with no test-time steps, to tell the causes apart: without a
-horizon the default model's NLL jumps from about 3.2 to 6-7 between 12K and 16K tokens, with or
-without steps, because a query there sees the sinks further back than SmolLM2's 8,192 trained
-positions.  Prints one JSON line per checkpoint (`--json`), measures and asserts nothing.
+most N tokens back; 0: at their own positions, as v2 saw them) and `--inner-lr 0` with no
+test-time steps, to tell the causes apart: without a horizon the default model's NLL jumps
+from about 3.2 to 6-7 between 12K and 16K tokens, with or without steps, because a query there
+sees the sinks further back than SmolLM2's 8,192 trained positions.  Prints one JSON line per
+checkpoint (`--json`), measures and asserts nothing.
 """
 
 from __future__ import annotations
@@ -48,10 +49,11 @@ PROBE_VALUE = "7142"
 
 
 def with_horizon(model: TTTModel, horizon: int | None) -> TTTModel:
-    """The same weights under a config with `sink_horizon` set (None: as converted)."""
-    if horizon is None or model.cfg.sink_horizon == horizon:
+    """The same weights under a config with `sink_horizon` set (None: as converted; 0: no horizon,
+    the sinks seen at their own positions, as v2 saw them)."""
+    if horizon is None or model.cfg.sink_horizon == (horizon or None):
         return model
-    cfg = model.cfg.model_validate({**model.cfg.model_dump(), "sink_horizon": horizon})
+    cfg = model.cfg.model_validate({**model.cfg.model_dump(), "sink_horizon": horizon or None})
     out = TTTModel(cfg)
     out.load_state_dict(model.state_dict())
     return out.requires_grad_(False)
@@ -77,7 +79,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true")
     p.add_argument("--tokens", type=int, default=65536)
-    p.add_argument("--sink-horizon", type=int, default=None, help="serve with config.sink_horizon = N")
+    p.add_argument("--sink-horizon", type=int, default=None, help="serve with config.sink_horizon = N (0: none)")
     p.add_argument("--inner-lr", type=float, default=None, help="the session's test-time step size (0: no steps)")
     p.add_argument("--corpus", type=Path, default=CORPUS)
     p.add_argument("--torch-threads", type=int, default=1)
