@@ -133,9 +133,15 @@ def far_sinks(
     rotated back to position min(p, horizon) (RoPE rotations add, so rotating a query of position p
     by min(p, horizon) - p makes it the query of that position).  Returned: q' = [q, q_far] and
     k' = [k, 0] for the other keys, [0, k] for the sinks (the first `sinks` columns), so
-    q' . k' is q . k or q_far . k_sink: attention with scale hd ** -0.5 over q', k' is the rule."""
+    q' . k' is q . k or q_far . k_sink: attention with scale hd ** -0.5 over q', k' is the rule.
+    One query (decode, the hot path) needs no widening: its sinks' keys are rotated on by
+    p - horizon instead (a new tensor; the cache is never written)."""
     horizon, theta, scaling = sink_rope
     n, hd = q.shape[-2], q.shape[-1]
+    if n == 1:  # one query (decoding): rotate the sinks' few keys on by p - horizon instead, same products
+        cos, sin = rope_cos_sin(torch.tensor([q_start - horizon], device=q.device), hd, theta, torch.float64, scaling)
+        rolled = apply_rope(k[:, :, :sinks], cos.to(k.dtype), sin.to(k.dtype))
+        return q, torch.cat((rolled, k[:, :, sinks:]), 2)
     pos = torch.arange(q_start, q_start + n, device=q.device)
     cos, sin = rope_cos_sin(pos.clamp(max=horizon) - pos, hd, theta, torch.float64, scaling)
     q_far = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
