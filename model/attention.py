@@ -145,10 +145,7 @@ def far_sinks(
     pos = torch.arange(q_start, q_start + n, device=q.device)
     cos, sin = rope_cos_sin(pos.clamp(max=horizon) - pos, hd, theta, torch.float64, scaling)
     q_far = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
-    zero = torch.zeros_like(k)
-    is_sink = torch.zeros(k.shape[-2], 1, dtype=torch.bool, device=k.device)
-    is_sink[:sinks] = True
-    k_wide = torch.cat((torch.where(is_sink, zero, k), torch.where(is_sink, k, zero)), -1)
+    k_wide = torch.cat((F.pad(k[:, :, :sinks], (hd, 0)), F.pad(k[:, :, sinks:], (0, hd))), 2)
     return torch.cat((q, q_far), -1), k_wide
 
 

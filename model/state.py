@@ -111,11 +111,10 @@ def state_bytes_bound(model: TTTModel, position: int | None, frozen: int = 0) ->
     slot = cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * 4
     activation = cfg.hidden_size * 4
     window_slots = (cfg.window_size or 4096) + getattr(cfg, "attention_sinks", 0) + cfg.mini_batch_size
-    if frozen > 0:
-        stepped = window_slots if position is None else min(window_slots, position + cfg.mini_batch_size)
-        return (stepped + frozen + cfg.mini_batch_size) * slot + (cfg.mini_batch_size + frozen) * activation
-    theta = sum(t.numel() * 4 for t in model.initial_fast_weights().values())
     slots = window_slots if position is None else min(window_slots, position + cfg.mini_batch_size)
+    if frozen > 0:
+        return (slots + frozen + cfg.mini_batch_size) * slot + (cfg.mini_batch_size + frozen) * activation
+    theta = sum(t.numel() * 4 for t in model.initial_fast_weights().values())
     return theta + slots * slot + cfg.mini_batch_size * activation
 
 
