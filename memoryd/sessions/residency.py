@@ -194,7 +194,7 @@ class Residency:
         reads = self._reads.get(key) or [(None, 0)]
         if self.copy_bound is None or any(n is None for n, _ in reads):
             return hot.nbytes + self.copy_bytes + max(self._bound(hot.state.position, 0, f) for _, f in reads)
-        return hot.nbytes + max(self._bound(hot.state.position, n, f) if n or f else 0 for n, f in reads)
+        return hot.nbytes + max(self._bound(hot.state.position, n, f) for n, f in reads)
 
     def _bound(self, position: int, tokens: int, frozen: int) -> int:
         if not frozen and not tokens:
