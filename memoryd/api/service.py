@@ -254,17 +254,7 @@ def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncItera
             def local(req: Any) -> AsyncIterator[Any]:
                 return fn(self, tenant, req, context)
 
-            items = local(request)
-            try:
-                first = await anext(items)
-            except StopAsyncIteration:
-                return
-            except Moved as moved:
-                async for item in self.router.stream(method, request, context, local, moved):
-                    yield item
-                return
-            yield first
-            async for item in items:
+            async for item in self.router.stream(method, request, context, local):  # here, or at the holder
                 yield item
 
     return wrapper
