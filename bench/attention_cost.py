@@ -1,13 +1,15 @@
 """What attention costs the default model, before and after a kernel change, side by side in one process.
 
-    python bench/attention_cost.py --json [--before main] [--rounds 3] [--cache /tmp/memoryd-attention-cost]
+    python bench/attention_cost.py --json [--before REF] [--rounds 3] [--cache /tmp/memoryd-attention-cost]
 
 Two attention kernels take turns on the same states: `after` is model/attention.py as checked out,
-`before` is the same file at git ref `--before` (default main), loaded as a module of its own and
-swapped into model.network, where every attention call goes through (`attend`).  Everything
-else (projections, MLPs, steps, caches) is the checked-out code for both, so the ratios measure
-the kernel alone.  One torch thread (the daemon's default); each measurement alternates the two
-kernels `--rounds` times and keeps the median, so load changes on a shared machine hit both alike.
+`before` is the same file at git ref `--before`, loaded as a module of its own and swapped into
+model.network, where every attention call goes through (`attend`).  The default, 8a9a3c2, is the
+last commit before decode sliced its keys and far_sinks carried the sink scores in extra columns;
+name another ref to compare a later change.  Everything else (projections, MLPs, steps, caches)
+is the checked-out code for both, so the ratios measure the kernel alone.  One torch thread (the
+daemon's default); each measurement alternates the two kernels `--rounds` times and keeps the
+median, so load changes on a shared machine hit both alike.
 
 Measured, on the default model (its tokenizer, the Python documentation corpus of bench/recall.py):
 
@@ -58,6 +60,8 @@ from model.snapshot import state_from_bytes, state_to_bytes  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 PIECE = 1024
+BEFORE = "8a9a3c2"
+"""The last commit whose decode masked its keys and whose far_sinks doubled the head dim."""
 FROZEN_READ = 400
 """Tokens a frozen copy reads: about what a recall generation puts before its prompt (~370 recalled)."""
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -158,7 +162,7 @@ def decode_ms(state: StreamState, tokens: int) -> float:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--before", default="main", help="git ref of the `before` model/attention.py")
+    p.add_argument("--before", default=BEFORE, help="git ref of the `before` model/attention.py")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--decode", type=int, default=24, help="decoded tokens per decode measurement")
     p.add_argument("--long", type=int, default=65536, help="history of the long frozen read")
