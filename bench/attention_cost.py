@@ -16,13 +16,17 @@ Measured, on the default model (its tokenizer, the Python documentation corpus o
 - `append_tok_s`: an append of 1,024 tokens with its test-time steps, the piece ending at 1K
   (from a fresh state) and at 16K tokens (past `config.sink_horizon`, where the sinks are seen
   from the horizon: `attention.far_sinks`).
-- `decode_ms`: greedy decode ms/token (median of `--decode` tokens) of a session at 16K tokens,
-  and of a frozen copy of it that read 400 tokens past the window (what a recall generation
-  decodes from: `StreamState.frozen_copy`, its key cache passes the window).
+- `decode_16K_ms`: greedy decode ms/token (median of `--decode` tokens, the kernels taking turns
+  token by token) of a session at 16K tokens, and (`decode_16K_frozen_read_400_ms`) of a frozen
+  copy of it that read 400 tokens past the window (what a recall generation decodes from:
+  `StreamState.frozen_copy`, its key cache passes the window); `..._attend_ms`: the part of a
+  token spent inside `attend`, all 30 layers.
 - `frozen_read_ms_per_token`: a frozen copy reading 400 tokens in one append, at 1K and at 64K
   tokens of history (the prefill of a recall generation: its time to first token), with the
   shares of that time spent inside `attend` and, within it, building `window_mask` (the rest:
   projections, MLPs, norms).
+- `after_vs_before_at_16K`: how far the two kernels' results part after the append ending at 16K
+  (16 test-time steps past the horizon): the largest difference of the logits and of theta.
 
 The long states are built once with test-time steps (on one core: tens of minutes for 64K) and
 kept as snapshots in `--cache` (derived data: delete it to rebuild).  Prints one JSON line;
@@ -129,6 +133,7 @@ class Kernel:
         return run
 
     def __enter__(self) -> Kernel:
+        self.seconds = self.mask_seconds = 0.0
         self.saved = (network.attend, self.module.window_mask)
         network.attend = self._timed(self.module.attend, "seconds")
         self.module.window_mask = self._timed(self.saved[1], "mask_seconds")
@@ -144,19 +149,25 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def decode_ms(state: StreamState, tokens: int) -> float:
-    """Median ms/token of greedy decode on a clone (tokens that step are left out, as bench/decode.py)."""
-    s = state.clone()
-    t = int(s.logits().argmax())
-    times = []
+def decode_turns(kernels: dict[str, Kernel], state: StreamState, tokens: int) -> dict[str, tuple[float, float]]:
+    """Per kernel, (median ms/token, median ms/token inside `attend`) of greedy decode on its own
+    clone of `state`, the kernels taking turns token by token (decode is ~100 ms a token here and
+    attention a tenth of it: whole runs one after the other moved with the machine's load more
+    than with the kernel).  Tokens that step are left out, as in bench/decode.py."""
+    clones = {k: state.clone() for k in kernels}
+    nxt = {k: int(s.logits().argmax()) for k, s in clones.items()}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in kernels}
     for _ in range(tokens):
-        steps, t0 = s.steps, time.perf_counter()
-        s.append([t])
-        t = int(s.logits().argmax())
-        dt = time.perf_counter() - t0
-        if s.steps == steps:
-            times.append(dt * 1000)
-    return statistics.median(times)
+        for key, kernel in kernels.items():
+            s = clones[key]
+            with kernel:
+                steps, t0 = s.steps, time.perf_counter()
+                s.append([nxt[key]])
+                nxt[key] = int(s.logits().argmax())
+                dt = time.perf_counter() - t0
+            if s.steps == steps:
+                times[key].append((dt * 1000, kernel.seconds * 1000))
+    return {k: tuple(statistics.median(x[i] for x in v) for i in (0, 1)) for k, v in times.items()}
 
 
 def main() -> int:
@@ -164,7 +175,7 @@ def main() -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--before", default=BEFORE, help="git ref of the `before` model/attention.py")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--decode", type=int, default=24, help="decoded tokens per decode measurement")
+    p.add_argument("--decode", type=int, default=32, help="decoded tokens per decode measurement")
     p.add_argument("--long", type=int, default=65536, help="history of the long frozen read")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "memoryd-attention-cost")
     p.add_argument("--corpus", type=Path, default=CORPUS)
@@ -189,18 +200,22 @@ def main() -> int:
         samples[kernel].setdefault(key, []).append(value)
 
     fresh = StreamState.fresh(model)
+    appended: dict[str, StreamState] = {}
     work = args.rounds * len(kernels)
     for _ in tqdm(range(args.rounds), desc="rounds", file=sys.stderr, total=args.rounds, disable=work <= 2):
+        frozen = states[marks[2]].frozen_copy()
+        frozen.append(read)
+        for label, start in (("decode_16K", states[marks[2]]), ("decode_16K_frozen_read_400", frozen)):
+            for key, (ms, attend_ms) in decode_turns(kernels, start, args.decode).items():
+                record(key, f"{label}_ms", ms)
+                record(key, f"{label}_attend_ms", attend_ms)
         for key, kernel in kernels.items():
             with kernel:
                 for label, start in (("1K", fresh), ("16K", states[marks[1]])):
                     s = start.clone()
                     piece = ids[s.position : s.position + PIECE]
                     record(key, f"append_tok_s_{label}", len(piece) / timed(lambda s=s, piece=piece: s.append(piece)))
-                record(key, "decode_ms_16K", decode_ms(states[marks[2]], args.decode))
-                frozen = states[marks[2]].frozen_copy()
-                frozen.append(read)
-                record(key, "decode_ms_16K_frozen_read_400", decode_ms(frozen, args.decode))
+                appended[key] = s
                 for label, mark in (("1K", marks[0]), ("64K", marks[3])):
                     frozen = states[mark].frozen_copy()
                     kernel.seconds = kernel.mask_seconds = 0.0
@@ -214,6 +229,11 @@ def main() -> int:
         "before": args.before,
         "rounds": args.rounds,
         **{k: {m: round(statistics.median(v), 3) for m, v in samples[k].items()} for k in kernels},
+    }
+    a, b = appended["before"], appended["after"]
+    result["after_vs_before_at_16K"] = {  # how far the kernels' numbers part: one append past the horizon
+        "logits_max_abs_diff": float((a.logits() - b.logits()).abs().max()),
+        "theta_max_abs_diff": max(float((a.fast[n] - b.fast[n]).abs().max()) for n in a.fast),
     }
     result["after_over_before"] = {
         m: round(result["after"][m] / result["before"][m], 3) for m in result["after"] if "share" not in m
