@@ -70,7 +70,8 @@ SUBJECTS = (
     "Helix", "Indigo", "Jasper", "Krypton", "Lotus", "Mistral", "Nova", "Onyx", "Polaris", "Quartz", "Redwood",
     "Saffron", "Tamarack", "Ultramarine", "Vortex", "Wren", "Yucca", "Zircon", "Alder", "Basalt", "Cirrus", "Dune",
     "Eider", "Fennel", "Gale", "Heron", "Iris", "Jetty", "Kelp", "Larch", "Magma", "Nectar", "Obsidian", "Pumice",
-    "Quasar", "Rook", "Sable", "Thistle", "Upland", "Vireo", "Walnut", "Yew",
+    "Quasar", "Rook", "Sable", "Thistle", "Upland", "Vireo", "Walnut", "Yew", "Argon", "Bramble", "Coral", "Drift",
+    "Ermine",
 )  # fmt: skip
 """80 subjects, one per fact: 20 facts at each of the 4 default depths."""
 NAMES = (
