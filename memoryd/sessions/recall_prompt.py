@@ -66,6 +66,15 @@ RELATIVE_SCORE = 0.5
 """A span scoring below this share of the best span's score is left out. BM25 scores of one query
 compare with each other: a span well below the best matched only the query's common words. Each
 one left out is tokens of prefill before the first token, and a distractor for a small reader."""
+CLEAR_GAP = 0.2
+"""Walking down the ranking, a drop of at least this share of the best score between one span and
+the next ends what is kept: the spans above it matched the query's rare words (a subject, a name),
+the ones below only its common ones. Measured on bench/recall.py's 66K-token session (20 facts a
+depth, the same kinds of facts about other subjects as distractors): the span after the fact's
+scores 0.47-0.77 of it, the spans below that within a few hundredths of each other."""
+KEEP_AT_LEAST = 2
+"""Spans kept above the floor whatever the drops: with bench/recall_index.py's facts the fact's span
+ranked second, 0.6 of the best, in 2 of 20 questions at 8K (a cut after the first lost one)."""
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+|\n+")
 """Where span text is cut into sentences for `focus` (a line break too: tool output is lines)."""
 REPLY_RESERVE = 256
@@ -141,6 +150,18 @@ def _clean(text: str, specials: Sequence[str]) -> str:
     return re.sub(r"\n{2,}", "\n", text).strip()
 
 
+def ranked_cut(spans: Sequence[Span]) -> Sequence[Span]:
+    """The spans (most relevant first) worth reading: those scoring at least `RELATIVE_SCORE` of the
+    best, down to the first drop of `CLEAR_GAP` of the best between one and the next, but never
+    fewer than `KEEP_AT_LEAST` of them (the fact a question asks for is not always the best match)."""
+    if not spans:
+        return spans
+    best = spans[0].score
+    above = sum(s.score >= RELATIVE_SCORE * best for s in spans)  # a prefix: the spans come by score
+    cut = next((i for i in range(1, above) if spans[i - 1].score - spans[i].score >= CLEAR_GAP * best), above)
+    return spans[: max(cut, min(KEEP_AT_LEAST, above))]
+
+
 def focus(text: str, terms: frozenset[str]) -> str:
     """The sentences of a span's text that hold a term of the query, in their order ('' if none does).
 
@@ -178,9 +199,9 @@ def recall_context(
 ) -> RecallContext:
     """The provisional token ids to place before a prompt of `prompt_tokens` tokens read at `position`.
 
-    `spans` most relevant first (as the index returns them).  With a `query`, spans scoring below
-    `RELATIVE_SCORE` of the best are left out and each kept span is cut to its sentences that hold
-    a query term (`focus`).  Empty when nothing is left after dropping the spans the window still
+    `spans` most relevant first (as the index returns them).  With a `query`, only the spans above
+    a clear drop in score are read (`ranked_cut`) and each is cut to its sentences that hold a query
+    term (`focus`).  Empty when nothing is left after dropping the spans the window still
     shows, or nothing fits the budget."""
     cap = context_budget(budget, window, prompt_tokens, max_tokens)
     if cap <= 0 or not spans:
@@ -192,11 +213,12 @@ def recall_context(
     # span would still end the context's turn as text.
     specials = (*chat.specials, chat.closing.strip(), chat.generation_prompt.strip()) if chat is not None else ()
     terms = frozenset(words(query))
-    floor = RELATIVE_SCORE * max((s.score for s in spans), default=0.0) if terms else float("-inf")
+    if terms:
+        spans = ranked_cut(spans)
     chosen: list[tuple[Span, str]] = []
     tokens: list[int] = []
     for span in spans:
-        if (window > 0 and span.start >= visible_from) or span.score < floor:
+        if window > 0 and span.start >= visible_from:
             continue
         text = _clean(span.text, specials)
         if terms:
