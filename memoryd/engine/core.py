@@ -152,13 +152,6 @@ class Engine:
         stepping = min(self.full_bytes, fork_bytes_bound(self.model, position, tokens))
         return max(stepping, state_bytes_bound(self.model, position, frozen)) if frozen else stepping
 
-    def load_bytes(self, position: int, snapshot_bytes: int) -> int:
-        """At most what loading a session at `position` holds at once: its snapshot's bytes and the state
-        built from them (any state at `position`: `fork_bytes_bound(model, 0, position)`), never more
-        than residency reserves for a load it knows nothing of yet (two full states)."""
-        built = min(self.full_bytes, fork_bytes_bound(self.model, 0, position))
-        return min(2 * self.full_bytes, snapshot_bytes + built)
-
     def counts_at(self, offset: int) -> tuple[int, int]:
         """(test-time steps, pending tokens) of a session at `offset` (the model's rule)."""
         return counts_at(offset, self.model.cfg.mini_batch_size)

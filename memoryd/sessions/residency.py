@@ -16,7 +16,7 @@ not only the states at rest:
   engine's `Engine.copy_bytes`): a short session's call is charged a short state's bytes;
 - a session being loaded: the snapshot bytes read plus the state built from them, reserved
   before the load starts (`reserve`), as twice a full state, and brought down to what the load
-  holds once it has read the session's head and snapshot (`resize`, `Engine.load_bytes`: a new
+  holds once it has read the session's head and snapshot (`resize`: a new
   or short session's load holds little, and 16 of them reserving two full states each while
   they wait for the compute lane evicted sessions that had just been loaded).
 A pinned session is never a victim: a session loaded for a call stays hot until that call
@@ -149,11 +149,16 @@ class Residency:
         self._reserved[key] = nbytes
         self._gauges()
 
-    def resize(self, key: Key, nbytes: int) -> None:
-        """A load now knows what it holds (its snapshot read, the session's position): its reservation
-        comes down to `nbytes` if that is less (never up: the room was made for the larger one)."""
+    def resize(self, key: Key, snapshot_bytes: int, position: int) -> None:
+        """A load has read the session's head and snapshot: its reservation comes down to what it holds,
+        the snapshot's bytes and a state at `position` (what a copy of an empty state holds once it has
+        read `position` tokens: `copy_bound(0, position, 0)`, kept as the charges' bounds are), if that is
+        less (never up: the room was made for the larger one)."""
         held = self._reserved.get(key)
-        if held is not None and nbytes < held:
+        if held is None or self.copy_bound is None:
+            return
+        nbytes = snapshot_bytes + self._bound(0, position, 0)
+        if nbytes < held:
             self._reserved[key] = nbytes
             self._freed.set()
             self._gauges()
