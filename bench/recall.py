@@ -67,8 +67,13 @@ SUBJECTS = (
     "Aurora", "Bluefin", "Cedar", "Dynamo", "Ember", "Falcon", "Granite", "Harbor", "Ivy", "Juniper", "Kestrel",
     "Lumen", "Meridian", "Nimbus", "Orchid", "Pioneer", "Quill", "Raven", "Sierra", "Tundra", "Umber", "Vesper",
     "Willow", "Xenon", "Yarrow", "Zephyr", "Atlas", "Beacon", "Cobalt", "Delta", "Echo", "Fjord", "Garnet",
-    "Helix", "Indigo", "Jasper", "Krypton", "Lotus", "Mistral", "Nova",
+    "Helix", "Indigo", "Jasper", "Krypton", "Lotus", "Mistral", "Nova", "Onyx", "Polaris", "Quartz", "Redwood",
+    "Saffron", "Tamarack", "Ultramarine", "Vortex", "Wren", "Yucca", "Zircon", "Alder", "Basalt", "Cirrus", "Dune",
+    "Eider", "Fennel", "Gale", "Heron", "Iris", "Jetty", "Kelp", "Larch", "Magma", "Nectar", "Obsidian", "Pumice",
+    "Quasar", "Rook", "Sable", "Thistle", "Upland", "Vireo", "Walnut", "Yew", "Argon", "Bramble", "Coral", "Drift",
+    "Ermine",
 )  # fmt: skip
+"""80 subjects, one per fact: 20 facts at each of the 4 default depths."""
 NAMES = (
     "Priya Raman", "Tomasz Kowalczyk", "Amara Okafor", "Lucia Ferreira", "Kenji Watanabe", "Ingrid Solberg",
     "Mateo Alvarez", "Fatima Haddad", "Oskar Lindqvist", "Nadia Petrova", "Ravi Chandran", "Elena Moretti",

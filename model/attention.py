@@ -8,7 +8,8 @@ may see key `j` when `i - window < j <= i`.  Three kernels compute it:
 - `math`: plain PyTorch. Slowest, but it has a double backward everywhere, so
   meta-learning (gradients of gradients) uses it.
 - `sdpa`: `scaled_dot_product_attention` with a boolean mask. Single backward
-  only on CPU, so it serves inference and the test-time step.
+  only on CPU, so it serves inference and the test-time step.  One query
+  (decoding) takes no mask: the keys it sees are sliced (`decode_attention`).
 - `flash`: flash-attn's kernel with its native `window_size`, CUDA only, used
   when the package imports.
 
@@ -111,42 +112,110 @@ def window_mask(q_start: int, n: int, m: int, window: int | None, device: torch.
     return allowed
 
 
-def sees_every_key(n: int, m: int, window: int | None) -> bool:
-    """Whether `window_mask` would allow everything: one query (nothing after it to hide)
-    over at most `window` keys (the newest m positions, or sinks then recent ones, are then
-    all inside its window).  Decoding one token is this case until a session's pending
-    tokens push its cache past the window; building a mask there cost as much as the
-    attention itself (7 small ops per layer per session, measured in a 16-session tick)."""
-    return n == 1 and (window is None or m <= window)
-
-
 SinkRope = tuple[int, float, "RopeScaling | None"]
 """(horizon, rope theta, rope scaling) of a model whose queries see the sinks at most `horizon` back."""
 
 
-def far_sinks(
-    q: torch.Tensor, k: torch.Tensor, q_start: int, sinks: int, sink_rope: SinkRope
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k widened so one product scores the sinks from at most the horizon back (config.sink_horizon).
+def sink_columns(q_start: int, n: int, m: int, sinks: int) -> int:
+    """How many leading key columns (`key_positions`) are at positions below `sinks`: every query
+    past them sees them, whatever its window.  `sinks` when the cache starts with the sinks (from
+    position 0, or sinks then recent keys), else those of a contiguous run that reaches below."""
+    if sinks == 0:
+        return 0
+    end = q_start + n
+    if m != end and m - n > sinks:  # sinks, then the most recent positions
+        return sinks
+    return max(0, min(m, sinks - (end - m)))
 
-    A query at position p sees sink j at distance min(p, horizon) - j: for the sink columns it is
-    rotated back to position min(p, horizon) (RoPE rotations add, so rotating a query of position p
-    by min(p, horizon) - p makes it the query of that position).  Returned: q' = [q, q_far] and
-    k' = [k, 0] for the other keys, [0, k] for the sinks (the first `sinks` columns), so
-    q' . k' is q . k or q_far . k_sink: attention with scale hd ** -0.5 over q', k' is the rule.
-    One query (decode, the hot path) needs no widening: its sinks' keys are rotated on by
-    p - horizon instead (a new tensor; the cache is never written)."""
+
+def holds_sinks(q_start: int, n: int, m: int, sinks: int) -> bool:
+    """Whether the first `sinks` key columns are the sink positions 0..sinks-1 (`key_positions`)."""
+    return sinks > 0 and (m == q_start + n or m - n > sinks) and m >= sinks
+
+
+def decode_columns(q_start: int, m: int, window: int | None, sinks: int) -> tuple[int, int]:
+    """(lead, cut): the keys one query at q_start sees are columns [0, lead) and [cut, m), exactly
+    where `window_mask` allows (checked in tests/test_model_streaming.py).  One query has nothing
+    after it to hide, so its window is a slice: the sinks below the window, then its last
+    `window` keys (no mask; cut == lead when it sees every key)."""
+    lead = sink_columns(q_start, 1, m, sinks)
+    return lead, lead if window is None else max(lead, m - window)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_start: int,
+    window: int | None,
+    sinks: int,
+    far: SinkRope | None,
+) -> torch.Tensor:
+    """One query (decoding) over the keys it sees, sliced, never masked: `decode_columns`.
+
+    A mask over m keys cost as much as the attention (7 small ops per layer per token), and a
+    cache past the window (pending tokens past window - 1 - sinks, a frozen copy's read) made
+    it attend over keys it then threw away.  Visible keys in one run (no sinks apart) go to
+    one mask-free SDPA call on a view; sinks apart from the window are scored on their own and
+    on a view of the window, the scores joined (H x (sinks + window) numbers, not the keys:
+    copying the window's keys cost more than the mask).  `far` (the sinks seen from the
+    horizon, `far_sinks`): their keys are rotated on by q_start - horizon (q . R(a) k_j is the
+    query of position p - a against the key of position j: the same product), a new tensor of
+    `sinks` keys; the cache is never written."""
+    m = k.shape[-2]
+    lead, cut = decode_columns(q_start, m, window, sinks)
+    front = k[:, :, :lead]
+    if far is not None:
+        horizon, theta, scaling = far
+        cos, sin = rope_cos_sin(
+            torch.tensor([q_start - horizon], device=q.device), q.shape[-1], theta, torch.float64, scaling
+        )
+        front = apply_rope(front, cos.to(k.dtype), sin.to(k.dtype))
+    scale = q.shape[-1] ** -0.5
+    gqa = k.shape[1] != q.shape[1]
+    if cut == lead and far is None:  # every key
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, scale=scale)
+    if lead == 0:  # the last `window` keys, a view
+        return F.scaled_dot_product_attention(q, k[:, :, cut:], v[:, :, cut:], enable_gqa=gqa, scale=scale)
+    b, h, _, hd = q.shape
+    qg = q.reshape(b, k.shape[1], h // k.shape[1], hd)  # query heads grouped by their key head (GQA)
+    recent = k[:, :, cut:]
+    scores = torch.cat((qg @ front.transpose(-1, -2), qg @ recent.transpose(-1, -2)), -1) * scale
+    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), -1).to(v.dtype)
+    out = probs[..., :lead] @ v[:, :, :lead] + probs[..., lead:] @ v[:, :, cut:]
+    return out.reshape(b, h, 1, hd)
+
+
+def far_sinks(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, sinks: int, sink_rope: SinkRope
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v widened so one attention call scores the sinks from at most the horizon back
+    (config.sink_horizon); the output's first head_dim columns are the result.
+
+    A query at position p sees sink j at distance min(p, horizon) - j: for the sink columns the
+    query is rotated back to position min(p, horizon) (RoPE rotations add, so rotating a query of
+    position p by min(p, horizon) - p makes it the query of that position).  Those few scores
+    S [n, sinks] are computed here, and carried by `extra` more columns: q' = [q, S, 0],
+    k' = [k, 0] for the other keys and [0, e_j] for sink j (e_j: one-hot), so q' . k' is q . k or
+    exactly S[:, j] (the other products are exact zeros).  v is padded with zeros to the same
+    width, because CPU SDPA takes its fused (flash) kernel only when q, k and v have one head
+    dim; a first version widened q and k to 2 * head_dim and fell back to the unfused kernel,
+    3 to 5 times slower (a mini-batch step at 16K tokens, a 400-token frozen read at 64K).
+    `extra` is `sinks` rounded up to 8, a head dim fused kernels take.  The scale stays
+    head_dim ** -0.5 (the caller's)."""
     horizon, theta, scaling = sink_rope
-    n, hd = q.shape[-2], q.shape[-1]
-    if n == 1:  # one query (decoding): rotate the sinks' few keys on by p - horizon instead, same products
-        cos, sin = rope_cos_sin(torch.tensor([q_start - horizon], device=q.device), hd, theta, torch.float64, scaling)
-        rolled = apply_rope(k[:, :, :sinks], cos.to(k.dtype), sin.to(k.dtype))
-        return q, torch.cat((rolled, k[:, :, sinks:]), 2)
+    b, h, n, hd = q.shape
+    kv = k.shape[1]
+    extra = -(-sinks // 8) * 8
     pos = torch.arange(q_start, q_start + n, device=q.device)
     cos, sin = rope_cos_sin(pos.clamp(max=horizon) - pos, hd, theta, torch.float64, scaling)
     q_far = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype))
-    k_wide = torch.cat((F.pad(k[:, :, :sinks], (hd, 0)), F.pad(k[:, :, sinks:], (0, hd))), 2)
-    return torch.cat((q, q_far), -1), k_wide
+    sink_keys = k[:, :, :sinks]
+    scores = q_far.reshape(b, kv, h // kv, n, hd) @ sink_keys[:, :, None].transpose(-1, -2)
+    q_wide = torch.cat((q, F.pad(scores.reshape(b, h, n, sinks), (0, extra - sinks))), -1)
+    one_hot = torch.eye(sinks, extra, dtype=k.dtype, device=k.device).expand(b, kv, sinks, extra)
+    k_wide = torch.cat((torch.cat((torch.zeros_like(sink_keys), one_hot), -1), F.pad(k[:, :, sinks:], (0, extra))), 2)
+    return q_wide, k_wide, F.pad(v, (0, extra))
 
 
 def attend(
@@ -168,10 +237,13 @@ def attend(
     n, m = q.shape[-2], k.shape[-2]
     if m < n:
         raise ValueError(f"attention needs the queries' own keys: {m} keys < {n} queries")
-    scale = q.shape[-1] ** -0.5
-    holds_sinks = sinks > 0 and (m == q_start + n or m - n > sinks)  # the first columns are positions 0..sinks-1
-    if sink_rope is not None and holds_sinks and q_start + n - 1 > sink_rope[0]:
-        q, k = far_sinks(q, k, q_start, sinks, sink_rope)
+    hd = q.shape[-1]
+    scale = hd**-0.5
+    far = (
+        sink_rope
+        if sink_rope is not None and holds_sinks(q_start, n, m, sinks) and q_start + n - 1 > sink_rope[0]
+        else None
+    )
     if impl == "flash" and sinks:
         impl = "sdpa"  # flash-attn's window has no sinks
     if impl == "flash":
@@ -186,12 +258,14 @@ def attend(
             window_size=(window - 1 if window is not None else -1, 0),
         )
         return out.transpose(1, 2)
+    if impl == "sdpa" and n == 1:
+        return decode_attention(q, k, v, q_start, window, sinks, far)
+    if far is not None:
+        q, k, v = far_sinks(q, k, v, q_start, sinks, far)
     gqa = k.shape[1] != q.shape[1]
-    if impl == "sdpa" and sees_every_key(n, m, window):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, scale=scale)
     mask = window_mask(q_start, n, m, window, q.device, sinks)
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)[..., :hd]
     if impl != "math":
         raise ValueError(f"unknown attention kernel {impl!r}; use math, sdpa or flash")
     groups = q.shape[1] // k.shape[1]
@@ -201,4 +275,4 @@ def attend(
     scores = (q @ k.transpose(-1, -2)) * scale
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return probs @ v
+    return (probs @ v)[..., :hd]

@@ -39,7 +39,8 @@ recalled context into: context that is not part of the session's token log must 
 move the fast weights.  Its invariants differ from a stream's in one way: its pending
 tokens may exceed a mini-batch (nothing ever steps them), so its growing caches get
 room as it reads (`live_past`), and sliding-window attention (`attention.window_mask`,
-exact for any query start) keeps each query to its last `window` keys.  Everything else
+exact for any query start; a decoded token slices its keys instead, `attention.decode_columns`)
+keeps each query to its last `window` keys and the sinks.  Everything else
 holds as above: it shares the source's tensors and writes only slots no sharer can see,
 so the source is bit-identical after the copy reads.  A frozen state is the state of no
 token log: it is never stepped, snapshotted (`snapshot.state_to_bytes` refuses it) or

@@ -11,6 +11,7 @@ VARIANTS: dict[str, dict] = {
     "ttt-e2e": {},
     "llama-style": dict(num_kv_heads=1, qk_norm=False, post_norm=False, tie_embeddings=False, num_fast_layers=2),
     "sinks": dict(attention_sinks=2),
+    "far-sinks": dict(attention_sinks=2, sink_horizon=16),  # sinks seen from 16 back at most (attention.far_sinks)
     "swa": dict(model_type="swa", num_fast_layers=0),
     "full-attention": dict(model_type="full-attention", num_fast_layers=0, window_size=None),
 }

@@ -18,17 +18,17 @@ def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """x [n, heads, hd] at positions 0..n-1, pairs (i, i + hd/2)."""
+def rope(x: torch.Tensor, theta: float, positions: list[int] | None = None) -> torch.Tensor:
+    """x [n, heads, hd] at positions 0..n-1 (or `positions`), pairs (i, i + hd/2)."""
     n, _, hd = x.shape
     out = torch.empty_like(x)
-    for p in range(n):
+    for t, p in enumerate(range(n) if positions is None else positions):
         for i in range(hd // 2):
             angle = p / theta ** (2 * i / hd)
             c, s = math.cos(angle), math.sin(angle)
-            a, b = x[p, :, i], x[p, :, i + hd // 2]
-            out[p, :, i] = a * c - b * s
-            out[p, :, i + hd // 2] = b * c + a * s
+            a, b = x[t, :, i], x[t, :, i + hd // 2]
+            out[t, :, i] = a * c - b * s
+            out[t, :, i + hd // 2] = b * c + a * s
     return out
 
 
@@ -55,6 +55,8 @@ def forward(cfg, W: dict, tokens: torch.Tensor, thetas: list[dict], owner: list[
         v = (x @ W[p + "attn.v.weight"].T).view(n, Hkv, hd)
         if cfg.qk_norm:
             q, k = rms(q, W[p + "attn.q_norm.weight"], eps), rms(k, W[p + "attn.k_norm.weight"], eps)
+        horizon = getattr(cfg, "sink_horizon", None) or n
+        q_sink = rope(q, cfg.rope_theta, [min(t, horizon) for t in range(n)])  # sinks seen from the horizon at most
         q, k = rope(q, cfg.rope_theta), rope(k, cfg.rope_theta)
         att = torch.zeros(n, H, hd, dtype=h.dtype)
         for t in range(n):
@@ -62,7 +64,8 @@ def forward(cfg, W: dict, tokens: torch.Tensor, thetas: list[dict], owner: list[
                 kh = head // (H // Hkv)
                 lo = 0 if cfg.window_size is None else max(0, t - cfg.window_size + 1)
                 seen = sorted(set(range(lo, t + 1)) | set(range(min(cfg.attention_sinks, t + 1))))
-                scores = torch.stack([q[t, head] @ k[j, kh] for j in seen]) / math.sqrt(hd)
+                qs = [q_sink[t, head] if j < cfg.attention_sinks else q[t, head] for j in seen]
+                scores = torch.stack([qj @ k[j, kh] for qj, j in zip(qs, seen, strict=True)]) / math.sqrt(hd)
                 probs = torch.softmax(scores, 0)
                 att[t, head] = sum(p * v[j, kh] for p, j in zip(probs, seen, strict=True))
         h = h + post(att.reshape(n, d) @ W[p + "attn.o.weight"].T, p + "attn_post_norm.weight")

@@ -20,7 +20,7 @@ from model.snapshot import state_from_bytes, state_to_bytes
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["ttt-e2e", "sinks", "llama-style", "full-attention"])
+@pytest.fixture(scope="module", params=["ttt-e2e", "sinks", "far-sinks", "llama-style", "full-attention"])
 def model(request):
     return init_model(micro(request.param), seed=11).requires_grad_(False)
 

@@ -20,7 +20,7 @@ from model.snapshot import state_to_bytes
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["ttt-e2e", "sinks", "llama-style", "full-attention"])
+@pytest.fixture(scope="module", params=["ttt-e2e", "sinks", "far-sinks", "llama-style", "full-attention"])
 def model(request):
     return init_model(micro(request.param), seed=5).requires_grad_(False)
 

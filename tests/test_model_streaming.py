@@ -122,29 +122,35 @@ def test_attention_kernels_agree():
     assert_states_close(a, b, exact_carried=False)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     q_start=st.integers(min_value=0, max_value=300),
     m=st.integers(min_value=1, max_value=80),
     window=st.integers(min_value=1, max_value=64),
     sinks=st.integers(min_value=0, max_value=4),
+    horizon=st.one_of(st.none(), st.integers(min_value=0, max_value=200)),
 )
-def test_single_query_without_mask_is_the_masked_attention(q_start, m, window, sinks):
-    """attend() skips the mask only where window_mask would allow every key, and the result is
-    the masked kernel's (one query: decode)."""
-    from model.attention import attend, sees_every_key, window_mask
+def test_single_query_slices_exactly_the_keys_the_mask_allows(q_start, m, window, sinks, horizon):
+    """Decoding (one query) slices its keys instead of masking them: the columns it keeps are
+    exactly those window_mask allows (every cache layout key_positions describes: contiguous,
+    from 0, sinks then recent, sinks next to or inside the window), and the result is the
+    masked math kernel's, with the sinks seen from a horizon or not."""
+    from model.attention import attend, decode_columns, window_mask
 
     m = min(m, q_start + 1)
-    if sees_every_key(1, m, window):
-        assert bool(window_mask(q_start, 1, m, window, torch.device("cpu"), sinks).all())
+    lead, cut = decode_columns(q_start, m, window, sinks)
+    kept = torch.zeros(m, dtype=torch.bool)
+    kept[:lead] = kept[cut:] = True
+    assert torch.equal(window_mask(q_start, 1, m, window, torch.device("cpu"), sinks)[0], kept)
     g = torch.Generator().manual_seed(q_start * 1000 + m)
     q, k, v = (
         torch.randn(1, 4, 1, 8, generator=g),
         torch.randn(1, 2, m, 8, generator=g),
         torch.randn(1, 2, m, 8, generator=g),
     )
+    rope = None if horizon is None else (horizon, 10000.0, None)
     torch.testing.assert_close(
-        attend(q, k, v, q_start, window, "sdpa", sinks), attend(q, k, v, q_start, window, "math", sinks)
+        attend(q, k, v, q_start, window, "sdpa", sinks, rope), attend(q, k, v, q_start, window, "math", sinks, rope)
     )
 
 
@@ -190,7 +196,7 @@ def test_clone_is_independent(tiny_model, tiny_tokens):
     assert_states_close(b, feed(tiny_model, tiny_tokens, [60, 90]), tol=0)
 
 
-@pytest.mark.parametrize("variant", ["sinks", "llama-style", "full-attention"])
+@pytest.mark.parametrize("variant", ["sinks", "far-sinks", "llama-style", "full-attention"])
 def test_variants_chunking_equals_one_shot(variant):
     model = init_model(micro(variant), seed=6).requires_grad_(False)
     toks = torch.randint(0, 256, (61,), generator=torch.Generator().manual_seed(8))

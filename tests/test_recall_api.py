@@ -295,7 +295,7 @@ def test_cli_recall(daemon: Daemon, client: MemoryClient) -> None:
 # -- recall in generation -------------------------------------------------------------------------
 
 
-def expected_context(spans, position: int, prompt_tokens: int, max_tokens: int, budget: int) -> list[int]:
+def expected_context(spans, position: int, prompt_tokens: int, max_tokens: int, budget: int, query: str) -> list[int]:
     """The context the daemon should have placed: memoryd's own rule, fed the spans it reported."""
     from memoryd.sessions.chat import ChatFormat
     from memoryd.sessions.recall_prompt import recall_context
@@ -318,6 +318,7 @@ def expected_context(spans, position: int, prompt_tokens: int, max_tokens: int, 
         budget=budget,
         chat=ChatFormat(PLAIN),
         tok=ByteTokenizer(),
+        query=query,
     )
     return list(ctx.tokens)
 
@@ -340,7 +341,7 @@ def test_chat_recalls_and_commits_only_prompt_and_reply(client: MemoryClient, da
     # The reply was sampled after exactly the context the recall rule makes, placed right before the prompt
     # and read forward only (no test-time step: the context never moves the fast weights): greedy decoding
     # of the session's history, then that context and the prompt read into a frozen copy, gives the same tokens.
-    ctx = expected_context(gen.recalled_spans, position, len(prompt.encode()), 8, WINDOW)
+    ctx = expected_context(gen.recalled_spans, position, len(prompt.encode()), 8, WINDOW, QUESTION)
     assert len(ctx) == gen.recalled_tokens
     assert greedy_frozen(chat_model, list(h.text.encode()), ctx + list(prompt.encode()), len(gen.tokens)) == gen.tokens
 
@@ -399,10 +400,10 @@ def test_generate_without_the_field_is_unchanged(client: MemoryClient, daemon: D
 def test_recall_options_and_an_empty_session(client: MemoryClient) -> None:
     """k and the budget are honoured; a session with nothing to recall generates as without recall."""
     h = history(client)
-    one = RecallOptions(k=1, budget_tokens=160)  # a 96-token window of this turnless log and its framing fit
+    one = RecallOptions(k=1, budget_tokens=160)  # the span's matching sentences and their framing fit
     r = h.session.reply([("user", QUESTION)], max_tokens=4, commit=False, recall=one)
     assert len(r.generation.recalled_spans) == 1 and 0 < r.generation.recalled_tokens <= 160
-    small = RecallOptions(k=8, budget_tokens=100)  # no span fits with the turn's framing: none is cut to fit
+    small = RecallOptions(k=8, budget_tokens=60)  # the fact's sentence (35 bytes) with its framing (44) does not fit
     r = h.session.reply([("user", QUESTION)], max_tokens=4, commit=False, recall=small)
     assert r.generation.recalled_spans == () and r.generation.recalled_tokens == 0
     fresh = client.create_session()
@@ -459,3 +460,32 @@ def test_context_rule_budget_window_order_and_markers() -> None:
 
     conv = [Message("system", "Be brief."), Message("user", "first?"), Message("assistant", "ok"), Message("user", "q")]
     assert query_of(conv, "") == "q" and query_of(conv[:1], "") == "Be brief." and query_of([], "text") == "text"
+
+
+def test_context_keeps_close_scores_and_the_sentences_that_match() -> None:
+    """With a query, a span far below the best score is left out, and a kept span is cut to its sentences
+    holding a query term (a matching line ending in a colon keeps the line after it); without one, nothing is."""
+    from memoryd.sessions.chat import ChatFormat
+    from memoryd.sessions.recall.words import words
+    from memoryd.sessions.recall_prompt import HEADER, RELATIVE_SCORE, focus, recall_context
+    from model.tokenizer import ByteTokenizer
+
+    chat, tok = ChatFormat(PLAIN), ByteTokenizer()
+    fact = "Lunch is at noon. The storage room door code is 4417. The printer jams."
+    half = 10.0 * RELATIVE_SCORE
+    spans = [
+        _Span(900, 990, turn("user", fact), 10.0),
+        _Span(100, 190, turn("tool", "Rooms:\nAll of them are booked on Friday.\nNothing else."), half),
+        _Span(300, 390, turn("user", "The door to the roof is locked."), half - 0.01),  # below the floor
+        _Span(500, 590, turn("user", "Weather: rain."), 9.0),  # no query term: nothing left of it
+    ]
+    query = "Which code opens the storage rooms door?"
+    common = dict(position=10_000, window=1024, prompt_tokens=40, max_tokens=8, budget=512, chat=chat, tok=tok)
+    ctx = recall_context(spans, **common, query=query)
+    assert [s.start for s in ctx.spans] == [900, 100]
+    body = "Rooms: All of them are booked on Friday.\nThe storage room door code is 4417."  # most relevant last
+    assert bytes(ctx.tokens).decode() == f"<|system|>\n{HEADER}\n{body}<|end|>\n"
+    terms = frozenset(words(query))
+    assert focus("Nothing here. Or here!", terms) == "" and focus("a door; b. c", terms) == "a door;"
+    plain = recall_context(spans, **common)
+    assert [s.start for s in plain.spans] == [900, 100, 300, 500]  # no query: every span, whole

@@ -849,6 +849,7 @@ class Sessions:
             budget=ask.budget,
             chat=self.chat,
             tok=self.tok,
+            query=ask.query,
         )
         metrics.RECALLED_TOKENS.inc(len(ctx.tokens))
         return ctx
