@@ -3,9 +3,13 @@
 For each n in --sessions, with n client tasks in parallel (one per session):
 1. each session appends a 200-token prompt (English text, a different stretch per session);
 2. all n generate 32 new tokens greedily at once (commit=false): `generate_tok_s` is the
-   tokens generated over the wall time of this phase; `generate_p50_ms`/`p99` are the
-   latencies of whole Generate calls; `inter_token_p50_ms`/`p99` the gaps between
-   consecutive streamed tokens (the first token's wait is not a gap);
+   tokens generated over the wall time of this phase, the median of `--rounds` rounds in which
+   the levels take turns (1, 16, 1, 16, ...: on a shared machine the load moves a lot within a
+   minute; one level measured once in a busier minute than the other put b8cbc24 at 1.32 of the
+   ceiling); `generate_p50_ms`/`p99` are the latencies of whole Generate calls;
+   `inter_token_p50_ms`/`p99` the gaps between consecutive streamed tokens (the first token's
+   wait is not a gap); `loads_while_generating` / `evictions_while_generating`, from the
+   daemon's counters, should be 0 (a session reloaded mid-phase joins the batch late);
 3. all n append 256 more tokens at once: `append_tok_s`.
 `generate_speedup` is generate_tok_s at n over that at 1 session; `bandwidth_ceiling` is the
 most it could be if decoding moved every byte at one bandwidth and arithmetic were free
@@ -86,71 +90,114 @@ def tokens_of(tok: object, n: int, salt: int) -> list[int]:
 def engine_metrics(port: int) -> dict[str, float]:
     """The daemon's engine counters (Prometheus text), to report how many sessions each forward served."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    names = ("memoryd_engine_decode_rows_sum", "memoryd_engine_decode_rows_count")
+    names = (
+        "memoryd_engine_decode_rows_sum",
+        "memoryd_engine_decode_rows_count",
+        "memoryd_session_loads_total",
+        "memoryd_evictions_total",
+    )
     return {n: float(line.split()[-1]) for line in text.splitlines() for n in names if line.startswith(n + " ")}
 
 
-async def one_level(address: str, n: int, tok: object, metrics_port: int, generate_tokens: int, spread: int) -> dict:
-    """One level of n sessions; with `spread`, session i's prompt is i * spread // n tokens longer,
-    so the sessions' test-time steps fall on different tokens instead of all at once."""
+async def levels_in_rounds(
+    address: str, levels: list[int], tok: object, metrics_port: int, generate_tokens: int, stagger: bool, rounds: int
+) -> dict[str, dict]:
+    """Every level's sessions set up first (n sessions each append a prompt), then the generate phase of
+    every level in turn, `rounds` times (1, 16, 1, 16, ...: a shared machine's load changes hit every level
+    alike, and the speedup compares medians over rounds), then every level's append phase."""
     async with grpc.aio.insecure_channel(address) as ch:
         stub = pb_grpc.MemoryServiceStub(ch)
-        ids = [f"serve-{n}-{i}-{time.time_ns()}" for i in range(n)]
-        for sid in ids:
-            await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
-        await asyncio.gather(
-            *(
-                stub.Append(pb.AppendRequest(session_id=s, tokens=tokens_of(tok, PROMPT_TOKENS + i * spread // n, i)))
-                for i, s in enumerate(ids)
-            )
+        sessions = {n: await set_up(stub, n, tok, stagger) for n in levels}
+        runs: dict[int, list[dict]] = {n: [] for n in levels}
+        for _ in tqdm(range(rounds), desc="rounds", file=sys.stderr):
+            for n in levels:
+                runs[n].append(await generate_phase(stub, sessions[n], metrics_port, generate_tokens))
+        out = {}
+        for n in levels:
+            out[str(n)] = summary(runs[n]) | await append_phase(stub, sessions[n], tok)
+        return out
+
+
+async def set_up(stub: pb_grpc.MemoryServiceStub, n: int, tok: object, stagger: bool) -> list[str]:
+    """n sessions, each appending a 200-token prompt (with `stagger`, session i's prompt is
+    i * mini_batch // n tokens longer, so the sessions' test-time steps fall on different tokens)."""
+    spread = (await stub.GetModel(pb.GetModelRequest())).mini_batch_size if stagger else 0
+    ids = [f"serve-{n}-{i}-{time.time_ns()}" for i in range(n)]
+    for sid in ids:
+        await stub.CreateSession(pb.CreateSessionRequest(session_id=sid))
+    await asyncio.gather(
+        *(
+            stub.Append(pb.AppendRequest(session_id=s, tokens=tokens_of(tok, PROMPT_TOKENS + i * spread // n, i)))
+            for i, s in enumerate(ids)
         )
-        calls: list[float] = []
-        gaps: list[float] = []
-        generated = 0
+    )
+    return ids
 
-        async def generate(sid: str) -> None:
-            nonlocal generated
-            req = pb.GenerateRequest(session_id=sid, max_tokens=generate_tokens, temperature=0.0, commit=False)
-            t0 = last = time.perf_counter()
-            first = True
-            async for r in stub.Generate(req):
-                if r.tokens:
-                    now = time.perf_counter()
-                    if not first:
-                        gaps.append(now - last)
-                    first, last = False, now
-                    generated += len(r.tokens)
-            calls.append(time.perf_counter() - t0)
 
-        before = engine_metrics(metrics_port)
-        t0 = time.perf_counter()
-        await asyncio.gather(*(generate(s) for s in ids))
-        gen_wall = time.perf_counter() - t0
-        after = engine_metrics(metrics_port)
-        rows = after["memoryd_engine_decode_rows_sum"] - before["memoryd_engine_decode_rows_sum"]
-        forwards = after["memoryd_engine_decode_rows_count"] - before["memoryd_engine_decode_rows_count"]
+async def generate_phase(stub: pb_grpc.MemoryServiceStub, ids: list[str], metrics_port: int, tokens: int) -> dict:
+    """All sessions generate `tokens` greedily at once (commit=false: every round starts from the same state)."""
+    calls: list[float] = []
+    gaps: list[float] = []
+    generated = 0
 
-        t0 = time.perf_counter()
-        await asyncio.gather(
-            *(
-                stub.Append(pb.AppendRequest(session_id=s, tokens=tokens_of(tok, APPEND_TOKENS, 1000 + i)))
-                for i, s in enumerate(ids)
-            )
-        )
-        app_wall = time.perf_counter() - t0
-        for sid in ids:
-            await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    async def generate(sid: str) -> None:
+        nonlocal generated
+        req = pb.GenerateRequest(session_id=sid, max_tokens=tokens, temperature=0.0, commit=False)
+        t0 = last = time.perf_counter()
+        first = True
+        async for r in stub.Generate(req):
+            if r.tokens:
+                now = time.perf_counter()
+                if not first:
+                    gaps.append(now - last)
+                first, last = False, now
+                generated += len(r.tokens)
+        calls.append(time.perf_counter() - t0)
+
+    before = engine_metrics(metrics_port)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(generate(s) for s in ids))
+    wall = time.perf_counter() - t0
+    after = engine_metrics(metrics_port)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    return {"tok_s": generated / wall, "calls": calls, "gaps": gaps, "generated": generated, "counters": delta}
+
+
+def summary(runs: list[dict]) -> dict:
+    """A level's generate rounds: the median round's tok/s (and each round's), latencies over all rounds,
+    rows per forward and the loads and evictions during generation from the daemon's counters."""
+    calls = [c for r in runs for c in r["calls"]]
+    gaps = [g for r in runs for g in r["gaps"]]
+    total = {k: sum(r["counters"].get(k, 0.0) for r in runs) for k in runs[0]["counters"]}
+    forwards = total.get("memoryd_engine_decode_rows_count", 0.0)
     ms = 1000.0
     return {
-        "generate_tok_s": round(generated / gen_wall, 2),
-        "append_tok_s": round(n * APPEND_TOKENS / app_wall, 2),
+        "generate_tok_s": round(statistics.median(r["tok_s"] for r in runs), 2),
+        "generate_tok_s_rounds": [round(r["tok_s"], 2) for r in runs],
         "generate_p50_ms": round(statistics.median(calls) * ms, 1),
         "generate_p99_ms": round(pct(calls, 0.99) * ms, 1),
         "inter_token_p50_ms": round(statistics.median(gaps) * ms, 1) if gaps else None,
         "inter_token_p99_ms": round(pct(gaps, 0.99) * ms, 1) if gaps else None,
-        "generated_tokens": generated,
-        "decode_rows_per_forward": round(rows / forwards, 2) if forwards else None,
+        "generated_tokens": runs[0]["generated"],
+        "decode_rows_per_forward": round(total["memoryd_engine_decode_rows_sum"] / forwards, 2) if forwards else None,
+        "loads_while_generating": int(total.get("memoryd_session_loads_total", 0.0)),
+        "evictions_while_generating": int(total.get("memoryd_evictions_total", 0.0)),
     }
+
+
+async def append_phase(stub: pb_grpc.MemoryServiceStub, ids: list[str], tok: object) -> dict:
+    """All sessions append 256 more tokens at once, then are deleted."""
+    t0 = time.perf_counter()
+    await asyncio.gather(
+        *(
+            stub.Append(pb.AppendRequest(session_id=s, tokens=tokens_of(tok, APPEND_TOKENS, 1000 + i)))
+            for i, s in enumerate(ids)
+        )
+    )
+    wall = time.perf_counter() - t0
+    for sid in ids:
+        await stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid))
+    return {"append_tok_s": round(len(ids) * APPEND_TOKENS / wall, 2)}
 
 
 def main() -> int:
@@ -173,6 +220,12 @@ def main() -> int:
         action="store_true",
         help="spread the prompts' lengths over one mini-batch, so that the sessions' test-time steps during "
         "generation do not all fall on the same token (as they do with equal prompts)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="generate phases per level, levels alternating (the speedup compares the levels' median rounds)",
     )
     p.add_argument("--tick-tokens", type=int, default=0, help="the daemon's --tick-tokens (0: its default)")
     args = p.parse_args()
@@ -214,14 +267,11 @@ def main() -> int:
                 "window": info.window_size,
                 "mini_batch": info.mini_batch_size,
             },
-            "sessions": {},
         }
-        for n in tqdm(levels, desc="levels", file=sys.stderr):
-            out["sessions"][str(n)] = asyncio.run(
-                one_level(
-                    address, n, tok, metrics_port, args.generate_tokens, info.mini_batch_size if args.stagger else 0
-                )
-            )
+        out["sessions"] = asyncio.run(
+            levels_in_rounds(address, levels, tok, metrics_port, args.generate_tokens, args.stagger, args.rounds)
+        )
+        out["rounds"] = args.rounds
         torch.set_num_threads(args.torch_threads)
         out["overhead"] = asyncio.run(overhead(address, model, tok, args.generate_tokens, ROUNDS))
         del model

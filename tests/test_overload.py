@@ -332,6 +332,52 @@ def test_a_hot_idle_session_takes_its_turn_behind_an_earlier_load(daemon_factory
     assert served.index(("GetSession", "b")) < served.index(("Append", "a")), served
 
 
+def test_a_load_reserves_what_it_holds_once_it_has_read_the_head(daemon_factory, block: int, tiny_model) -> None:  # noqa: F811
+    """A load's room is made in its turn for two full states (nothing is known of the session yet),
+    and comes down to what the load holds once it has read the session's head and snapshot: an empty
+    session's load holds almost nothing.  Room for D at rest, C's long append, and one load reserved
+    at two full states beside another that has read its head: A's load waits behind C's append on the
+    compute lane, and B's turn finds room without evicting D.  Before, A held its two full states
+    until it was built, and B's turn evicted D (bench/serve.py: 16 new sessions appended at once
+    evicted two of those already appended, whose generations then waited for a reload)."""
+    from model import StreamState
+    from model.state import full_state_bytes
+
+    full = full_state_bytes(tiny_model)
+    small = StreamState.fresh(tiny_model)
+    small.append(tokens(16))
+    empty_load = 2 * full // 8  # far more than an empty session's load holds (its keys' slots for a mini-batch)
+    # held at B's turn: D at rest + C (an empty state working: a full copy) + A's load + B's (two full states)
+    budget = 3 * full + small.nbytes() + empty_load
+    d = daemon_factory("--memory-budget", str(budget), "--tick-tokens", str(block + 1))
+    stub = d.stub()
+    create(stub, "d")
+    for sid in ("a", "b", "c"):
+        create(stub, sid, 0)
+    d.kill()
+    d.start()
+    stub = d.stub()
+    assert stub.GetSession(pb.GetSessionRequest(session_id="d"), timeout=30).hot
+    t, out = blocker(stub, "c", block)
+    time.sleep(0.5)  # C loaded, its long append running
+    got: dict[str, Any] = {}
+    threads = []
+    for sid in ("a", "b"):
+        th = threading.Thread(
+            target=lambda sid=sid: got.setdefault(sid, stub.GetSession(pb.GetSessionRequest(session_id=sid)))
+        )
+        th.start()
+        threads.append(th)
+        time.sleep(0.5)  # A's load has read its head; its build waits behind C's append
+    t.join()
+    for th in threads:
+        th.join()
+    assert out["seconds"] > 1.5, "the blocker must outlast the arrivals for this test to mean anything"
+    assert got["a"].hot and got["b"].hot and got["a"].offset == got["b"].offset == 0
+    assert metric(d, "memoryd_evictions_total") == 0, d.log_tail()
+    assert stub.GetSession(pb.GetSessionRequest(session_id="d"), timeout=30).hot
+
+
 def test_an_eviction_writes_a_snapshot_only_when_the_state_stepped_since_the_last(daemon_factory, tiny_model) -> None:  # noqa: F811
     """Room for one session.  A session that took no test-time step since its newest snapshot is
     evicted without writing one (its reload replays the log's tail, under one mini-batch, exactly);
@@ -375,6 +421,7 @@ def test_a_pinned_short_session_is_charged_what_its_call_can_hold(tiny_model) ->
     from memoryd.engine.scheduler import Budget
     from memoryd.sessions.residency import Hot, Residency
     from model import StreamState
+    from model.state import state_bytes_bound
 
     def owned(copy: StreamState, orig: StreamState) -> int:
         def storages(s: StreamState) -> dict[int, int]:
@@ -397,6 +444,8 @@ def test_a_pinned_short_session_is_charged_what_its_call_can_hold(tiny_model) ->
             bound = engine.copy_bytes(position, n)
             assert owned(copy, state) <= bound, (position, n)
     assert engine.copy_bytes(10**6, 1) == full, "a long session's copy is a full state"
+    # a copy that steps nowhere shares theta: a dry-run generation is charged its keys and activations
+    assert engine.copy_bytes(2 * b + 1, 1) < state_bytes_bound(tiny_model, 2 * b + 2)
     window = tiny_model.cfg.window_size
     for position in (0, b + 3, window + 2 * b):  # a frozen copy (a recall generation's) keeps all it reads
         for n in (1, b + 2, 2 * window):

@@ -48,7 +48,7 @@ from memoryd.engine.work import (
 from memoryd.engine.worker import Outcome, execute
 from memoryd.errors import DeadlineExceeded
 from model import StreamState, TTTModel, digest_of
-from model.batch import counts_at, runs_solo, tokens_to_step
+from model.batch import counts_at, fork_bytes_bound, runs_solo, tokens_to_step
 from model.state import full_state_bytes, state_bytes_bound
 
 log = logging.getLogger("memoryd.engine")
@@ -141,13 +141,15 @@ class Engine:
         """At most what a call's working copy of a state at `position` owns once it has read `tokens` more
         (residency charges a pinned session for it): the copy shares every tensor of the state it was made
         from (`fork`) and owns only what it makes new, which is never more than a state holds at
-        `position + tokens` (`model.state.state_bytes_bound`), and never more than a full state
-        (`full_bytes`).  So a short session's call is charged a short state's bytes.
+        `position + tokens`, less the fast weights while none of those tokens takes a test-time step
+        (`model.batch.fork_bytes_bound`), and never more than a full state (`full_bytes`).  So a short
+        session's call is charged a short state's bytes, and a generation that steps nowhere its keys
+        and values, not a second theta.
 
         `frozen`: tokens a generation reads forward only into a frozen copy (its recalled context, its
         prompt, its reply; `Append(frozen=True)`), which keeps every one of them, past the window too:
         the larger of the two copies is charged (the frozen one, then the commit's)."""
-        stepping = min(self.full_bytes, state_bytes_bound(self.model, position + tokens))
+        stepping = min(self.full_bytes, fork_bytes_bound(self.model, position, tokens))
         return max(stepping, state_bytes_bound(self.model, position, frozen)) if frozen else stepping
 
     def counts_at(self, offset: int) -> tuple[int, int]:

@@ -342,6 +342,7 @@ class Sessions:
                 case Refusal.NOT_FOUND:
                     raise NotFound(f"session {sid!r} does not exist")
             data = await snapshots.read(self.store, head.snap) if head.snap else None
+            self.hot.resize(key, len(data or b""), head.offset)
             await self.recalls.loaded(key, head, pieces)
         t1 = time.perf_counter()
         built: Built = await self._compute(Rebuild(data, pieces))

@@ -15,7 +15,10 @@ not only the states at rest:
   many tokens it reads, at most what a state holds after reading them (`copy_bound`, the
   engine's `Engine.copy_bytes`): a short session's call is charged a short state's bytes;
 - a session being loaded: the snapshot bytes read plus the state built from them, reserved
-  before the load starts (`reserve`), as twice a full state.
+  before the load starts (`reserve`), as twice a full state, and brought down to what the load
+  holds once it has read the session's head and snapshot (`resize`: a new
+  or short session's load holds little, and 16 of them reserving two full states each while
+  they wait for the compute lane evicted sessions that had just been loaded).
 A pinned session is never a victim: a session loaded for a call stays hot until that call
 (and any call already waiting for it) has run, so no load is paid twice.  A load waits
 (in arrival order, calls.py) until the budget has room for it once the unpinned sessions
@@ -145,6 +148,20 @@ class Residency:
         """Bytes for a session about to be loaded (released by `put` or `unreserve`)."""
         self._reserved[key] = nbytes
         self._gauges()
+
+    def resize(self, key: Key, snapshot_bytes: int, position: int) -> None:
+        """A load has read the session's head and snapshot: its reservation comes down to what it holds,
+        the snapshot's bytes and a state at `position` (what a copy of an empty state holds once it has
+        read `position` tokens: `copy_bound(0, position, 0)`, kept as the charges' bounds are), if that is
+        less (never up: the room was made for the larger one)."""
+        held = self._reserved.get(key)
+        if held is None or self.copy_bound is None:
+            return
+        nbytes = snapshot_bytes + self._bound(0, position, 0)
+        if nbytes < held:
+            self._reserved[key] = nbytes
+            self._freed.set()
+            self._gauges()
 
     def reserved(self, key: Key) -> bool:
         return key in self._reserved
