@@ -462,22 +462,34 @@ def test_context_rule_budget_window_order_and_markers() -> None:
     assert query_of(conv, "") == "q" and query_of(conv[:1], "") == "Be brief." and query_of([], "text") == "text"
 
 
-def test_context_keeps_close_scores_and_the_sentences_that_match() -> None:
-    """With a query, a span far below the best score is left out, and a kept span is cut to its sentences
-    holding a query term (a matching line ending in a colon keeps the line after it); without one, nothing is."""
+def test_context_reads_the_spans_above_a_clear_drop_and_their_matching_sentences() -> None:
+    """With a query, the spans above the first clear drop in score are read (at least two above half the
+    best), each cut to its sentences holding a query term (a matching line ending in a colon keeps the line
+    after it); without one, every span is read whole."""
     from memoryd.sessions.chat import ChatFormat
     from memoryd.sessions.recall.words import words
-    from memoryd.sessions.recall_prompt import HEADER, RELATIVE_SCORE, focus, recall_context
+    from memoryd.sessions.recall_prompt import CLEAR_GAP, HEADER, RELATIVE_SCORE, focus, ranked_cut, recall_context
     from model.tokenizer import ByteTokenizer
 
+    def scored(*xs: float) -> list[_Span]:
+        return [_Span(i, i + 1, "", x) for i, x in enumerate(xs)]
+
+    def kept(*xs: float) -> list[float]:
+        return [s.score for s in ranked_cut(scored(*xs))]
+
+    gap, half = 10.0 * CLEAR_GAP, 10.0 * RELATIVE_SCORE
+    assert kept(10.0, 10.0 - gap, 10.0 - gap) == [10.0, 10.0 - gap]  # a clear drop after the best: two kept
+    assert kept(10.0, 9.0, 8.5, 8.5 - gap, 5.5) == [10.0, 9.0, 8.5]  # down to the first clear drop
+    assert kept(10.0, 9.0, 8.5, 8.5 - gap + 0.01) == [10.0, 9.0, 8.5, 8.5 - gap + 0.01]  # no clear drop
+    assert kept(10.0, half - 0.01) == [10.0] and kept(10.0, half, half) == [10.0, half]  # the floor
+    assert kept() == []
+
     chat, tok = ChatFormat(PLAIN), ByteTokenizer()
-    fact = "Lunch is at noon. The storage room door code is 4417. The printer jams."
-    half = 10.0 * RELATIVE_SCORE
-    spans = [
-        _Span(900, 990, turn("user", fact), 10.0),
-        _Span(100, 190, turn("tool", "Rooms:\nAll of them are booked on Friday.\nNothing else."), half),
-        _Span(300, 390, turn("user", "The door to the roof is locked."), half - 0.01),  # below the floor
+    spans = [  # most relevant first, as the index returns them
+        _Span(900, 990, turn("user", "Lunch is at noon. The storage room door code is 4417. The printer jams."), 10.0),
         _Span(500, 590, turn("user", "Weather: rain."), 9.0),  # no query term: nothing left of it
+        _Span(100, 190, turn("tool", "Rooms:\nAll of them are booked on Friday.\nNothing else."), 8.5),
+        _Span(300, 390, turn("user", "The door to the roof is locked."), 8.5 - gap),  # after the clear drop
     ]
     query = "Which code opens the storage rooms door?"
     common = dict(position=10_000, window=1024, prompt_tokens=40, max_tokens=8, budget=512, chat=chat, tok=tok)
@@ -488,4 +500,4 @@ def test_context_keeps_close_scores_and_the_sentences_that_match() -> None:
     terms = frozenset(words(query))
     assert focus("Nothing here. Or here!", terms) == "" and focus("a door; b. c", terms) == "a door;"
     plain = recall_context(spans, **common)
-    assert [s.start for s in plain.spans] == [900, 100, 300, 500]  # no query: every span, whole
+    assert [s.start for s in plain.spans] == [900, 500, 100, 300]  # no query: every span, whole
