@@ -130,7 +130,7 @@ def sink_columns(q_start: int, n: int, m: int, sinks: int) -> int:
 
 def holds_sinks(q_start: int, n: int, m: int, sinks: int) -> bool:
     """Whether the first `sinks` key columns are the sink positions 0..sinks-1 (`key_positions`)."""
-    return sinks > 0 and (m == q_start + n or m - n > sinks) and m >= sinks
+    return sinks > 0 and sink_columns(q_start, n, m, sinks) == sinks
 
 
 def decode_columns(q_start: int, m: int, window: int | None, sinks: int) -> tuple[int, int]:

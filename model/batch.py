@@ -32,7 +32,7 @@ import torch
 
 from model.cache import cache_spec
 from model.network import TTTModel, fast_weight_names
-from model.state import InputError, StreamState, state_bytes_bound
+from model.state import InputError, StreamState, state_bytes_bound, theta_bytes
 
 NEVER = sys.maxsize
 """`tokens_to_step` of a frozen state (`StreamState.frozen_copy`): it never steps, so no count of
@@ -67,7 +67,7 @@ def fork_bytes_bound(model: TTTModel, position: int, tokens: int) -> int:
     bound = state_bytes_bound(model, position + tokens)
     if counts_at(position + tokens, b)[0] > counts_at(position, b)[0]:
         return bound
-    return bound - sum(t.numel() * 4 for t in model.initial_fast_weights().values())  # theta in fp32, as the bound
+    return bound - theta_bytes(model)
 
 
 @dataclass(frozen=True)

@@ -115,8 +115,13 @@ def state_bytes_bound(model: TTTModel, position: int | None, frozen: int = 0) ->
     slots = window_slots if position is None else min(window_slots, position + cfg.mini_batch_size)
     if frozen > 0:
         return (slots + frozen + cfg.mini_batch_size) * slot + (cfg.mini_batch_size + frozen) * activation
-    theta = sum(t.numel() * 4 for t in model.initial_fast_weights().values())
-    return theta + slots * slot + cfg.mini_batch_size * activation
+    return theta_bytes(model) + slots * slot + cfg.mini_batch_size * activation
+
+
+def theta_bytes(model: TTTModel) -> int:
+    """Bytes of one state's own fast weights, in float32 (the compute dtype, `upcast`), as a state
+    holds them once it has stepped."""
+    return sum(t.numel() * 4 for t in model.initial_fast_weights().values())
 
 
 def initial_theta(model: TTTModel) -> dict[str, torch.Tensor]:
