@@ -15,6 +15,7 @@ import pytest
 from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from service_fixtures import (  # noqa: F401 (fixtures)
+    FAST_RECONNECT,
     Daemon,
     RedisServer,
     assert_same_state,
@@ -57,7 +58,7 @@ class RetryingAppender(threading.Thread):
                 )
                 while True:
                     try:
-                        with grpc.insecure_channel(self.d.address) as ch:
+                        with grpc.insecure_channel(self.d.address, options=FAST_RECONNECT) as ch:
                             r = pb_grpc.MemoryServiceStub(ch).Append(req, timeout=5)
                         break
                     except grpc.RpcError as e:

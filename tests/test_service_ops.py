@@ -20,6 +20,7 @@ from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from pydantic import ValidationError
 from service_fixtures import (  # noqa: F401 (fixtures)
+    FAST_RECONNECT,
     ROOT,
     Daemon,
     assert_same_state,
@@ -53,7 +54,7 @@ def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 120) ->
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with grpc.insecure_channel(address, options=FAST_RECONNECT) as ch:  # sees it serving at once
         while True:
             assert proc.poll() is None, f"memoryd exited with {proc.returncode}"
             try:
