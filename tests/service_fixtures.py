@@ -206,6 +206,21 @@ class Daemon:
         self.kill(signal.SIGTERM)
 
 
+def start_all(daemons: Sequence[Daemon], timeout: float = 60.0) -> None:
+    """Start the daemons at once, then wait until each is serving.  A start is mostly one process importing
+    torch on one core, so two started together on two cores are ready in about the time of one.  If one
+    fails, every one is killed (nothing outlives the test) and the error says why."""
+    try:
+        for d in daemons:
+            d.start(wait=False)
+        for d in daemons:
+            d.wait_serving(timeout)
+    except BaseException:
+        for d in daemons:
+            d.kill()
+        raise
+
+
 def auth_md(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 

@@ -29,6 +29,7 @@ from service_fixtures import (  # noqa: F401 (fixtures)
     free_port,
     redis_server,
     reference_state,
+    start_all,
     state_tensors,
     tiny_checkpoint,
     tiny_model,
@@ -178,8 +179,7 @@ def _retry_append(d: Daemon, sid: str, tokens: list[int], expected: int, seconds
 def test_lease_keeps_two_daemons_apart(tmp_path: Path, tiny_checkpoint: Path, tiny_model, redis_server) -> None:  # noqa: F811
     d1 = Daemon(tmp_path / "d1", tiny_checkpoint, redis_server.url, "--lease-seconds", "1.5")
     d2 = Daemon(tmp_path / "d2", tiny_checkpoint, redis_server.url, "--lease-seconds", "1.5")
-    d1.start()
-    d2.start()
+    start_all([d1, d2])
     try:
         d1.stub().CreateSession(pb.CreateSessionRequest(session_id="shared"))
         d1.stub().Append(pb.AppendRequest(session_id="shared", tokens=[1, 2, 3]))

@@ -26,6 +26,7 @@ from service_fixtures import (  # noqa: F401 (fixtures)
     export_bytes,
     redis_server,
     reference_state,
+    start_all,
     state_tensors,
     tiny_checkpoint,
     tiny_model,
@@ -42,8 +43,7 @@ def pair(tmp_path: Path, tiny_checkpoint: Path, redis_server):  # noqa: F811
         )
         for i in range(2)
     ]
-    for d in ds:
-        d.start()
+    start_all(ds)
     yield ds
     for d in ds:
         d.close()
