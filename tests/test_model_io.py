@@ -259,10 +259,27 @@ def test_the_unpickling_detector_detects(tmp_path, monkeypatch):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m model ...` in a process of its own: the entry point as a user runs it."""
     return subprocess.run([sys.executable, "-m", "model", *args], capture_output=True, text=True, cwd=REPO)
 
 
-def test_cli_init_and_score(tmp_path):
+def _cli_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """The same command run by `model.cli.main` in this process, which is all `python -m model` runs
+    (model/__main__.py: `raise SystemExit(main())`): the same parsing, work, output and exit status,
+    without the 3 s or so each new process spends importing torch.  Each test still runs the entry
+    point once as its own process (`_cli`)."""
+    from model.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(list(args))
+    except SystemExit as e:  # argparse's refusals
+        rc = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "model", *args], rc, out.out, out.err)
+
+
+def test_cli_init_and_score(tmp_path, capsys):
     ck = tmp_path / "ck"
     r = _cli("init", "--preset", "tiny", "--out", str(ck), "--set", "inner_lr=0.5")
     assert r.returncode == 0, r.stderr
@@ -271,7 +288,8 @@ def test_cli_init_and_score(tmp_path):
     np.save(tmp_path / "t.npy", toks)
     outs = []
     for extra in ([], ["--append-size", "1"], ["--append-size", "13"]):
-        r = _cli(
+        r = _cli_here(
+            capsys,
             "score",
             "--checkpoint",
             str(ck),
@@ -290,21 +308,26 @@ def test_cli_init_and_score(tmp_path):
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
     np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
     (tmp_path / "t.txt").write_text("hello, memory")
-    r = _cli("score", "--checkpoint", str(ck), "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "n2.npy"))
+    r = _cli_here(
+        capsys, "score", "--checkpoint", str(ck), "--text", str(tmp_path / "t.txt"), "--out", str(tmp_path / "n2.npy")
+    )
     assert r.returncode == 0, r.stderr
     assert np.load(tmp_path / "n2.npy").shape == (len("hello, memory"),)  # BOS + 13 bytes -> 13 predictions
 
 
-def test_cli_errors_are_clear(tmp_path):
+def test_cli_errors_are_clear(tmp_path, capsys):
     ck = tmp_path / "ck"
-    assert _cli("init", "--preset", "tiny", "--out", str(ck)).returncode == 0
+    assert _cli_here(capsys, "init", "--preset", "tiny", "--out", str(ck)).returncode == 0
     np.save(tmp_path / "bad.npy", np.array([1, 2, 999]))
     r = _cli("score", "--checkpoint", str(ck), "--tokens", str(tmp_path / "bad.npy"), "--out", str(tmp_path / "o.npy"))
     assert r.returncode == 2 and "token id 999 at index 2 is outside the vocabulary" in r.stderr
     np.save(tmp_path / "f.npy", np.zeros((2, 2)))
-    r = _cli("score", "--checkpoint", str(ck), "--tokens", str(tmp_path / "f.npy"), "--out", str(tmp_path / "o.npy"))
+    r = _cli_here(
+        capsys, "score", "--checkpoint", str(ck), "--tokens", str(tmp_path / "f.npy"), "--out", str(tmp_path / "o.npy")
+    )
     assert r.returncode == 2 and "1-D integer array" in r.stderr
-    r = _cli(
+    r = _cli_here(
+        capsys,
         "score",
         "--checkpoint",
         str(tmp_path / "none"),
@@ -314,5 +337,5 @@ def test_cli_errors_are_clear(tmp_path):
         str(tmp_path / "o.npy"),
     )
     assert r.returncode == 2 and "config.json is missing" in r.stderr
-    r = _cli("init", "--preset", "tiny", "--out", str(ck), "--set", "window_size=2")
+    r = _cli_here(capsys, "init", "--preset", "tiny", "--out", str(ck), "--set", "window_size=2")
     assert r.returncode == 2 and "window_size 2 must be >= mini_batch_size 8" in r.stderr
