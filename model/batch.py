@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from model.cache import cache_spec
-from model.network import TTTModel, fast_weight_names
+from model.network import TTTModel, fast_weight_names, tile_rows
 from model.state import InputError, StreamState, state_bytes_bound, theta_bytes
 
 NEVER = sys.maxsize
@@ -186,4 +186,5 @@ def logits_of(states: Sequence[StreamState]) -> torch.Tensor:
     for s in states:
         if s.position == 0:
             raise InputError("the session is empty: append at least one token before asking for logits")
-    return states[0].model.head(torch.cat([s.pending_out[:, -1] for s in states]))
+    model = states[0].model
+    return tile_rows(model.head, torch.cat([s.pending_out[:, -1] for s in states]))
