@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from model_configs import micro
 
 from model import InputError, StreamState, init_model
-from model.batch import counts_at, decode, decode_bytes, logits_of, steps_on_append
+from model.batch import decode, decode_bytes, logits_of, steps_on_append
 from model.network import PAD_FROM, ROW_TILE, tile_rows
 from model.snapshot import state_from_bytes, state_to_bytes
+from model.state import counts_at
 
 TOL = 1e-5
 
