@@ -15,7 +15,12 @@ For each n in --sessions, with n client tasks in parallel (one per session):
 most it could be if decoding moved every byte at one bandwidth and arithmetic were free
 (the shared weights are read once per forward, each session's fast weights and cache once per
 row: `model.batch.decode_bytes`), computed from the served model's shapes, and
-`speedup_of_ceiling` the fraction of it reached.  `overhead` compares one session's inter-token
+`speedup_of_ceiling` the fraction of it reached.  `generate_speedup_rounds` is the same ratio
+within each round (level n's rate over level 1's in that round, measured seconds apart), and
+`speedup_of_ceiling_rounds` the median of those over the ceiling: when the machine's speed
+drifts across the run (one quiet run's single-session rate fell from 16.1 to 11.7 tokens/s over
+its five rounds), the ratio within a round compares like with like, the ratio of two medians
+does not; both are printed.  `overhead` compares one session's inter-token
 p50 through the daemon with the same model decoding the same prompt greedily in this process
 (as bench/decode.py does: `state.append([t]); state.logits()`, the bench's torch threads = the
 daemon's), in alternating rounds so that a shared machine's load changes hit both alike:
@@ -285,6 +290,21 @@ def main() -> int:
             }
             out["speedup_of_ceiling"] = {
                 str(n): round(out["generate_speedup"][str(n)] / out["bandwidth_ceiling"]["speedup"][str(n)], 3)
+                for n in levels
+            }
+            ones = out["sessions"]["1"]["generate_tok_s_rounds"]
+            out["generate_speedup_rounds"] = {
+                str(n): [
+                    round(r / b, 2) for r, b in zip(out["sessions"][str(n)]["generate_tok_s_rounds"], ones, strict=True)
+                ]
+                for n in levels
+            }
+            out["speedup_of_ceiling_rounds"] = {
+                str(n): round(
+                    statistics.median(out["generate_speedup_rounds"][str(n)])
+                    / out["bandwidth_ceiling"]["speedup"][str(n)],
+                    3,
+                )
                 for n in levels
             }
         out["env"] = machine_env(args.torch_threads)

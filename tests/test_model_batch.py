@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 from model_configs import micro
 
 from model import InputError, StreamState, init_model
-from model.batch import counts_at, decode, decode_bytes, logits_of, steps_on_append
+from model.batch import decode, decode_bytes, logits_of, steps_on_append
+from model.network import PAD_FROM, ROW_TILE, tile_rows
 from model.snapshot import state_from_bytes, state_to_bytes
+from model.state import counts_at
 
 TOL = 1e-5
 
@@ -52,7 +54,7 @@ sessions = st.lists(
         st.lists(st.integers(0, 255), min_size=1, max_size=10),  # tokens then decoded one at a time
     ),
     min_size=1,
-    max_size=6,
+    max_size=14,  # past PAD_FROM: the padded products of `tile_rows` are checked too
 )
 
 
@@ -163,3 +165,38 @@ def test_decode_bytes_leaves_out_a_skipped_mlp():
             p.zero_()
     mlp = sum(p.nbytes for p in model.blocks[model.cfg.first_fast_layer].mlp.parameters())
     assert decode_bytes(model, 10).shared == before - mlp
+
+
+def test_tile_rows_pads_only_where_the_unpadded_product_is_slower():
+    """9-15 rows go through fn as 16 (zeros after them) and come back as theirs; others untouched."""
+    w = torch.randn(24, 7, generator=torch.Generator().manual_seed(0))
+    seen: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x @ w.t()
+
+    for rows in range(1, 2 * ROW_TILE + 1):
+        x = torch.randn(rows, 1, 7)
+        seen.clear()
+        y = tile_rows(fn, x)
+        assert y.shape == (rows, 1, 24)
+        torch.testing.assert_close(y, x @ w.t(), atol=1e-5, rtol=1e-5)
+        assert seen == [ROW_TILE if PAD_FROM <= rows < ROW_TILE else rows]
+
+
+def test_batched_decode_of_a_padded_batch_equals_solo(model):
+    """12 sessions: the static MLP and the head run on 16 padded rows; each row is still its own."""
+    g = torch.Generator().manual_seed(3)
+    ctx = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (12,), generator=g)]
+    batch = [fed(model, c, [5]) for c in ctx]
+    solo = [fed(model, c, [5]) for c in ctx]
+    for _ in range(3):
+        tokens = torch.randint(0, 256, (12,), generator=g).tolist()
+        logits = decode(batch, tokens)
+        assert logits.shape == (12, model.cfg.vocab_size)
+        for row, (s, t) in enumerate(zip(solo, tokens, strict=True)):
+            s.append([t])
+            torch.testing.assert_close(logits[row], s.logits(), atol=TOL, rtol=TOL)
+    for a, b in zip(batch, solo, strict=True):
+        assert_same_state(a, b)

@@ -48,8 +48,8 @@ from memoryd.engine.work import (
 from memoryd.engine.worker import Outcome, execute
 from memoryd.errors import DeadlineExceeded
 from model import StreamState, TTTModel, digest_of
-from model.batch import counts_at, fork_bytes_bound, runs_solo, tokens_to_step
-from model.state import full_state_bytes, state_bytes_bound
+from model.batch import runs_solo, tokens_to_step
+from model.state import counts_at, fork_bytes_bound, full_state_bytes, state_bytes_bound
 
 log = logging.getLogger("memoryd.engine")
 
@@ -142,7 +142,7 @@ class Engine:
         (residency charges a pinned session for it): the copy shares every tensor of the state it was made
         from (`fork`) and owns only what it makes new, which is never more than a state holds at
         `position + tokens`, less the fast weights while none of those tokens takes a test-time step
-        (`model.batch.fork_bytes_bound`), and never more than a full state (`full_bytes`).  So a short
+        (`model.state.fork_bytes_bound`), and never more than a full state (`full_bytes`).  So a short
         session's call is charged a short state's bytes, and a generation that steps nowhere its keys
         and values, not a second theta.
 
