@@ -53,6 +53,7 @@ from harness import pct, start_daemon, start_redis, stop_all  # noqa: E402
 from memoryd_sdk import AsyncMemoryClient, AsyncSession, RecallOptions  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from memoryd.sessions.recall_prompt import question_part  # noqa: E402
 from memoryd.settings import default_data_dir  # noqa: E402
 
 CORPUS = ROOT / "data" / "corpora" / "python-doc" / "_sources"
@@ -291,7 +292,7 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
             for f in tqdm(rows, desc=f"depth {d}", file=sys.stderr):
                 q = f.question + SUFFIX
                 t0 = time.perf_counter()
-                spans = await s.recall(q, k=args.k)  # the query a reply with recall searches for
+                spans = await s.recall(question_part(q), k=args.k)  # the query a reply with recall searches for
                 recall_ms.append((time.perf_counter() - t0) * 1000)
                 found = [i for i, sp in enumerate(spans) if sp.start_offset < f.end and f.start < sp.end_offset]
                 hits += bool(found)
@@ -313,7 +314,8 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
                     r_b = await ask(s, [("user", q)], RecallOptions(k=args.k, budget_tokens=b))
                     other[b].append((answered(r_b.text, f), r_b.ttft_ms, r_b.recalled_tokens))
                 if args.verbose:
-                    print(json.dumps({"fact": f.statement, "on": r_on.text, "off": r_off.text, "oracle": r_or.text}),
+                    print(json.dumps({"fact": f.statement, "on": r_on.text, "off": r_off.text, "oracle": r_or.text,
+                                      "rank": rank[-1], "recalled_tokens": r_on.recalled_tokens}),
                           file=sys.stderr)  # fmt: skip
             n = len(rows)
             lines.append(

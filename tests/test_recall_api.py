@@ -460,6 +460,11 @@ def test_context_rule_budget_window_order_and_markers() -> None:
 
     conv = [Message("system", "Be brief."), Message("user", "first?"), Message("assistant", "ok"), Message("user", "q")]
     assert query_of(conv, "") == "q" and query_of(conv[:1], "") == "Be brief." and query_of([], "text") == "text"
+    # the query ends at the turn's last question: an instruction after it names nothing to look up
+    asked = [*conv[:3], Message("user", "I'm at the storage room. What's the code? Answer in a few words.")]
+    assert query_of(asked, "") == "I'm at the storage room. What's the code?"
+    assert query_of([], "Who? Why?\nReply in JSON.") == "Who? Why?"
+    assert query_of([], "see https://x.org/a?b=1 for the code") == "see https://x.org/a?b=1 for the code"
 
 
 def test_context_reads_the_spans_above_a_clear_drop_and_their_matching_sentences() -> None:
