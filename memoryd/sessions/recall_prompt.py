@@ -127,8 +127,9 @@ class RecallContext:
 NOTHING = RecallContext((), ())
 
 
-_QUESTION_END = re.compile(r"\?+(?=[\s\"')\]*_]|$)")
-"""A question mark that ends a sentence (not one inside a URL's query string)."""
+_QUESTION_END = re.compile(r"(?<=\S)\?+(?=[\s\"')\]*_]|$)")
+"""A question mark that ends a sentence: after a word, before a space or the end (not one in a URL's
+query string, nor C's `a ? b : c`)."""
 
 
 def query_of(messages: Sequence[Message], prompt_text: str) -> str:
