@@ -464,8 +464,10 @@ def test_context_rule_budget_window_order_and_markers() -> None:
     asked = [*conv[:3], Message("user", "I'm at the storage room. What's the code? Answer in a few words.")]
     assert query_of(asked, "") == "I'm at the storage room. What's the code?"
     assert query_of([], "Who? Why?\nReply in JSON.") == "Who? Why?"
-    for plain in ("see https://x.org/a?b=1 for the code", "why does x = a ? b : c; fail"):
-        assert query_of([], plain) == plain
+    traceback = "Why does the deploy fail?\nTraceback (most recent call last):\nKeyError: 'cedar_key'"
+    long_tail = "Which key? " + " ".join(f"word{i}" for i in range(13)) + "."
+    for plain in ("see https://x.org/a?b=1 for the code", "why does x = a ? b : c; fail", traceback, long_tail):
+        assert query_of([], plain) == plain  # no question, or what follows it is material, not an instruction
 
 
 def test_context_reads_the_spans_above_a_clear_drop_and_their_matching_sentences() -> None:

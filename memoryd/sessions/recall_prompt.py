@@ -127,6 +127,10 @@ class RecallContext:
 NOTHING = RecallContext((), ())
 
 
+INSTRUCTION_WORDS = 12
+"""Most words (as the index counts them: no stop words) of a one-line tail after a turn's last question
+that `question_part` drops as an instruction about the reply; "Think step by step, then answer with a
+single number." has 6."""
 _QUESTION_END = re.compile(r"(?<=\S)\?+(?=[\s\"')\]*_]|$)")
 """A question mark that ends a sentence: after a word, before a space or the end (not one in a URL's
 query string, nor C's `a ? b : c`)."""
@@ -145,19 +149,26 @@ def query_of(messages: Sequence[Message], prompt_text: str) -> str:
 
 
 def question_part(text: str) -> str:
-    """The text up to the end of its last question, or all of it when it asks none.
+    """The text up to the end of its last question, when what follows it is one short line (an
+    instruction about the reply); else all of it.
 
-    What follows a turn's last question is an instruction about the reply ("Answer in a few
-    words.", "Reply in JSON."): it names nothing to look up, but its words are query terms
-    all the same, and BM25 adds up what every span matches of them.  Measured
-    (bench/recall.py's 262K-token session, the index alone): with " Answer in a few words."
-    after each question, "answer", "few" and "words" made 7 spans of Python docs score 0.69-0.96
-    of the fact's, no drop was clear, and the recalled context was 466-476 tokens for names,
-    dates and places; the question alone kept 80-144.  What comes before the question stays:
-    it is where a turn says what the question is about ("I'm at the storage room. What's
-    the code?")."""
+    An instruction after a turn's last question ("Answer in a few words.", "Reply in JSON.")
+    names nothing to look up, but its words are query terms all the same, and BM25 adds up what
+    every span matches of them.  Measured (bench/recall.py's 262K-token session, the index
+    alone): with " Answer in a few words." after each question, "answer", "few" and "words" made
+    7 spans of Python docs score 0.69-0.96 of the fact's, no drop was clear, and the recalled
+    context was 466-476 tokens for names, dates and places; the question alone kept 80-144.
+    What comes before the question stays: it is where a turn says what the question is about
+    ("I'm at the storage room. What's the code?").  So does a tail of several lines or more
+    than `INSTRUCTION_WORDS` words: that is material ("Why does this fail?" and a traceback),
+    whose words are worth searching for."""
     ends = [m.end() for m in _QUESTION_END.finditer(text)]
-    return text[: ends[-1]] if ends else text
+    if not ends:
+        return text
+    tail = text[ends[-1] :].strip()
+    if "\n" in tail or len(words(tail)) > INSTRUCTION_WORDS:
+        return text
+    return text[: ends[-1]]
 
 
 def context_budget(budget: int, window: int, prompt_tokens: int, max_tokens: int) -> int:
