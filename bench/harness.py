@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -21,10 +22,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 FAST_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 250))
-"""Options of the channel that waits for a starting daemon.  gRPC's default reconnect backoff starts at
-1 s and grows 1.6x per refused attempt, failing every call at once between attempts, so a channel that
-polled a daemon still importing torch noticed it serving seconds after it was (tens on a first start that
-converts the default model).  Nothing measured runs on this channel."""
+"""Channel options for a client that polls a daemon while it (re)starts.  gRPC's default reconnect
+backoff starts at 1 s and grows 1.6x per refused attempt (1, 1.6, 2.6, 4.1 s ...), and between attempts
+every call fails at once, UNAVAILABLE: a channel that polled a daemon still importing torch noticed it
+serving up to seconds after it was (tens on a first start that converts the default model).  With these
+the channel tries again within a quarter second.  They change no call's deadline and nothing the daemon
+does; nothing measured runs on such a channel.  The tests' daemons use them too (tests/service_fixtures.py)."""
+
+
+def wait_serving(
+    address: str,
+    proc: subprocess.Popen | None,
+    log_tail: Callable[[], str],
+    timeout: float,
+    service: str = "",
+    poll: float = 0.05,
+) -> None:
+    """Until the daemon at `address` says SERVING (for `service`; "": the server as a whole), or raise
+    RuntimeError with its log tail when `proc` exits or `timeout` seconds pass."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address, options=FAST_RECONNECT) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"memoryd exited with {proc.returncode}:\n{log_tail()}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"memoryd did not become SERVING within {timeout} s:\n{log_tail()}")
+            time.sleep(poll)
 
 
 def free_port() -> int:
@@ -63,8 +95,6 @@ def start_daemon(
     SERVING.
 
     No checkpoint: the daemon's default model, converted once into `data_dir`."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     address = address or f"127.0.0.1:{free_port()}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "sdk")]))
     args = [sys.executable, "-m", "memoryd", "serve", "--listen", address, "--metrics-port", "0"]
@@ -74,18 +104,12 @@ def start_daemon(
     args += list(extra)
     log = open(workdir / "memoryd.log", "ab")  # noqa: SIM115 (the child owns it)
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=log)
-    with grpc.insecure_channel(address, options=FAST_RECONNECT) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        for _ in range(6000):  # a first start converts the default model
-            if proc.poll() is not None:
-                raise RuntimeError(f"memoryd exited; see {workdir / 'memoryd.log'}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                    return proc, address
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise RuntimeError("memoryd did not become SERVING")
+
+    def log_tail() -> str:
+        return (workdir / "memoryd.log").read_text(errors="replace")[-4000:]
+
+    wait_serving(address, proc, log_tail, 300)  # a first start converts the default model
+    return proc, address
 
 
 def bench_checkpoint(checkpoint: str | None, preset_name: str | None, work: Path) -> Path | None:

@@ -8,33 +8,29 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "sdk"):  # run from a bare checkout too (no pip install -e)
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+if str(ROOT / "bench") not in sys.path:  # bench/harness.py; last, so its module names shadow nothing
+    sys.path.append(str(ROOT / "bench"))
 
+from harness import FAST_RECONNECT as FAST_RECONNECT  # noqa: E402 (the benchmarks' daemon start, shared)
+from harness import free_port, wait_serving  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2 as pb  # noqa: E402
 from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc  # noqa: E402
 
 from memoryd.store.redis_embed import find_redis_server  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env() -> dict[str, str]:
@@ -98,41 +94,6 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)
-
-
-FAST_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 50), ("grpc.max_reconnect_backoff_ms", 250))
-"""Channel options for a test client that polls a daemon while it (re)starts.  gRPC's default reconnect
-backoff starts at 1 s and grows 1.6x per refused attempt (1, 1.6, 2.6, 4.1 s ...), and between attempts
-every call fails at once, UNAVAILABLE: a channel that polled a daemon still importing torch noticed it
-serving up to seconds after it was.  With these the channel tries again within a quarter second.  They
-change no call's deadline and nothing the daemon does."""
-
-
-def wait_serving(
-    address: str,
-    proc: subprocess.Popen | None,
-    log_tail: Callable[[], str],
-    timeout: float,
-    service: str = "",
-    poll: float = 0.05,
-) -> None:
-    """Until the daemon at `address` says SERVING (for `service`; "": the server as a whole), or raise
-    RuntimeError with its log tail when `proc` exits or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address, options=FAST_RECONNECT) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"memoryd exited with {proc.returncode}:\n{log_tail()}")
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"memoryd did not become SERVING within {timeout} s:\n{log_tail()}")
-            time.sleep(poll)
 
 
 class Daemon:
