@@ -24,7 +24,10 @@ July").  `hit_rate`: the share of facts whose turn is among the `k` spans
 the question as the reply's recall searches for it).  `ttft_ms_*`: time to the first
 streamed message of the reply (the retrieval and the recalled context's prefill are in it);
 `decode_ms_per_token_*`: the gaps between later tokens, side by side; `recall_p95_ms`: the
-`Session.recall` calls' p95 (client-side, gRPC included).  One JSON line per depth
+`Session.recall` calls' p95 (client-side, gRPC included).  `--phases N` adds one line,
+`ttft_by_phase`: N more questions, each after one more observation turn, so that they fall at
+different points of the session's mini-batch, split by whether the prompt completes one (then a
+reply without recall waits for a test-time step first; see `ttft_by_phase`).  One JSON line per depth
 (`--json`); it measures and prints, it asserts nothing.  Building a 64K-token session on a
 2-core CPU takes 10+ minutes (tqdm shows it).
 """
@@ -55,6 +58,7 @@ from tqdm import tqdm  # noqa: E402
 
 from memoryd.sessions.recall_prompt import question_part  # noqa: E402
 from memoryd.settings import default_data_dir  # noqa: E402
+from model.state import counts_at  # noqa: E402
 
 CORPUS = ROOT / "data" / "corpora" / "python-doc" / "_sources"
 """Filler: Debian's python3.11-doc reST (scripts/memory_corpora.sh installs it offline)."""
@@ -199,7 +203,7 @@ class Filler:
     def __init__(self, paragraphs: list[str], seed: int) -> None:
         self.paras, self.i, self.rng = paragraphs, 0, random.Random(seed)
 
-    def _para(self) -> str:
+    def paragraph(self) -> str:
         p = self.paras[self.i % len(self.paras)]
         self.i += 1
         return p
@@ -207,10 +211,10 @@ class Filler:
     def turn(self) -> tuple[str, str]:
         r = self.rng.random()
         if r < 0.55:
-            return "tool", f"read_docs(page={self.i}) returned:\n{self._para()}\n{self._para()}"
+            return "tool", f"read_docs(page={self.i}) returned:\n{self.paragraph()}\n{self.paragraph()}"
         if r < 0.8:
-            return "assistant", f"Observation: {self._para()}"
-        return "user", f"Some background for the task: {self._para()}"
+            return "assistant", f"Observation: {self.paragraph()}"
+        return "user", f"Some background for the task: {self.paragraph()}"
 
 
 @dataclass
@@ -250,13 +254,14 @@ class Timed:
     ttft_ms: float
     decode_ms: list[float]
     recalled_tokens: int
+    prompt_tokens: int = 0
 
 
 async def ask(s: AsyncSession, messages: list[tuple[str, str]], recall: bool | RecallOptions) -> Timed:
     """One uncommitted chat reply, streamed: its text, time to first message, gaps between later tokens."""
     t0 = time.perf_counter()
     stream = await s.reply_stream(messages, max_tokens=MAX_TOKENS, recall=recall, commit=False)
-    first, last, gaps, text, recalled = None, None, [], "", 0
+    first, last, gaps, text, recalled, prompt = None, None, [], "", 0, 0
     async for chunk in stream.chunks():
         now = time.perf_counter()
         if first is None:
@@ -267,8 +272,8 @@ async def ask(s: AsyncSession, messages: list[tuple[str, str]], recall: bool | R
             last = now
         text += chunk.text
         if chunk.done:
-            recalled = chunk.recalled_tokens
-    return Timed(text, ((first or time.perf_counter()) - t0) * 1000, gaps, recalled)
+            recalled, prompt = chunk.recalled_tokens, chunk.prompt_tokens
+    return Timed(text, ((first or time.perf_counter()) - t0) * 1000, gaps, recalled, prompt)
 
 
 def mean(xs: list[float]) -> float:
@@ -352,8 +357,62 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
                 }
             )
             print(json.dumps(lines[-1]) if args.json else lines[-1], flush=True)
+        if args.phases:
+            asked = [f for f in built.facts if f.depth == max(args.ask_depths or depths)]
+            line = await ttft_by_phase(s, asked, opts, args.phases, info.mini_batch_size, filler_of(args))
+            print(json.dumps(line) if args.json else line, flush=True)
         await s.delete()
     return lines
+
+
+def filler_of(args: argparse.Namespace) -> Filler:
+    return Filler(filler_paragraphs(args.corpus), args.seed + 1)
+
+
+def steps_taken(offset: int, tokens: int, mini_batch: int) -> int:
+    """Test-time steps a session at `offset` takes when it reads `tokens` more (`model.state.counts_at`)."""
+    return counts_at(offset + tokens, mini_batch)[0] - counts_at(offset, mini_batch)[0]
+
+
+async def ttft_by_phase(
+    s: AsyncSession, facts: list[Fact], opts: RecallOptions, phases: int, mini_batch: int, filler: Filler
+) -> dict:
+    """Time to first token where the session's questions fall in its mini-batch, recall on and off.
+
+    Without recall a reply reads its prompt with test-time steps: a prompt that completes the
+    session's pending mini-batch waits for the step before its first token. With recall the prompt
+    is read forward only after the recalled context (`Sessions.generate`; the commit steps it after
+    the reply). So the two compare differently by phase: `no_step` is where the prompt completes no
+    mini-batch (recall's cost alone), `step` where it completes one. Before each question one more
+    observation turn moves the session to another phase; a question's `stepped` is computed from the
+    session's offset and the prompt's length. Measured after the depth passes (it grows the session)."""
+    rows: list[tuple[bool, float, float]] = []
+    for i in tqdm(range(phases), desc="phases", file=sys.stderr):
+        res = await s.add_message("assistant", f"Observation: {filler.paragraph()}")  # 40-400 tokens
+        q = facts[i % len(facts)].question + SUFFIX
+        r_on = await ask(s, [("user", q)], opts)
+        r_off = await ask(s, [("user", q)], False)
+        rows.append((steps_taken(res.offset, r_off.prompt_tokens, mini_batch) > 0, r_on.ttft_ms, r_off.ttft_ms))
+
+    def side(sel: list[tuple[bool, float, float]]) -> dict:
+        """Medians, and means: over every phase the rare long wait (a step) is what the mean shows."""
+        if not sel:
+            return {"questions": 0}
+        out: dict[str, float] = {"questions": len(sel)}
+        for name, f in (("median", statistics.median), ("mean", statistics.fmean)):
+            on, off = f(r[1] for r in sel), f(r[2] for r in sel)
+            out |= {f"ttft_ms_recall_on_{name}": round(on, 1), f"ttft_ms_recall_off_{name}": round(off, 1)}
+            out[f"on_over_off_{name}"] = round(on / off, 2)
+        return out
+
+    return {
+        "ttft_by_phase": {
+            "mini_batch": mini_batch,
+            "all": side(rows),
+            "no_step": side([r for r in rows if not r[0]]),
+            "step": side([r for r in rows if r[0]]),
+        }
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -374,6 +433,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=lambda v: [int(x) for x in v.split(",") if x.strip()],
         default=[],
         help="ask only the facts of these depths (the others stay in the session as distractors)",
+    )
+    ap.add_argument(
+        "--phases",
+        type=int,
+        default=0,
+        help="after the depths, this many questions at other phases of the session's mini-batch: time to first "
+        "token with and without recall where the question completes a mini-batch and where it does not",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--corpus", type=Path, default=CORPUS)
