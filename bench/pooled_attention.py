@@ -2,17 +2,18 @@
 
     python bench/pooled_attention.py --json [--rows 16] [--context 200] [--reps 24]
 
-An experiment, not a served path (docs/engine.md, "Measured, not built"): it times one
-batched decode forward (every block and the head, `rows` sessions of about `context` tokens,
-one torch thread) four ways, alternating in one process:
+Pooled attention is an experiment, not a served path (docs/engine.md, "Measured, not built");
+packed GEMM is served (model/packed.py).  It times one batched decode forward (every block and
+the head, `rows` sessions of about `context` tokens, one torch thread) four ways, alternating in
+one process:
 
 - `per_row`: today's ragged rows (`model.network.Attention`: per row, a cache append and one
   SDPA call per layer);
 - `pooled`: the rows' keys in one [rows, Hkv, cap, hd] tensor per layer, every row's new key
   written with one indexed write, one masked SDPA call per layer (Attention.forward swapped
   for this run only; it checks that the hidden states agree with `per_row`'s);
-- `packed`: the static weights packed for exactly `rows` rows by MKL
-  (`torch.ops.mkl._mkl_reorder_linear_weight`, a second copy of them);
+- `packed`: the static MLPs and the head through MKL's copies packed for 16 rows, as memoryd
+  serves by default (`model.packed`; `per_row` and `pooled` run with `packed_decode` off);
 - `both`.
 
 Prints the median ms of each and its ratio to `per_row`, as one JSON line.
@@ -100,29 +101,9 @@ def main() -> None:
         )
         return self.o(out.transpose(1, 2).reshape(b, 1, -1)), past_
 
-    packed = {
-        m: torch.ops.mkl._mkl_reorder_linear_weight(m.weight.detach(), n)
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear)
-    }
-    head_w = model.embed.weight.detach() if model.lm_head is None else model.lm_head.weight.detach()
-    packed_head = torch.ops.mkl._mkl_reorder_linear_weight(head_w, n)
-    plain_linear, plain_head = torch.nn.Linear.forward, type(model).head
-
-    def packed_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        w, rows = packed.get(self), x.numel() // x.shape[-1]
-        if w is None or rows != n:
-            return plain_linear(self, x)
-        return torch.ops.mkl._mkl_linear(x.reshape(rows, -1), w, self.weight, None, n).reshape(*x.shape[:-1], -1)
-
-    def packed_logits(self: network.TTTModel, h: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkl._mkl_linear(self.final_norm(h), packed_head, head_w, None, n)
-
     def use(variant: str) -> None:
-        pooled, pack = variant in ("pooled", "both"), variant in ("packed", "both")
-        network.Attention.forward = pooled_attention if pooled else per_row_attention
-        torch.nn.Linear.forward = packed_linear if pack else plain_linear
-        type(model).head = packed_logits if pack else plain_head
+        network.Attention.forward = pooled_attention if variant in ("pooled", "both") else per_row_attention
+        model.packed_decode = variant in ("packed", "both")  # the served switch (model/packed.py)
 
     h0 = model.embed_tokens(torch.tensor(toks)[:, None])
     variants = ("per_row", "pooled", "packed", "both")
@@ -143,7 +124,7 @@ def main() -> None:
                     t0 = time.perf_counter()
                     caches = cur if per_row else past
                     h, kept = model.run_blocks(h0, range(cfg.num_layers), caches, starts, fast, "sdpa")
-                    model.head(h[:, -1])
+                    model.rows_head(h[:, -1])
                     times[v].append((time.perf_counter() - t0) * 1000)
                     if per_row:
                         cur = kept

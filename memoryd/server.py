@@ -205,10 +205,11 @@ async def _serve(
 ) -> None:
     device = resolve_device(s.device)
     model, ckpt, name, adapter = await asyncio.to_thread(load_model, s, device)
+    model.packed_decode = s.packed_decode
     tok = load_tokenizer(model.cfg, ckpt)
     chat = chat_format_for(model.cfg, ckpt, tok)
     event = {"event": "model", "checkpoint": str(ckpt), "device": device, "dtype": s.dtype, "digest": digest_of(model)}
-    event |= {"adapter": adapter, "chat": _chat_note(chat)}
+    event |= {"adapter": adapter, "chat": _chat_note(chat), "packed_decode": s.packed_decode}
     log.info(json.dumps(event))
 
     store = Store(

@@ -165,4 +165,4 @@ def logits_of(states: Sequence[StreamState]) -> torch.Tensor:
         if s.position == 0:
             raise InputError("the session is empty: append at least one token before asking for logits")
     model = states[0].model
-    return tile_rows(model.head, torch.cat([s.pending_out[:, -1] for s in states]))
+    return tile_rows(model.rows_head, torch.cat([s.pending_out[:, -1] for s in states]))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import packed
 from model.attention import AttnImpl, apply_rope, attend, rope_cos_sin
 from model.cache import LiveKV, combine
 from model.config import ModelConfig
@@ -173,6 +174,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, eps)
         self.mlp = SwiGLU(d, cfg.intermediate_size)
         self.mlp_post_norm = post()
+        self.packed_decode = True
+        """Batched decode multiplies 16 rows by the static MLP through packed copies (`model.packed`)."""
         self._inert: tuple[tuple[tuple[int, int, int, bool], ...], bool] = ((), False)
 
     @property
@@ -197,6 +200,14 @@ class Block(nn.Module):
             with torch.no_grad():
                 self._inert = (key, frozen and not any(bool(w.any()) for w in ws))
         return self._inert[1]
+
+    def _rows_mlp(self, x: torch.Tensor) -> torch.Tensor:
+        """The static MLP on a batched decode's rows (`tile_rows` pads 9-15 of them to 16): through
+        MKL's packed copies of its weights at 16 rows (`model.packed`), else as `self.mlp`."""
+        m = self.mlp
+        if not self.packed_decode or not packed.usable(x, m.w1.weight):
+            return m(x)
+        return packed.linear(F.silu(packed.linear(x, m.w1.weight)) * packed.linear(x, m.w3.weight), m.w2.weight)
 
     @staticmethod
     def _residual(h: torch.Tensor, out: torch.Tensor, post_norm: RMSNorm | None) -> torch.Tensor:
@@ -229,7 +240,7 @@ class Block(nn.Module):
             h = self._residual(h, p, self.fast_post_norm)
         if not self.inert_mlp:
             x = self.mlp_norm(h)
-            m = self.mlp(x) if isinstance(start, int) else tile_rows(self.mlp, x)  # ragged: batched decode
+            m = self.mlp(x) if isinstance(start, int) else tile_rows(self._rows_mlp, x)  # ragged: batched decode
             h = self._residual(h, m, self.mlp_post_norm)
         return h, kv
 
@@ -333,6 +344,27 @@ class TTTModel(nn.Module):
         h = self.final_norm(h)
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return upcast(h @ w.to(h.dtype).t())
+
+    def rows_head(self, h: torch.Tensor) -> torch.Tensor:
+        """`head` on a batched decode's rows (`tile_rows` pads 9-15 of them to 16): through MKL's packed
+        copy of the output weight at 16 rows (`model.packed`), else as `head`."""
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if not self.packed_decode or not packed.usable(h, w):
+            return self.head(h)
+        return upcast(packed.linear(self.final_norm(h), w))
+
+    @property
+    def packed_decode(self) -> bool:
+        """Whether batched decode multiplies 16 rows through MKL's packed copies of the static MLPs and
+        the head (`model.packed`: 7-8 % off a 16-row forward of the default model, for a second copy
+        of those weights, 332 MB resident).  On by default; `memoryd serve --packed-decode false` turns
+        it off."""
+        return all(b.packed_decode for b in self.blocks)
+
+    @packed_decode.setter
+    def packed_decode(self, on: bool) -> None:
+        for b in self.blocks:
+            b.packed_decode = on
 
     @property
     def prefix_layers(self) -> range:

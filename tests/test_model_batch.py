@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_configs import micro
 
-from model import InputError, StreamState, init_model
+from model import InputError, StreamState, init_model, packed
 from model.batch import decode, decode_bytes, logits_of, steps_on_append
 from model.network import PAD_FROM, ROW_TILE, tile_rows
 from model.snapshot import state_from_bytes, state_to_bytes
@@ -200,3 +200,34 @@ def test_batched_decode_of_a_padded_batch_equals_solo(model):
             torch.testing.assert_close(logits[row], s.logits(), atol=TOL, rtol=TOL)
     for a, b in zip(batch, solo, strict=True):
         assert_same_state(a, b)
+
+
+def test_sixteen_rows_multiply_through_packed_copies_that_follow_their_weights():
+    """At 16 rows (9-15 padded to it) batched decode multiplies by MKL's packed copies of the static MLP
+    and the head (model/packed.py): logits as the plain product's, copies made once per weight, made
+    again when a weight is written in place, and none with `packed_decode` off."""
+    model = init_model(micro("ttt-e2e", num_layers=3, num_fast_layers=1), seed=5).requires_grad_(False)
+    g = torch.Generator().manual_seed(8)
+    ctx = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (13,), generator=g)]
+    tokens = torch.randint(0, 256, (13,), generator=g).tolist()
+    mlp = model.blocks[0].mlp
+
+    def logits(on: bool) -> torch.Tensor:
+        model.packed_decode = on
+        try:
+            return decode([fed(model, c, [5]) for c in ctx], tokens)
+        finally:
+            model.packed_decode = True
+
+    plain = logits(False)
+    assert id(mlp.w1.weight) not in packed._packed, "packed_decode off makes no copy"
+    torch.testing.assert_close(logits(True), plain, atol=TOL, rtol=TOL)
+    copy = packed._packed[id(mlp.w1.weight)][1]
+    assert {id(mlp.w2.weight), id(mlp.w3.weight), id(model.embed.weight)} <= packed._packed.keys()
+    logits(True)
+    assert packed._packed[id(mlp.w1.weight)][1] is copy, "a weight is packed once"
+    with torch.no_grad():
+        mlp.w1.weight.mul_(2.0)  # written in place: the copy is stale
+    torch.testing.assert_close(logits(True), logits(False), atol=TOL, rtol=TOL)
+    assert packed._packed[id(mlp.w1.weight)][1] is not copy
+    assert not torch.allclose(logits(False), plain), "the test changed a weight that matters"
