@@ -25,6 +25,10 @@ p50 through the daemon with the same model decoding the same prompt greedily in 
 (as bench/decode.py does: `state.append([t]); state.logits()`, the bench's torch threads = the
 daemon's), in alternating rounds so that a shared machine's load changes hit both alike:
 `daemon_over_in_process` is the serving overhead (gRPC, the engine loop, the session layer).
+`in_process_batched` does the same at the largest level: the greedy decode of its sessions'
+prompts in lockstep through `model.batch.decode` in this process, against one session alone,
+alternating (`speedup`, and `of_ceiling` against the same ceiling): what the forward alone gives,
+so that the daemon's figure shows what serving n sessions costs on top.
 Everything is measured in one run against one daemon, so ratios between levels are
 meaningful on a noisy machine; absolute figures are not comparable across runs.
 
@@ -68,7 +72,7 @@ from tqdm import tqdm  # noqa: E402
 from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
 from model import StreamState  # noqa: E402
-from model.batch import DecodeBytes, decode_bytes  # noqa: E402
+from model.batch import DecodeBytes, decode, decode_bytes, logits_of  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256  # the issue's shape; --generate-tokens changes the 32
@@ -279,6 +283,8 @@ def main() -> int:
         out["rounds"] = args.rounds
         torch.set_num_threads(args.torch_threads)
         out["overhead"] = asyncio.run(overhead(address, model, tok, args.generate_tokens, ROUNDS))
+        if max(levels) > 1:
+            out["in_process_batched"] = in_process_batched(model, tok, max(levels), args.generate_tokens, ROUNDS)
         del model
         out["generate_tokens"] = args.generate_tokens
         out["stagger"] = args.stagger
@@ -299,6 +305,9 @@ def main() -> int:
                 ]
                 for n in levels
             }
+            if "in_process_batched" in out:
+                ipb = out["in_process_batched"]
+                ipb["of_ceiling"] = round(ipb["speedup"] / out["bandwidth_ceiling"]["speedup"][str(ipb["sessions"])], 3)
             out["speedup_of_ceiling_rounds"] = {
                 str(n): round(
                     statistics.median(out["generate_speedup_rounds"][str(n)])
@@ -368,6 +377,37 @@ async def overhead(address: str, model: torch.nn.Module, tok: object, generate_t
         "in_process_per_token_p50_ms": round(p * 1000, 2),
         "daemon_over_in_process": round(d / p, 3),
         "same_tokens": same,
+    }
+
+
+@torch.no_grad()
+def in_process_batched(model: torch.nn.Module, tok: object, n: int, generate_tokens: int, rounds: int) -> dict:
+    """The same greedy decode as the generate phase, in this process without the daemon: one session
+    alone, and n sessions (the set-up's prompts) in lockstep through `model.batch.decode`, alternating,
+    `rounds` times each. Its speedup is what the forward alone gives; the daemon's, set against it,
+    shows what serving costs on top at n sessions."""
+    prompts = [tokens_of(tok, PROMPT_TOKENS, i) for i in range(n)]
+    states = []
+    for ids in prompts:
+        s = StreamState.fresh(model)
+        s.append(ids)
+        states.append(s)
+    per_forward: dict[int, list[float]] = {1: [], n: []}
+    for r in range(rounds):
+        for rows in (1, n) if r % 2 == 0 else (n, 1):
+            batch = [s.clone() for s in states[:rows]]
+            tokens = [int(t) for t in logits_of(batch).argmax(-1)]
+            for _ in range(generate_tokens - 1):
+                t0 = time.perf_counter()
+                logits = decode(batch, tokens)
+                per_forward[rows].append(time.perf_counter() - t0)
+                tokens = [int(t) for t in logits.argmax(-1)]
+    one, many = statistics.median(per_forward[1]), statistics.median(per_forward[n])
+    return {
+        "sessions": n,
+        "rounds": rounds,
+        "forward_p50_ms": {"1": round(one * 1000, 2), str(n): round(many * 1000, 2)},
+        "speedup": round(n * one / many, 2),
     }
 
 
