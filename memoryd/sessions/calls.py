@@ -91,6 +91,7 @@ from memoryd.store.tokenlog import tokens_hash
 if TYPE_CHECKING:
     from memoryd.engine.core import Engine
     from memoryd.sessions.chat import ChatFormat
+    from model.tokenizer import Tokenizer
 
 __all__ = ["AppendOutcome", "CommitRule", "GenEvent", "Info", "SamplingParams", "Sessions"]
 
@@ -137,7 +138,7 @@ class Sessions:
     """The session table of one daemon."""
 
     def __init__(
-        self, engine: Engine, tokenizer: Any, store: Store, settings: Settings, chat: ChatFormat | None = None
+        self, engine: Engine, tokenizer: Tokenizer, store: Store, settings: Settings, chat: ChatFormat | None = None
     ) -> None:
         self.engine = engine
         self.model = engine.model  # the edge reads its config (vocabulary, template); nothing here runs it

@@ -38,13 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 if TYPE_CHECKING:  # annotations only: importing model/ would import torch into the session layer
     from model.config import ModelConfig
+    from model.tokenizer import Tokenizer
 
 ROLE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 """Matched with fullmatch (`^...$` with `match` lets a trailing newline through)."""
@@ -217,7 +218,7 @@ def special_tokens(checkpoint_dir: Path, cfg: ModelConfig) -> list[str]:
     return [a["content"] for a in data.get("added_tokens", []) if a.get("special") and a.get("content")]
 
 
-def chat_format_for(cfg: ModelConfig, checkpoint_dir: Path, tokenizer: Any) -> ChatFormat | None:
+def chat_format_for(cfg: ModelConfig, checkpoint_dir: Path, tokenizer: Tokenizer) -> ChatFormat | None:
     """The checkpoint's chat format, or None when its config has no chat template."""
     if not cfg.chat_template:
         return None

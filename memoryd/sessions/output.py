@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from memoryd.engine.work import Logprob
 from memoryd.errors import InvalidArgument
 from memoryd.sessions.recall_prompt import NOTHING, RecallContext
 from memoryd.store.results import Logged
 from memoryd.store.tokenlog import tokens_hash
+
+if TYPE_CHECKING:  # annotations only: importing model/ would import torch into the session layer
+    from model.tokenizer import Tokenizer
 
 
 class StopText:
@@ -94,7 +97,7 @@ class GenEvent:
 class SampleText:
     """One sample's output as its client sees it: the tokens, the text sent, and why it stopped."""
 
-    def __init__(self, tok: Any, stops: tuple[str, ...], stop_ids: frozenset[int]) -> None:
+    def __init__(self, tok: Tokenizer, stops: tuple[str, ...], stop_ids: frozenset[int]) -> None:
         self.tok, self.stop_ids = tok, stop_ids
         self.decoder = tok.stream_decoder()
         self.text = StopText(list(stops))
@@ -128,7 +131,7 @@ class SampleText:
         return tail
 
 
-def kept_output(tok: Any, out: list[int], finish: str, text: StopText, commit_stop: bool) -> list[int]:
+def kept_output(tok: Tokenizer, out: list[int], finish: str, text: StopText, commit_stop: bool) -> list[int]:
     """The output tokens a committed generation keeps: all, or exactly the text the client was sent."""
     if commit_stop or finish == "length":
         return out
