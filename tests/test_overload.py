@@ -92,6 +92,12 @@ def block(tiny_model) -> int:  # noqa: F811
     return max(1200, int(n / (time.perf_counter() - t0) * BLOCK_SECONDS))
 
 
+def part(block: int, share: float) -> int:
+    """`share` of the blocking append (never fewer than 1,200 tokens, as `block`), for a test that needs
+    it to outlast a single 0.5 s wait: half of it took 1.7-2.9 s in the daemon (the whole of it 3.7-6.6 s)."""
+    return max(1200, int(block * share))
+
+
 def blocker(stub: Any, sid: str, n: int) -> tuple[threading.Thread, dict[str, Any]]:
     """A long append on `sid` in a thread (it holds the compute lane for one plan)."""
     out: dict[str, Any] = {}
@@ -173,6 +179,7 @@ def test_deadlines_drop_what_nobody_uses_and_finish_what_is_safe(daemon_factory,
 
 
 def test_a_full_queue_refuses_at_once_with_a_retry_hint(daemon_factory, block: int) -> None:
+    block = part(block, 0.5)  # the call arrives 0.5 s in and is refused at once (1,200+ tokens queued)
     d = daemon_factory("--tick-tokens", str(block + 1), "--max-queued-tokens", "1000")
     stub = d.stub()
     create(stub, "block")
@@ -213,6 +220,7 @@ def test_a_load_queued_longer_than_the_lease_keeps_its_session(daemon_factory, b
 
 
 def test_a_client_that_gave_up_while_it_loaded_finds_it_hot(daemon_factory, block: int) -> None:
+    block = part(block, 0.5)  # its replay (1.7-2.7 s) outlasts the first call's 0.5 s deadline 3x and more
     d = daemon_factory("--tick-tokens", str(block + 1), "--snapshot-interval", "100000")
     stub = d.stub()
     create(stub, "long", 16)

@@ -327,15 +327,15 @@ async def test_import_rebuilds_it_from_the_exports_recall_log(harness: Harness) 
 
 @ASYNC
 async def test_ttl_expiry_drops_it(harness: Harness) -> None:
-    harness.s = harness.s.model_copy(update={"ttl_seconds": 4, "snapshot_interval": 10_000})  # recall keys: 8 s
+    harness.s = harness.s.model_copy(update={"ttl_seconds": 2, "snapshot_interval": 10_000})  # recall keys: 4 s
     d = harness.start()
     key = ("t1", "ttl")
     await d.create(*key, {})
     await d.append(*key, text_tokens(FILLER + FACTS["vault"]), None, "")
     assert found(await recalled(d, key, QUERIES["vault"]), "vault")
-    assert 4 < await d.store.r.ttl("md:rx:{t1}:tip:ttl") <= 8
+    assert 2 < await d.store.r.ttl("md:rx:{t1}:tip:ttl") <= 4
     await harness.crash(d)  # nothing keeps it alive any more
-    await asyncio.sleep(8.5)
+    await asyncio.sleep(4.5)
     d2 = harness.start()
     assert [k async for k in d2.store.r.scan_iter("md:rx:{t1}:*")] in ([], [b"md:rx:{t1}:rc"])
     with pytest.raises(NotFound):

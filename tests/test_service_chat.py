@@ -24,6 +24,7 @@ from service_fixtures import (  # noqa: F401 (fixtures)
     export_bytes,
     exported,
     reference_state,
+    start_all,
     state_tensors,
     tiny_checkpoint,
     tiny_model,
@@ -75,19 +76,26 @@ def chat_model(chat_checkpoint: Path):
 
 
 @pytest.fixture(scope="module")
-def plain_daemon(tmp_path_factory, tiny_checkpoint: Path, redis_mod: RedisServer):  # noqa: F811
-    d = Daemon(tmp_path_factory.mktemp("memoryd-plain"), tiny_checkpoint, redis_mod.url, "--max-generate-tokens", "64")
-    d.start()
-    yield d
-    d.close()
+def daemons(tmp_path_factory, tiny_checkpoint: Path, chat_checkpoint: Path, redis_mod: RedisServer):  # noqa: F811
+    """The plain daemon and the chat one, started together (the first test uses both)."""
+    plain = Daemon(
+        tmp_path_factory.mktemp("memoryd-plain"), tiny_checkpoint, redis_mod.url, "--max-generate-tokens", "64"
+    )
+    chat = Daemon(tmp_path_factory.mktemp("memoryd-chat"), chat_checkpoint, redis_mod.url)
+    start_all([plain, chat])
+    yield plain, chat
+    plain.close()
+    chat.close()
 
 
 @pytest.fixture(scope="module")
-def chat_daemon(tmp_path_factory, chat_checkpoint: Path, redis_mod: RedisServer):
-    d = Daemon(tmp_path_factory.mktemp("memoryd-chat"), chat_checkpoint, redis_mod.url)
-    d.start()
-    yield d
-    d.close()
+def plain_daemon(daemons: tuple[Daemon, Daemon]) -> Daemon:
+    return daemons[0]
+
+
+@pytest.fixture(scope="module")
+def chat_daemon(daemons: tuple[Daemon, Daemon]) -> Daemon:
+    return daemons[1]
 
 
 def create(stub, text: str = "") -> str:

@@ -289,16 +289,15 @@ def test_bfloat16_serves_another_model_exactly(tmp_path: Path, tiny_checkpoint: 
     from model import load_checkpoint
 
     f32 = Daemon(tmp_path / "f32", tiny_checkpoint, redis_server.url)
-    f32.start()
-    try:
-        f32.stub().CreateSession(pb.CreateSessionRequest(session_id="made-in-f32"))
-        f32.stub().Append(pb.AppendRequest(session_id="made-in-f32", tokens=[5, 6, 7]))
-        digest32 = f32.stub().GetModel(pb.GetModelRequest()).digest
-    finally:
-        f32.close()  # its leases go with it
     b16 = Daemon(tmp_path / "b16", tiny_checkpoint, redis_server.url, "--dtype", "bfloat16")
-    b16.start()
+    start_all([f32, b16])  # b16 is not called until f32 has stopped
     try:
+        try:
+            f32.stub().CreateSession(pb.CreateSessionRequest(session_id="made-in-f32"))
+            f32.stub().Append(pb.AppendRequest(session_id="made-in-f32", tokens=[5, 6, 7]))
+            digest32 = f32.stub().GetModel(pb.GetModelRequest()).digest
+        finally:
+            f32.close()  # its leases go with it
         stub = b16.stub()
         assert stub.GetModel(pb.GetModelRequest()).digest != digest32
         with pytest.raises(grpc.RpcError) as e:

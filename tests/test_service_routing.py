@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,7 @@ from memoryd_sdk.proto import memoryd_pb2_grpc as pb_grpc
 from memoryd_sdk.routing import SESSION_KEY, rendezvous
 from service_fixtures import (  # noqa: F401 (fixtures)
     Daemon,
+    RedisServer,
     assert_same_state,
     export_bytes,
     redis_server,
@@ -35,12 +37,9 @@ from service_fixtures import (  # noqa: F401 (fixtures)
 LEASE = "2"
 
 
-@pytest.fixture
-def pair(tmp_path: Path, tiny_checkpoint: Path, redis_server):  # noqa: F811
+def two_daemons(workdir: Path, checkpoint: Path, redis_url: str) -> Iterator[list[Daemon]]:
     ds = [
-        Daemon(
-            tmp_path / f"d{i}", tiny_checkpoint, redis_server.url, "--lease-seconds", LEASE, "--snapshot-interval", "2"
-        )
+        Daemon(workdir / f"d{i}", checkpoint, redis_url, "--lease-seconds", LEASE, "--snapshot-interval", "2")
         for i in range(2)
     ]
     start_all(ds)
@@ -49,14 +48,42 @@ def pair(tmp_path: Path, tiny_checkpoint: Path, redis_server):  # noqa: F811
         d.close()
 
 
+@pytest.fixture
+def pair(tmp_path: Path, tiny_checkpoint: Path, redis_server):  # noqa: F811
+    """A pair of its own, for a test that kills one."""
+    yield from two_daemons(tmp_path, tiny_checkpoint, redis_server.url)
+
+
+@pytest.fixture(scope="module")
+def shared_pair(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) -> Iterator[list[Daemon]]:  # noqa: F811
+    """One pair (and Redis) for the tests that neither kill nor reconfigure a daemon: each uses its own
+    session ids and counts the daemons' counters from where it found them (`counters`)."""
+    redis = RedisServer(tmp_path_factory.mktemp("routing-redis"))
+    redis.start()
+    try:
+        yield from two_daemons(tmp_path_factory.mktemp("routing"), tiny_checkpoint, redis.url)
+    finally:
+        redis.kill(signal.SIGTERM)
+
+
 def metric(d: Daemon, name: str) -> float:
     """Sum of a Prometheus counter's samples on the daemon's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{d.metrics_port}/metrics", timeout=10).read().decode()
     return sum(float(m.group(1)) for m in re.finditer(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def test_non_holder_forwards_and_names_the_holder(pair: list[Daemon], tiny_model) -> None:  # noqa: F811
-    holder, other = pair
+COUNTERS = ("memoryd_session_loads_total", "memoryd_forwarded_calls_total")
+
+
+def counters(ds: list[Daemon]) -> Callable[[Daemon, str], float]:
+    """`metric` counted from now: what this test's calls added on a pair other tests used before."""
+    start = {(d.port, name): metric(d, name) for d in ds for name in COUNTERS}
+    return lambda d, name: metric(d, name) - start[d.port, name]
+
+
+def test_non_holder_forwards_and_names_the_holder(shared_pair: list[Daemon], tiny_model) -> None:  # noqa: F811
+    holder, other = shared_pair
+    metric = counters(shared_pair)
     holder.stub().CreateSession(pb.CreateSessionRequest(session_id="s"))
     holder.stub().Append(pb.AppendRequest(session_id="s", tokens=[1, 2, 3]))
     r, call = other.stub().Append.with_call(pb.AppendRequest(session_id="s", tokens=[4, 5]), timeout=30)
@@ -86,9 +113,10 @@ def test_non_holder_forwards_and_names_the_holder(pair: list[Daemon], tiny_model
     assert metric(other, "memoryd_forwarded_calls_total") >= 3
 
 
-def test_two_plain_clients_through_two_daemons_take_turns(pair: list[Daemon], tiny_model) -> None:  # noqa: F811
+def test_two_plain_clients_through_two_daemons_take_turns(shared_pair: list[Daemon], tiny_model) -> None:  # noqa: F811
     """Each client appends as fast as its answers come; nothing lost or doubled, and neither waits for the
     other to finish a long run (the outside drill saw runs of 36 and a 12 s wait before routing)."""
+    pair, metric = shared_pair, counters(shared_pair)
     pair[0].stub().CreateSession(pb.CreateSessionRequest(session_id="shared"))
     n = 25
     acks: list[tuple[int, int, str, list[int]]] = []
@@ -128,7 +156,8 @@ def test_two_plain_clients_through_two_daemons_take_turns(pair: list[Daemon], ti
     assert metric(pair[0], "memoryd_session_loads_total") + metric(pair[1], "memoryd_session_loads_total") == 1
 
 
-def test_sdk_routes_each_session_to_its_holder(pair: list[Daemon]) -> None:
+def test_sdk_routes_each_session_to_its_holder(shared_pair: list[Daemon]) -> None:
+    pair, metric = shared_pair, counters(shared_pair)
     addrs = [d.address for d in pair]
     # a session the SDK would send to pair[1] first, held by pair[0]
     sid = next(f"r{i}" for i in range(1000) if rendezvous(f"r{i}", addrs) == pair[1].address)
