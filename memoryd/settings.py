@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     packed_decode: bool = Field(
         True,
         description="on a CPU, batched decode multiplies 16 rows by the static MLPs and the head through MKL's "
-        "packed copies of them (model/packed.py): 7-8 percent off a 16-session forward of the default model, for "
+        "packed copies of them (model/packed.py): 6-9 percent off a 16-session forward of the default model, for "
         "about 330 MB more resident memory; false saves the memory",
     )
     malloc_arena_max: int = Field(

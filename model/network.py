@@ -362,7 +362,7 @@ class TTTModel(nn.Module):
     @property
     def packed_decode(self) -> bool:
         """Whether batched decode multiplies 16 rows through MKL's packed copies of the static MLPs and
-        the head (`model.packed`: 7-8 % off a 16-row forward of the default model, for a second copy
+        the head (`model.packed`: 6-9 % off a 16-row forward of the default model, for a second copy
         of those weights, 332 MB resident).  On by default; `memoryd serve --packed-decode false` turns
         it off."""
         return all(b.packed_decode for b in self.blocks)

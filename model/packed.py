@@ -11,7 +11,7 @@ multiplies by it (`torch.ops.mkl._mkl_linear`).
 Measured on one core of this project's CPU (weights cycled so that each comes from DRAM, as in
 a forward; `bench/pooled_attention.py` times the whole forward): [16, 576] x [576, 1536] 0.62
 times the plain product, [16, 1536] x [1536, 576] 0.91, the head [16, 576] x [576, 49152] 0.68;
-a whole 16-row forward of the default model 7-8 % less.  Results were bit-identical to
+a whole 16-row forward of the default model 6-9 % less (alternating with it off).  Results were bit-identical to
 `F.linear`'s on these shapes, but nothing relies on that: only the batched path uses it, whose
 activations are provisional (model/batch.py), so no persisted bit depends on it.
 
@@ -19,8 +19,8 @@ What it costs: a second, packed copy of the weights it multiplies by, made on th
 product and kept while the weight lives.  For the default model (the 23 non-zero static MLPs and
 the head) the daemon's resident memory grew by 332 MB; MKL allocates 1.1 GiB for them
 (`packed_bytes`) but writes only what its layout uses.  `TTTModel.packed_decode = False` turns it
-off (`memoryd serve --packed-decode false`).  The attention projections are left plain: 576 wide,
-they gain little (0.87 for q and o) for packed buffers many times their size.
+off (`memoryd serve --packed-decode false`).  The attention projections are left plain: packing
+them too took 1.4 % more off a 16-row forward for 102 MB more resident memory.
 
 Where MKL's ops are missing (another build of torch, another device or dtype) `usable` is false
 and the plain product runs.
