@@ -284,7 +284,8 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
     facts = facts_for(depths, args.facts, args.seed)
     async with AsyncMemoryClient(address, timeout=600, generate_timeout=1800) as client:
         info = await client.model_info()
-        built = await build(client, facts, depths, Filler(filler_paragraphs(args.corpus), args.seed))
+        paragraphs = filler_paragraphs(args.corpus)
+        built = await build(client, facts, depths, Filler(paragraphs, args.seed))
         s = built.session
         opts = RecallOptions(k=args.k, budget_tokens=args.budget)
         lines = []
@@ -359,14 +360,11 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
             print(json.dumps(lines[-1]) if args.json else lines[-1], flush=True)
         if args.phases:
             asked = [f for f in built.facts if f.depth == max(args.ask_depths or depths)]
-            line = await ttft_by_phase(s, asked, opts, args.phases, info.mini_batch_size, filler_of(args))
+            filler = Filler(paragraphs, args.seed + 1)
+            line = await ttft_by_phase(s, asked, opts, args.phases, info.mini_batch_size, filler)
             print(json.dumps(line) if args.json else line, flush=True)
         await s.delete()
     return lines
-
-
-def filler_of(args: argparse.Namespace) -> Filler:
-    return Filler(filler_paragraphs(args.corpus), args.seed + 1)
 
 
 def steps_taken(offset: int, tokens: int, mini_batch: int) -> int:

@@ -76,8 +76,9 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
     return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
 
 
-ROW_TILE = 16
-"""Rows a batched decode's large products are padded to (`tile_rows`)."""
+ROW_TILE = packed.ROWS
+"""Rows a batched decode's large products are padded to (`tile_rows`): MKL's fast path from 16 rows on,
+the row count `model.packed` packs its copies for."""
 PAD_FROM = 9
 """Fewest rows `tile_rows` pads: below it the unpadded product is the cheaper one."""
 
@@ -203,9 +204,10 @@ class Block(nn.Module):
 
     def _rows_mlp(self, x: torch.Tensor) -> torch.Tensor:
         """The static MLP on a batched decode's rows (`tile_rows` pads 9-15 of them to 16): through
-        MKL's packed copies of its weights at 16 rows (`model.packed`), else as `self.mlp`."""
+        MKL's packed copies of its weights at 16 rows (`model.packed`; `packed.linear` is the plain product
+        elsewhere), else as `self.mlp`."""
         m = self.mlp
-        if not self.packed_decode or not packed.usable(x, m.w1.weight):
+        if not self.packed_decode:
             return m(x)
         return packed.linear(F.silu(packed.linear(x, m.w1.weight)) * packed.linear(x, m.w3.weight), m.w2.weight)
 

@@ -11,9 +11,9 @@ multiplies by it (`torch.ops.mkl._mkl_linear`).
 Measured on one core of this project's CPU (weights cycled so that each comes from DRAM, as in
 a forward; `bench/pooled_attention.py` times the whole forward): [16, 576] x [576, 1536] 0.62
 times the plain product, [16, 1536] x [1536, 576] 0.91, the head [16, 576] x [576, 49152] 0.68;
-a whole 16-row forward of the default model 6-9 % less (alternating with it off).  Results were bit-identical to
-`F.linear`'s on these shapes, but nothing relies on that: only the batched path uses it, whose
-activations are provisional (model/batch.py), so no persisted bit depends on it.
+a whole 16-row forward of the default model 6-9 % less (alternating with it off).  Results were
+bit-identical to `F.linear`'s on these shapes, but nothing relies on that: only the batched path
+uses it, whose activations are provisional (model/batch.py), so no persisted bit depends on it.
 
 What it costs: a second, packed copy of the weights it multiplies by, made on the first 16-row
 product and kept while the weight lives.  For the default model (the 23 non-zero static MLPs and
@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 ROWS = 16
-"""The row count the copies are packed for (`network.ROW_TILE`): MKL packs for one M."""
+"""The row count the copies are packed for (MKL packs for one M), and so the one batched decode pads
+9-15 rows to (`network.ROW_TILE`, `network.tile_rows`)."""
 
 _lock = threading.Lock()
 _packed: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
