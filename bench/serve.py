@@ -73,6 +73,7 @@ from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
 from model import StreamState  # noqa: E402
 from model.batch import DecodeBytes, decode, decode_bytes, logits_of  # noqa: E402
+from model.pool import DecodePool  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256  # the issue's shape; --generate-tokens changes the 32
@@ -104,6 +105,8 @@ def engine_metrics(port: int) -> dict[str, float]:
         "memoryd_engine_decode_rows_count",
         "memoryd_session_loads_total",
         "memoryd_evictions_total",
+        'memoryd_engine_tick_seconds_sum{lane="decode"}',
+        'memoryd_engine_tick_seconds_count{lane="decode"}',
     )
     return {n: float(line.split()[-1]) for line in text.splitlines() for n in names if line.startswith(n + " ")}
 
@@ -169,7 +172,14 @@ async def generate_phase(stub: pb_grpc.MemoryServiceStub, ids: list[str], metric
     wall = time.perf_counter() - t0
     after = engine_metrics(metrics_port)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    return {"tok_s": generated / wall, "calls": calls, "gaps": gaps, "generated": generated, "counters": delta}
+    return {
+        "tok_s": generated / wall,
+        "wall": wall,
+        "calls": calls,
+        "gaps": gaps,
+        "generated": generated,
+        "counters": delta,
+    }
 
 
 def summary(runs: list[dict]) -> dict:
@@ -179,6 +189,9 @@ def summary(runs: list[dict]) -> dict:
     gaps = [g for r in runs for g in r["gaps"]]
     total = {k: sum(r["counters"].get(k, 0.0) for r in runs) for k in runs[0]["counters"]}
     forwards = total.get("memoryd_engine_decode_rows_count", 0.0)
+    ticks = total.get('memoryd_engine_tick_seconds_count{lane="decode"}', 0.0)
+    tick_s = total.get('memoryd_engine_tick_seconds_sum{lane="decode"}', 0.0)
+    wall = sum(r["wall"] for r in runs)
     ms = 1000.0
     return {
         "generate_tok_s": round(statistics.median(r["tok_s"] for r in runs), 2),
@@ -189,6 +202,8 @@ def summary(runs: list[dict]) -> dict:
         "inter_token_p99_ms": round(pct(gaps, 0.99) * ms, 1) if gaps else None,
         "generated_tokens": runs[0]["generated"],
         "decode_rows_per_forward": round(total["memoryd_engine_decode_rows_sum"] / forwards, 2) if forwards else None,
+        "decode_tick_ms": round(tick_s / ticks * ms, 1) if ticks else None,
+        "wall_per_decode_tick_ms": round(wall / ticks * ms, 1) if ticks else None,
         "loads_while_generating": int(total.get("memoryd_session_loads_total", 0.0)),
         "evictions_while_generating": int(total.get("memoryd_evictions_total", 0.0)),
     }
@@ -237,6 +252,12 @@ def main() -> int:
         help="generate phases per level, levels alternating (the speedup compares the levels' median rounds)",
     )
     p.add_argument("--tick-tokens", type=int, default=0, help="the daemon's --tick-tokens (0: its default)")
+    p.add_argument(
+        "--decode-pool-bytes",
+        type=int,
+        default=1 << 30,
+        help="the daemon's --decode-pool-bytes (0: attention per session), and the in-process batched decode's",
+    )
     args = p.parse_args()
     levels = [int(x) for x in args.sessions.split(",")]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the daemon and Redis on SIGTERM too
@@ -259,6 +280,7 @@ def main() -> int:
         ]
         if args.tick_tokens:
             extra += ["--tick-tokens", str(args.tick_tokens)]
+        extra += ["--decode-pool-bytes", str(args.decode_pool_bytes)]
         data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
         daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads, *extra, data_dir=data_dir)
         info = asyncio.run(model_info(address))
@@ -284,10 +306,13 @@ def main() -> int:
         torch.set_num_threads(args.torch_threads)
         out["overhead"] = asyncio.run(overhead(address, model, tok, args.generate_tokens, ROUNDS))
         if max(levels) > 1:
-            out["in_process_batched"] = in_process_batched(model, tok, max(levels), args.generate_tokens, ROUNDS)
+            out["in_process_batched"] = in_process_batched(
+                model, tok, max(levels), args.generate_tokens, ROUNDS, args.decode_pool_bytes
+            )
         del model
         out["generate_tokens"] = args.generate_tokens
         out["stagger"] = args.stagger
+        out["decode_pool_bytes"] = args.decode_pool_bytes
         out["bandwidth_ceiling"] = ceiling(need, levels, context)
         if 1 in levels:
             base = out["sessions"]["1"]["generate_tok_s"]
@@ -381,9 +406,12 @@ async def overhead(address: str, model: torch.nn.Module, tok: object, generate_t
 
 
 @torch.no_grad()
-def in_process_batched(model: torch.nn.Module, tok: object, n: int, generate_tokens: int, rounds: int) -> dict:
+def in_process_batched(
+    model: torch.nn.Module, tok: object, n: int, generate_tokens: int, rounds: int, pool_bytes: int
+) -> dict:
     """The same greedy decode as the generate phase, in this process without the daemon: one session
-    alone, and n sessions (the set-up's prompts) in lockstep through `model.batch.decode`, alternating,
+    alone, and n sessions (the set-up's prompts) in lockstep through `model.batch.decode` with a decode
+    pool as the daemon's decode lane keeps one (`model.pool`, at most `pool_bytes`; 0: none), alternating,
     `rounds` times each. Its speedup is what the forward alone gives; the daemon's, set against it,
     shows what serving costs on top at n sessions."""
     prompts = [tokens_of(tok, PROMPT_TOKENS, i) for i in range(n)]
@@ -396,10 +424,11 @@ def in_process_batched(model: torch.nn.Module, tok: object, n: int, generate_tok
     for r in range(rounds):
         for rows in (1, n) if r % 2 == 0 else (n, 1):
             batch = [s.clone() for s in states[:rows]]
+            pool = DecodePool(model.cfg, pool_bytes) if pool_bytes else None
             tokens = [int(t) for t in logits_of(batch).argmax(-1)]
             for _ in range(generate_tokens - 1):
                 t0 = time.perf_counter()
-                logits = decode(batch, tokens)
+                logits = decode(batch, tokens, pool)
                 per_forward[rows].append(time.perf_counter() - t0)
                 tokens = [int(t) for t in logits.argmax(-1)]
     one, many = statistics.median(per_forward[1]), statistics.median(per_forward[n])

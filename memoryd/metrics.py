@@ -64,6 +64,10 @@ ENGINE_TICK_SECONDS = Histogram(
 ENGINE_DECODE_ROWS = Histogram(
     "memoryd_engine_decode_rows", "sessions decoded together in one batched forward", buckets=(1, 2, 4, 8, 16, 32, 64)
 )
+DECODE_POOL_BYTES = Gauge(
+    "memoryd_decode_pool_bytes",
+    "bytes of the decode lane's copy of its rows' keys and values (model/pool.py; outside the memory budget)",
+)
 ENGINE_TICK_TOKENS = Histogram(
     "memoryd_engine_tick_tokens", "tokens of model work in one lane's plan", buckets=(1, 8, 32, 128, 512, 2048, 8192)
 )

@@ -211,6 +211,7 @@ async def _serve(
     chat = chat_format_for(model.cfg, ckpt, tok)
     event = {"event": "model", "checkpoint": str(ckpt), "device": device, "dtype": s.dtype, "digest": digest_of(model)}
     event |= {"adapter": adapter, "chat": _chat_note(chat), "packed_decode": s.packed_decode}
+    event |= {"decode_pool_bytes": s.decode_pool_bytes}
     log.info(json.dumps(event))
 
     store = Store(
@@ -220,7 +221,7 @@ async def _serve(
         wait_replicas=s.redis_wait_replicas,
         wait_timeout=s.redis_wait_timeout,
     )
-    engine = Engine(model, Budget(tokens=s.tick_tokens, rows=s.batch_sessions))
+    engine = Engine(model, Budget(tokens=s.tick_tokens, rows=s.batch_sessions), pool_bytes=s.decode_pool_bytes)
     sessions = Sessions(engine, tok, store, s, chat)
 
     opts = [

@@ -32,6 +32,7 @@ import torch
 
 from model.cache import cache_spec
 from model.network import TTTModel, fast_weight_names, tile_rows
+from model.pool import DecodePool
 from model.state import InputError, StreamState, counts_at
 
 NEVER = sys.maxsize
@@ -106,12 +107,14 @@ def runs_solo(state: StreamState, token: int | None) -> bool:
 
 
 @torch.no_grad()
-def decode(states: Sequence[StreamState], tokens: Sequence[int | None]) -> torch.Tensor:
+def decode(states: Sequence[StreamState], tokens: Sequence[int | None], pool: DecodePool | None = None) -> torch.Tensor:
     """Append tokens[i] to states[i] (distinct states of one model; None: read nothing, as the
     first token after a prompt); return every state's next-token logits [N, V].
 
     Rows whose token completes a mini-batch step solo; the others (frozen states' always)
-    run as one ragged batch.  Validates every token before changing any state.
+    run as one ragged batch, whose attention is one call per layer over `pool`'s copy of
+    their caches when one is given (`model.pool`: the caller's, used from one thread).
+    Validates every token before changing any state.
     """
     if len(states) != len(tokens) or not states:
         raise ValueError(f"decode needs one token per state, got {len(states)} states and {len(tokens)} tokens")
@@ -133,17 +136,18 @@ def decode(states: Sequence[StreamState], tokens: Sequence[int | None]) -> torch
         else:
             rows.append((s, int(t)))
     if rows:
-        _forward_rows([s for s, _ in rows], [t for _, t in rows])
+        _forward_rows([s for s, _ in rows], [t for _, t in rows], pool)
     return logits_of(states)
 
 
-def _forward_rows(states: list[StreamState], tokens: list[int]) -> None:
+def _forward_rows(states: list[StreamState], tokens: list[int], pool: DecodePool | None) -> None:
     """The provisional forward of one new token per state, batched (no state steps here)."""
     model = states[0].model
     device = states[0].pending_tokens.device
     ids = torch.tensor(tokens, dtype=torch.int64, device=device)
     pasts = [s.live_past() for s in states]
-    past_by_layer = [[p[j] for p in pasts] for j in range(model.cfg.num_layers)]
+    pooled = pool.tick(states, pasts) if pool is not None else None
+    past_by_layer = pooled or [[p[j] for p in pasts] for j in range(model.cfg.num_layers)]
     h = model.embed_tokens(ids[:, None])
     h, kept = model.run_blocks(
         h,
@@ -153,9 +157,12 @@ def _forward_rows(states: list[StreamState], tokens: list[int]) -> None:
         [s.fast for s in states],
         states[0].impl,
     )
+    own = [[layer[r] for layer in kept] for r in range(len(states))]
     for r, s in enumerate(states):
         s.take_pending(ids[r : r + 1])
-        s.record_provisional(h[r : r + 1], [layer[r] for layer in kept])
+        s.record_provisional(h[r : r + 1], own[r])
+    if pool is not None and pooled is not None:
+        pool.keep(states, own)
 
 
 @torch.no_grad()

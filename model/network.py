@@ -24,6 +24,7 @@ from model import packed
 from model.attention import AttnImpl, apply_rope, attend, rope_cos_sin
 from model.cache import LiveKV, combine
 from model.config import ModelConfig
+from model.pool import PooledPast
 
 Start = int | Sequence[int]
 """Where a call's tokens start: one position for the whole batch, or one per row (ragged rows:
@@ -126,7 +127,8 @@ class Attention(nn.Module):
         `rope` is the (cos, sin) table of those positions, shared by every layer.
         With ragged rows (`start` a sequence), row r starts at start[r] and `past` is
         a list of per-row caches: the projections run batched (one read of the weights
-        for every row), attention runs per row over that row's own cache.
+        for every row), attention runs per row over that row's own cache, or, when `past`
+        is a `pool.PooledPast`, in one call over the pool's copy of every row's cache.
 
         Returns the output and what a caller keeps of the keys/values attended over
         (past then new; `cache.combine`): the concatenation attention needs anyway,
@@ -144,6 +146,9 @@ class Attention(nn.Module):
         if isinstance(start, int):
             keys, values, kept = combine(past, k, v)
             out = attend(q, keys, values, start, cfg.window_size, impl, cfg.attention_sinks, self._sink_rope)
+        elif isinstance(past, PooledPast):  # one call for every row over the pool's copy (model/pool.py)
+            kept = [p.extend(k[r : r + 1], v[r : r + 1]) for r, p in enumerate(past.rows)]
+            out = past.attend(q, k, v)
         else:
             outs, kept = [], []
             for r, (p, s) in enumerate(zip(past, start, strict=True)):

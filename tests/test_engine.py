@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from memoryd_sdk.proto import memoryd_pb2 as pb
+from prometheus_client import REGISTRY
 from service_fixtures import (  # noqa: F401 (fixtures)
     ROOT,
     Daemon,
@@ -225,14 +226,17 @@ def test_lanes_plan_separately_and_solo_decodes_go_to_compute() -> None:
     assert not only_compute.decodes and only_compute.solo == [stepping]
 
 
-async def tokens_of(engine, request: Generate) -> list[list[int]]:
-    """Every sample's tokens, read from the generation's stream."""
+async def tokens_of(engine, request: Generate, pool_bytes: list[float] | None = None) -> list[list[int]]:
+    """Every sample's tokens, read from the generation's stream (and into `pool_bytes`, the decode pool's
+    bytes as each token arrives)."""
     from memoryd.engine.work import Finished
 
     out: list[list[int]] = [[] for _ in range(request.params.samples)]
     ends = 0
     async with engine.generate(request) as gen:
         async for item in gen:
+            if pool_bytes is not None:
+                pool_bytes.append(REGISTRY.get_sample_value("memoryd_decode_pool_bytes"))
             if isinstance(item, Finished):
                 ends += 1
                 assert len(out[item.sample]) == request.params.max_tokens and item.reason == "length"
@@ -311,8 +315,11 @@ def test_n_samples_are_n_seeded_generations_in_shared_forwards(tiny_model) -> No
         state = StreamState.fresh(tiny_model)
         state.append(prompt)
         before = {k: v.clone() for k, v in state.tensors().items()}
-        together = await tokens_of(engine, Generate(state, params, frozenset()))
+        pooled: list[float] = []
+        together = await tokens_of(engine, Generate(state, params, frozenset()), pooled)
         ticks = engine.ticks
+        assert max(pooled) > 0, "the decode lane attended over its pool (model/pool.py)"
+        assert REGISTRY.get_sample_value("memoryd_decode_pool_bytes") == 0, "no generation left: the pool let go"
         assert_same_state(state.tensors(), before)
         alone = []
         for i in range(4):

@@ -16,6 +16,7 @@ from model_configs import micro
 from model import InputError, StreamState, init_model, packed
 from model.batch import decode, decode_bytes, logits_of, steps_on_append
 from model.network import PAD_FROM, ROW_TILE, tile_rows
+from model.pool import MIN_ROWS, DecodePool
 from model.snapshot import state_from_bytes, state_to_bytes
 from model.state import counts_at
 
@@ -58,15 +59,19 @@ sessions = st.lists(
 )
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["per-row", "pooled"])
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sessions)
-def test_batched_decode_equals_solo(model, spec):
-    """N sessions at different positions, cut differently, decoding in lockstep batches."""
+def test_batched_decode_equals_solo(model, pooled, spec):
+    """N sessions at different positions, cut differently, decoding in lockstep batches; `pooled`:
+    attention over one pool kept across the ticks, as the decode lane keeps it (rows leave as their
+    tokens run out, rows that step solo come back with new caches, rows pass the sink horizon)."""
     batch = [fed(model, ctx, cuts) for ctx, cuts, _ in spec]
     solo = [fed(model, ctx, cuts) for ctx, cuts, _ in spec]
+    pool = DecodePool(model.cfg) if pooled else None
     for t in range(max(len(d) for _, _, d in spec)):
         live = [i for i, (_, _, d) in enumerate(spec) if t < len(d)]
-        logits = decode([batch[i] for i in live], [spec[i][2][t] for i in live])
+        logits = decode([batch[i] for i in live], [spec[i][2][t] for i in live], pool)
         for row, i in enumerate(live):
             solo[i].append([spec[i][2][t]])
             torch.testing.assert_close(logits[row], solo[i].logits(), atol=TOL, rtol=TOL)
@@ -75,6 +80,28 @@ def test_batched_decode_equals_solo(model, spec):
         assert counts_at(a.position, model.cfg.mini_batch_size) == (a.steps, a.pending_count)
         # and a snapshot of the batched state is the solo state's snapshot, byte for byte
         assert state_to_bytes(a) == state_to_bytes(b)
+
+
+def test_pool_holds_the_rows_it_batches_and_lets_go():
+    """The pool fills on a tick of 2 or more rows and is released on a tick of fewer; a row longer than it
+    takes (a frozen copy keeps every token it reads) makes its tick run per row, with the same logits."""
+    model = init_model(micro("far-sinks"), seed=11).requires_grad_(False)
+    pool = DecodePool(model.cfg)
+    a, b = fed(model, [5], [1]), fed(model, list(range(30)), [7])  # neither steps in the next two tokens
+    decode([a, b], [1, 2], pool)
+    assert pool.nbytes() > 0
+    decode([a], [3], pool)
+    assert pool.nbytes() == 0, f"a tick of fewer than {MIN_ROWS} rows releases the pool"
+    long = fed(model, [4], [1]).frozen_copy()
+    long.append(list(range(200)) * (pool.max_keys // 200 + 1))
+    ref = long.clone()
+    logits = decode([long, b], [9, 8], pool)
+    assert pool.nbytes() == 0, "a row past max_keys runs per row"
+    ref.append([9])
+    torch.testing.assert_close(logits[0], ref.logits(), atol=TOL, rtol=TOL)
+    small = DecodePool(model.cfg, max_bytes=1024)
+    decode([a, b], [4, 5], small)
+    assert small.nbytes() == 0, "a tick that would pass max_bytes runs per row"
 
 
 def test_decode_steps_solo_at_mini_batch_boundary(model):

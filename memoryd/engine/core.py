@@ -49,6 +49,7 @@ from memoryd.engine.worker import Outcome, execute
 from memoryd.errors import DeadlineExceeded
 from model import StreamState, TTTModel, digest_of
 from model.batch import runs_solo, tokens_to_step
+from model.pool import DecodePool
 from model.state import counts_at, fork_bytes_bound, full_state_bytes, state_bytes_bound
 
 log = logging.getLogger("memoryd.engine")
@@ -57,9 +58,13 @@ log = logging.getLogger("memoryd.engine")
 class Engine:
     """Owns the model, the queue of work, and the lanes' worker threads."""
 
-    def __init__(self, model: TTTModel, budget: Budget) -> None:
+    def __init__(self, model: TTTModel, budget: Budget, pool_bytes: int = 1 << 30) -> None:
         self.model = model
         self.budget = budget
+        self._pool = DecodePool(model.cfg, pool_bytes) if pool_bytes else None
+        """The decode lane's copy of its rows' keys (at most `pool_bytes`), so that a batched forward attends in
+        one call a layer (`model.pool`): used only on that lane's thread, holds nothing until a forward of 2 or
+        more rows."""
         self.digest = digest_of(model)
         """The model's digest: a session stored under another one is not this model's to read."""
         self.fresh_bytes = StreamState.fresh(model).nbytes()
@@ -214,6 +219,8 @@ class Engine:
                     log.exception("the engine's %s lane failed on a plan", lane)
                     outcomes = [Outcome(t, error=e) for t in part.tickets()]
                 self._update(lane, part, outcomes, time.perf_counter() - t0)
+            if all(v[0] != "decode" for v in busy.values()):
+                self._release_pool()
             self._drop_expired()
             free = [lane for lane in LANES if all(lane != v[0] for v in busy.values())]
             if free and self._waiting:
@@ -224,10 +231,17 @@ class Engine:
                         continue
                     for t in part.tickets():
                         t.served, t.running = self.ticks, True
-                    fut = self._lanes[lane].submit(execute, self.model, part)
+                    fut = self._lanes[lane].submit(execute, self.model, part, self._pool if lane == "decode" else None)
                     fut.add_done_callback(lane_done)
                     busy[fut] = (lane, part, time.perf_counter())
             await self._wake.wait()
+
+    def _release_pool(self) -> None:
+        """No generation is left: give the decode lane's pool memory back (called only while that lane is
+        not running, so nothing else holds the pool; the next batch copies its rows in again)."""
+        if self._pool is not None and self._pool.nbytes() and not self._generations:
+            self._pool.release()
+            metrics.DECODE_POOL_BYTES.set(0)
 
     def _drop_expired(self) -> None:
         """Items whose deadline has passed and that have not started: nobody will use their result."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memoryd import metrics
 from memoryd.engine.sampling import sample_rows
 from memoryd.engine.scheduler import Plan
 from memoryd.engine.work import (
@@ -34,6 +35,7 @@ from memoryd.engine.work import (
 )
 from model import InputError, ModelMismatchError, SnapshotError, StreamState, state_from_bytes, state_to_bytes
 from model.batch import decode, tokens_to_step
+from model.pool import DecodePool
 from model.state import validate_tokens
 
 
@@ -46,12 +48,15 @@ class Outcome:
     """A bug, not bad input: the call fails with INTERNAL."""
 
 
-def execute(model: torch.nn.Module, plan: Plan) -> list[Outcome]:
+def execute(model: torch.nn.Module, plan: Plan, pool: DecodePool | None = None) -> list[Outcome]:
+    """Run one lane's plan. `pool`: the decode lane's (`model.pool`), which only that lane's thread may use."""
     out: list[Outcome] = []
     if plan.decodes:
-        out += _decodes(plan.decodes)
+        out += _decodes(plan.decodes, pool)
+        if pool is not None:
+            metrics.DECODE_POOL_BYTES.set(pool.nbytes())
     for ticket in plan.solo:  # each alone: its token takes a test-time step
-        out += _decodes([ticket])
+        out += _decodes([ticket], None)
     for ticket, n in plan.chunks:
         out.append(_guard(ticket, lambda t=ticket, n=n: _append(t, n)))
     for ticket in plan.others:
@@ -66,12 +71,12 @@ def _guard(ticket: Ticket, fn: Callable[[], Result | None]) -> Outcome:
         return Outcome(ticket, error=e)
 
 
-def _decodes(tickets: list[Ticket]) -> list[Outcome]:
+def _decodes(tickets: list[Ticket], pool: DecodePool | None) -> list[Outcome]:
     """One tick of each sample: read its last token, draw its next (one forward, one sampling pass)."""
     rows: list[Sample] = [t.work for t in tickets]  # type: ignore[misc]
     assert all(isinstance(s, Sample) for s in rows)
     try:
-        logits = decode([s.state for s in rows], [s.token for s in rows])
+        logits = decode([s.state for s in rows], [s.token for s in rows], pool)
         params = [s.request.params for s in rows]
         penalized = any(p.penalized for p in params)
         drawn = sample_rows(

@@ -1,0 +1,243 @@
+"""One attention call per layer for every row of a batched decode: the rows' keys mirrored in one tensor.
+
+Batched decode (`model.batch.decode`) reads the static weights once for all its rows, but attention
+is each row's own: per row and layer, one SDPA call over that row's cache (16 rows x 30 layers: 480
+calls a forward of the default model, about 30 microseconds each on a CPU core whatever the keys,
+and on a GPU 480 kernel launches).  A `DecodePool` keeps a copy of the keys and values of the rows
+the decode lane batches, tick after tick, in one [rows, Hkv, columns, hd] tensor per layer, so each
+layer writes every row's new key with one indexed write and attends with one masked SDPA call.
+
+**A cache, not an owner.**  Each state still appends its new keys to its own growing buffer
+(`cache.LiveKV`, exactly as without a pool), so what a state is, what its forks see and what it
+persists do not change, and no tensor of the pool is ever seen outside this module.  A row's copy
+is valid while its state still holds the `LiveKV`s the last pooled tick returned to it (a buffer's
+slots below a holder's length are never written again, model/cache.py); otherwise (a new sample,
+a state that stepped, a frozen copy that moved to a larger buffer) its keys are copied in again:
+one copy of its window (about 46 KB a token for the default model), once per mini-batch it decodes.
+The pool belongs to one thread (the engine's decode lane) and is only ever used from it.
+
+**What changes** is only provisional: the batched path's activations (model/batch.py), which already
+differ from a solo forward's in the last bits.  One masked call over the same keys rounds differently
+from a call per row on a view of them; the visible keys are exactly `attention.decode_columns`', and
+the sinks seen from past the horizon are rotated as `attention.decode_attention` rotates them.
+
+**Measured** (`bench/pooled_attention.py`, one core of this project's CPU, 16 rows of the default
+model with packed GEMM on, alternating with the pool off in one process): see docs/engine.md.
+
+**What it costs** is memory: the keys and values of the rows it holds, a second time.  A column is
+2 x layers x Hkv x hd x 4 bytes (46 KB for the default model), and the pool has as many columns as
+its longest row's cache, plus room for a mini-batch: 16 rows at a full window (1,024 + 4 sinks + up
+to a mini-batch of pending keys) about 0.8 GB.  It grows as its rows' caches grow and is released
+when the decode lane batches fewer than `MIN_ROWS` rows.  A row longer than `max_keys` (a frozen
+copy keeps every token it reads, past the window too), or a tick that would make the pool pass its
+`max_bytes` (memoryd: `--decode-pool-bytes`, 1 GiB), runs per row.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from model.attention import apply_rope, decode_columns, holds_sinks, rope_cos_sin
+from model.cache import LiveKV
+from model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from model.state import StreamState
+
+MIN_ROWS = 2
+"""Fewer rows than this run per row (one row gains nothing from a pool), and the pool is released."""
+FROZEN_ROOM = 1024
+"""Keys a row may hold past a stream's most (window, sinks, a mini-batch pending) and still be pooled:
+a generation's frozen copy keeps its recalled context (memoryd's default budget 512), its prompt and
+its reply past the window."""
+
+
+@dataclass
+class TickPlan:
+    """Where this tick's rows sit in the pool and what each row's query sees (shared by every layer)."""
+
+    rows: torch.Tensor
+    """[B] the pool row of each batch row."""
+    cols: torch.Tensor
+    """[B] the column each row's new key is written to."""
+    direct: bool
+    """The batch rows are pool rows 0..B-1 in order (else queries are scattered into the pool's rows)."""
+    span: int
+    """Pool rows the attention call covers."""
+    width: int
+    """Columns the attention call covers."""
+    mask: torch.Tensor
+    """[span, 1, 1, width] bool: the columns each pool row's query sees (a row not in the batch sees its
+    first column only, so its softmax stays finite; its output is never read)."""
+    far: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    """(pool rows, cos, sin [n, 1, 1, hd/2]) of the rows that see the sinks from past the horizon: their
+    sink keys, rotated on by position - horizon, are written to the front columns each tick."""
+
+
+@dataclass
+class PooledPast:
+    """One layer's caches for a pooled tick: each row's own growing cache (appended as without a pool)
+    and the pool's copy of them, which this tick's attention reads."""
+
+    rows: list[LiveKV]
+    k: torch.Tensor
+    v: torch.Tensor
+    front: int
+    """Columns before each row's cache (the rotated sinks)."""
+    sinks: int
+    plan: TickPlan
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write each row's new key and value [B, Hkv, 1, hd] into the pool; attend q [B, H, 1, hd]
+        over every row's visible keys in one call; returns [B, H, 1, hd]."""
+        t, kp, vp = self.plan, self.k, self.v
+        kp[t.rows, :, t.cols], vp[t.rows, :, t.cols] = k[:, :, 0], v[:, :, 0]
+        if t.far is not None:
+            rows, cos, sin = t.far
+            at = slice(self.front, self.front + self.sinks)
+            kp[rows, :, : self.sinks] = apply_rope(kp[rows, :, at], cos.to(kp.dtype), sin.to(kp.dtype))
+            vp[rows, :, : self.sinks] = vp[rows, :, at]
+        b, h, _, hd = q.shape
+        kv = kp.shape[1]
+        qg = q.reshape(b, kv, h // kv, hd)  # query heads grouped by their key head (GQA): the groups are rows
+        if not t.direct:
+            qg = q.new_zeros(t.span, kv, h // kv, hd).index_copy_(0, t.rows, qg)
+        out = F.scaled_dot_product_attention(
+            qg, kp[: t.span, :, : t.width], vp[: t.span, :, : t.width], attn_mask=t.mask, scale=hd**-0.5
+        )
+        if not t.direct:
+            out = out[t.rows]
+        return out.reshape(b, h, 1, hd)
+
+
+@dataclass
+class _Row:
+    state: weakref.ref[StreamState]
+    index: int
+    kept: list[LiveKV]
+
+
+class DecodePool:
+    """The decode lane's mirror of its batched rows' keys (see the module docstring)."""
+
+    def __init__(self, cfg: ModelConfig, max_bytes: int | None = None) -> None:
+        self.cfg = cfg
+        self.max_bytes = max_bytes
+        """The most the pool may hold (None: no limit): a tick that would need more runs per row."""
+        self.front = cfg.attention_sinks if cfg.sink_horizon is not None else 0
+        self.max_keys = (
+            0 if cfg.window_size is None else cfg.window_size + cfg.attention_sinks + cfg.mini_batch_size + FROZEN_ROOM
+        )
+        """The longest row cache the pool takes (0: none, a full-attention model's caches are unbounded)."""
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self._rows: dict[int, _Row] = {}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    def release(self) -> None:
+        self.k, self.v, self._rows = [], [], {}
+
+    def tick(self, states: Sequence[StreamState], pasts: Sequence[Sequence[LiveKV]]) -> list[PooledPast] | None:
+        """Each layer's `PooledPast` for one batched tick of `states` (whose caches are `pasts`, per row
+        per layer, before this tick's token), or None when the tick should run per row."""
+        lengths = [p[0].length for p in pasts]
+        if len(states) < MIN_ROWS or not self.max_keys or max(lengths) + 1 > self.max_keys:
+            self.release()
+            return None
+        present = {id(s) for s in states}
+        self._rows = {key: r for key, r in self._rows.items() if key in present and r.state() is not None}
+        taken = {r.index for r in self._rows.values()}
+        spare = (i for i in range(len(states) + len(taken)) if i not in taken)
+        index, stale = [], []
+        for r, (s, p) in enumerate(zip(states, pasts, strict=True)):
+            row = self._rows.get(id(s))
+            if row is None or row.state() is not s:
+                row = _Row(weakref.ref(s), next(spare) if row is None else row.index, [])
+                self._rows[id(s)] = row
+            if len(row.kept) != len(p) or any(a is not b for a, b in zip(row.kept, p, strict=True)):
+                stale.append(r)
+            index.append(row.index)
+        span = max(index) + 1
+        if not self._reserve(span, self.front + max(lengths) + 1, pasts[0][0].buf.k):
+            self.release()
+            return None
+        for r in stale:
+            for j, live in enumerate(pasts[r]):
+                k, v = live.keys()
+                at = slice(self.front, self.front + live.length)
+                self.k[j][index[r], :, at], self.v[j][index[r], :, at] = k[0], v[0]
+        plan = self._plan(states, lengths, index, span)
+        return [
+            PooledPast([p[j] for p in pasts], self.k[j], self.v[j], self.front, self.cfg.attention_sinks, plan)
+            for j in range(len(self.k))
+        ]
+
+    def keep(self, states: Sequence[StreamState], kept: Sequence[Sequence[LiveKV]]) -> None:
+        """Record the caches a pooled tick returned to each state: its row is valid while it still holds them."""
+        for s, k in zip(states, kept, strict=True):
+            self._rows[id(s)].kept = list(k)
+
+    def _reserve(self, rows: int, columns: int, like: torch.Tensor) -> bool:
+        """Room for `rows` rows of `columns` columns, grown with room for a mini-batch more (whole
+        multiples of it), the rows' copies kept; False if that would pass `max_bytes`."""
+        have_rows, have_cols = (self.k[0].shape[0], self.k[0].shape[2]) if self.k else (0, 0)
+        if rows <= have_rows and columns <= have_cols:
+            return True
+        b = self.cfg.mini_batch_size
+        cols = max(have_cols, min(-(-(columns + b) // b) * b, self.front + self.max_keys))
+        shape = (max(rows, have_rows), like.shape[1], cols, like.shape[3])
+        need = 2 * self.cfg.num_layers * shape[0] * shape[1] * shape[2] * shape[3] * like.element_size()
+        if self.max_bytes is not None and need > self.max_bytes:
+            return False
+        grown_k, grown_v = [], []
+        for j in range(self.cfg.num_layers):
+            k, v = like.new_zeros(shape), like.new_zeros(shape)
+            if self.k:
+                k[:have_rows, :, :have_cols], v[:have_rows, :, :have_cols] = self.k[j], self.v[j]
+            grown_k.append(k)
+            grown_v.append(v)
+        self.k, self.v = grown_k, grown_v
+        return True
+
+    def _plan(self, states: Sequence[StreamState], lengths: list[int], index: list[int], span: int) -> TickPlan:
+        cfg, front, sinks = self.cfg, self.front, self.cfg.attention_sinks
+        horizon = cfg.sink_horizon
+        width = front + max(lengths) + 1
+        bounds = [(0, 1, 0, 0)] * span  # a row not in the batch: its first column only
+        far: list[tuple[int, int]] = []
+        for s, n, i in zip(states, lengths, index, strict=True):
+            p, m = s.position, n + 1  # the new token's position; its keys, its own included
+            lead, cut = decode_columns(p, m, cfg.window_size, sinks)
+            if horizon is not None and holds_sinks(p, 1, m, sinks) and p > horizon:
+                far.append((i, p - horizon))
+                bounds[i] = (0, sinks, front + cut, front + m)
+            else:
+                bounds[i] = (front, front + lead, front + cut, front + m)
+        device = self.k[0].device
+        lo1, hi1, lo2, hi2 = (torch.tensor(c, device=device)[:, None] for c in zip(*bounds, strict=True))
+        col = torch.arange(width, device=device)[None, :]
+        mask = ((col >= lo1) & (col < hi1)) | ((col >= lo2) & (col < hi2))
+        rows = torch.tensor(index, device=device)
+        far_plan = None
+        if far:
+            ahead = torch.tensor([a for _, a in far], device=device)
+            cos, sin = rope_cos_sin(ahead, cfg.head_dim, cfg.rope_theta, torch.float64, cfg.rope_scaling)
+            shape = (len(far), 1, 1, -1)
+            far_plan = (torch.tensor([i for i, _ in far], device=device), cos.view(shape), sin.view(shape))
+        return TickPlan(
+            rows=rows,
+            cols=torch.tensor([front + n for n in lengths], device=device),
+            direct=index == list(range(len(index))),
+            span=span,
+            width=width,
+            mask=mask[:, None, None, :],
+            far=far_plan,
+        )
