@@ -48,3 +48,24 @@ def test_cuda_matches_cpu(setup, dtype, impl, tol):
     assert err < tol, f"{dtype} {impl}: max |dlogp| {err}"
     for name, w in reference.fast.items():
         torch.testing.assert_close(state.fast[name].float().cpu(), w, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_pooled_decode_matches_per_row(setup, dtype):
+    """Batched decode on the GPU with the decode lane's pool (model/pool.py: one attention call a layer)
+    against the same batch attending per row: rows at different positions, some past the window."""
+    from model.batch import decode
+    from model.pool import DecodePool
+
+    cfg, _, tokens, _ = setup
+    gpu_model = init_model(cfg, seed=0).to("cuda", dtype).requires_grad_(False)
+    lengths = (5, 90, 300, 520)
+    a = [run(gpu_model, tokens[:n].cuda(), "sdpa") for n in lengths]
+    b = [run(gpu_model, tokens[:n].cuda(), "sdpa") for n in lengths]
+    pool = DecodePool(cfg)
+    for t in range(6):
+        nxt = [int(x) for x in tokens[600 + 4 * t : 604 + 4 * t]]
+        pooled, per_row = decode(a, nxt, pool).float(), decode(b, nxt).float()
+        err = (torch.log_softmax(pooled, -1) - torch.log_softmax(per_row, -1)).abs().max().item()
+        assert err < (1e-4 if dtype == torch.float32 else 1.5e-1), f"tick {t}: max |dlogp| {err}"
+    assert pool.nbytes() > 0
