@@ -144,10 +144,14 @@ def _forward_rows(states: list[StreamState], tokens: list[int], pool: DecodePool
     """The provisional forward of one new token per state, batched (no state steps here)."""
     model = states[0].model
     device = states[0].pending_tokens.device
-    ids = torch.tensor(tokens, dtype=torch.int64, device=device)
     pasts = [s.live_past() for s in states]
-    pooled = pool.tick(states, pasts) if pool is not None else None
-    past_by_layer = pooled or [[p[j] for p in pasts] for j in range(model.cfg.num_layers)]
+    plan = pool.tick(states, pasts) if pool is not None else None
+    if plan is not None:  # the pooled rows first (model/pool.py)
+        states, tokens = [states[r] for r in plan.order], [tokens[r] for r in plan.order]
+        past_by_layer: list = plan.layers
+    else:
+        past_by_layer = [[p[j] for p in pasts] for j in range(model.cfg.num_layers)]
+    ids = torch.tensor(tokens, dtype=torch.int64, device=device)
     h = model.embed_tokens(ids[:, None])
     h, kept = model.run_blocks(
         h,
@@ -161,8 +165,9 @@ def _forward_rows(states: list[StreamState], tokens: list[int], pool: DecodePool
     for r, s in enumerate(states):
         s.take_pending(ids[r : r + 1])
         s.record_provisional(h[r : r + 1], own[r])
-    if pool is not None and pooled is not None:
-        pool.keep(states, own)
+    if pool is not None and plan is not None:
+        n_pool = plan.layers[0].pooled
+        pool.keep(states[:n_pool], own[:n_pool])
 
 
 @torch.no_grad()

@@ -146,19 +146,31 @@ class Attention(nn.Module):
         if isinstance(start, int):
             keys, values, kept = combine(past, k, v)
             out = attend(q, keys, values, start, cfg.window_size, impl, cfg.attention_sinks, self._sink_rope)
-        elif isinstance(past, PooledPast):  # one call for every row over the pool's copy (model/pool.py)
-            kept = [p.extend(k[r : r + 1], v[r : r + 1]) for r, p in enumerate(past.rows)]
-            out = past.attend(q, k, v)
+        elif isinstance(past, PooledPast):  # one call for the pooled rows over the pool's copy (model/pool.py)
+            n_pool = past.pooled
+            kept = [p.extend(k[r : r + 1], v[r : r + 1]) for r, p in enumerate(past.rows[:n_pool])]
+            out = past.attend(q[:n_pool], k[:n_pool], v[:n_pool])
+            if n_pool < b:  # the rows the pool had no room for
+                tail = slice(n_pool, b)
+                rest, rest_kept = self._per_row(q[tail], k[tail], v[tail], past.rows[tail], start[tail], impl)
+                out, kept = torch.cat((out, rest)), kept + rest_kept
         else:
-            outs, kept = [], []
-            for r, (p, s) in enumerate(zip(past, start, strict=True)):
-                keys, values, kr = combine(p, k[r : r + 1], v[r : r + 1])
-                outs.append(
-                    attend(q[r : r + 1], keys, values, s, cfg.window_size, impl, cfg.attention_sinks, self._sink_rope)
-                )
-                kept.append(kr)
-            out = torch.cat(outs)
+            out, kept = self._per_row(q, k, v, past, start, impl)
         return self.o(out.transpose(1, 2).reshape(b, n, -1)), kept
+
+    def _per_row(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Sequence[Any], start: Start, impl: AttnImpl
+    ) -> tuple[torch.Tensor, list[Any]]:
+        """Ragged rows' attention one row at a time, each over its own cache."""
+        cfg = self.cfg
+        outs, kept = [], []
+        for r, (p, s) in enumerate(zip(past, start, strict=True)):
+            keys, values, kr = combine(p, k[r : r + 1], v[r : r + 1])
+            outs.append(
+                attend(q[r : r + 1], keys, values, s, cfg.window_size, impl, cfg.attention_sinks, self._sink_rope)
+            )
+            kept.append(kr)
+        return torch.cat(outs), kept
 
 
 class Block(nn.Module):

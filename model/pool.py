@@ -28,9 +28,9 @@ model with packed GEMM on, alternating with the pool off in one process): see do
 2 x layers x Hkv x hd x 4 bytes (46 KB for the default model), and the pool has as many columns as
 its longest row's cache, plus room for a mini-batch: 16 rows at a full window (1,024 + 4 sinks + up
 to a mini-batch of pending keys) about 0.8 GB.  It grows as its rows' caches grow and is released
-when the decode lane batches fewer than `MIN_ROWS` rows.  A row longer than `max_keys` (a frozen
-copy keeps every token it reads, past the window too), or a tick that would make the pool pass its
-`max_bytes` (memoryd: `--decode-pool-bytes`, 1 GiB), runs per row.
+when the decode lane batches fewer than `MIN_ROWS` rows.  It holds at most `max_bytes` (memoryd:
+`--decode-pool-bytes`, 1 GiB): the rows it has no room for, and a row longer than `max_keys` (a
+frozen copy keeps every token it reads, past the window too), attend per row in the same forward.
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ class PooledPast:
     and the pool's copy of them, which this tick's attention reads."""
 
     rows: list[LiveKV]
+    """Every row's own cache, the pooled rows first."""
+    pooled: int
+    """The first `pooled` rows attend over the pool (`attend`); the rest, which it had no room for, per row."""
     k: torch.Tensor
     v: torch.Tensor
     front: int
@@ -94,8 +97,8 @@ class PooledPast:
     plan: TickPlan
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write each row's new key and value [B, Hkv, 1, hd] into the pool; attend q [B, H, 1, hd]
-        over every row's visible keys in one call; returns [B, H, 1, hd]."""
+        """Write each pooled row's new key and value [B, Hkv, 1, hd] into the pool; attend its q [B, H, 1, hd]
+        over every pooled row's visible keys in one call; returns [B, H, 1, hd] (B: `pooled`)."""
         t, kp, vp = self.plan, self.k, self.v
         kp[t.rows, :, t.cols], vp[t.rows, :, t.cols] = k[:, :, 0], v[:, :, 0]
         if t.far is not None:
@@ -117,6 +120,15 @@ class PooledPast:
 
 
 @dataclass
+class PooledTick:
+    """What `DecodePool.tick` plans: the batch's rows in the order to run them (the pooled ones first)
+    and each layer's caches."""
+
+    order: list[int]
+    layers: list[PooledPast]
+
+
+@dataclass
 class _Row:
     state: weakref.ref[StreamState]
     index: int
@@ -129,7 +141,7 @@ class DecodePool:
     def __init__(self, cfg: ModelConfig, max_bytes: int | None = None) -> None:
         self.cfg = cfg
         self.max_bytes = max_bytes
-        """The most the pool may hold (None: no limit): a tick that would need more runs per row."""
+        """The most the pool may hold (None: no limit): the rows it has no room for attend per row."""
         self.front = cfg.attention_sinks if cfg.sink_horizon is not None else 0
         self.max_keys = (
             0 if cfg.window_size is None else cfg.window_size + cfg.attention_sinks + cfg.mini_batch_size + FROZEN_ROOM
@@ -145,58 +157,88 @@ class DecodePool:
     def release(self) -> None:
         self.k, self.v, self._rows = [], [], {}
 
-    def tick(self, states: Sequence[StreamState], pasts: Sequence[Sequence[LiveKV]]) -> list[PooledPast] | None:
-        """Each layer's `PooledPast` for one batched tick of `states` (whose caches are `pasts`, per row
-        per layer, before this tick's token), or None when the tick should run per row."""
+    def tick(self, states: Sequence[StreamState], pasts: Sequence[Sequence[LiveKV]]) -> PooledTick | None:
+        """The plan of one batched tick of `states` (whose caches are `pasts`, per row per layer, before this
+        tick's token): which rows the pool takes (its rows first, then new ones, shortest first, while they fit
+        `max_bytes` and `max_keys`) and each layer's `PooledPast`; None when fewer than `MIN_ROWS` fit (the
+        tick runs per row, and the pool is released)."""
         lengths = [p[0].length for p in pasts]
-        if len(states) < MIN_ROWS or not self.max_keys or max(lengths) + 1 > self.max_keys:
+        if len(states) < MIN_ROWS or not self.max_keys:
             self.release()
             return None
         present = {id(s) for s in states}
         self._rows = {key: r for key, r in self._rows.items() if key in present and r.state() is not None}
+        held = {id(s): r for r, s in enumerate(states)}
+        ranked = sorted(range(len(states)), key=lambda r: (id(states[r]) not in self._rows, lengths[r]))
         taken = {r.index for r in self._rows.values()}
         spare = (i for i in range(len(states) + len(taken)) if i not in taken)
-        index, stale = [], []
-        for r, (s, p) in enumerate(zip(states, pasts, strict=True)):
-            row = self._rows.get(id(s))
-            if row is None or row.state() is not s:
-                row = _Row(weakref.ref(s), next(spare) if row is None else row.index, [])
-                self._rows[id(s)] = row
-            if len(row.kept) != len(p) or any(a is not b for a, b in zip(row.kept, p, strict=True)):
-                stale.append(r)
-            index.append(row.index)
-        span = max(index) + 1
-        if not self._reserve(span, self.front + max(lengths) + 1, pasts[0][0].buf.k):
+        chosen: dict[int, int] = {}  # batch row -> pool row
+        span = longest = 0
+        like = pasts[0][0].buf.k
+        for r in ranked:
+            if lengths[r] + 1 > self.max_keys:
+                continue
+            row = self._rows.get(id(states[r]))
+            at = row.index if row is not None else None
+            if at is None:
+                at = next(spare)
+            if not self._fits(max(span, at + 1), self.front + max(longest, lengths[r]) + 1, like.element_size()):
+                break
+            chosen[r], span, longest = at, max(span, at + 1), max(longest, lengths[r])
+        if len(chosen) < MIN_ROWS:
             self.release()
             return None
-        for r in stale:
-            for j, live in enumerate(pasts[r]):
-                k, v = live.keys()
-                at = slice(self.front, self.front + live.length)
-                self.k[j][index[r], :, at], self.v[j][index[r], :, at] = k[0], v[0]
-        plan = self._plan(states, lengths, index, span)
-        return [
-            PooledPast([p[j] for p in pasts], self.k[j], self.v[j], self.front, self.cfg.attention_sinks, plan)
+        self._rows = {key: row for key, row in self._rows.items() if held[key] in chosen}
+        self._reserve(span, self.front + longest + 1, like)
+        order = sorted(chosen, key=lambda r: chosen[r]) + [r for r in range(len(states)) if r not in chosen]
+        pooled = [r for r in order if r in chosen]
+        for r in pooled:
+            s, p = states[r], pasts[r]
+            row = self._rows.get(id(s))
+            if row is None or row.state() is not s:
+                row = self._rows[id(s)] = _Row(weakref.ref(s), chosen[r], [])
+            if len(row.kept) != len(p) or any(a is not b for a, b in zip(row.kept, p, strict=True)):
+                for j, live in enumerate(p):
+                    k, v = live.keys()
+                    cols = slice(self.front, self.front + live.length)
+                    self.k[j][row.index, :, cols], self.v[j][row.index, :, cols] = k[0], v[0]
+        plan = self._plan([states[r] for r in pooled], [lengths[r] for r in pooled], [chosen[r] for r in pooled], span)
+        sinks = self.cfg.attention_sinks
+        layers = [
+            PooledPast([pasts[r][j] for r in order], len(pooled), self.k[j], self.v[j], self.front, sinks, plan)
             for j in range(len(self.k))
         ]
+        return PooledTick(order, layers)
 
     def keep(self, states: Sequence[StreamState], kept: Sequence[Sequence[LiveKV]]) -> None:
         """Record the caches a pooled tick returned to each state: its row is valid while it still holds them."""
         for s, k in zip(states, kept, strict=True):
             self._rows[id(s)].kept = list(k)
 
-    def _reserve(self, rows: int, columns: int, like: torch.Tensor) -> bool:
-        """Room for `rows` rows of `columns` columns, grown with room for a mini-batch more (whole
-        multiples of it), the rows' copies kept; False if that would pass `max_bytes`."""
+    def _shape(self, rows: int, columns: int) -> tuple[int, int]:
+        """The (rows, columns) the pool grows to for `rows` rows of `columns` columns: never smaller than it
+        is, columns with room for a mini-batch more (whole multiples of it, at most a row's most)."""
         have_rows, have_cols = (self.k[0].shape[0], self.k[0].shape[2]) if self.k else (0, 0)
         if rows <= have_rows and columns <= have_cols:
-            return True
+            return have_rows, have_cols
         b = self.cfg.mini_batch_size
-        cols = max(have_cols, min(-(-(columns + b) // b) * b, self.front + self.max_keys))
-        shape = (max(rows, have_rows), like.shape[1], cols, like.shape[3])
-        need = 2 * self.cfg.num_layers * shape[0] * shape[1] * shape[2] * shape[3] * like.element_size()
-        if self.max_bytes is not None and need > self.max_bytes:
-            return False
+        return max(rows, have_rows), max(have_cols, min(-(-(columns + b) // b) * b, self.front + self.max_keys))
+
+    def _fits(self, rows: int, columns: int, element: int) -> bool:
+        """Whether the pool grown for `rows` rows of `columns` columns (`_shape`) of `element`-byte numbers
+        stays within `max_bytes`."""
+        cfg = self.cfg
+        r, c = self._shape(rows, columns)
+        column = 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * element
+        return self.max_bytes is None or r * c * column <= self.max_bytes
+
+    def _reserve(self, rows: int, columns: int, like: torch.Tensor) -> None:
+        """Room for `rows` rows of `columns` columns (`_shape`), the rows' copies kept."""
+        have_rows, have_cols = (self.k[0].shape[0], self.k[0].shape[2]) if self.k else (0, 0)
+        r, c = self._shape(rows, columns)
+        if (r, c) == (have_rows, have_cols):
+            return
+        shape = (r, like.shape[1], c, like.shape[3])
         grown_k, grown_v = [], []
         for j in range(self.cfg.num_layers):
             k, v = like.new_zeros(shape), like.new_zeros(shape)
@@ -205,7 +247,6 @@ class DecodePool:
             grown_k.append(k)
             grown_v.append(v)
         self.k, self.v = grown_k, grown_v
-        return True
 
     def _plan(self, states: Sequence[StreamState], lengths: list[int], index: list[int], span: int) -> TickPlan:
         cfg, front, sinks = self.cfg, self.front, self.cfg.attention_sinks

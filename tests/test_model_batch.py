@@ -59,16 +59,24 @@ sessions = st.lists(
 )
 
 
-@pytest.mark.parametrize("pooled", [False, True], ids=["per-row", "pooled"])
+def column_bytes(cfg) -> int:
+    """Bytes of one column of a decode pool (every layer's key and value of one position), float32."""
+    return 2 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * 4
+
+
+@pytest.mark.parametrize("pooled", ["off", "on", "tight"], ids=["per-row", "pooled", "pool-for-3"])
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sessions)
 def test_batched_decode_equals_solo(model, pooled, spec):
-    """N sessions at different positions, cut differently, decoding in lockstep batches; `pooled`:
+    """N sessions at different positions, cut differently, decoding in lockstep batches; pooled:
     attention over one pool kept across the ticks, as the decode lane keeps it (rows leave as their
-    tokens run out, rows that step solo come back with new caches, rows pass the sink horizon)."""
+    tokens run out, rows that step solo come back with new caches, rows pass the sink horizon);
+    tight: a pool with room for 3 rows of 64 columns, so most ticks mix pooled and per-row rows."""
     batch = [fed(model, ctx, cuts) for ctx, cuts, _ in spec]
     solo = [fed(model, ctx, cuts) for ctx, cuts, _ in spec]
-    pool = DecodePool(model.cfg) if pooled else None
+    pool = {"off": None, "on": DecodePool(model.cfg), "tight": DecodePool(model.cfg, 3 * 64 * column_bytes(model.cfg))}[
+        pooled
+    ]
     for t in range(max(len(d) for _, _, d in spec)):
         live = [i for i, (_, _, d) in enumerate(spec) if t < len(d)]
         logits = decode([batch[i] for i in live], [spec[i][2][t] for i in live], pool)
@@ -84,7 +92,8 @@ def test_batched_decode_equals_solo(model, pooled, spec):
 
 def test_pool_holds_the_rows_it_batches_and_lets_go():
     """The pool fills on a tick of 2 or more rows and is released on a tick of fewer; a row longer than it
-    takes (a frozen copy keeps every token it reads) makes its tick run per row, with the same logits."""
+    takes (a frozen copy keeps every token it reads) attends per row, with the same logits; rows it has no
+    room for attend per row in the same forward."""
     model = init_model(micro("far-sinks"), seed=11).requires_grad_(False)
     pool = DecodePool(model.cfg)
     a, b = fed(model, [5], [1]), fed(model, list(range(30)), [7])  # neither steps in the next two tokens
@@ -102,6 +111,17 @@ def test_pool_holds_the_rows_it_batches_and_lets_go():
     small = DecodePool(model.cfg, max_bytes=1024)
     decode([a, b], [4, 5], small)
     assert small.nbytes() == 0, "a tick that would pass max_bytes runs per row"
+    # caches of 2, 15 and 14 keys, none stepping on the next token: each row takes 2 sink columns, its
+    # keys and the new one, rounded up with room for a mini-batch (4) to 24 columns; room for two rows
+    two = DecodePool(model.cfg, max_bytes=2 * 24 * column_bytes(model.cfg))
+    rows = [fed(model, [5, 6], [2]), fed(model, list(range(30)), [7]), fed(model, list(range(41)), [9])]
+    refs = [r.clone() for r in rows]
+    logits = decode(rows, [6, 7, 8], two)
+    assert 0 < two.nbytes() <= two.max_bytes, "two rows pooled, the third per row"
+    assert len(two._rows) == 2
+    for row, (ref, t) in enumerate(zip(refs, [6, 7, 8], strict=True)):
+        ref.append([t])
+        torch.testing.assert_close(logits[row], ref.logits(), atol=TOL, rtol=TOL)
 
 
 def test_decode_steps_solo_at_mini_batch_boundary(model):
