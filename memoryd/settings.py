@@ -127,7 +127,7 @@ class Settings(BaseSettings):
         1 << 30,
         ge=0,
         description="bytes the decode lane may keep of a second copy of the decoding sessions' keys and values, so "
-        "that a batched forward attends in one call per layer (model/pool.py; 5-10 percent off a 16-session forward "
+        "that a batched forward attends in one call per layer (model/pool.py; 2-10 percent off a 16-session forward "
         "of the default model on a CPU, one kernel a layer instead of one a session on a GPU; about 46 KB a token of "
         "cache for the default model, so 16 sessions at a full window take 0.8 GB); outside the memory budget; a "
         "batch's sessions it has no room for attend one by one in the same forward; 0: never",
