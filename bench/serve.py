@@ -73,7 +73,7 @@ from memoryd.server import load_model  # noqa: E402
 from memoryd.settings import default_data_dir, load_settings  # noqa: E402
 from model import StreamState  # noqa: E402
 from model.batch import DecodeBytes, decode, decode_bytes, logits_of  # noqa: E402
-from model.pool import DecodePool  # noqa: E402
+from model.pool import DEFAULT_MAX_BYTES, DecodePool  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256  # the shape; --generate-tokens changes the 32
@@ -255,7 +255,7 @@ def main() -> int:
     p.add_argument(
         "--decode-pool-bytes",
         type=int,
-        default=1 << 30,
+        default=DEFAULT_MAX_BYTES,
         help="the daemon's --decode-pool-bytes (0: attention per session), and the in-process batched decode's",
     )
     args = p.parse_args()

@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         "about 330 MB more resident memory; false saves the memory",
     )
     decode_pool_bytes: int = Field(
-        1 << 30,
+        1 << 30,  # model.pool.DEFAULT_MAX_BYTES (this module does not import torch)
         ge=0,
         description="bytes the decode lane may keep of a second copy of the decoding sessions' keys and values, so "
         "that a batched forward attends in one call per layer (model/pool.py; 2-10 percent off a 16-session forward "

@@ -50,6 +50,9 @@ from model.config import ModelConfig
 if TYPE_CHECKING:
     from model.state import StreamState
 
+DEFAULT_MAX_BYTES = 1 << 30
+"""What memoryd lets the pool hold unless told otherwise (`--decode-pool-bytes`; memoryd/settings.py keeps the
+same figure, torch-free): 16 sessions of the default model at a full window take 0.8 GB of it."""
 MIN_ROWS = 2
 """Fewer rows than this run per row (one row gains nothing from a pool), and the pool is released."""
 FROZEN_ROOM = 1024
@@ -166,9 +169,8 @@ class DecodePool:
         if len(states) < MIN_ROWS or not self.max_keys:
             self.release()
             return None
-        present = {id(s) for s in states}
-        self._rows = {key: r for key, r in self._rows.items() if key in present and r.state() is not None}
-        held = {id(s): r for r, s in enumerate(states)}
+        held = {id(s): r for r, s in enumerate(states)}  # id -> batch row
+        self._rows = {key: r for key, r in self._rows.items() if key in held and r.state() is not None}
         ranked = sorted(range(len(states)), key=lambda r: (id(states[r]) not in self._rows, lengths[r]))
         taken = {r.index for r in self._rows.values()}
         spare = (i for i in range(len(states) + len(taken)) if i not in taken)

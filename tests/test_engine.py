@@ -28,6 +28,8 @@ from service_fixtures import (  # noqa: F401 (fixtures)
 
 from memoryd.engine.scheduler import Budget, Plan, cut, schedule
 from memoryd.engine.work import Append, Export, Generate, Rebuild, Sample, SamplingParams, Ticket
+from memoryd.settings import Settings
+from model.pool import DEFAULT_MAX_BYTES
 
 B = 128  # mini-batch size of the simulated model in the scheduler tests
 
@@ -330,6 +332,7 @@ def test_n_samples_are_n_seeded_generations_in_shared_forwards(tiny_model) -> No
 
     together, alone, ticks = asyncio.run(main())
     assert together == alone
+    assert Settings.model_fields["decode_pool_bytes"].default == DEFAULT_MAX_BYTES, "the daemon's and the engine's"
     assert len({tuple(t) for t in together}) > 1, "independent samples differ"
     # 12 tokens each: 12 batched ticks, plus the solo steps of mini-batch boundaries (b = 8)
     assert ticks <= 12 + 4 * 2, f"4 samples of 12 tokens took {ticks} lane runs"

@@ -49,7 +49,7 @@ from memoryd.engine.worker import Outcome, execute
 from memoryd.errors import DeadlineExceeded
 from model import StreamState, TTTModel, digest_of
 from model.batch import runs_solo, tokens_to_step
-from model.pool import DecodePool
+from model.pool import DEFAULT_MAX_BYTES, DecodePool
 from model.state import counts_at, fork_bytes_bound, full_state_bytes, state_bytes_bound
 
 log = logging.getLogger("memoryd.engine")
@@ -58,7 +58,7 @@ log = logging.getLogger("memoryd.engine")
 class Engine:
     """Owns the model, the queue of work, and the lanes' worker threads."""
 
-    def __init__(self, model: TTTModel, budget: Budget, pool_bytes: int = 1 << 30) -> None:
+    def __init__(self, model: TTTModel, budget: Budget, pool_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.model = model
         self.budget = budget
         self._pool = DecodePool(model.cfg, pool_bytes) if pool_bytes else None
@@ -239,7 +239,7 @@ class Engine:
     def _release_pool(self) -> None:
         """No generation is left: give the decode lane's pool memory back (called only while that lane is
         not running, so nothing else holds the pool; the next batch copies its rows in again)."""
-        if self._pool is not None and self._pool.nbytes() and not self._generations:
+        if not self._generations and self._pool is not None and self._pool.nbytes():
             self._pool.release()
             metrics.DECODE_POOL_BYTES.set(0)
 
