@@ -23,6 +23,10 @@ July").  `hit_rate`: the share of facts whose turn is among the `k` spans
 `Session.recall(question, k)` returns (a span overlapping the turn's offsets; the query is
 the question as the reply's recall searches for it).  `ttft_ms_*`: time to the first
 streamed message of the reply (the retrieval and the recalled context's prefill are in it);
+`ttft_ms_oracle`, the oracle's: the fact's turn is read before the question, which is the least
+any recall that puts the fact in front of the reader must read (without recall, so with
+test-time steps: a step falls in it where the two cross a mini-batch boundary);
+`prompt_tokens_mean`: the question's tokens as the reply reads them (its template included);
 `decode_ms_per_token_*`: the gaps between later tokens, side by side; `recall_p95_ms`: the
 `Session.recall` calls' p95 (client-side, gRPC included).  `--phases N` adds one line,
 `ttft_by_phase`: N more questions, each after one more observation turn, so that they fall at
@@ -292,7 +296,7 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
         for d in args.ask_depths or depths:
             rows = [f for f in built.facts if f.depth == d]
             hits, on, off, oracle, recall_ms = 0, 0, 0, 0, []
-            ttft_on, ttft_off, dec_on, dec_off, ctx = [], [], [], [], []
+            ttft_on, ttft_off, ttft_or, dec_on, dec_off, ctx, prompt = [], [], [], [], [], [], []
             rank: list[int] = []  # where the fact's span ranked (k + 1: not in the top k)
             other: dict[int, list[tuple[bool, float, int]]] = {b: [] for b in args.also_budgets}
             for f in tqdm(rows, desc=f"depth {d}", file=sys.stderr):
@@ -313,6 +317,8 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
                 )
                 ttft_on.append(r_on.ttft_ms)
                 ttft_off.append(r_off.ttft_ms)
+                ttft_or.append(r_or.ttft_ms)
+                prompt.append(r_off.prompt_tokens)
                 dec_on += r_on.decode_ms
                 dec_off += r_off.decode_ms
                 ctx.append(r_on.recalled_tokens)
@@ -337,11 +343,13 @@ async def measure(address: str, args: argparse.Namespace, depths: list[int]) -> 
                             "answered_oracle": round(oracle / n, 3),
                             "ttft_ms_recall_on": round(statistics.median(ttft_on), 1),
                             "ttft_ms_recall_off": round(statistics.median(ttft_off), 1),
+                            "ttft_ms_oracle": round(statistics.median(ttft_or), 1),
                             "decode_ms_per_token_recall_on": mean(dec_on),
                             "decode_ms_per_token_recall_off": mean(dec_off),
                             "recall_p95_ms": round(pct(recall_ms, 0.95), 2),
                             "recall_p50_ms": round(pct(recall_ms, 0.5), 2),
                             "recalled_tokens_mean": mean([float(c) for c in ctx]),
+                            "prompt_tokens_mean": mean([float(c) for c in prompt]),
                             "depth_tokens_mean": round(statistics.fmean(built.end - f.start for f in rows)),
                             "session_tokens": built.end,
                             "hit_rate_at": {str(j): round(sum(r <= j for r in rank) / n, 3) for j in (1, 2, 4)},

@@ -193,7 +193,7 @@ async def long_session(a: argparse.Namespace, store: Store, real: RecallIndexes,
     for _ in range(3):
         for f in facts:
             t0 = time.perf_counter()
-            spans = await rx.recall(key, head.gen, pos, f.question, 8)
+            spans = (await rx.recall(key, head.gen, pos, f.question, 8)).spans
             lat.append((time.perf_counter() - t0) * 1000)
             hits += any(f.statement in sp.text for sp in spans)
     keys = [k async for k in store.r.scan_iter("md:rx:{bench}:*")]

@@ -295,11 +295,20 @@ def test_cli_recall(daemon: Daemon, client: MemoryClient) -> None:
 # -- recall in generation -------------------------------------------------------------------------
 
 
-def expected_context(spans, position: int, prompt_tokens: int, max_tokens: int, budget: int, query: str) -> list[int]:
-    """The context the daemon should have placed: memoryd's own rule, fed the spans it reported."""
+def expected_context(spans, history: str, prompt_tokens: int, max_tokens: int, budget: int, query: str) -> list[int]:
+    """The context the daemon should have placed: memoryd's own rule, fed the spans it reported and the
+    query terms' idf in an index of the session's log (`history`) built here."""
     from memoryd.sessions.chat import ChatFormat
+    from memoryd.sessions.recall.index import SpanIndex
+    from memoryd.sessions.recall.indexes import turn_start
+    from memoryd.sessions.recall.spans import Shape
     from memoryd.sessions.recall_prompt import recall_context
     from model.tokenizer import ByteTokenizer
+
+    log = list(history.encode())
+    index = SpanIndex(Shape(turn_start(ByteTokenizer(), ChatFormat(PLAIN))), ByteTokenizer().decode)
+    index.extend(0, log)
+    position = len(log)
 
     @dataclass(frozen=True)
     class S:
@@ -319,6 +328,7 @@ def expected_context(spans, position: int, prompt_tokens: int, max_tokens: int, 
         chat=ChatFormat(PLAIN),
         tok=ByteTokenizer(),
         query=query,
+        weights=index.idf(query),
     )
     return list(ctx.tokens)
 
@@ -341,7 +351,8 @@ def test_chat_recalls_and_commits_only_prompt_and_reply(client: MemoryClient, da
     # The reply was sampled after exactly the context the recall rule makes, placed right before the prompt
     # and read forward only (no test-time step: the context never moves the fast weights): greedy decoding
     # of the session's history, then that context and the prompt read into a frozen copy, gives the same tokens.
-    ctx = expected_context(gen.recalled_spans, position, len(prompt.encode()), 8, WINDOW, QUESTION)
+    ctx = expected_context(gen.recalled_spans, h.text, len(prompt.encode()), 8, WINDOW, QUESTION)
+    assert position == len(h.text.encode())
     assert len(ctx) == gen.recalled_tokens
     assert greedy_frozen(chat_model, list(h.text.encode()), ctx + list(prompt.encode()), len(gen.tokens)) == gen.tokens
 
@@ -471,41 +482,58 @@ def test_context_rule_budget_window_order_and_markers() -> None:
 
 
 def test_context_reads_the_spans_above_a_clear_drop_and_their_matching_sentences() -> None:
-    """With a query, the spans above the first clear drop in score are read (at least two above half the
-    best), each cut to its sentences holding a query term (a matching line ending in a colon keeps the line
-    after it); without one, every span is read whole."""
+    """With a query, the spans above the first clear drop in score are read, and below it those whose
+    best sentence matches the query (terms weighed by their idf) at least as well as any above it; each
+    is cut to its sentences holding a query term (a matching line ending in a colon keeps the line after
+    it), and a sentence another one holds whole is written once; without a query, every span is read whole."""
     from memoryd.sessions.chat import ChatFormat
     from memoryd.sessions.recall.words import words
     from memoryd.sessions.recall_prompt import CLEAR_GAP, HEADER, RELATIVE_SCORE, focus, ranked_cut, recall_context
     from model.tokenizer import ByteTokenizer
 
-    def scored(*xs: float) -> list[_Span]:
-        return [_Span(i, i + 1, "", x) for i, x in enumerate(xs)]
+    terms = frozenset(words("Which code opens the maple locker?"))  # code, open, maple, locker
+    idf = {"maple": 5.0, "locker": 2.0, "code": 1.5, "open": 1.0}
 
-    def kept(*xs: float) -> list[float]:
-        return [s.score for s in ranked_cut(scored(*xs))]
+    def kept(*spans: tuple[float, str]) -> list[float]:
+        return [s.score for s in ranked_cut([_Span(i, i + 1, t, x) for i, (x, t) in enumerate(spans)], terms, idf)]
 
     gap, half = 10.0 * CLEAR_GAP, 10.0 * RELATIVE_SCORE
-    assert kept(10.0, 10.0 - gap, 10.0 - gap) == [10.0, 10.0 - gap]  # a clear drop after the best: two kept
-    assert kept(10.0, 9.0, 8.5, 8.5 - gap, 5.5) == [10.0, 9.0, 8.5]  # down to the first clear drop
-    assert kept(10.0, 9.0, 8.5, 8.5 - gap + 0.01) == [10.0, 9.0, 8.5, 8.5 - gap + 0.01]  # no clear drop
-    assert kept(10.0, half - 0.01) == [10.0] and kept(10.0, half, half) == [10.0, half]  # the floor
+    fact, other = "The maple locker code is 4417.", "The access code for the south locker is 9921."
+    # a clear drop after the best: a runner-up without the subject (code + locker: 3.5 < 7.0) is left out ...
+    assert kept((10.0, fact), (10.0 - gap, other)) == [10.0]
+    # ... one whose sentence matches as well as the best's is read (the fact in a long tool output, or its
+    # sentence whole in the next window while the best holds it cut), down to the floor of half the best
+    assert kept((10.0, other), (10.0 - gap, "NOTE: maple locker reset to 4417.\nPASSED")) == [10.0, 10.0 - gap]
+    assert kept((10.0, other), (half - 0.01, fact)) == [10.0]
+    assert kept((10.0, fact), (9.0, other), (8.5, other), (8.5 - gap, fact), (5.5, other)) == [10.0, 9.0, 8.5, 6.5]
+    no_drop = kept((10.0, fact), (9.0, other), (8.5, other), (8.5 - gap + 0.01, other))
+    assert no_drop == [10.0, 9.0, 8.5, 8.5 - gap + 0.01]
     assert kept() == []
 
     chat, tok = ChatFormat(PLAIN), ByteTokenizer()
+    query = "Which code opens the storage rooms door?"
     spans = [  # most relevant first, as the index returns them
         _Span(900, 990, turn("user", "Lunch is at noon. The storage room door code is 4417. The printer jams."), 10.0),
         _Span(500, 590, turn("user", "Weather: rain."), 9.0),  # no query term: nothing left of it
         _Span(100, 190, turn("tool", "Rooms:\nAll of them are booked on Friday.\nNothing else."), 8.5),
-        _Span(300, 390, turn("user", "The door to the roof is locked."), 8.5 - gap),  # after the clear drop
+        _Span(300, 390, turn("user", "The door to the roof is locked."), 8.5 - gap),  # after the drop, matches less
     ]
-    query = "Which code opens the storage rooms door?"
     common = dict(position=10_000, window=1024, prompt_tokens=40, max_tokens=8, budget=512, chat=chat, tok=tok)
-    ctx = recall_context(spans, **common, query=query)
+    weights = {"storage": 4.0, "code": 2.0, "room": 1.5, "door": 1.0, "open": 1.0}
+    ctx = recall_context(spans, **common, query=query, weights=weights)
     assert [s.start for s in ctx.spans] == [900, 100]
     body = "Rooms: All of them are booked on Friday.\nThe storage room door code is 4417."  # most relevant last
     assert bytes(ctx.tokens).decode() == f"<|system|>\n{HEADER}\n{body}<|end|>\n"
+    # A window that cut the fact's sentence ranks first; the next window holds it whole: both are read, the
+    # cut copy is not written, and the whole sentence is (without weights every term weighs 1).
+    cut = [
+        _Span(960, 1050, turn("tool", "room door code is 4417.\nPrinter jams."), 10.0),
+        _Span(900, 990, turn("tool", "Lunch at noon.\nThe storage room door code is 4417."), 10.0 - gap),
+    ]
+    whole = recall_context(cut, **common, query=query)
+    assert [s.start for s in whole.spans] == [960, 900]
+    assert bytes(whole.tokens).decode() == f"<|system|>\n{HEADER}\nThe storage room door code is 4417.<|end|>\n"
     terms = frozenset(words(query))
-    assert focus("Nothing here. Or here!", terms) == "" and focus("a door; b. c", terms) == "a door;"
+    assert focus(["Nothing here.", "Or here!"], terms) == [] and focus(["a door;", "b.", "c"], terms) == ["a door;"]
     plain = recall_context(spans, **common)
     assert [s.start for s in plain.spans] == [900, 500, 100, 300]  # no query: every span, whole

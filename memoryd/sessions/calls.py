@@ -839,10 +839,10 @@ class Sessions:
             return NOTHING
         t0 = time.perf_counter()
         async with self._redis():  # the index itself (`recall` would take the lock this call holds)
-            spans = await self.recalls.recall(key, hot.gen, hot.state.position, ask.query, ask.k)
+            found = await self.recalls.recall(key, hot.gen, hot.state.position, ask.query, ask.k)
         metrics.RECALL_SECONDS.labels("Generate").observe(time.perf_counter() - t0)
         ctx = recall_context(
-            spans,
+            found.spans,
             position=hot.state.position,
             window=self.model.cfg.window_size or 0,
             prompt_tokens=len(prompt_ids),
@@ -851,6 +851,7 @@ class Sessions:
             chat=self.chat,
             tok=self.tok,
             query=ask.query,
+            weights=found.idf,
         )
         metrics.RECALLED_TOKENS.inc(len(ctx.tokens))
         return ctx
@@ -860,7 +861,7 @@ class Sessions:
         async with self._held(key):
             hot = await self._load(key)
             async with self._redis():
-                return await self.recalls.recall(key, hot.gen, hot.state.position, query, k)
+                return (await self.recalls.recall(key, hot.gen, hot.state.position, query, k)).spans
 
     async def tail(self, key: Key, n: int) -> tuple[int, int, str]:
         """The session's last `n` tokens: (start, end, text), read from the log kept for recall."""

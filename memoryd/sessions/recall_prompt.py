@@ -37,15 +37,17 @@ Why these choices:
   after the right one; most relevant last, 5 of 10, as many as with the fact alone
   before the question (the oracle).
 - **Only the spans above a clear drop in score, only their matching sentences.**  With the
-  query's words, the spans kept are those above the first drop of a fifth of the best score
-  (at least two above half the best: `ranked_cut`), and each is cut to its sentences that hold
-  a query word (`focus`).  Measured (bench/recall.py, the same session, one machine): whole
+  query's words, the spans kept are those above the first drop of a fifth of the best score,
+  and below it those (above half the best) whose best sentence matches the query at least as
+  well as any sentence above the drop (`ranked_cut`); each is cut to its sentences that hold a
+  query word (`focus`), and a sentence a more relevant span already holds whole is not
+  written twice.  Measured (bench/recall.py, the same session, one machine): whole
   spans to the budget were 285 tokens a question on a 2K-token session, the first token 6.8
   times later than without recall; cut to sentences, with every span above half the best, 200
   tokens on the 66K-token session (facts of the same kind about other subjects scored
-  0.47-0.77 of the right one), 4 times; with the cut at the drop, 46 tokens, 1.6-2.1 times,
-  answering 0.87-1.07 of what the reader answers with the fact in front of it.  The budget
-  still caps what is kept.
+  0.47-0.77 of the right one), 4 times; with the cut at the drop and always a second span,
+  46-68 tokens, 1.6-2.1 times, answering 0.87-1.07 of what the reader answers with the fact in
+  front of it.  The budget still caps what is kept.
 - **Special tokens removed from span text.**  A span of a chat log holds the template's
   markers (`<|im_start|>user`); written into a turn they would end it and forge others.
   The template's closing and generation prompt go too (a byte-level model has no special
@@ -55,7 +57,7 @@ Why these choices:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,9 +78,6 @@ the next ends what is kept: the spans above it matched the query's rare words (a
 the ones below only its common ones. Measured on bench/recall.py's 66K-token session (20 facts a
 depth, the same kinds of facts about other subjects as distractors): the span after the fact's
 scores 0.47-0.77 of it, the spans below that within a few hundredths of each other."""
-KEEP_AT_LEAST = 2
-"""Spans kept above the floor whatever the drops: with bench/recall_index.py's facts the fact's span
-ranked second, 0.6 of the best, in 2 of 20 questions at 8K (a cut after the first lost one)."""
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+|\n+")
 """Where span text is cut into sentences for `focus` (a line break too: tool output is lines)."""
 REPLY_RESERVE = 256
@@ -187,29 +186,69 @@ def _clean(text: str, specials: Sequence[str]) -> str:
     return re.sub(r"\n{2,}", "\n", text).strip()
 
 
-def ranked_cut(spans: Sequence[Span]) -> Sequence[Span]:
-    """The spans (most relevant first) worth reading: those scoring at least `RELATIVE_SCORE` of the
-    best, down to the first drop of `CLEAR_GAP` of the best between one and the next, but never
-    fewer than `KEEP_AT_LEAST` of them (the fact a question asks for is not always the best match)."""
+def sentences(text: str) -> list[str]:
+    """A span's text cut into sentences (and lines: tool output is lines), in order."""
+    return [p.strip() for p in _SENTENCE.split(text) if p.strip()]
+
+
+def match(sentence: str, terms: frozenset[str], weights: Mapping[str, float]) -> float:
+    """How well a sentence matches the query: the summed weight (idf in the log) of the query terms it holds."""
+    return sum(weights.get(t, 1.0) for t in terms.intersection(words(sentence)))
+
+
+def ranked_cut(spans: Sequence[Span], terms: frozenset[str], weights: Mapping[str, float]) -> list[Span]:
+    """The spans (most relevant first) worth reading: those scoring at least `RELATIVE_SCORE` of the best,
+    down to the first drop of `CLEAR_GAP` of the best between one and the next; below the drop, those
+    whose best sentence matches the query at least as well as any sentence above it.
+
+    Why the second rule: BM25 scores a span, and a fact inside a long tool output can score below a
+    short turn that shares the query's common words ("Which code do I need to get into the maple
+    locker?": "The access code for the south locker is ..." above "NOTE: Heads up: the maple locker
+    keypad was reset to ...", 0.75 of it), or the fact's sentence is cut at a window's edge, so that the
+    span holding it whole ranks below the one holding the cut copy.  Weighing each term by its rarity,
+    sentence by sentence, tells these apart from the usual runner-up, a fact of the same kind about
+    another subject, which lacks the subject and matches worse.  Measured with the index alone and
+    the default tokenizer, against keeping a second span always: on bench/recall.py's 66K-token
+    sessions (4 seeds, 80 facts each) 30-36 tokens a question instead of 47-68, the fact's sentence
+    kept in all 320 both ways; on bench/recall_index.py's logs (depths 2K, 8K and 32K, 4 seeds, 240
+    facts) 232 kept instead of 231, in 15-25 % fewer tokens."""
     if not spans:
-        return spans
+        return []
     best = spans[0].score
     above = sum(s.score >= RELATIVE_SCORE * best for s in spans)  # a prefix: the spans come by score
     cut = next((i for i in range(1, above) if spans[i - 1].score - spans[i].score >= CLEAR_GAP * best), above)
-    return spans[: max(cut, min(KEEP_AT_LEAST, above))]
+
+    def best_sentence(span: Span) -> float:
+        return max((match(p, terms, weights) for p in sentences(span.text)), default=0.0)
+
+    top = max(best_sentence(s) for s in spans[:cut])
+    return [*spans[:cut], *(s for s in spans[cut:above] if best_sentence(s) >= top)]
 
 
-def focus(text: str, terms: frozenset[str]) -> str:
-    """The sentences of a span's text that hold a term of the query, in their order ('' if none does).
+def focus(parts: Sequence[str], terms: frozenset[str]) -> list[str]:
+    """The sentences that hold a term of the query, in their order (none if none does).
 
     A span is up to 96 tokens of a turn (`recall.spans`); the fact a question asks for is one
     sentence of it. The rest is prefill before the first token and words for the reader to
     pick a wrong answer from."""
-    parts = [p.strip() for p in _SENTENCE.split(text) if p.strip()]
     hold = [bool(terms.intersection(words(p))) for p in parts]
     # a matching line that ends in a colon announces what follows ("deploy key for Cedar:" then the key)
-    kept = [p for i, p in enumerate(parts) if hold[i] or (i > 0 and hold[i - 1] and parts[i - 1].endswith(":"))]
-    return " ".join(kept)
+    return [p for i, p in enumerate(parts) if hold[i] or (i > 0 and hold[i - 1] and parts[i - 1].endswith(":"))]
+
+
+def _body(chosen: Sequence[tuple[Span, list[str]]]) -> str:
+    """The context's text: the spans least relevant first (the best next to the prompt), a span's sentences
+    on one line; a sentence that another sentence of the context holds whole (the cut copy at a window's
+    edge, or the same line seen by two overlapping windows) is written once."""
+    every = [p for _, parts in chosen for p in parts]
+    lines: list[str] = []
+    seen: set[str] = set()
+    for _, parts in chosen:  # most relevant first: a repeated sentence stays where it is most relevant
+        kept = [p for p in parts if p not in seen and not any(p != q and p in q for q in every)]
+        seen.update(kept)
+        if kept:
+            lines.append(" ".join(kept))
+    return "\n".join(reversed(lines))
 
 
 def _render(body: str, chat: ChatFormat | None, tok: Tokenizer) -> list[int]:
@@ -233,12 +272,14 @@ def recall_context(
     chat: ChatFormat | None,
     tok: Tokenizer,
     query: str = "",
+    weights: Mapping[str, float] | None = None,
 ) -> RecallContext:
     """The provisional token ids to place before a prompt of `prompt_tokens` tokens read at `position`.
 
-    `spans` most relevant first (as the index returns them).  With a `query`, only the spans above
-    a clear drop in score are read (`ranked_cut`) and each is cut to its sentences that hold a query
-    term (`focus`).  Empty when nothing is left after dropping the spans the window still
+    `spans` most relevant first (as the index returns them).  With a `query`, only the spans
+    `ranked_cut` keeps are read, each cut to its sentences that hold a query term (`focus`);
+    `weights` is each query term's idf in the log (`memoryd.sessions.recall.Recalled.idf`; a term
+    missing weighs 1).  Empty when nothing is left after dropping the spans the window still
     shows, or nothing fits the budget."""
     cap = context_budget(budget, window, prompt_tokens, max_tokens)
     if cap <= 0 or not spans:
@@ -251,19 +292,18 @@ def recall_context(
     specials = (*chat.specials, chat.closing.strip(), chat.generation_prompt.strip()) if chat is not None else ()
     terms = frozenset(words(query))
     if terms:
-        spans = ranked_cut(spans)
-    chosen: list[tuple[Span, str]] = []
+        spans = ranked_cut(spans, terms, weights or {})
+    chosen: list[tuple[Span, list[str]]] = []
     tokens: list[int] = []
     for span in spans:
         if window > 0 and span.start >= visible_from:
             continue
         text = _clean(span.text, specials)
-        if terms:
-            text = focus(text, terms)
-        if not text:
+        parts = focus(sentences(text), terms) if terms else [text] if text else []
+        if not parts:
             continue
-        trial = [*chosen, (span, text)]  # most relevant first; written most relevant last, next to the prompt
-        ids = _render("\n".join(t for _, t in reversed(trial)), chat, tok)
+        trial = [*chosen, (span, parts)]  # most relevant first; written most relevant last, next to the prompt
+        ids = _render(_body(trial), chat, tok)
         if len(ids) <= cap:
             chosen, tokens = trial, ids
     if not chosen:

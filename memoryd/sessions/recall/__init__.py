@@ -8,7 +8,8 @@ daemon's sessions and is what `memoryd.sessions.calls.Sessions` calls. No torch,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,4 +22,14 @@ class RecalledSpan:
     score: float
 
 
-__all__ = ["RecalledSpan"]
+@dataclass(frozen=True, slots=True)
+class Recalled:
+    """What one search found: the spans, most relevant first, and how rare each query term is in the log."""
+
+    spans: list[RecalledSpan] = field(default_factory=list)
+    idf: Mapping[str, float] = field(default_factory=dict)
+    """The idf of each query term that occurs in the log (`SpanIndex.idf`): what a generation's recalled
+    context weighs sentences by (memoryd.sessions.recall_prompt)."""
+
+
+__all__ = ["Recalled", "RecalledSpan"]

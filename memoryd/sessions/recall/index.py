@@ -154,7 +154,7 @@ class SpanIndex:
             df = (len(p[0]) if p else 0) + (1 if otf else 0)
             if df == 0:
                 continue
-            idf = math.log(1.0 + (n - df + 0.5) / (df + 0.5))
+            idf = _idf(n, df)
             if p:
                 ids = np.frombuffer(p[0], dtype=np.int32)
                 tf = np.frombuffer(p[1], dtype=np.int32).astype(np.float64)
@@ -171,5 +171,22 @@ class SpanIndex:
         hits.sort(key=lambda h: (-h.score, h.start))
         return hits[:k]
 
+    def idf(self, query: str) -> dict[str, float]:
+        """The idf of each of the query's terms that occurs in the log, as `search` weighs it: how rare it is
+        here (a subject named once outweighs a word every tool output has)."""
+        n = len(self.starts) + (1 if self._open else 0)
+        out = {}
+        for term in sorted(set(words(query))):
+            p = self.postings.get(term)
+            df = (len(p[0]) if p else 0) + (1 if self._open_tf.get(term, 0) else 0)
+            if df:
+                out[term] = _idf(n, df)
+        return out
+
     def text(self, hit: Hit) -> str:
         return self._text(hit.start, hit.end)
+
+
+def _idf(n: int, df: int) -> float:
+    """Lucene's idf of a term in `df` of `n` spans (positive however common the term)."""
+    return math.log(1.0 + (n - df + 0.5) / (df + 0.5))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from memoryd.sessions.ordering import Key
-from memoryd.sessions.recall import RecalledSpan, transfer
+from memoryd.sessions.recall import Recalled, RecalledSpan, transfer
 from memoryd.sessions.recall.index import SpanIndex
 from memoryd.sessions.recall.pages import Pages, Run
 from memoryd.sessions.recall.spans import Shape
@@ -256,8 +256,9 @@ class RecallIndexes:
         start = max(position - n, index.base)
         return start, index.text_of(start, position)
 
-    async def recall(self, key: Key, gen: int, position: int, query: str, k: int) -> list[RecalledSpan]:
+    async def recall(self, key: Key, gen: int, position: int, query: str, k: int) -> Recalled:
         index = await self.index(key, gen, position)
         if index is None:
-            return []
-        return [RecalledSpan(h.start, h.end, index.text(h), h.score) for h in index.search(query, k)]
+            return Recalled()
+        spans = [RecalledSpan(h.start, h.end, index.text(h), h.score) for h in index.search(query, k)]
+        return Recalled(spans, index.idf(query))
