@@ -238,17 +238,22 @@ def focus(parts: Sequence[str], terms: frozenset[str]) -> list[str]:
 
 def _body(chosen: Sequence[tuple[Span, list[str]]]) -> str:
     """The context's text: the spans least relevant first (the best next to the prompt), a span's sentences
-    on one line; a sentence that another sentence of the context holds whole (the cut copy at a window's
-    edge, or the same line seen by two overlapping windows) is written once."""
+    on one line; a sentence seen by two overlapping windows is written once, and the cut copy of one (the
+    start or the end of a sentence of the context, where a window's edge fell inside it) not at all."""
     every = [p for _, parts in chosen for p in parts]
     lines: list[str] = []
     seen: set[str] = set()
     for _, parts in chosen:  # most relevant first: a repeated sentence stays where it is most relevant
-        kept = [p for p in parts if p not in seen and not any(p != q and p in q for q in every)]
+        kept = [p for p in parts if p not in seen and not _cut_copy(p, every)]
         seen.update(kept)
         if kept:
             lines.append(" ".join(kept))
     return "\n".join(reversed(lines))
+
+
+def _cut_copy(sentence: str, every: Sequence[str]) -> bool:
+    """Whether `sentence` is the start or the end of a longer sentence of the context."""
+    return any(sentence != q and (q.startswith(sentence) or q.endswith(sentence)) for q in every)
 
 
 def _render(body: str, chat: ChatFormat | None, tok: Tokenizer) -> list[int]:
