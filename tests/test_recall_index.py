@@ -186,6 +186,9 @@ def test_scores_are_okapi_bm25() -> None:
         got = ix.search(q, 10)
         assert [(h.start, h.end) for h in got] == [s for _, s in want]
         assert [h.score for h in got] == pytest.approx([sc for sc, _ in want], rel=1e-12)
+    # the weights a recalled context ranks sentences by: the same idf, for the query's terms the log holds
+    idf = {t: math.log(1 + (n - df + 0.5) / (df + 0.5)) for t in ("apple", "red") for df in [sum(t in d for d in tfs)]}
+    assert ix.idf("Red apple, purple plum?") == pytest.approx(idf, rel=1e-12) and idf["red"] > idf["apple"]
 
 
 def test_k_and_empty_queries() -> None:
