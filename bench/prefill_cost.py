@@ -59,9 +59,9 @@ def main() -> None:
     tok = load_tokenizer(read_config(path), path)
     text = "\n\n".join(filler_paragraphs(args.corpus))
     ids = tok.encode(text[: args.history * 8])
-    if len(ids) < args.history + max(int(n) for n in args.lengths.split(",")):
-        raise SystemExit("the corpus is too short for --history")
     lengths = [int(n) for n in args.lengths.split(",")]
+    if len(ids) < args.history + max(lengths):
+        raise SystemExit("the corpus is too short for --history")
     state = StreamState.fresh(model)
     state.append(ids[: args.history])
     after = ids[args.history :]

@@ -192,8 +192,8 @@ class DecodePool:
             return None
         self._rows = {key: row for key, row in self._rows.items() if held[key] in chosen}
         self._reserve(span, self.front + longest + 1, like)
-        order = sorted(chosen, key=lambda r: chosen[r]) + [r for r in range(len(states)) if r not in chosen]
-        pooled = [r for r in order if r in chosen]
+        pooled = sorted(chosen, key=chosen.__getitem__)  # by pool row
+        order = pooled + [r for r in range(len(states)) if r not in chosen]
         for r in pooled:
             s, p = states[r], pasts[r]
             row = self._rows.get(id(s))

@@ -149,9 +149,7 @@ class SpanIndex:
         scores = np.zeros(nf, dtype=np.float64)
         open_score = 0.0
         for term in terms:
-            p = self.postings.get(term)
-            otf = self._open_tf.get(term, 0)
-            df = (len(p[0]) if p else 0) + (1 if otf else 0)
+            p, otf, df = self._counts(term)
             if df == 0:
                 continue
             idf = _idf(n, df)
@@ -174,14 +172,19 @@ class SpanIndex:
     def idf(self, query: str) -> dict[str, float]:
         """The idf of each of the query's terms that occurs in the log, as `search` weighs it: how rare it is
         here (a subject named once outweighs a word every tool output has)."""
-        n = len(self.starts) + (1 if self._open else 0)
+        n = self.spans()
         out = {}
         for term in sorted(set(words(query))):
-            p = self.postings.get(term)
-            df = (len(p[0]) if p else 0) + (1 if self._open_tf.get(term, 0) else 0)
+            df = self._counts(term)[2]
             if df:
                 out[term] = _idf(n, df)
         return out
+
+    def _counts(self, term: str) -> tuple[tuple[array, array] | None, int, int]:
+        """A term's postings in the final spans, its count in the open span, and the spans holding it."""
+        p = self.postings.get(term)
+        otf = self._open_tf.get(term, 0)
+        return p, otf, (len(p[0]) if p else 0) + (1 if otf else 0)
 
     def text(self, hit: Hit) -> str:
         return self._text(hit.start, hit.end)
