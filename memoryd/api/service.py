@@ -659,6 +659,9 @@ class MemoryServicer(pb_grpc.MemoryServiceServicer):
         else:
             prompt = self.tokens_of(r.prompt_text, r.prompt_tokens, "prompt", allow_empty=True)
         params = self.sampling(r)
+        if (msgs or r.add_generation_prompt) and self.chat is not None and self.chat.reply_stop_ids:
+            stops = tuple(sorted({*params.stop_tokens, *self.chat.reply_stop_ids}))  # ChatFormat.reply_stop_ids
+            params = dataclasses.replace(params, stop_tokens=stops)
         rule = self.commit_rule(r)
         recall = self.recall_ask(r, msgs)
         aid = check_append_id(r.append_id)

@@ -97,7 +97,14 @@ def template_roles(source: str) -> frozenset[str]:
 class ChatFormat:
     """A compiled, checked chat template and the special-token strings message content may not hold."""
 
-    def __init__(self, template: str, bos_token: str = "", eos_token: str = "", specials: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        template: str,
+        bos_token: str = "",
+        eos_token: str = "",
+        specials: Sequence[str] = (),
+        special_ids: Sequence[int] = (),
+    ) -> None:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         self.source = template
@@ -105,6 +112,10 @@ class ChatFormat:
         self._tpl = env.from_string(template)
         self._extra = {"bos_token": bos_token, "eos_token": eos_token}
         self.specials = tuple(s for s in specials if s)
+        self.reply_stop_ids = frozenset(special_ids)
+        """The special tokens' ids: a chat reply ends at any of them.  Message content may not hold a special
+        token (`check_messages`), so a reply that drew one could not be kept or sent back as a message
+        (a small model sometimes opens the next turn itself, `<|im_start|>`, before closing its own)."""
         self.generation_prompt = ""
         self.closing = ""
         self.problem: str | None = None
@@ -229,4 +240,7 @@ def chat_format_for(cfg: ModelConfig, checkpoint_dir: Path, tokenizer: Tokenizer
             by_id[name] = tokenizer.decode([tid])
         except (ValueError, IndexError, OverflowError):  # no such id: the template may not use it anyway
             by_id[name] = ""
-    return ChatFormat(cfg.chat_template, by_id["bos_token"], by_id["eos_token"], specials)
+    ids = [tokenizer.encode(s) for s in specials]
+    return ChatFormat(
+        cfg.chat_template, by_id["bos_token"], by_id["eos_token"], specials, [i[0] for i in ids if len(i) == 1]
+    )
