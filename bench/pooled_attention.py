@@ -1,4 +1,4 @@
-"""What batched decode gains from pooled attention and from packed GEMM, the two served switches.
+"""What batched decode gains from pooled attention and from oneDNN's packed products, the two served switches.
 
     python bench/pooled_attention.py --json [--rows 16] [--context 200] [--reps 8] [--ticks 8]
 
@@ -9,8 +9,8 @@ shared machine's load changes hit every variant alike):
 - `per_row`: attention per row and layer over the row's own cache, plain products;
 - `pooled`: attention in one call per layer over a `model.pool.DecodePool` (as the engine's decode
   lane keeps one: `memoryd serve --decode-pool-bytes`);
-- `packed`: the static MLPs and the head through MKL's copies packed for 16 rows (`model.packed`,
-  `memoryd serve --packed-decode`);
+- `packed`: the static weights through oneDNN's packed copies and the fast weights on oneDNN
+  (`model.packed`, `memoryd serve --packed-decode`);
 - `both`: what memoryd serves by default.
 
 Each rep of a variant starts from clones of the same sessions and runs one untimed tick (the clones
@@ -44,7 +44,7 @@ from model.batch import decode, tokens_to_step  # noqa: E402
 from model.pool import DecodePool  # noqa: E402
 
 VARIANTS = {"per_row": (False, False), "pooled": (True, False), "packed": (False, True), "both": (True, True)}
-"""name -> (pooled attention, packed GEMM)."""
+"""name -> (pooled attention, packed products)."""
 
 
 def main() -> None:

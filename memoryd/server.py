@@ -50,7 +50,7 @@ from memoryd.store.leases import publish_forever, withdraw_address
 from memoryd.store.redis_client import connect
 from memoryd.store.redis_embed import EmbeddedRedis
 from memoryd.store.snapshots import sweep_forever
-from model import TTTModel, digest_of, load_checkpoint
+from model import TTTModel, digest_of, load_checkpoint, packed
 from model.tokenizer import load_tokenizer
 
 log = logging.getLogger("memoryd")
@@ -207,10 +207,14 @@ async def _serve(
     device = resolve_device(s.device)
     model, ckpt, name, adapter = await asyncio.to_thread(load_model, s, device)
     model.packed_decode = s.packed_decode
+    t0 = time.perf_counter()
+    packed_bytes = await asyncio.to_thread(packed.prepare, model.decode_weights()) if s.packed_decode else 0
+    packed_seconds = round(time.perf_counter() - t0, 2)
     tok = load_tokenizer(model.cfg, ckpt)
     chat = chat_format_for(model.cfg, ckpt, tok)
     event = {"event": "model", "checkpoint": str(ckpt), "device": device, "dtype": s.dtype, "digest": digest_of(model)}
     event |= {"adapter": adapter, "chat": _chat_note(chat), "packed_decode": s.packed_decode}
+    event |= {"packed_bytes": packed_bytes, "packed_seconds": packed_seconds}
     event |= {"decode_pool_bytes": s.decode_pool_bytes}
     log.info(json.dumps(event))
 

@@ -119,9 +119,9 @@ class Settings(BaseSettings):
     batch_sessions: int = Field(64, ge=1, description="sessions decoded together in one batched forward")
     packed_decode: bool = Field(
         True,
-        description="on a CPU, batched decode multiplies 16 rows by the static MLPs and the head through MKL's "
-        "packed copies of them (model/packed.py): 6-9 percent off a 16-session forward of the default model, for "
-        "about 330 MB more resident memory; false saves the memory",
+        description="on a CPU, decode multiplies its sessions' rows by the static weights through oneDNN's packed "
+        "copies of them, made at start, and by the fast weights on oneDNN (model/packed.py): 248 -> 204 ms a "
+        "16-session forward of the default model, for 464 MB more resident memory; false saves the memory",
     )
     decode_pool_bytes: int = Field(
         1 << 30,  # model.pool.DEFAULT_MAX_BYTES (this module does not import torch)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from model.cache import cache_spec
-from model.network import TTTModel, fast_weight_names, tile_rows
+from model.network import TTTModel, fast_weight_names
 from model.pool import DecodePool
 from model.state import InputError, StreamState, counts_at
 
@@ -177,4 +177,4 @@ def logits_of(states: Sequence[StreamState]) -> torch.Tensor:
         if s.position == 0:
             raise InputError("the session is empty: append at least one token before asking for logits")
     model = states[0].model
-    return tile_rows(model.rows_head, torch.cat([s.pending_out[:, -1] for s in states]))
+    return model.rows_head(torch.cat([s.pending_out[:, -1] for s in states]))

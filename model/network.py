@@ -77,9 +77,15 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
     return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
 
 
-ROW_TILE = packed.ROWS
-"""Rows a batched decode's large products are padded to (`tile_rows`): MKL's fast path from 16 rows on,
-the row count `model.packed` packs its copies for."""
+def fast_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """`swiglu` of one batched decode row by that session's fast weights, on oneDNN (`packed.fast_linear`):
+    the same products in another kernel (last bits differ), for the provisional rows only."""
+    lin = packed.fast_linear
+    return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
+
+
+ROW_TILE = 16
+"""Rows a batched decode's large plain products are padded to (`tile_rows`): MKL's fast path from 16 rows on."""
 PAD_FROM = 9
 """Fewest rows `tile_rows` pads: below it the unpadded product is the cheaper one."""
 
@@ -87,6 +93,9 @@ PAD_FROM = 9
 def tile_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """fn(x) for a row-wise fn (each output row depends on its input row only), with x's rows
     padded with zeros to `ROW_TILE` on a CPU when there are `PAD_FROM` to 15 of them.
+
+    Batched decode pads only where it runs the plain product (`packed_decode` off, or no oneDNN):
+    oneDNN's products through packed copies (`model.packed`) are as fast at 2 to 15 rows.
 
     Why: MKL's fp32 product of M rows by a large weight takes its small-M path below 16 rows,
     which costs more every few rows, and its fast path from 16 on.  Measured on one core of this
@@ -120,6 +129,8 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.num_heads * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.packed_decode = True
+        """Batched decode multiplies its rows by the projections through packed copies (`model.packed`)."""
 
     def forward(self, x: torch.Tensor, past: Any, start: Start, rope: Rope, impl: AttnImpl) -> tuple[torch.Tensor, Any]:
         """x [B, n, d] at positions [start, start+n); past covers the keys just before.
@@ -136,9 +147,10 @@ class Attention(nn.Module):
         """
         cfg = self.cfg
         b, n, _ = x.shape
-        q = self.q(x).view(b, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        ragged = not isinstance(start, int)
+        q = self._project(self.q, x, ragged).view(b, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self._project(self.k, x, ragged).view(b, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self._project(self.v, x, ragged).view(b, n, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = (t.to(q.dtype) for t in rope)
@@ -156,7 +168,12 @@ class Attention(nn.Module):
                 out, kept = torch.cat((out, rest)), kept + rest_kept
         else:
             out, kept = self._per_row(q, k, v, past, start, impl)
-        return self.o(out.transpose(1, 2).reshape(b, n, -1)), kept
+        return self._project(self.o, out.transpose(1, 2).reshape(b, n, -1), ragged), kept
+
+    def _project(self, layer: nn.Linear, x: torch.Tensor, ragged: bool) -> torch.Tensor:
+        """A projection: batched decode's rows (`ragged`) through its packed copy (`model.packed`) when
+        `packed_decode` is on; a session's own forward always through the plain product."""
+        return packed.linear(x, layer.weight) if ragged and self.packed_decode else layer(x)
 
     def _per_row(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Sequence[Any], start: Start, impl: AttnImpl
@@ -192,9 +209,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, eps)
         self.mlp = SwiGLU(d, cfg.intermediate_size)
         self.mlp_post_norm = post()
-        self.packed_decode = True
-        """Batched decode multiplies 16 rows by the static MLP through packed copies (`model.packed`)."""
         self._inert: tuple[tuple[tuple[int, int, int, bool], ...], bool] = ((), False)
+
+    @property
+    def packed_decode(self) -> bool:
+        """Whether batched decode multiplies its rows by this block's static weights through packed copies,
+        and by its fast weights on oneDNN (`model.packed`); held by the attention, whose projections are
+        among them."""
+        return self.attn.packed_decode
+
+    @packed_decode.setter
+    def packed_decode(self, on: bool) -> None:
+        self.attn.packed_decode = on
 
     @property
     def inert_mlp(self) -> bool:
@@ -220,13 +246,18 @@ class Block(nn.Module):
         return self._inert[1]
 
     def _rows_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """The static MLP on a batched decode's rows (`tile_rows` pads 9-15 of them to 16): through
-        MKL's packed copies of its weights at 16 rows (`model.packed`; `packed.linear` is the plain product
-        elsewhere), else as `self.mlp`."""
+        """The static MLP on a batched decode's rows: through packed copies of its weights (`model.packed`),
+        else the plain product with 9-15 rows padded to 16 (`tile_rows`)."""
         m = self.mlp
-        if not self.packed_decode:
-            return m(x)
+        if not self.packed_decode or not packed.usable(x, m.w1.weight):
+            return tile_rows(m, x)
         return packed.linear(F.silu(packed.linear(x, m.w1.weight)) * packed.linear(x, m.w3.weight), m.w2.weight)
+
+    def _rows_fast(self, x: torch.Tensor, fast: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+        """The fast MLP on a batched decode's rows, each row by its own session's weights ([1, out, in]
+        each): on oneDNN when `packed_decode` is on (`fast_swiglu`), else as a session's own forward."""
+        fn = fast_swiglu if self.packed_decode else swiglu
+        return torch.cat([fn(x[r : r + 1], *theta) for r, theta in enumerate(fast)])
 
     @staticmethod
     def _residual(h: torch.Tensor, out: torch.Tensor, post_norm: RMSNorm | None) -> torch.Tensor:
@@ -252,14 +283,11 @@ class Block(nn.Module):
             if fast is None:
                 raise ValueError("a suffix block needs its fast weights")
             x = self.fast_norm(h)
-            if isinstance(start, int):
-                p = swiglu(x, *fast)
-            else:
-                p = torch.cat([swiglu(x[r : r + 1], *theta) for r, theta in enumerate(fast)])
+            p = swiglu(x, *fast) if isinstance(start, int) else self._rows_fast(x, fast)  # type: ignore[arg-type]
             h = self._residual(h, p, self.fast_post_norm)
         if not self.inert_mlp:
             x = self.mlp_norm(h)
-            m = self.mlp(x) if isinstance(start, int) else tile_rows(self._rows_mlp, x)  # ragged: batched decode
+            m = self.mlp(x) if isinstance(start, int) else self._rows_mlp(x)  # ragged: batched decode
             h = self._residual(h, m, self.mlp_post_norm)
         return h, kv
 
@@ -371,19 +399,30 @@ class TTTModel(nn.Module):
         return upcast(h @ w.to(h.dtype).t())
 
     def rows_head(self, h: torch.Tensor) -> torch.Tensor:
-        """`head` on a batched decode's rows (`tile_rows` pads 9-15 of them to 16): through MKL's packed
-        copy of the output weight at 16 rows (`model.packed`), else as `head`."""
+        """`head` on a batched decode's rows: through the packed copy of the output weight (`model.packed`),
+        else as `head` with 9-15 rows padded to 16 (`tile_rows`)."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if not self.packed_decode or not packed.usable(h, w):
-            return self.head(h)
+            return tile_rows(self.head, h)
         return upcast(packed.linear(self.final_norm(h), w))
+
+    def decode_weights(self) -> list[torch.Tensor]:
+        """The static weights batched decode multiplies its rows by (what `model.packed` keeps copies of):
+        every projection, every static MLP the forward does not skip, the head."""
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        out = []
+        for b in self.blocks:
+            out += [b.attn.q.weight, b.attn.k.weight, b.attn.v.weight, b.attn.o.weight]
+            if not b.inert_mlp:
+                out += [b.mlp.w1.weight, b.mlp.w2.weight, b.mlp.w3.weight]
+        return [*out, head]
 
     @property
     def packed_decode(self) -> bool:
-        """Whether batched decode multiplies 16 rows through MKL's packed copies of the static MLPs and
-        the head (`model.packed`: 6-9 % off a 16-row forward of the default model, for a second copy
-        of those weights, 332 MB resident).  On by default; `memoryd serve --packed-decode false` turns
-        it off."""
+        """Whether batched decode multiplies its rows by the static weights through oneDNN's packed copies
+        and by the fast weights on oneDNN (`model.packed`: 248 -> 204 ms a 16-row forward of the default
+        model, for a second copy of the static weights, 464 MB).  On by default; `memoryd serve
+        --packed-decode false` turns it off."""
         return all(b.packed_decode for b in self.blocks)
 
     @packed_decode.setter

@@ -1,58 +1,81 @@
-"""MKL's packed fp32 GEMM for batched decode's 16-row products (CPU).
+"""oneDNN's fp32 products for batched decode on a CPU: the static weights through packed copies.
 
-A batched decode forward multiplies 16 rows (`network.ROW_TILE`; 9 to 15 are padded to it,
-`network.tile_rows`) by every static MLP weight and by the output head.  MKL's plain product
-re-arranges each weight into its kernel's blocked layout on every call; at 16 rows that work is
-a large share of the product (the weights come from DRAM either way).  `linear` keeps each
-weight's arranged copy, made once by MKL (`torch.ops.mkl._mkl_reorder_linear_weight`, the
-pass torch.fx's `optimize_for_inference` and inductor's CPU freezing use for fp32 linears), and
-multiplies by it (`torch.ops.mkl._mkl_linear`).
+A batched decode forward multiplies its rows (one per session, 16 at the served maximum) by
+every static weight: the attention projections, the static MLPs and the output head.  The
+plain product (`F.linear`, MKL) re-arranges each weight into its kernel's blocked layout on
+every call, and at a few to 16 rows that work is a large share of the product (the weights
+come from DRAM either way).  `linear` keeps each weight's arranged copy, made once by oneDNN
+(`torch.ops.mkldnn._reorder_linear_weight`, the pass inductor's CPU freezing uses), and
+multiplies by it (`torch.ops.mkldnn._linear_pointwise`).  A session's fast weights change at
+every test-time step, so `fast_linear` multiplies by them as they are: packing them would copy
+74 MB per session every 64 tokens and keep a second copy of each.
 
-Measured on one core of this project's CPU (weights cycled so that each comes from DRAM, as in
-a forward; `bench/pooled_attention.py` times the whole forward): [16, 576] x [576, 1536] 0.62
-times the plain product, [16, 1536] x [1536, 576] 0.91, the head [16, 576] x [576, 49152] 0.68;
-a whole 16-row forward of the default model 6-9 % less (alternating with it off).  Results were
-bit-identical to `F.linear`'s on these shapes, but nothing relies on that: only the batched path
-uses it, whose activations are provisional (model/batch.py), so no persisted bit depends on it.
+Measured on one core of this project's CPU (AMD EPYC, AVX-512; weights cycled so that each
+comes from DRAM, as in a forward), 16 rows: the head [16, 576] x [576, 49152] 23.5 -> 11.7 ms,
+the 23 static MLPs' products 13.9 -> 8.3 ms (w1, and w3 alike) and 12.6 -> 8.2 ms (w2), the 60
+attention projections 13.8 -> 9.8 ms (q and o) and 4.7 -> 3.5 ms (k and v); and as fast from 2
+to 15 rows, where MKL's plain product takes its slower small-M paths (hence no padding to 16
+here, `network.tile_rows`).  A session's fast MLP per row, `fast_linear`: 1.19 GB in 90-94 ms
+against 103 ms.  A whole 16-row forward of the default model, in-process, alternating in one
+process over 7 rounds: 248 ms with MKL's packed copies of the MLPs and the head (before), 219
+with oneDNN's, 213 with the projections too, 204 with the fast MLPs too; one row 56-61 ms
+either way (`bench/pooled_attention.py` measures the forward with it on and off).  Results differ from `F.linear`'s in
+the last bits (about 1e-6 relative): only batched decode uses these products, whose activations
+are provisional (model/batch.py), so no persisted bit depends on them.
 
-What it costs: a second, packed copy of the weights it multiplies by, made on the first 16-row
-product and kept while the weight lives.  For the default model (the 23 non-zero static MLPs and
-the head) the daemon's resident memory grew by 332 MB; MKL allocates 1.1 GiB for them
-(`packed_bytes`) but writes only what its layout uses.  `TTTModel.packed_decode = False` turns it
-off (`memoryd serve --packed-decode false`).  The attention projections are left plain: packing
-them too took 1.4 % more off a 16-row forward for 102 MB more resident memory.
+What it costs: a second copy of every static weight it multiplies by (the embedding table
+only where it is the head), made on the first batched decode and kept while the weight lives:
+for the default model 464 MB (the resident memory grew by 471 MB).  `TTTModel.packed_decode =
+False` turns it off (`memoryd serve --packed-decode false`): then batched decode runs the plain
+product, padding 9-15 rows to 16 (`network.tile_rows`).
 
-Where MKL's ops are missing (another build of torch, another device or dtype) `usable` is false
-and the plain product runs.
+Where oneDNN is missing (another build of torch, another device or dtype) `usable` is false and
+the plain product runs.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 
-ROWS = 16
-"""The row count the copies are packed for (MKL packs for one M), and so the one batched decode pads
-9-15 rows to (`network.ROW_TILE`, `network.tile_rows`)."""
+HINT_ROWS = 16
+"""The row count oneDNN is told to arrange the copies for: the served maximum of sessions per forward
+(they serve any row count; from 1 to 32 rows none was slower than the plain product)."""
 
 _lock = threading.Lock()
 _packed: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
 """id(weight) -> ((data_ptr, version) when packed, the packed copy); an entry goes with its weight."""
 
 
-def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` runs packed for x: 16 rows, fp32 on a CPU, a torch built with MKL."""
+def packable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN multiplies by `weight`: fp32 on a CPU, not trained, a torch built with oneDNN."""
     return (
-        x.numel() == ROWS * x.shape[-1]
-        and x.device.type == "cpu"
-        and x.dtype == weight.dtype == torch.float32
+        weight.device.type == "cpu"
+        and weight.dtype == torch.float32
         and not weight.requires_grad
-        and torch._C.has_mkl
-        and hasattr(torch.ops.mkl, "_mkl_linear")
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` and `fast_linear` run on oneDNN for x (`packable`, x on its device and dtype)."""
+    return x.device == weight.device and x.dtype == weight.dtype and packable(weight)
+
+
+def prepare(weights: Iterable[torch.Tensor]) -> int:
+    """Make the packed copies of `weights` now (those oneDNN takes), as a server does at its start so that
+    its first decode does not wait for them (the default model's take about a second); returns the bytes
+    of all copies kept."""
+    for w in weights:
+        if packable(w):
+            _copy_of(w)
+    return packed_bytes()
 
 
 def _copy_of(weight: torch.Tensor) -> torch.Tensor:
@@ -64,20 +87,33 @@ def _copy_of(weight: torch.Tensor) -> torch.Tensor:
             return have[1]
         if have is None:
             weakref.finalize(weight, _packed.pop, id(weight), None)
-        copy = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), ROWS)
+        copy = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), HINT_ROWS)
         _packed[id(weight)] = (key, copy)
         return copy
 
 
+def _product(x: torch.Tensor, weight: torch.Tensor, out_features: int) -> torch.Tensor:
+    flat = x.reshape(-1, x.shape[-1])
+    return torch.ops.mkldnn._linear_pointwise(flat, weight, None, "none", [], "").view(*x.shape[:-1], out_features)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for x [..., in] holding 16 rows, through the packed copy (`usable`), else plain."""
+    """x @ weight.T for x [..., in] through the weight's packed copy (`usable`), else plain."""
     if not usable(x, weight):
         return F.linear(x, weight)
-    out = torch.ops.mkl._mkl_linear(x.reshape(ROWS, -1), _copy_of(weight), weight, None, ROWS)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return _product(x, _copy_of(weight), weight.shape[0])
+
+
+def fast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for one session's fast weight [1, out, in] or [out, in] as it is (no copy), on
+    oneDNN where `usable`, else the plain product."""
+    w = weight.reshape(weight.shape[-2:]) if weight.dim() == 3 and weight.shape[0] == 1 else weight
+    if w.dim() != 2 or not w.is_contiguous() or not usable(x, w):
+        return x @ weight.to(x.dtype).transpose(-1, -2)
+    return _product(x, w, w.shape[0])
 
 
 def packed_bytes() -> int:
-    """Bytes the packed copies take now (as allocated; MKL's buffers are larger than what it writes)."""
+    """Bytes the packed copies take now."""
     with _lock:
         return sum(c.numel() * c.element_size() for _, c in _packed.values())

@@ -22,7 +22,7 @@ from a call per row on a view of them; the visible keys are exactly `attention.d
 the sinks seen from past the horizon are rotated as `attention.decode_attention` rotates them.
 
 **Measured** (`bench/pooled_attention.py`, one core of this project's CPU, 16 rows of the default
-model with packed GEMM on, alternating with the pool off in one process): see docs/engine.md.
+model with packed products on, alternating with the pool off in one process): see docs/engine.md.
 
 **What it costs** is memory: the keys and values of the rows it holds, a second time.  A column is
 2 x layers x Hkv x hd x 4 bytes (46 KB for the default model), and the pool has as many columns as

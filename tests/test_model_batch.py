@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from model_configs import micro
 
 from model import InputError, StreamState, init_model, packed
-from model.batch import decode, decode_bytes, logits_of, steps_on_append
+from model.batch import decode, decode_bytes, logits_of, runs_solo, steps_on_append
 from model.network import PAD_FROM, ROW_TILE, tile_rows
 from model.pool import MIN_ROWS, DecodePool
 from model.snapshot import state_from_bytes, state_to_bytes
@@ -249,10 +249,11 @@ def test_batched_decode_of_a_padded_batch_equals_solo(model):
         assert_same_state(a, b)
 
 
-def test_sixteen_rows_multiply_through_packed_copies_that_follow_their_weights():
-    """At 16 rows (9-15 padded to it) batched decode multiplies by MKL's packed copies of the static MLP
-    and the head (model/packed.py): logits as the plain product's, copies made once per weight, made
-    again when a weight is written in place, and none with `packed_decode` off."""
+def test_batched_rows_multiply_through_packed_copies_that_follow_their_weights(monkeypatch):
+    """Batched decode multiplies its rows by packed copies of every static weight (the projections, the
+    static MLP, the head) and by the fast weights on oneDNN (model/packed.py): logits as the plain
+    product's at any row count, copies made once per weight, made again when a weight is written in
+    place, none of a fast weight, and none with `packed_decode` off."""
     model = init_model(micro("ttt-e2e", num_layers=3, num_fast_layers=1), seed=5).requires_grad_(False)
     g = torch.Generator().manual_seed(8)
     ctx = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (13,), generator=g)]
@@ -270,7 +271,29 @@ def test_sixteen_rows_multiply_through_packed_copies_that_follow_their_weights()
     assert id(mlp.w1.weight) not in packed._packed, "packed_decode off makes no copy"
     torch.testing.assert_close(logits(True), plain, atol=TOL, rtol=TOL)
     copy = packed._packed[id(mlp.w1.weight)][1]
-    assert {id(mlp.w2.weight), id(mlp.w3.weight), id(model.embed.weight)} <= packed._packed.keys()
+    attn = model.blocks[0].attn
+    static = [mlp.w2.weight, mlp.w3.weight, model.embed.weight] + [getattr(attn, p).weight for p in "qkvo"]
+    assert {id(w) for w in static} <= packed._packed.keys()
+    fast = model.blocks[-1].fast_mlp
+    assert not {id(fast.w1.weight), id(fast.w2.weight), id(fast.w3.weight)} & packed._packed.keys()
+    fast_products = []
+
+    def fast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        fast_products.append(w)
+        return real_fast_linear(x, w)
+
+    real_fast_linear = packed.fast_linear
+    monkeypatch.setattr(packed, "fast_linear", fast_linear)  # counts the calls, runs the real product
+    for rows in (1, 2, 13):  # any row count: none is padded
+        sessions = [fed(model, c, [5]) for c in ctx[:rows]]
+        model.packed_decode = False
+        want = decode([s.clone() for s in sessions], tokens[:rows])
+        assert not fast_products, "packed_decode off multiplies by the fast weights as a session's forward does"
+        model.packed_decode = True
+        batched = sum(not runs_solo(s, t) for s, t in zip(sessions, tokens, strict=False))  # a stepping row runs solo
+        torch.testing.assert_close(decode(sessions, tokens[:rows]), want, atol=TOL, rtol=TOL)
+        assert len(fast_products) == 3 * batched > 0, "each batched row's fast MLP: three products by its own weights"
+        fast_products.clear()
     logits(True)
     assert packed._packed[id(mlp.w1.weight)][1] is copy, "a weight is packed once"
     with torch.no_grad():
