@@ -9,7 +9,8 @@ For each n in --sessions, with n client tasks in parallel (one per session):
    ceiling); `generate_p50_ms`/`p99` are the latencies of whole Generate calls;
    `inter_token_p50_ms`/`p99` the gaps between consecutive streamed tokens (the first token's
    wait is not a gap); `loads_while_generating` / `evictions_while_generating`, from the
-   daemon's counters, should be 0 (a session reloaded mid-phase joins the batch late);
+   daemon's counters, should be 0 (a session reloaded mid-phase joins the batch late; the daemon's
+   `--memory-budget` is set to hold every level's sessions, `--memory-budget` here);
 3. all n append 256 more tokens at once: `append_tok_s`.
 `generate_speedup` is generate_tok_s at n over that at 1 session; `bandwidth_ceiling` is the
 most it could be if decoding moved every byte at one bandwidth and arithmetic were free
@@ -74,10 +75,11 @@ from memoryd.settings import default_data_dir, load_settings  # noqa: E402
 from model import StreamState  # noqa: E402
 from model.batch import DecodeBytes, decode, decode_bytes, logits_of  # noqa: E402
 from model.pool import DEFAULT_MAX_BYTES, DecodePool  # noqa: E402
+from model.state import full_state_bytes  # noqa: E402
 from model.tokenizer import load_tokenizer  # noqa: E402
 
 PROMPT_TOKENS, GENERATE_TOKENS, APPEND_TOKENS = 200, 32, 256  # the issue's shape; --generate-tokens changes the 32
-ROUNDS = 3  # alternations of the daemon and the in-process decode in `overhead`
+ROUNDS = 5  # alternations of the daemon and the in-process decode in `overhead` (3 let one slow minute set the ratio)
 
 TEXT = """\
 The lighthouse keeper wrote in the log every evening: the wind, the ships that passed, the
@@ -253,6 +255,14 @@ def main() -> int:
     )
     p.add_argument("--tick-tokens", type=int, default=0, help="the daemon's --tick-tokens (0: its default)")
     p.add_argument(
+        "--memory-budget",
+        type=int,
+        default=0,
+        help="the daemon's --memory-budget in bytes (0: every level's sessions at a full state each, plus the largest "
+        "level's calls: no level evicts another's sessions, so the generate phases measure batching, not reloads; "
+        "the daemon's default 2 GiB holds 17 grown sessions, and bench/overload.py measures what evicting costs)",
+    )
+    p.add_argument(
         "--decode-pool-bytes",
         type=int,
         default=DEFAULT_MAX_BYTES,
@@ -266,6 +276,11 @@ def main() -> int:
     redis_proc = daemon = None
     try:
         ckpt = bench_checkpoint(args.checkpoint, args.preset, work)
+        data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
+        served = {"checkpoint": ckpt} if ckpt is not None else {"data_dir": data_dir}
+        model, path, _, _ = load_model(load_settings(served | {"dtype": args.dtype}), "cpu")  # the daemon's own rule
+        tok = load_tokenizer(model.cfg, path)
+        budget = args.memory_budget or (sum(levels) + max(levels)) * full_state_bytes(model)
         redis_proc, redis_port = start_redis(work)
         metrics_port = free_port()
         extra = [
@@ -277,17 +292,15 @@ def main() -> int:
             str(max(levels)),
             "--metrics-port",
             str(metrics_port),
+            "--memory-budget",
+            str(budget),
         ]
         if args.tick_tokens:
             extra += ["--tick-tokens", str(args.tick_tokens)]
         extra += ["--decode-pool-bytes", str(args.decode_pool_bytes)]
-        data_dir = None if ckpt else default_data_dir()  # the default model is converted there once
         daemon, address = start_daemon(work, ckpt, redis_port, args.torch_threads, *extra, data_dir=data_dir)
         info = asyncio.run(model_info(address))
         context = PROMPT_TOKENS + args.generate_tokens // 2  # mid-point of the generate phase
-        served = {"checkpoint": ckpt} if ckpt is not None else {"data_dir": data_dir}
-        model, path, _, _ = load_model(load_settings(served | {"dtype": args.dtype}), "cpu")  # the daemon's own rule
-        tok = load_tokenizer(model.cfg, path)
         need = decode_bytes(model, context)
         out = {
             "device": args.device,
@@ -313,6 +326,7 @@ def main() -> int:
         out["generate_tokens"] = args.generate_tokens
         out["stagger"] = args.stagger
         out["decode_pool_bytes"] = args.decode_pool_bytes
+        out["memory_budget"] = budget
         out["bandwidth_ceiling"] = ceiling(need, levels, context)
         if 1 in levels:
             base = out["sessions"]["1"]["generate_tok_s"]
