@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     packed_decode: bool = Field(
         True,
         description="on a CPU, decode multiplies its sessions' rows by the static weights through oneDNN's packed "
-        "copies of them, made at start, and by the fast weights on oneDNN (model/packed.py): 248 -> 204 ms a "
+        "copies of them, made at start, and by the fast weights on oneDNN (model/packed.py): 244 -> 208 ms a "
         "16-session forward of the default model, for 464 MB more resident memory; false saves the memory",
     )
     decode_pool_bytes: int = Field(

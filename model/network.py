@@ -420,7 +420,7 @@ class TTTModel(nn.Module):
     @property
     def packed_decode(self) -> bool:
         """Whether batched decode multiplies its rows by the static weights through oneDNN's packed copies
-        and by the fast weights on oneDNN (`model.packed`: 248 -> 204 ms a 16-row forward of the default
+        and by the fast weights on oneDNN (`model.packed`: 244 -> 208 ms a 16-row forward of the default
         model, for a second copy of the static weights, 464 MB).  On by default; `memoryd serve
         --packed-decode false` turns it off."""
         return all(b.packed_decode for b in self.blocks)

@@ -19,15 +19,17 @@ here, `network.tile_rows`).  A session's fast MLP per row, `fast_linear`: 1.19 G
 against 103 ms.  A whole 16-row forward of the default model, in-process, alternating in one
 process over 7 rounds: 248 ms with MKL's packed copies of the MLPs and the head (before), 219
 with oneDNN's, 213 with the projections too, 204 with the fast MLPs too; one row 56-61 ms
-either way (`bench/pooled_attention.py` measures the forward with it on and off).  Results differ from `F.linear`'s in
+either way.  `bench/pooled_attention.py` measures the forward with it on and off: 16 rows 244 ->
+208 ms, 4 rows 106 -> 81, one row 63 -> 61 (2026-12-07).  Results differ from `F.linear`'s in
 the last bits (about 1e-6 relative): only batched decode uses these products, whose activations
 are provisional (model/batch.py), so no persisted bit depends on them.
 
 What it costs: a second copy of every static weight it multiplies by (the embedding table
-only where it is the head), made on the first batched decode and kept while the weight lives:
-for the default model 464 MB (the resident memory grew by 471 MB).  `TTTModel.packed_decode =
-False` turns it off (`memoryd serve --packed-decode false`): then batched decode runs the plain
-product, padding 9-15 rows to 16 (`network.tile_rows`).
+only where it is the head), made when a server starts (`prepare`) or else on a weight's first
+batched product, and kept while the weight lives: for the default model 464 MB (the resident
+memory grew by 445 MB), made in 0.4 s.  `TTTModel.packed_decode = False` turns it off (`memoryd
+serve --packed-decode false`): then batched decode runs the plain product, padding 9-15 rows to
+16 (`network.tile_rows`).
 
 Where oneDNN is missing (another build of torch, another device or dtype) `usable` is false and
 the plain product runs.
@@ -70,8 +72,8 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def prepare(weights: Iterable[torch.Tensor]) -> int:
     """Make the packed copies of `weights` now (those oneDNN takes), as a server does at its start so that
-    its first decode does not wait for them (the default model's take about a second); returns the bytes
-    of all copies kept."""
+    its first decode does not wait for them (the default model's take 0.4 s; made in the first 16-session
+    decode instead, MKL's copies stalled it 1.7 s); returns the bytes of all copies kept."""
     for w in weights:
         if packable(w):
             _copy_of(w)
