@@ -36,7 +36,14 @@ from memoryd_sdk.aio_generation import AsyncGenerateStream
 from memoryd_sdk.aio_session import AsyncSession
 from memoryd_sdk.chat import ChatTemplate
 from memoryd_sdk.connection import TLS, auth_metadata
-from memoryd_sdk.errors import AlreadyExists, MemorydError, NotFound, OffsetConflict, from_rpc_error
+from memoryd_sdk.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    MemorydError,
+    NotFound,
+    OffsetConflict,
+    from_rpc_error,
+)
 from memoryd_sdk.export_file import Dest, ExportFormatError, iter_data, iter_recall_log, read_header, write_header
 from memoryd_sdk.iterators import aiter_of
 from memoryd_sdk.proto import memoryd_pb2 as pb
@@ -159,6 +166,34 @@ class AsyncMemoryClient:
     async def model_info(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model: digest, tokenizer, chat template, window, limits (GetModel)."""
         self._model = ModelInfo.from_pb(await self._unary("GetModel", pb.GetModelRequest(), timeout))
+        return self._model
+
+    async def wait_ready(self, timeout: float = 120.0) -> ModelInfo:
+        """Wait until every daemon of `target` answers, then return the served model (GetModel).
+
+        For a script that starts `memoryd serve` and talks to it at once: a daemon opens its port
+        only once its model is loaded, which the first start, converting the default model,
+        takes tens of seconds for, and the other calls retry `Unavailable` for about 30 s in all
+        (`RetryPolicy`) before raising it.  Raises `DeadlineExceeded`, naming the address, when
+        one has not answered within `timeout` seconds; another error (a wrong token, say) at once."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        await self._routes.pick("")  # resolves a name that stands for several daemons
+        info = None
+        for address in self._routes.addresses:
+            left = max(0.001, end - loop.time())
+            stub = self._routes.stub(address)
+            try:
+                info = await stub.GetModel(pb.GetModelRequest(), timeout=left, metadata=self._md, wait_for_ready=True)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise from_rpc_error(e) from None
+                raise DeadlineExceeded(
+                    f"no memoryd answered at {address} within {timeout:g} s: is `memoryd serve` running there "
+                    "(its first start converts the model, which takes a while)?"
+                ) from None
+        assert info is not None
+        self._model = ModelInfo.from_pb(info)
         return self._model
 
     async def cached_model_info(self) -> ModelInfo:
