@@ -68,19 +68,19 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """SwiGLU with explicit (possibly batched [B, out, in]) weights."""
-
-    def lin(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return t @ w.to(t.dtype).transpose(-1, -2)
-
-    return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
+def _product(t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return t @ w.to(t.dtype).transpose(-1, -2)
 
 
-def fast_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """`swiglu` of one batched decode row by that session's fast weights, on oneDNN (`packed.fast_linear`):
-    the same products in another kernel (last bits differ), for the provisional rows only."""
-    lin = packed.fast_linear
+def swiglu(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: torch.Tensor,
+    lin: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _product,
+) -> torch.Tensor:
+    """SwiGLU with explicit (possibly batched [B, out, in]) weights.  `lin(t, w)` is t @ w.T: batched
+    decode's provisional rows pass oneDNN's (`model.packed`), the same products in another kernel."""
     return lin(F.silu(lin(x, w1)) * lin(x, w3), w2)
 
 
@@ -251,13 +251,13 @@ class Block(nn.Module):
         m = self.mlp
         if not self.packed_decode or not packed.usable(x, m.w1.weight):
             return tile_rows(m, x)
-        return packed.linear(F.silu(packed.linear(x, m.w1.weight)) * packed.linear(x, m.w3.weight), m.w2.weight)
+        return swiglu(x, m.w1.weight, m.w2.weight, m.w3.weight, packed.linear)
 
     def _rows_fast(self, x: torch.Tensor, fast: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
         """The fast MLP on a batched decode's rows, each row by its own session's weights ([1, out, in]
-        each): on oneDNN when `packed_decode` is on (`fast_swiglu`), else as a session's own forward."""
-        fn = fast_swiglu if self.packed_decode else swiglu
-        return torch.cat([fn(x[r : r + 1], *theta) for r, theta in enumerate(fast)])
+        each): on oneDNN when `packed_decode` is on (`packed.fast_linear`), else as a session's own forward."""
+        lin = packed.fast_linear if self.packed_decode else _product
+        return torch.cat([swiglu(x[r : r + 1], *theta, lin=lin) for r, theta in enumerate(fast)])
 
     @staticmethod
     def _residual(h: torch.Tensor, out: torch.Tensor, post_norm: RMSNorm | None) -> torch.Tensor:
@@ -395,13 +395,13 @@ class TTTModel(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and output projection: logits in float32 (or float64 for a float64 model)."""
         h = self.final_norm(h)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        w = self.head_weight
         return upcast(h @ w.to(h.dtype).t())
 
     def rows_head(self, h: torch.Tensor) -> torch.Tensor:
         """`head` on a batched decode's rows: through the packed copy of the output weight (`model.packed`),
         else as `head` with 9-15 rows padded to 16 (`tile_rows`)."""
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        w = self.head_weight
         if not self.packed_decode or not packed.usable(h, w):
             return tile_rows(self.head, h)
         return upcast(packed.linear(self.final_norm(h), w))
@@ -409,13 +409,17 @@ class TTTModel(nn.Module):
     def decode_weights(self) -> list[torch.Tensor]:
         """The static weights batched decode multiplies its rows by (what `model.packed` keeps copies of):
         every projection, every static MLP the forward does not skip, the head."""
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         out = []
         for b in self.blocks:
             out += [b.attn.q.weight, b.attn.k.weight, b.attn.v.weight, b.attn.o.weight]
             if not b.inert_mlp:
                 out += [b.mlp.w1.weight, b.mlp.w2.weight, b.mlp.w3.weight]
-        return [*out, head]
+        return [*out, self.head_weight]
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output projection's weight: the embedding table when they are tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     @property
     def packed_decode(self) -> bool:

@@ -53,16 +53,17 @@ _packed: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}
 """id(weight) -> ((data_ptr, version) when packed, the packed copy); an entry goes with its weight."""
 
 
+_ONEDNN = (
+    torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+"""Whether this torch has oneDNN and the two ops used here (checked once: `usable` runs on every product)."""
+
+
 def packable(weight: torch.Tensor) -> bool:
     """Whether oneDNN multiplies by `weight`: fp32 on a CPU, not trained, a torch built with oneDNN."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and not weight.requires_grad
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    )
+    return _ONEDNN and weight.device.type == "cpu" and weight.dtype == torch.float32 and not weight.requires_grad
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
